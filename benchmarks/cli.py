@@ -1,0 +1,34 @@
+"""``splitserve bench SUBCOMMAND``: each benchmark is a module with ``add_arguments`` and ``main``.
+
+Benchmark modules keep their top-level imports light (torch is imported inside ``main``), so that
+building this parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "transfer": ("splitserve.benchmarks.transfer", "move one request's KV pages between two processes"),
+    "serve": ("splitserve.benchmarks.serve", "load-test any OpenAI-compatible server"),
+    "profile": ("splitserve.benchmarks.profile", "measure prefill/decode profiles for the planner"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    for name, (module, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # benchmark not written yet
+        p.set_defaults(_bench_module=module)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._bench_module).main(args) or 0)

@@ -1,0 +1,44 @@
+"""Helpers for the GPU kernel benchmarks (benchmarks/bench_*.py): header line, timing, copy-bandwidth baseline.
+
+Scripts import only torch, triton and ``splitserve.kernels`` so they run on the GPU image without project deps.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable
+
+import torch
+
+
+def header(title: str) -> str:
+    """One line naming the benchmark, the card, the date and the software versions."""
+    import triton
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"# {title} | card: {card} | date: {datetime.date.today()} | torch {torch.__version__} | triton {triton.__version__}"
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn`` timed with CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy of ``nbytes``: GB/s counting bytes read plus bytes written (the memory ceiling)."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 ``n x n x n`` matmul rate in TFLOP/s on random data (the compute ceiling)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9

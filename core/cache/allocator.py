@@ -1,0 +1,240 @@
+"""Page allocator: reference counts, a FIFO free queue and an LRU of evictable cached pages.
+
+Every page id in ``0..num_pages-1`` is in exactly one of three states:
+
+- **free**: ref count 0, no hash, in the free queue. Nobody owns it; its contents are garbage.
+- **cached & evictable**: ref count 0, has a prefix-cache hash, in the LRU. Nobody owns it, but
+  its contents are valid KV for its hash. A prefix hit revives it (:meth:`PageAllocator.touch`);
+  :meth:`PageAllocator.allocate` may evict it (dropping its hash) when the free queue is empty.
+- **in use**: ref count > 0. Owned by the holders of those references (requests' page tables
+  and pinned sessions, tracked by :class:`splitserve.core.cache.manager.KVCacheManager`). It may
+  also have a hash, in which case other requests may share it read-only. An in-use page is
+  never handed out by :meth:`PageAllocator.allocate`, so a page being written is never reused.
+
+Pure Python: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+
+class CacheIntegrityError(RuntimeError):
+    """The allocator's bookkeeping disagrees with itself or with the owners' page tables."""
+
+
+class PageAllocator:
+    """Hands out page ids with reference counts and keeps the prefix cache (hash <-> page).
+
+    Allocation order is deterministic: a fresh pool hands out ``0, 1, 2, ...``; freed unhashed
+    pages go to the back of the free queue; evictable cached pages are evicted least recently
+    released first, and only once the free queue is empty.
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.num_pages = num_pages
+        self._refs = [0] * num_pages
+        self._free: collections.deque[int] = collections.deque(range(num_pages))
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._hash_to_page: dict[int, int] = {}
+        self._page_to_hash: dict[int, int] = {}
+        self._num_used = 0
+
+    # ---- counters ---------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Pages :meth:`allocate` can hand out: free plus cached-evictable."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        """Pages with ref count > 0."""
+        return self._num_used
+
+    @property
+    def num_cached(self) -> int:
+        """Pages that carry a prefix-cache hash (in use or evictable)."""
+        return len(self._page_to_hash)
+
+    @property
+    def num_evictable(self) -> int:
+        """Cached pages with ref count 0 (reusable by a prefix hit until evicted)."""
+        return len(self._evictable)
+
+    # ---- queries ----------------------------------------------------------------------------
+    def ref_count(self, page_id: int) -> int:
+        self._check_id(page_id)
+        return self._refs[page_id]
+
+    def is_evictable(self, page_id: int) -> bool:
+        self._check_id(page_id)
+        return page_id in self._evictable
+
+    def hash_of(self, page_id: int) -> int | None:
+        """The page's prefix-cache hash, or ``None`` if it has none."""
+        self._check_id(page_id)
+        return self._page_to_hash.get(page_id)
+
+    def lookup(self, page_hash: int) -> int | None:
+        """The page holding ``page_hash`` (in use or evictable), or ``None``. Takes no reference."""
+        return self._hash_to_page.get(page_hash)
+
+    # ---- ownership changes ------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """Take ``n`` pages, each returned with ref count 1 and owned by the caller.
+
+        Free pages come first (queue order), then evictable cached pages, least recently
+        released first; an evicted page loses its hash. All or nothing: returns ``None`` and
+        changes nothing when fewer than ``n`` pages are available.
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of pages: {n}")
+        if n > self.num_free:
+            return None
+        pages = [self._take_one() for _ in range(n)]
+        self._num_used += n
+        return pages
+
+    def _take_one(self) -> int:
+        if self._free:
+            page = self._free.popleft()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            del self._hash_to_page[self._page_to_hash.pop(page)]
+        self._refs[page] = 1
+        return page
+
+    def incref(self, ids: Iterable[int]) -> None:
+        """Add one reference per listed id (ids may repeat); the caller becomes a co-owner.
+
+        Each page must be in use or cached-evictable; an evictable page is revived (leaves the
+        LRU, so it can no longer be evicted). A free page raises ``ValueError``: obtain pages
+        through :meth:`allocate`. All ids are validated before anything changes.
+        """
+        ids = list(ids)
+        for page in ids:
+            self._check_id(page)
+            if self._refs[page] == 0 and page not in self._evictable:
+                raise ValueError(f"page {page} is free; allocate it instead of incref")
+        for page in ids:
+            if self._refs[page] == 0:
+                del self._evictable[page]
+                self._num_used += 1
+            self._refs[page] += 1
+
+    def touch(self, ids: Iterable[int]) -> None:
+        """Take references on prefix-cache hit pages (same contract as :meth:`incref`)."""
+        self.incref(ids)
+
+    def decref(self, ids: Iterable[int]) -> None:
+        """Drop one reference per listed id, in order (ids may repeat).
+
+        A page whose count reaches 0 has no owner any more: with a hash it joins the back of
+        the LRU (evicted after pages released earlier); without one it joins the back of the
+        free queue. Dropping more references than a page has raises ``ValueError`` before
+        anything changes.
+        """
+        ids = list(ids)
+        drops = collections.Counter(ids)
+        for page, count in drops.items():
+            self._check_id(page)
+            if self._refs[page] < count:
+                raise ValueError(f"page {page} has {self._refs[page]} refs, cannot drop {count}")
+        for page in ids:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._num_used -= 1
+                if page in self._page_to_hash:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def register(self, page_id: int, page_hash: int) -> bool:
+        """Mark an in-use, full page as holding the content ``page_hash``.
+
+        Returns ``True`` when the page now carries that hash. If another page already holds
+        ``page_hash``, the existing mapping wins and this page stays unhashed (``False``); it
+        will go back to the free queue when released. Re-registering the same pair is a no-op.
+        """
+        self._check_id(page_id)
+        if self._refs[page_id] == 0:
+            raise ValueError(f"page {page_id} is not in use; only owned pages can be registered")
+        current = self._page_to_hash.get(page_id)
+        if current is not None:
+            if current != page_hash:
+                raise ValueError(f"page {page_id} already holds hash {current:#x}, not {page_hash:#x}")
+            return True
+        if page_hash in self._hash_to_page:
+            return False
+        self._hash_to_page[page_hash] = page_id
+        self._page_to_hash[page_id] = page_hash
+        return True
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every evictable cached page (they become free, in LRU order); returns how many.
+
+        In-use pages keep their hashes: their owners still rely on them.
+        """
+        dropped = 0
+        while self._evictable:
+            page, _ = self._evictable.popitem(last=False)
+            del self._hash_to_page[self._page_to_hash.pop(page)]
+            self._free.append(page)
+            dropped += 1
+        return dropped
+
+    # ---- checks -----------------------------------------------------------------------------
+    def check_integrity(self, expected_refs: Mapping[int, int]) -> None:
+        """Raise :class:`CacheIntegrityError` unless every page is in exactly one valid state.
+
+        ``expected_refs`` maps each in-use page to the number of references its owners hold
+        (pages absent from it must have ref count 0).
+        """
+        problems = self._structure_problems()
+        free = set(self._free)
+        for page in range(self.num_pages):
+            problems.extend(self._page_problems(page, expected_refs.get(page, 0), page in free))
+        unknown = [p for p in expected_refs if not (isinstance(p, int) and 0 <= p < self.num_pages)]
+        if unknown:
+            problems.append(f"expected refs name unknown pages {unknown}")
+        if problems:
+            raise CacheIntegrityError("; ".join(problems[:20]))
+
+    def _structure_problems(self) -> list[str]:
+        problems = []
+        if len(set(self._free)) != len(self._free):
+            problems.append("free queue holds a page twice")
+        if set(self._free) & set(self._evictable):
+            problems.append("a page is both free and evictable")
+        if len(self._hash_to_page) != len(self._page_to_hash):
+            problems.append("hash maps differ in size")
+        for page_hash, page in self._hash_to_page.items():
+            if self._page_to_hash.get(page) != page_hash:
+                problems.append(f"hash {page_hash:#x} -> page {page} is not mirrored")
+        used = sum(1 for ref in self._refs if ref > 0)
+        if used != self._num_used:
+            problems.append(f"num_used counter {self._num_used} != {used} pages in use")
+        return problems
+
+    def _page_problems(self, page: int, expected: int, in_free: bool) -> list[str]:
+        ref = self._refs[page]
+        in_lru = page in self._evictable
+        hashed = page in self._page_to_hash
+        if ref != expected:
+            return [f"page {page} has ref {ref}, owners hold {expected}"]
+        if ref > 0:
+            return [f"in-use page {page} is in a free list"] if in_free or in_lru else []
+        if hashed:
+            return [] if in_lru and not in_free else [f"cached page {page} (ref 0) is not only in the LRU"]
+        return [] if in_free and not in_lru else [f"free page {page} is not only in the free queue"]
+
+    def _check_id(self, page_id: int) -> None:
+        if isinstance(page_id, bool) or not isinstance(page_id, int) or not 0 <= page_id < self.num_pages:
+            raise ValueError(f"unknown page id {page_id!r} (pool has {self.num_pages} pages)")

@@ -1,0 +1,323 @@
+"""KV cache manager: per-request page tables on top of :class:`PageAllocator`, prefix caching,
+pinned sessions and the hooks that KV transfer uses.
+
+Page ownership, step by step (every reference is held by exactly one of these owners):
+
+1. :meth:`KVCacheManager.get_computed_pages` finds prefix-cache hits. It takes no reference:
+   the hit pages still belong to whoever held them (other requests, pinned sessions, or nobody
+   if they are cached-evictable).
+2. :meth:`KVCacheManager.allocate_slots` (first call) adopts those hits, taking one reference
+   each (an evictable page is revived and can no longer be evicted), then allocates fresh
+   pages (ref 1) for the rest. From here the request co-owns the shared prefix read-only and
+   solely owns its fresh pages; only it writes KV into them. Later calls add fresh pages.
+3. :meth:`KVCacheManager.cache_pages` publishes the request's full, written pages in the
+   prefix cache. Ownership does not change; other requests may now share them read-only.
+4. :meth:`KVCacheManager.pin` adds one more reference per page under a session key, so the
+   pages outlive the request; :meth:`KVCacheManager.release_pinned` drops those references.
+5. :meth:`KVCacheManager.free` drops the request's references, last page first. Pages nobody
+   references any more become cached-evictable (if hashed) or free. The caller must not read
+   or write the request's pages after this.
+
+Transfer: the decode side calls :meth:`KVCacheManager.reserve`; the reserving request owns the
+destination pages (nobody else can be handed them) until it is freed, so an incoming transfer
+never writes into a reused page. The prefill side reads :meth:`KVCacheManager.export_pages`
+while its request is live and frees the request only after the send completed or failed.
+
+Pure Python: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Sequence
+
+from .allocator import CacheIntegrityError, PageAllocator
+from .prefix import hash_page
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheBlocks:
+    """An ordered run of page ids handed across the manager's API (the allocator stays hidden).
+
+    ``page_hashes`` holds the chained prefix-cache hashes of the leading full pages when known
+    (``len(page_hashes) <= len(page_ids)``); it is empty for freshly allocated pages.
+    """
+
+    page_ids: tuple[int, ...]
+    page_hashes: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.page_ids)
+
+
+_EMPTY = KVCacheBlocks(())
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheUsage:
+    """Page counts of one pool; ``used + free == num_pages``."""
+
+    num_pages: int
+    used: int
+    """Pages with at least one owner (live requests or pinned sessions)."""
+    free: int
+    """Pages an allocation can take: truly free plus cached-evictable."""
+    cached: int
+    """Pages carrying a prefix-cache hash (in use or evictable)."""
+    pinned: int
+    """Distinct pages held by pinned sessions."""
+    evictable: int = 0
+    """Cached pages with no owner (part of ``free``)."""
+
+
+@dataclasses.dataclass
+class _RequestPages:
+    """A live request's page table and the chained hashes of its leading full pages."""
+
+    page_ids: list[int]
+    hashes: list[int]
+
+
+class KVCacheManager:
+    """Page tables for live requests over one pool of ``num_pages`` pages of ``page_size`` tokens.
+
+    Allocation never raises when the pool is full: it returns ``None`` and changes nothing, and
+    the scheduler waits or preempts. Misuse (unknown request id, adopting hits twice, ...)
+    raises ``ValueError``.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._allocator = PageAllocator(num_pages)
+        self._requests: dict[str, _RequestPages] = {}
+        self._pinned: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def num_pages(self) -> int:
+        return self._allocator.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages an allocation can still take (free plus cached-evictable)."""
+        return self._allocator.num_free
+
+    def num_pages_for(self, num_tokens: int) -> int:
+        """Pages needed to hold ``num_tokens`` tokens."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        return -(-num_tokens // self.page_size)
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def page_table(self, request_id: str) -> list[int]:
+        """A copy of the request's page table (page ``i`` holds tokens ``i*page_size ..``)."""
+        return list(self._get(request_id).page_ids)
+
+    # ---- prefix hits and allocation -----------------------------------------------------------
+    def get_computed_pages(self, token_ids: Sequence[int], extra: tuple = ()) -> tuple[KVCacheBlocks, int]:
+        """Longest chain of full-page prefix-cache hits for ``token_ids`` and its token count.
+
+        At least one token is always left to compute, so a prompt whose every page hits loses
+        its last page. Takes no reference: pass the result straight to :meth:`allocate_slots`
+        before any other allocation, or the hit pages may be evicted in between.
+        """
+        if not self.enable_prefix_caching:
+            return _EMPTY, 0
+        max_pages = max(0, (len(token_ids) - 1) // self.page_size)
+        pages: list[int] = []
+        hashes: list[int] = []
+        for i in range(max_pages):
+            parent = hashes[-1] if hashes else None
+            page_hash = hash_page(parent, token_ids[i * self.page_size : (i + 1) * self.page_size], extra)
+            page = self._allocator.lookup(page_hash)
+            if page is None:
+                break
+            pages.append(page)
+            hashes.append(page_hash)
+        return KVCacheBlocks(tuple(pages), tuple(hashes)), len(pages) * self.page_size
+
+    def allocate_slots(
+        self, request_id: str, num_tokens: int, computed: KVCacheBlocks | None = None
+    ) -> KVCacheBlocks | None:
+        """Grow the request's page table to cover ``num_tokens`` tokens in total.
+
+        On the request's first call, ``computed`` (from :meth:`get_computed_pages`) is adopted
+        first, one reference per page; later calls must not pass it. Returns only the pages this
+        call allocated (the request owns them alone, ref 1), possibly none; or ``None`` when the
+        pool is short, in which case nothing changed and no reference was taken.
+        """
+        num_pages = self.num_pages_for(num_tokens)
+        state = self._requests.get(request_id)
+        if state is None:
+            return self._allocate_first(request_id, num_pages, computed or _EMPTY)
+        if computed is not None and computed.page_ids:
+            raise ValueError(f"request {request_id}: prefix hits can only be adopted on the first allocation")
+        need = num_pages - len(state.page_ids)
+        if need <= 0:
+            return _EMPTY
+        fresh = self._allocator.allocate(need)
+        if fresh is None:
+            logger.debug("request %s: %d more pages needed, %d free", request_id, need, self.num_free_pages)
+            return None
+        state.page_ids.extend(fresh)
+        return KVCacheBlocks(tuple(fresh))
+
+    def _allocate_first(
+        self, request_id: str, num_pages: int, computed: KVCacheBlocks
+    ) -> KVCacheBlocks | None:
+        """Adopt ``computed`` and allocate the rest for a new request, all or nothing."""
+        hashes = self._validated_hashes(request_id, computed)
+        if num_pages < len(computed):
+            raise ValueError(f"request {request_id}: {len(computed)} cached pages exceed {num_pages} needed")
+        need = num_pages - len(computed)
+        # Reviving an evictable hit takes it out of the pool that fresh pages come from.
+        revived = sum(1 for page in set(computed.page_ids) if self._allocator.is_evictable(page))
+        if self._allocator.num_free < need + revived:
+            logger.debug("request %s: %d pages needed, %d free", request_id, need + revived,
+                         self.num_free_pages)
+            return None
+        self._allocator.touch(computed.page_ids)
+        fresh = self._allocator.allocate(need)
+        if fresh is None:  # unreachable: capacity was checked above
+            self._allocator.decref(computed.page_ids)
+            raise CacheIntegrityError(f"request {request_id}: allocator refused {need} pages it had free")
+        self._requests[request_id] = _RequestPages(list(computed.page_ids) + fresh, hashes)
+        return KVCacheBlocks(tuple(fresh))
+
+    def _validated_hashes(self, request_id: str, computed: KVCacheBlocks) -> list[int]:
+        """Hashes of ``computed``'s pages; ``ValueError`` if any page no longer holds its hit."""
+        hashes = [self._allocator.hash_of(page) for page in computed.page_ids]
+        stale = any(h is None for h in hashes) or (
+            computed.page_hashes and tuple(hashes) != computed.page_hashes
+        )
+        if stale:
+            raise ValueError(f"request {request_id}: prefix hits are stale (pages were evicted since lookup)")
+        return [h for h in hashes if h is not None]
+
+    def reserve(self, request_id: str, num_tokens: int) -> KVCacheBlocks | None:
+        """Decode side of a transfer: pages an incoming transfer will fill, without prefix reuse.
+
+        Same contract as :meth:`allocate_slots` without hits: for a new request the result is
+        its whole page table, which it owns alone until :meth:`free`; ``None`` when short.
+        """
+        return self.allocate_slots(request_id, num_tokens)
+
+    def export_pages(self, request_id: str) -> KVCacheBlocks:
+        """Sender side of a transfer: the request's page table (and known full-page hashes).
+
+        The pages stay owned by the request; keep it live until the send has finished.
+        """
+        state = self._get(request_id)
+        return KVCacheBlocks(tuple(state.page_ids), tuple(state.hashes))
+
+    # ---- prefix cache -----------------------------------------------------------------------------
+    def cache_pages(
+        self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, extra: tuple = ()
+    ) -> int:
+        """Publish the request's newly full pages once KV for ``num_computed_tokens`` is written.
+
+        ``token_ids`` are the request's tokens (prompt then outputs) from position 0. Pages are
+        hashed in a chain and registered incrementally; the request keeps owning them. A page
+        whose content another page already holds stays unpublished. Returns pages hashed now.
+        """
+        state = self._get(request_id)
+        capacity = len(state.page_ids) * self.page_size
+        if not 0 <= num_computed_tokens <= min(len(token_ids), capacity):
+            raise ValueError(
+                f"request {request_id}: {num_computed_tokens} computed tokens, but {len(token_ids)} "
+                f"tokens and room for {capacity}"
+            )
+        if not self.enable_prefix_caching:
+            return 0
+        num_full = num_computed_tokens // self.page_size
+        start = len(state.hashes)
+        for i in range(start, num_full):
+            parent = state.hashes[-1] if state.hashes else None
+            page_hash = hash_page(parent, token_ids[i * self.page_size : (i + 1) * self.page_size], extra)
+            self._allocator.register(state.page_ids[i], page_hash)
+            state.hashes.append(page_hash)
+        return max(0, num_full - start)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every unowned cached page (they become free); returns how many."""
+        return self._allocator.reset_prefix_cache()
+
+    # ---- release and sessions ---------------------------------------------------------------------
+    def free(self, request_id: str) -> None:
+        """Drop the request's references, last page first, and forget the request.
+
+        Freeing tail first puts a shared prefix's head last in the LRU, so it is evicted last.
+        """
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            raise ValueError(f"unknown request {request_id}")
+        self._allocator.decref(reversed(state.page_ids))
+        logger.debug("request %s: freed %d pages", request_id, len(state.page_ids))
+
+    def pin(self, request_id: str, key: str) -> None:
+        """Keep the request's current pages alive under ``key`` (one extra reference each).
+
+        Pinning an existing key replaces its pages (the new ones are referenced before the old
+        ones are released, so shared pages never drop to zero in between).
+        """
+        pages = tuple(self._get(request_id).page_ids)
+        self._allocator.incref(pages)
+        old = self._pinned.get(key)
+        self._pinned[key] = pages
+        if old is not None:
+            self._allocator.decref(reversed(old))
+        logger.debug("request %s: pinned %d pages", request_id, len(pages))
+
+    def release_pinned(self, key: str) -> None:
+        """Drop the references held under ``key``, last page first."""
+        pages = self._pinned.pop(key, None)
+        if pages is None:
+            raise ValueError(f"unknown pinned key {key!r}")
+        self._allocator.decref(reversed(pages))
+
+    def pinned_keys(self) -> list[str]:
+        return list(self._pinned)
+
+    def pinned_pages(self, key: str) -> list[int]:
+        if key not in self._pinned:
+            raise ValueError(f"unknown pinned key {key!r}")
+        return list(self._pinned[key])
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def usage(self) -> CacheUsage:
+        pinned = {page for pages in self._pinned.values() for page in pages}
+        alloc = self._allocator
+        return CacheUsage(
+            num_pages=alloc.num_pages,
+            used=alloc.num_used,
+            free=alloc.num_free,
+            cached=alloc.num_cached,
+            pinned=len(pinned),
+            evictable=alloc.num_evictable,
+        )
+
+    def check_integrity(self) -> None:
+        """Raise :class:`CacheIntegrityError` unless every page is free, cached-evictable, or
+        referenced exactly once per live request and pinned session that holds it."""
+        expected: collections.Counter[int] = collections.Counter()
+        for request_id, state in self._requests.items():
+            if len(state.hashes) > len(state.page_ids):
+                raise CacheIntegrityError(f"request {request_id}: more hashes than pages")
+            expected.update(state.page_ids)
+        for pages in self._pinned.values():
+            expected.update(pages)
+        self._allocator.check_integrity(expected)
+
+    def _get(self, request_id: str) -> _RequestPages:
+        state = self._requests.get(request_id)
+        if state is None:
+            raise ValueError(f"unknown request {request_id}")
+        return state

@@ -1,0 +1,130 @@
+"""User configuration: frozen, validated, unknown keys rejected, no I/O.
+
+Every role reads one of these models. Values come from CLI flags and ``SPLITSERVE_*``
+environment variables (see :func:`from_env_and_args`). Facts derived at run time (the model's
+shape, the number of KV pages that fit in memory, bound addresses) live elsewhere:
+:class:`splitserve.core.model.config.ModelConfig` and the engine's ``RuntimeInfo``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Mapping, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_MODEL = "builtin:tiny-random-llama"
+"""Name of the built-in random-weight model (needs no download; its id says it is random)."""
+
+ENV_PREFIX = "SPLITSERVE_"
+
+_T = TypeVar("_T", bound="FrozenConfig")
+
+
+class FrozenConfig(BaseModel):
+    """Base for every user config: immutable, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def from_mapping(cls: type[_T], values: Mapping[str, Any]) -> _T:
+        """Build from a plain mapping; unknown keys raise ``pydantic.ValidationError``."""
+        return cls.model_validate(dict(values))
+
+
+class EngineConfig(FrozenConfig):
+    """What the engine (scheduler + model runner) is asked to do."""
+
+    model: str = BUILTIN_MODEL
+    """A local Hugging Face directory, or ``builtin:...`` for the built-in random model."""
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    """``dummy``: deterministic random weights of the config's shape (benchmarks without downloads)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """``auto``: float32 on CPU, bfloat16 on GPU."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_index: int = Field(default=0, ge=0)
+    seed: int = 0
+    page_size: int = Field(default=16, ge=1, le=1024)
+    num_pages: int | None = Field(default=None, ge=2)
+    """Pages in the KV pool; ``None`` sizes it from ``kv_cache_memory_fraction`` (GPU) or ``cpu_kv_cache_mb``."""
+    kv_cache_memory_fraction: float = Field(default=0.85, gt=0.0, le=0.98)
+    cpu_kv_cache_mb: int = Field(default=256, ge=1)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    """Token budget of one step (prefill chunks + decode tokens)."""
+    chunk_size: int = Field(default=512, ge=1)
+    """Longest piece of one prompt computed in one step (chunked prefill)."""
+    max_model_len: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """``auto``: triton on CUDA, torch reference on CPU."""
+    cuda_graphs: bool = True
+    extra_stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""
+
+
+class TransferConfig(FrozenConfig):
+    """KV data plane between prefill and decode workers."""
+
+    backend: Literal["zmq", "ucx"] = "zmq"
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    """0: pick a free port."""
+    use_ipc: bool = False
+    """ZeroMQ over ``ipc://`` instead of ``tcp://`` when both ends share a host."""
+    lease_s: float = Field(default=30.0, gt=0)
+    """How long reserved destination pages wait for a sender before they are reclaimed."""
+    failure_policy: Literal["fail", "recompute"] = "recompute"
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+    curve_server_key: str | None = None
+
+
+class WorkerConfig(FrozenConfig):
+    """A prefill, decode or colocated worker process."""
+
+    role: Literal["prefill", "decode", "both"]
+    worker_id: str | None = None
+    router_addr: str = "tcp://127.0.0.1:8100"
+    """The router's control socket (workers connect, register, heartbeat)."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    """Peer socket (decode -> prefill requests). 0 picks a free port."""
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    local_prefill_threshold: int = Field(default=0, ge=0)
+    """A decode worker prefills prompts shorter than this itself (0: never)."""
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    engine: EngineConfig = EngineConfig()
+    transfer: TransferConfig = TransferConfig()
+
+
+class RouterConfig(FrozenConfig):
+    """The HTTP front end and worker registry."""
+
+    model: str = BUILTIN_MODEL
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    control_host: str = "127.0.0.1"
+    control_port: int = Field(default=8100, ge=0, le=65535)
+    prefill_policy: Literal["round_robin", "least_loaded", "prefix_aware", "power_of_two"] = "least_loaded"
+    decode_policy: Literal["round_robin", "least_loaded", "kv_aware", "power_of_two"] = "least_loaded"
+    max_queued_requests: int = Field(default=1024, ge=1)
+    """Above this many requests in flight the router answers 429."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    admin_token: str | None = None
+    extra_stop_token_ids: tuple[int, ...] = ()
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _non_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("served_model_name must not be empty")
+        return v
+
+
+def env_overrides(prefix: str = ENV_PREFIX, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``SPLITSERVE_PAGE_SIZE=32`` -> ``{"page_size": "32"}`` (values are validated by the model)."""
+    env = os.environ if environ is None else environ
+    return {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)}

@@ -1,0 +1,65 @@
+"""The one dataclass the scheduler hands the model runner each step (torch-free), and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.core.messages import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One request's share of a step.
+
+    ``token_ids`` are computed at positions ``start_pos .. start_pos + len(token_ids) - 1``; their K/V go to
+    the pages in ``page_table`` (page ``i`` holds positions ``[i * page_size, (i + 1) * page_size)``).
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    page_table: tuple[int, ...]
+    sample: bool
+    """Sample a next token after this chunk (the request has caught up with its known tokens)."""
+    params: SamplingParams
+    prompt_token_ids: tuple[int, ...] = ()
+    """For repetition penalties and prompt logprobs."""
+    output_token_ids: tuple[int, ...] = ()
+    """For penalties, and for seeding: the n-th output token uses the seed mixed with n."""
+    prompt_logprobs: bool = False
+    """Return logprobs for the prompt tokens that this chunk's positions predict."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """Everything the runner needs for one step, and nothing else."""
+
+    seqs: tuple[SeqWork, ...]
+    page_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    request_id: str
+    token_id: int | None
+    """Sampled token (None when the chunk did not sample)."""
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """Logprobs of the prompt tokens predicted by this chunk, in order."""
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    results: tuple[SeqResult, ...]

@@ -1,0 +1,145 @@
+"""Model runner: turns a :class:`ScheduledBatch` into tensors, runs the model, samples.
+
+It reads nothing but the batch it is handed; the KV pool, the model and the attention backend are
+collaborators given at construction. A ``layer_hook(layer_idx, batch)`` (prefill workers) runs after
+each layer's K/V are in the pages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork
+from splitserve.core.engine.sampler import SampleInput, sample_batch, top_logprobs
+from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+LayerHook = Callable[[int, ScheduledBatch], None]
+
+
+@dataclass(frozen=True)
+class KVPoolSpec:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_page(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * elem
+
+    def allocate(self, device: torch.device) -> torch.Tensor:
+        """The pool: ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`` of ``dtype``."""
+        shape = (self.num_layers, 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=device)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        backend: AttentionBackend,
+        eos_token_ids: frozenset[int],
+        layer_hook: LayerHook | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.device = kv_cache.device
+        self.eos_token_ids = eos_token_ids
+        self.layer_hook = layer_hook
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        input_ids, positions, meta = self._prepare(batch)
+        if self.layer_hook is not None:
+            hook = self.layer_hook
+            meta.on_layer_done = lambda layer: hook(layer, batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        return self._postprocess(batch, hidden)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ps = batch.page_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_lens, ctx_lens = [], []
+        for s in batch.seqs:
+            n = s.num_tokens
+            ids.extend(s.token_ids)
+            rng = range(s.start_pos, s.start_pos + n)
+            pos.extend(rng)
+            slots.extend(s.page_table[p // ps] * ps + p % ps for p in rng)
+            q_lens.append(n)
+            ctx_lens.append(s.start_pos + n)
+        max_pages = max(len(s.page_table) for s in batch.seqs)
+        tables = [list(s.page_table) + [0] * (max_pages - len(s.page_table)) for s in batch.seqs]
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        dev = self.device
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_q_len=max(q_lens),
+            max_context_len=max(ctx_lens),
+            q_lens=q_lens,
+            ctx_lens_host=ctx_lens,
+            page_size=ps,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+        )
+
+    def _postprocess(self, batch: ScheduledBatch, hidden: torch.Tensor) -> RunnerOutput:
+        ends, starts = [], []
+        off = 0
+        for s in batch.seqs:
+            starts.append(off)
+            off += s.num_tokens
+            ends.append(off - 1)
+        sampling = [i for i, s in enumerate(batch.seqs) if s.sample]
+        tokens: dict[int, tuple[int, object]] = {}
+        if sampling:
+            logits = self.model.compute_logits(hidden[[ends[i] for i in sampling]])
+            inputs = [self._sample_input(batch.seqs[i]) for i in sampling]
+            toks, lps = sample_batch(logits, inputs)
+            tokens = {i: (t, lp) for i, t, lp in zip(sampling, toks, lps)}
+        results = []
+        for i, s in enumerate(batch.seqs):
+            tok, lp = tokens.get(i, (None, None))
+            plp = self._prompt_logprobs(s, hidden[starts[i] : ends[i] + 1]) if s.prompt_logprobs else ()
+            results.append(SeqResult(request_id=s.request_id, token_id=tok, logprob=lp, prompt_logprobs=plp))
+        return RunnerOutput(results=tuple(results))
+
+    def _sample_input(self, s: SeqWork) -> SampleInput:
+        return SampleInput(
+            params=s.params,
+            prompt_token_ids=s.prompt_token_ids,
+            output_token_ids=s.output_token_ids,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def _prompt_logprobs(self, s: SeqWork, hidden: torch.Tensor) -> tuple:
+        """Logprobs of prompt tokens ``start_pos + 1 .. min(end, prompt_len - 1)`` predicted by this chunk."""
+        prompt = s.prompt_token_ids
+        last = min(s.start_pos + s.num_tokens, len(prompt) - 1)  # position whose successor is the last prompt token
+        n = last - s.start_pos
+        if n <= 0:
+            return ()
+        lp = torch.log_softmax(self.model.compute_logits(hidden[:n]).float(), dim=-1).cpu()
+        k = s.params.prompt_logprobs or 0
+        return tuple(top_logprobs(lp[j], prompt[s.start_pos + 1 + j], k) for j in range(n))

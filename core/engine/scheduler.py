@@ -1,0 +1,179 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute (pure Python).
+
+Each step spends a token budget: running requests first (decode tokens and unfinished prompt chunks,
+oldest first), then waiting requests (prefix-cache hits skip their cached pages). When the page pool is
+full, the newest running request is preempted: its pages are freed and it waits again at the front of
+the queue, to be recomputed from its prompt plus the tokens it already generated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+from splitserve.core.cache.manager import KVCacheBlocks, KVCacheManager
+from splitserve.core.engine.batch import ScheduledBatch, SeqWork
+from splitserve.core.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    chunk_size: int
+    enable_prefix_caching: bool = True
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; asks ``kv`` for pages. Collaborators are injected."""
+
+    def __init__(self, kv: KVCacheManager, limits: SchedulerLimits) -> None:
+        self.kv = kv
+        self.limits = limits
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # --- queue management -------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str, reason: str = "abort") -> Request | None:
+        """Drop a request wherever it is and free its pages; returns it, or None if unknown."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.finish(req, reason)
+        return req
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+        if self.kv.has(req.request_id):
+            self.kv.free(req.request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def queued_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
+            r.num_tokens - r.num_computed_tokens for r in self.running
+        )
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.limits.max_num_batched_tokens
+        work: list[SeqWork] = []
+        preempted = False
+        for req in list(self.running):
+            if req not in self.running:  # preempted by an earlier request in this loop
+                continue
+            n = self._num_new_tokens(req, budget)
+            if n == 0:
+                continue
+            if not self._allocate_or_preempt(req, n):
+                preempted = True
+                continue
+            work.append(self._seq_work(req, n))
+            budget -= n
+        if not preempted:
+            budget = self._admit_waiting(work, budget)
+        return ScheduledBatch(seqs=tuple(work), page_size=self.kv.page_size)
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        return max(0, min(req.num_tokens - req.num_computed_tokens, self.limits.chunk_size, budget))
+
+    def _allocate_or_preempt(self, req: Request, n: int) -> bool:
+        """Pages for ``n`` more tokens of a running request, preempting newer requests; False if ``req`` itself was."""
+        while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        logger.info("request %s: preempted (pool full), will recompute %d tokens", req.request_id, req.num_tokens)
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_cached_tokens = 0
+        req.num_preemptions += 1
+        if not req.output_token_ids:
+            req.prompt_logprobs.clear()  # recomputed from the start
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _admit_waiting(self, work: list[SeqWork], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            req = self.waiting[0]
+            computed = self._prefix_hit(req)
+            n = self._num_new_tokens(req, budget)
+            total = req.num_computed_tokens + n
+            if self.kv.allocate_slots(req.request_id, total, computed) is None:
+                if computed is not None:
+                    req.num_computed_tokens = req.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            work.append(self._seq_work(req, n))
+            budget -= n
+        return budget
+
+    def _prefix_hit(self, req: Request) -> KVCacheBlocks | None:
+        """Adopt cached full pages for a request that has no pages yet (not with prompt logprobs)."""
+        if self.kv.has(req.request_id) or not self.limits.enable_prefix_caching or req.wants_prompt_logprobs:
+            return None
+        blocks, n_cached = self.kv.get_computed_pages(req.all_token_ids)
+        req.num_computed_tokens = req.num_cached_tokens = n_cached
+        return blocks if n_cached else None
+
+    def _seq_work(self, req: Request, n: int) -> SeqWork:
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids
+        return SeqWork(
+            request_id=req.request_id,
+            token_ids=tuple(tokens[start : start + n]),
+            start_pos=start,
+            page_table=tuple(self.kv.page_table(req.request_id)),
+            sample=start + n == req.num_tokens,
+            params=req.params,
+            prompt_token_ids=tuple(req.prompt_token_ids),
+            output_token_ids=tuple(req.output_token_ids),
+            prompt_logprobs=req.wants_prompt_logprobs and start < req.num_prompt_tokens,
+        )
+
+    # --- after the step -----------------------------------------------------------------------------
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Advance computed-token counts and publish newly full pages to the prefix cache."""
+        for seq in batch.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens = seq.start_pos + seq.num_tokens
+            if self.limits.enable_prefix_caching:
+                self.kv.cache_pages(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    def finish_many(self, reqs: Iterable[tuple[Request, str]]) -> None:
+        for req, reason in reqs:
+            if req in self.running:
+                self.running.remove(req)
+            self.finish(req, reason)

@@ -1,0 +1,243 @@
+"""The worker process skeleton shared by every role: router connection, main loop, heartbeats.
+
+One thread does everything, in this order, forever: read control messages (router and peers), poll
+the registered pollers (KV transfer endpoints), run one engine step, hand each output to the service that
+owns the request, send a heartbeat when due. Role services (prefill/, decode/) plug in by registering
+message handlers, pollers and output owners; they never share a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from splitserve.core.config import WorkerConfig
+from splitserve.core.engine.engine import LLMEngine, StepOutput
+from splitserve.core.messages import (
+    AbortReq,
+    Drain,
+    Heartbeat,
+    Message,
+    MessageError,
+    Register,
+    SetRole,
+    TokenOut,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[bytes | None, Message], None]
+"""``handler(peer_identity_or_None_for_router, message)``."""
+OutputOwner = Callable[[StepOutput], None]
+
+
+@dataclass
+class Counters:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+    pending: dict[str, float] = field(default_factory=dict)
+
+
+def bind_random(sock: zmq.Socket, host: str, port: int) -> str:
+    """Bind ``tcp://host:port`` (port 0: any free port) and return the bound endpoint."""
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return f"tcp://{host}:{port}"
+    bound = sock.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{bound}"
+
+
+class WorkerCore:
+    """Owns the engine, the sockets and the loop; services attach to it."""
+
+    def __init__(self, cfg: WorkerConfig, engine: LLMEngine) -> None:
+        self.cfg = cfg
+        self.role = cfg.role
+        self.worker_id = cfg.worker_id or f"{cfg.role}-{uuid.uuid4().hex[:8]}"
+        self.engine = engine
+        self.ctx = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.DEALER)
+        self.router.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.connect(cfg.router_addr)
+        self.peer = self.ctx.socket(zmq.ROUTER)
+        self.peer.setsockopt(zmq.LINGER, 0)
+        self.peer_addr = bind_random(self.peer, cfg.host, cfg.port)
+        self.transfer_addr = ""
+        self.handlers: dict[type, Handler] = {}
+        self.pollers: list[Callable[[], None]] = []
+        self.owners: dict[str, OutputOwner] = {}
+        self.abort_handlers: list[Callable[[AbortReq], None]] = []
+        self.counters = Counters()
+        self.draining = False
+        self.stopping = False
+        self._last_hb = 0.0
+        self.on(AbortReq, self._on_abort)
+        self.on(Drain, lambda _p, _m: self.start_drain())
+        self.on(SetRole, self._on_set_role)
+
+    # --- wiring ----------------------------------------------------------------------------------------
+
+    def on(self, kind: type, handler: Handler) -> None:
+        self.handlers[kind] = handler
+
+    def own(self, request_id: str, owner: OutputOwner) -> None:
+        self.owners[request_id] = owner
+
+    def send_router(self, msg: Message) -> None:
+        self.router.send(encode(msg))
+
+    def send_token_out(self, out: TokenOut) -> None:
+        self.send_router(out)
+
+    def fail_request(self, request_id: str, error: str) -> None:
+        logger.warning("request %s: failed: %s", request_id, error)
+        self.owners.pop(request_id, None)
+        self.send_router(TokenOut(request_id=request_id, token_ids=(), finish_reason="error", error=error))
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        info = self.engine.info
+        self.send_router(
+            Register(
+                worker_id=self.worker_id,
+                role=self.role,
+                model_id=info.model_id,
+                peer_addr=self.peer_addr,
+                transfer_addr=self.transfer_addr,
+                num_pages=info.num_pages,
+                page_size=info.page_size,
+                max_model_len=info.max_model_len,
+            )
+        )
+        logger.info("worker %s registered with %s as %s", self.worker_id, self.cfg.router_addr, self.role)
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+
+    def request_stop(self) -> None:
+        """SIGTERM: drain (finish in-flight work, accept none), then exit the loop."""
+        self.start_drain()
+        self.stopping = True
+
+    def start_drain(self) -> None:
+        if not self.draining:
+            logger.info("worker %s draining", self.worker_id)
+        self.draining = True
+        self._last_hb = 0.0  # tell the router now
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished() or bool(self.owners)
+
+    def run(self) -> None:
+        self.register()
+        deadline = None
+        while True:
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.cfg.drain_timeout_s
+            if deadline is not None and (not self.busy() or time.monotonic() > deadline):
+                break
+            self.loop_once()
+        if self.busy():
+            for rid in list(self.owners):
+                self.fail_request(rid, f"worker {self.worker_id} shut down before the request finished")
+        self.heartbeat(force=True)
+        logger.info("worker %s stopped", self.worker_id)
+
+    def loop_once(self) -> None:
+        self.read_messages(timeout_ms=0 if self.engine.has_unfinished() else 5)
+        for poll in self.pollers:
+            poll()
+        if self.engine.has_unfinished():
+            for out in self.engine.step():
+                owner = self.owners.get(out.request_id)
+                if owner is not None:
+                    owner(out)
+        self.heartbeat()
+
+    def close(self) -> None:
+        self.router.close(linger=1000)
+        self.peer.close(linger=0)
+
+    # --- messages --------------------------------------------------------------------------------------
+
+    def read_messages(self, timeout_ms: int) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.peer, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        for _ in range(256):  # bounded per loop so engine steps keep flowing
+            got = False
+            if ready.get(self.router) and self.router.poll(0):
+                self._dispatch(None, self.router.recv())
+                got = True
+            if ready.get(self.peer) and self.peer.poll(0):
+                frames = self.peer.recv_multipart()
+                if len(frames) == 2:
+                    self._dispatch(frames[0], frames[1])
+                else:
+                    logger.warning("dropping peer message with %d frames", len(frames))
+                got = True
+            if not got:
+                break
+
+    def _dispatch(self, peer: bytes | None, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+        except MessageError as exc:
+            logger.warning("dropping undecodable message: %s", exc)
+            return
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            logger.warning("worker %s (%s): no handler for %s", self.worker_id, self.role, type(msg).__name__)
+            return
+        handler(peer, msg)
+
+    def _on_abort(self, peer: bytes | None, msg: AbortReq) -> None:
+        for handler in self.abort_handlers:
+            handler(msg)
+
+    def _on_set_role(self, _peer: bytes | None, msg: SetRole) -> None:
+        logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)
+        self.role = msg.role
+        self.register()
+
+    # --- heartbeats ----------------------------------------------------------------------------------------
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_hb < self.cfg.heartbeat_s:
+            return
+        self._last_hb = now
+        usage = self.engine.kv.usage()
+        sched = self.engine.scheduler
+        c = self.counters
+        self.send_router(
+            Heartbeat(
+                worker_id=self.worker_id,
+                role=self.role,
+                running=len(sched.running),
+                waiting=len(sched.waiting) + len(c.pending),
+                queued_tokens=sched.queued_tokens(),
+                kv_pages_used=usage.used,
+                kv_pages_free=usage.free,
+                kv_pages_cached=usage.cached,
+                draining=self.draining,
+                prefill_tokens_total=c.prefill_tokens,
+                decode_tokens_total=c.decode_tokens,
+                transfer_bytes_total=c.transfer_bytes,
+                transfer_seconds_total=c.transfer_seconds,
+            )
+        )

@@ -1,0 +1,79 @@
+"""Request state shared by the engine, the workers and the tests (torch-free)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from splitserve.core.messages import SamplingParams, TokenLogprob
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request inside an engine.
+
+    Token accounting: ``all_token_ids`` = prompt + outputs. ``num_computed_tokens`` counts tokens whose K/V
+    are in this engine's pages; the scheduler computes ``all_token_ids[num_computed_tokens:]`` (in chunks)
+    and samples a new token whenever the request catches up.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    prefill_only: bool = False
+    """Prefill workers: finish right after the first token is sampled (KV goes to a decode worker)."""
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    def check_stop(self) -> str | None:
+        """Finish reason after the newest output token, or None to continue."""
+        n_out = len(self.output_token_ids)
+        if n_out == 0:
+            return None
+        if self.prefill_only:
+            return "length"
+        last = self.output_token_ids[-1]
+        if n_out >= self.params.min_tokens:
+            if not self.params.ignore_eos and last in self.eos_token_ids:
+                return "stop"
+            if last in self.params.stop_token_ids:
+                return "stop"
+        if n_out >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,219 @@
+"""Decode service: reserves pages, asks a prefill worker to fill them, then generates and streams tokens.
+
+Flow for one request (see docs/architecture.md):
+1. ``GenerateReq`` from the router. Short prompts (``local_prefill_threshold``), requests without a prefill
+   worker, and colocated workers prefill here: the request joins the engine directly.
+2. Otherwise reserve pages for the prompt (the request owns them from now on; if the pool is full the
+   request waits in ``pending`` until pages free up), register them with the KV receiver under a lease, and
+   send ``PrefillReq`` (with the page descriptor) to the chosen prefill worker.
+3. K/V land in the reserved pages inside ``receiver.poll()`` on this thread. ``TransferComplete`` brings the
+   first token: the request joins the continuous batch, and its tokens stream to the router.
+4. Finish, abort, or failure frees the pages. A failed transfer (lease expired, prefill worker gone or
+   refusing) either fails the request with a clear error or recomputes the prompt here (``failure_policy``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import zmq
+
+from splitserve.core.config import TransferConfig
+from splitserve.core.engine.engine import StepOutput
+from splitserve.core.engine.service import WorkerCore
+from splitserve.core.messages import AbortReq, GenerateReq, KVDescriptor, PrefillReq, TokenOut, encode
+from splitserve.transfer.base import KVLayout, KVReceiver, LayerArrived, TransferComplete, TransferError, TransferFailed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Incoming:
+    req: GenerateReq
+    transfer_id: str
+    prefill_addr: str
+    started: float
+
+
+class DecodeService:
+    def __init__(self, core: WorkerCore, receiver: KVReceiver, layout: KVLayout, tcfg: TransferConfig) -> None:
+        self.core = core
+        self.receiver = receiver
+        self.layout = layout
+        self.tcfg = tcfg
+        self.incoming: dict[str, _Incoming] = {}
+        self.by_transfer: dict[str, str] = {}
+        self.pending: OrderedDict[str, GenerateReq] = OrderedDict()
+        self.peers: dict[str, zmq.Socket] = {}
+        self._seq = itertools.count()
+        core.transfer_addr = receiver.address
+        core.on(GenerateReq, self._on_generate)
+        core.abort_handlers.append(self._on_abort)
+        core.pollers.append(self._poll)
+
+    # --- admission ------------------------------------------------------------------------------------------
+
+    def _on_generate(self, _peer: bytes | None, msg: GenerateReq) -> None:
+        rid = msg.request_id
+        if self.core.draining or self.core.role == "prefill":
+            return self.core.fail_request(rid, f"worker {self.core.worker_id} is not accepting decode work")
+        self.core.own(rid, self._on_output)
+        local = (
+            msg.prefill_addr is None
+            or len(msg.prompt_token_ids) < self.core.cfg.local_prefill_threshold
+        )
+        if local:
+            return self._prefill_locally(msg)
+        self.pending[rid] = msg
+        self.core.counters.pending[rid] = time.monotonic()
+        self._start_pending()
+
+    def _prefill_locally(self, msg: GenerateReq) -> None:
+        try:
+            self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+        except ValueError as exc:
+            self.core.fail_request(msg.request_id, str(exc))
+
+    def _start_pending(self) -> None:
+        """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
+        while self.pending:
+            rid, msg = next(iter(self.pending.items()))
+            pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids))
+            if pages is None:
+                return
+            del self.pending[rid]
+            self.core.counters.pending.pop(rid, None)
+            self._ask_prefill(msg, pages)
+
+    def _ask_prefill(self, msg: GenerateReq, pages: list[int]) -> None:
+        rid = msg.request_id
+        tid = f"{rid}/{self.core.worker_id}/{next(self._seq)}"
+        desc = KVDescriptor(
+            transfer_id=tid,
+            receiver_addr=self.receiver.address,
+            model_id=self.layout.model_id,
+            dtype=self.layout.dtype,
+            num_layers=self.layout.num_layers,
+            num_kv_heads=self.layout.num_kv_heads,
+            head_dim=self.layout.head_dim,
+            page_size=self.layout.page_size,
+            page_ids=tuple(pages),
+            num_tokens=len(msg.prompt_token_ids),
+            lease_s=self.tcfg.lease_s,
+        )
+        try:
+            self.receiver.expect(desc)
+        except TransferError as exc:
+            self.core.engine.release(rid)
+            return self.core.fail_request(rid, str(exc))
+        self.incoming[rid] = _Incoming(msg, tid, msg.prefill_addr or "", time.monotonic())
+        self.by_transfer[tid] = rid
+        req = PrefillReq(
+            request_id=rid, prompt_token_ids=msg.prompt_token_ids, params=msg.params, dst=desc, reply_to=self.core.worker_id
+        )
+        self._peer(msg.prefill_addr or "").send(encode(req))
+        logger.info("request %s: %d pages reserved, prefill asked of %s", rid, len(pages), msg.prefill_worker)
+
+    def _peer(self, addr: str) -> zmq.Socket:
+        sock = self.peers.get(addr)
+        if sock is None:
+            sock = self.core.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.connect(addr)
+            self.peers[addr] = sock
+        return sock
+
+    # --- transfers ------------------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        for ev in self.receiver.poll(0):
+            if isinstance(ev, LayerArrived):
+                continue
+            rid = self.by_transfer.pop(ev.transfer_id, None)
+            if rid is None:
+                continue
+            inc = self.incoming.pop(rid)
+            if isinstance(ev, TransferComplete):
+                self._on_complete(inc, ev)
+            elif isinstance(ev, TransferFailed):
+                self._on_failed(inc, ev.reason)
+        self._start_pending()
+
+    def _on_complete(self, inc: _Incoming, ev: TransferComplete) -> None:
+        rid, done = inc.req.request_id, ev.done
+        self.core.counters.transfer_seconds += time.monotonic() - inc.started
+        self.core.counters.transfer_bytes += len(inc.req.prompt_token_ids) * self.layout.token_bytes() * self.layout.num_layers
+        first = TokenOut(
+            request_id=rid,
+            token_ids=(done.first_token,),
+            logprobs=(done.first_logprob,) if done.first_logprob is not None else None,
+            prompt_logprobs=done.prompt_logprobs,
+            num_prompt_tokens=len(inc.req.prompt_token_ids),
+            num_cached_tokens=done.num_cached_tokens,
+        )
+        try:
+            finished = self.core.engine.add_prefilled(
+                rid, inc.req.prompt_token_ids, inc.req.params, done.first_token, done.first_logprob
+            )
+        except ValueError as exc:
+            self.core.engine.release(rid)
+            return self.core.fail_request(rid, str(exc))
+        if finished is not None:
+            self.core.owners.pop(rid, None)
+            first = TokenOut(**{**_fields(first), "finish_reason": finished.finish_reason})
+        self.core.send_token_out(first)
+        logger.info("request %s: KV arrived, first token in", rid)
+
+    def _on_failed(self, inc: _Incoming, reason: str) -> None:
+        rid = inc.req.request_id
+        self.core.engine.release(rid)
+        if self.tcfg.failure_policy == "recompute":
+            logger.warning("request %s: transfer failed (%s); recomputing the prompt here", rid, reason)
+            return self._prefill_locally(inc.req)
+        self.core.fail_request(rid, f"KV transfer from the prefill worker failed: {reason}")
+
+    # --- outputs and aborts ---------------------------------------------------------------------------------
+
+    def _on_output(self, so: StepOutput) -> None:
+        self.core.counters.decode_tokens += len(so.new_token_ids)
+        if so.finished:
+            self.core.owners.pop(so.request_id, None)
+        self.core.send_token_out(
+            TokenOut(
+                request_id=so.request_id,
+                token_ids=tuple(so.new_token_ids),
+                logprobs=tuple(so.logprobs) if so.logprobs else None,
+                prompt_logprobs=tuple(so.prompt_logprobs) if so.prompt_logprobs is not None else None,
+                finish_reason=so.finish_reason,  # type: ignore[arg-type]
+                num_prompt_tokens=so.num_prompt_tokens,
+                num_cached_tokens=so.num_cached_tokens,
+            )
+        )
+
+    def _on_abort(self, msg: AbortReq) -> None:
+        rid = msg.request_id
+        if self.pending.pop(rid, None) is not None:
+            self.core.counters.pending.pop(rid, None)
+        inc = self.incoming.pop(rid, None)
+        if inc is not None:
+            self.by_transfer.pop(inc.transfer_id, None)
+            self.receiver.cancel(inc.transfer_id)
+            self.core.engine.release(rid)
+            self._peer(inc.prefill_addr).send(encode(AbortReq(request_id=rid, reason=msg.reason)))
+        self.core.engine.abort(rid)
+        if self.core.owners.pop(rid, None) is not None:
+            logger.info("request %s: aborted (%s)", rid, msg.reason)
+
+    def close(self) -> None:
+        for sock in self.peers.values():
+            sock.close(linger=0)
+        self.receiver.close()
+
+
+def _fields(msg: TokenOut) -> dict:
+    return {f: getattr(msg, f) for f in msg.__struct_fields__}

@@ -1,0 +1,379 @@
+"""Paged attention kernels (Triton) for GQA models, with torch references.
+
+KV pages layout (one layer, K and V separately)::
+
+    k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]   (model dtype)
+
+Token ``i`` of sequence ``b`` lives at ``page = block_tables[b, i // page_size]``, row ``i % page_size``.
+Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)`` (Hugging Face ``repeat_kv`` order).
+
+Queries are packed along the token axis (varlen): sequence ``b`` owns query rows
+``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, which are the *last* ``q_len_b`` of its ``context_lens[b]`` tokens,
+so query ``i`` sits at position ``context_lens[b] - q_len_b + i`` and sees keys ``0..`` that position.
+
+Two kernels:
+
+* :func:`paged_decode_attention` (one query per sequence): flash-decoding. The grid is
+  ``(batch, kv_heads, num_splits)``; each program loads one KV head's pages once for all the query heads
+  of its group (``tl.dot`` over the group padded to 16 rows), keeps an online softmax over its share of
+  the context, and a second small kernel merges the splits by their log-sum-exp.
+* :func:`paged_prefill_attention` (any query lengths, causal, cached prefix): flash attention over the
+  pages, grid ``(q_blocks, batch, num_heads)``; key blocks entirely below the causal diagonal run
+  without masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_MIN_SPLIT_TOKENS = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference causal attention over pages, computed in float32 (float64 for float64 q) one sequence at a time.
+
+    Args:
+        q: ``[T, Hq, D]`` packed queries (any float dtype).
+        k_pages, v_pages: ``[P, S, Hkv, D]`` (``Hq % Hkv == 0``).
+        cu_seqlens_q: int32 ``[B + 1]``; context_lens: int32 ``[B]``; block_tables: int32 ``[B, max_pages]``.
+        scale: softmax scale.
+    Returns:
+        ``[T, Hq, D]`` in ``q.dtype``.
+    """
+    out = torch.zeros_like(q)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    page_size, group = k_pages.shape[1], q.shape[1] // k_pages.shape[2]
+    cu, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
+    for b, ctx in enumerate(ctxs):
+        q_start, q_len = cu[b], cu[b + 1] - cu[b]
+        if q_len == 0 or ctx == 0:
+            continue
+        pages = block_tables[b, : (ctx + page_size - 1) // page_size].long()
+        k = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:ctx].to(acc_dtype).repeat_interleave(group, dim=1)
+        v = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:ctx].to(acc_dtype).repeat_interleave(group, dim=1)
+        qb = q[q_start : q_start + q_len].to(k.dtype)
+        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(ctx, device=q.device)[None, :] > q_pos, float("-inf"))
+        out[q_start : q_start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shared inner loop
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_blocks(
+    q, m_i, l_i, acc, k_base, v_base, bt_row, lo, hi, q_pos,
+    sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online-softmax accumulation of keys ``[lo, hi)`` of one KV head into ``(m_i, l_i, acc)``.
+
+    ``q`` is ``[M, D_PAD]``; ``q_pos`` ``[M]`` the query positions (used when ``MASK``: key <= q_pos and
+    key < hi). Without ``MASK`` every key in ``[lo, hi)`` must be visible to every row.
+    """
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        row = (offs_n % PAGE).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + (page * sk_p + row * sk_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if MASK:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (page * sv_p + row * sv_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 models must match the CPU path: no tf32 in the matrix units.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_paged_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if q.dim() != 3 or k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_pages {tuple(k_pages.shape)}, v_pages {tuple(v_pages.shape)}")
+    if q.shape[1] % k_pages.shape[2] != 0 or q.shape[2] != k_pages.shape[3]:
+        raise ValueError(f"q heads/dim {tuple(q.shape[1:])} incompatible with kv {tuple(k_pages.shape[2:])}")
+    if q.stride(2) != 1 or k_pages.stride(3) != 1 or v_pages.stride(3) != 1:
+        raise ValueError("q, k_pages and v_pages need a contiguous last (head_dim) axis")
+    if block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32, got {block_tables.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# decode (flash-decoding)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    scale_log2, split_len,
+    sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_b, so_h,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, ctx)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    k_base = k_ptr + kvh * sk_h
+    v_base = v_ptr + kvh * sv_h
+    bt_row = bt_ptr + b.to(tl.int64) * sbt
+    full_hi = tl.maximum(lo + ((hi - lo) // BLOCK_N) * BLOCK_N, lo)
+    q_pos = tl.zeros([GROUP_PAD], tl.int32) + (hi - 1)
+    m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, lo, full_hi, q_pos,
+                                 sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
+                                 PAGE, BLOCK_N, False, DOT_PREC)
+    m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, full_hi, hi, q_pos,
+                                 sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
+                                 PAGE, BLOCK_N, True, DOT_PREC)
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (b * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
+        tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s
+    lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.math.exp2(lse - mx)
+    o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * so_b + h * so_h + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Splits so that ``batch * kv_heads * splits`` covers the GPU about twice, each split >= 256 tokens."""
+    programs = max(batch * num_kv_heads, 1)
+    wanted = triton.cdiv(2 * _num_sms(device), programs)
+    cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
+    return int(max(1, min(wanted, cap, 64)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token per sequence) over paged KV, GQA, split-K.
+
+    Args:
+        q: ``[B, Hq, D]`` model dtype (float32, float16 or bfloat16), head_dim contiguous.
+        k_pages, v_pages: ``[P, S, Hkv, D]`` model dtype, ``Hq % Hkv == 0``; any page size S.
+        block_tables: int32 ``[B, max_pages]``; context_lens: int32 ``[B]`` (KV tokens, the query's own included;
+            0 gives a zero output row, e.g. for padded CUDA-graph batches).
+        scale: softmax scale. max_context_len: host int >= every context_lens entry (fixes the grid; a
+            CUDA-graph runner passes its capture bound).
+        num_splits: context splits per (sequence, kv head); None picks :func:`default_num_splits`.
+        out: optional ``[B, Hq, D]`` output buffer (model dtype).
+    Returns:
+        ``[B, Hq, D]`` in ``q.dtype``.
+    """
+    _check_paged_args(q, k_pages, v_pages, block_tables)
+    batch, num_heads, head_dim = q.shape
+    num_kv = k_pages.shape[2]
+    group = num_heads // num_kv
+    if out is None:
+        out = torch.empty_like(q)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv, max_context_len, q.device)
+    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    mid_o = mid_lse = out  # unused placeholders when there is a single split
+    if num_splits > 1:
+        mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, num_kv, num_splits)](
+        q, k_pages, v_pages, block_tables, context_lens, out, mid_o, mid_lse,
+        scale * LOG2E, split_len,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        PAGE=k_pages.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            mid_o, mid_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill (causal, varlen, cached prefix)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, scale_log2,
+    sq_t, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_t, so_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if mb * BLOCK_M < q_len:
+        ctx = tl.load(ctx_ptr + b)
+        prefix = ctx - q_len
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_DIM
+        io_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=io_mask, other=0.0)
+        kvh = h // GROUP
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        q_pos = prefix + offs_m
+        hi = tl.minimum(prefix + (mb + 1) * BLOCK_M, ctx)
+        full_hi = ((prefix + mb * BLOCK_M) // BLOCK_N) * BLOCK_N
+        k_base = k_ptr + kvh * sk_h
+        v_base = v_ptr + kvh * sv_h
+        bt_row = bt_ptr + b.to(tl.int64) * sbt
+        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, 0, full_hi, q_pos,
+                                     sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
+                                     PAGE, BLOCK_N, False, DOT_PREC)
+        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, full_hi, hi, q_pos,
+                                     sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
+                                     PAGE, BLOCK_N, True, DOT_PREC)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=io_mask)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_q_len: int,
+    block_m: int = 128,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed varlen queries over paged KV that already holds them (cached prefixes ok).
+
+    Args:
+        q: ``[T, Hq, D]`` model dtype, head_dim contiguous; rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` are the last
+            ``q_len_b`` tokens of sequence ``b``.
+        k_pages, v_pages: ``[P, S, Hkv, D]`` model dtype.
+        cu_seqlens_q: int32 ``[B + 1]``; context_lens: int32 ``[B]`` (>= q_len_b); block_tables: int32 ``[B, max_pages]``.
+        scale: softmax scale. max_q_len: host int >= every q_len_b (fixes the grid).
+        block_m / block_n: query / key tile (powers of two >= 16).
+        out: optional ``[T, Hq, D]`` output buffer.
+    Returns:
+        ``[T, Hq, D]`` in ``q.dtype``.
+    """
+    _check_paged_args(q, k_pages, v_pages, block_tables)
+    if cu_seqlens_q.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("cu_seqlens_q and context_lens must be int32")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    batch = context_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0 or batch == 0:
+        return out
+    grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, num_heads)
+    _prefill_kernel[grid](
+        q, k_pages, v_pages, out, cu_seqlens_q, context_lens, block_tables, scale * LOG2E,
+        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=num_heads // k_pages.shape[2], HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = [
+    "default_num_splits",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "ref_paged_attention",
+]

@@ -1,0 +1,131 @@
+"""Admin API (bearer token) and the status page.
+
+Admin endpoints need ``Authorization: Bearer <RouterConfig.admin_token>``; without a configured token
+they are disabled (403); a missing or wrong token gets 401.
+
+* ``GET /admin/workers``: every worker with role, health, load and KV usage.
+* ``POST /admin/workers``: register an external worker (a :class:`Register` body as JSON).
+* ``POST /admin/workers/{id}/drain``: the worker finishes in-flight work and gets no new requests.
+* ``POST /admin/workers/{id}/role`` ``{"role": "prefill" | "decode" | "both"}``: switch its role.
+* ``DELETE /admin/workers/{id}``: deregister (its in-flight requests fail with a clear error).
+
+Read-only and public: ``GET /`` and ``GET /status`` (the status page, ``static/``), ``GET /status.json``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+import msgspec
+from aiohttp import web
+
+from splitserve.core.messages import Drain, Register, Role, SetRole
+from splitserve.router.openai_api import APIError, bad_request, parse_json_body
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+_ROLES = get_args(Role)
+
+
+def _check_token(request: web.Request, service_key: web.AppKey) -> Any:
+    svc = request.app[service_key]
+    token = svc.config.admin_token
+    if token is None:
+        raise APIError(403, "the admin API is disabled (no admin token configured)", type="permission_denied")
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+        raise APIError(401, "missing or invalid admin token", type="authentication_error")
+    return svc
+
+
+def _worker(svc: Any, request: web.Request) -> Any:
+    wid = request.match_info["worker_id"]
+    w = svc.registry.get(wid)
+    if w is None:
+        raise APIError(404, f"no worker with id '{wid}'", type="not_found", param="worker_id")
+    return w
+
+
+def status_json(svc: Any) -> dict[str, Any]:
+    """What the status page shows: workers, queue depths, recent TTFT/TPOT."""
+    now = svc.registry.now()
+    return {
+        "model": svc.model_name,
+        "time": time.time(),
+        "healthy": svc.healthy(),
+        "inflight": svc.inflight,
+        "max_queued_requests": svc.config.max_queued_requests,
+        "policies": {"prefill": svc.config.prefill_policy, "decode": svc.config.decode_policy},
+        "workers": [w.to_json(now) for w in svc.registry.all()],
+        "history": list(svc.metrics.history),
+    }
+
+
+def add_routes(app: web.Application, service_key: web.AppKey) -> None:
+    """Admin, status page and static routes on ``app`` (the service is ``app[service_key]``)."""
+
+    async def list_workers(request: web.Request) -> web.Response:
+        svc = _check_token(request, service_key)
+        now = svc.registry.now()
+        return web.json_response({"workers": [w.to_json(now) for w in svc.registry.all()]})
+
+    async def register(request: web.Request) -> web.Response:
+        svc = _check_token(request, service_key)
+        body = parse_json_body(await request.read())
+        try:
+            msg = msgspec.convert({**body, "type": "Register"}, Register)
+        except msgspec.ValidationError as exc:
+            raise bad_request(f"invalid worker registration: {exc}") from exc
+        old = svc.registry.register(msg.worker_id.encode(), msg, external=True)
+        if old is not None:
+            svc.control.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} re-registered by an admin")
+        return web.json_response(svc.registry.get(msg.worker_id).to_json(svc.registry.now()), status=201)
+
+    async def drain(request: web.Request) -> web.Response:
+        svc = _check_token(request, service_key)
+        w = _worker(svc, request)
+        w.draining = True
+        sent = await svc.control.send(w, Drain())
+        logger.info("admin: worker %s draining (drain message %s)", w.worker_id, "sent" if sent else "not delivered")
+        return web.json_response({"worker_id": w.worker_id, "draining": True, "delivered": sent})
+
+    async def set_role(request: web.Request) -> web.Response:
+        svc = _check_token(request, service_key)
+        w = _worker(svc, request)
+        role = parse_json_body(await request.read()).get("role")
+        if role not in _ROLES:
+            raise bad_request(f"invalid field 'role': must be one of {', '.join(_ROLES)}", param="role")
+        sent = await svc.control.send(w, SetRole(role=role))
+        if sent:
+            w.role = role
+        logger.info("admin: worker %s role -> %s (%s)", w.worker_id, role, "sent" if sent else "not delivered")
+        return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent},
+                                 status=200 if sent else 502)
+
+    async def deregister(request: web.Request) -> web.Response:
+        svc = _check_token(request, service_key)
+        w = _worker(svc, request)
+        svc.registry.remove(w.worker_id)
+        svc.control.fail_worker_streams(w.worker_id, f"worker {w.worker_id} was deregistered by an admin")
+        return web.json_response({"worker_id": w.worker_id, "removed": True})
+
+    async def status_data(request: web.Request) -> web.Response:
+        return web.json_response(status_json(request.app[service_key]))
+
+    async def status_page(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    app.router.add_get("/admin/workers", list_workers)
+    app.router.add_post("/admin/workers", register)
+    app.router.add_post("/admin/workers/{worker_id}/drain", drain)
+    app.router.add_post("/admin/workers/{worker_id}/role", set_role)
+    app.router.add_delete("/admin/workers/{worker_id}", deregister)
+    app.router.add_get("/status.json", status_data)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/status", status_page)
+    app.router.add_static("/static/", STATIC_DIR)

@@ -1,0 +1,207 @@
+"""The router's control plane: one ZeroMQ ROUTER socket that every worker's DEALER connects to.
+
+Frames are ``[identity, payload]`` with ``payload = messages.encode(msg)``. Workers send
+:class:`Register`, :class:`Heartbeat` and :class:`TokenOut`; the router sends :class:`GenerateReq`,
+:class:`AbortReq`, :class:`SetRole` and :class:`Drain`. A frame that does not decode is logged and
+dropped. Each in-flight request has a :class:`RequestStream` (an asyncio queue of ``TokenOut``); a
+worker that dies (missed heartbeats, re-registration, deregistration) fails its streams with a clear
+error so no client waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from splitserve.core import messages as m
+from splitserve.router.pools import WorkerRegistry, WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """Outputs of one request on its way back from the decode worker."""
+
+    request_id: str
+    decode_worker: str
+    prefill_worker: str | None
+    prompt_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first_token_seen: bool = False
+    finished: bool = False
+
+    def fail(self, error: str) -> None:
+        """End the stream with an error (only once)."""
+        if not self.finished:
+            self.queue.put_nowait(m.TokenOut(request_id=self.request_id, token_ids=(), finish_reason="error",
+                                             error=error))
+
+
+class ControlPlane:
+    """Binds the control socket, keeps the registry current and routes ``TokenOut`` to streams."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, registry: WorkerRegistry, host: str, port: int,
+                 on_heartbeat: Callable[[WorkerState], None] | None = None, reap_interval_s: float = 0.25) -> None:
+        self._ctx = ctx
+        self.registry = registry
+        self._host = host
+        self._port = port
+        self._on_heartbeat = on_heartbeat
+        self._reap_interval = reap_interval_s
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.streams: dict[str, RequestStream] = {}
+        self.address = ""
+
+    async def start(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over its identity
+        if self._port == 0:
+            port = sock.bind_to_random_port(f"tcp://{self._host}")
+        else:
+            sock.bind(f"tcp://{self._host}:{self._port}")
+            port = self._port
+        self._sock = sock
+        self.address = f"tcp://{self._host}:{port}"
+        self._tasks = [asyncio.create_task(self._recv_loop(), name="control-recv"),
+                       asyncio.create_task(self._reap_loop(), name="control-reap")]
+        logger.info("control socket bound at %s", self.address)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        for s in list(self.streams.values()):
+            s.fail("router is shutting down")
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    async def send(self, worker: WorkerState, msg: m.Message) -> bool:
+        """Send one message; ``False`` (logged) when the worker is unreachable."""
+        if self._sock is None:
+            raise RuntimeError("control plane is not started")
+        try:
+            await self._sock.send_multipart([worker.identity, m.encode(msg)])
+            return True
+        except zmq.ZMQError as exc:
+            logger.warning("cannot send %s to worker %s: %s", type(msg).__name__, worker.worker_id, exc)
+            return False
+
+    async def abort(self, request_id: str, reason: str) -> None:
+        """Tell the request's decode worker (and prefill worker, if separate) to drop it."""
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return
+        for wid in {stream.decode_worker, stream.prefill_worker} - {None}:
+            w = self.registry.get(wid)
+            if w is not None:
+                logger.info("request %s: abort sent to worker %s (%s)", request_id, wid, reason)
+                await self.send(w, m.AbortReq(request_id=request_id, reason=reason))
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    def open_stream(self, request_id: str, decode: WorkerState, prefill: WorkerState | None,
+                    prompt_tokens: int) -> RequestStream:
+        stream = RequestStream(request_id, decode.worker_id, prefill.worker_id if prefill else None, prompt_tokens)
+        self.streams[request_id] = stream
+        decode.inflight += 1
+        target = prefill if prefill is not None else decode
+        target.pending_prefill_tokens += prompt_tokens
+        if prefill is not None:
+            prefill.inflight += 1
+        return stream
+
+    def close_stream(self, stream: RequestStream) -> None:
+        """Forget a finished stream and undo its load accounting."""
+        stream.finished = True
+        if self.streams.pop(stream.request_id, None) is None:
+            return
+        self._release_prefill(stream)
+        decode = self.registry.get(stream.decode_worker)
+        if decode is not None:
+            decode.inflight = max(0, decode.inflight - 1)
+        if stream.prefill_worker is not None:
+            prefill = self.registry.get(stream.prefill_worker)
+            if prefill is not None:
+                prefill.inflight = max(0, prefill.inflight - 1)
+
+    def _release_prefill(self, stream: RequestStream) -> None:
+        if stream.first_token_seen:
+            return
+        stream.first_token_seen = True
+        w = self.registry.get(stream.prefill_worker or stream.decode_worker)
+        if w is not None:
+            w.pending_prefill_tokens = max(0, w.pending_prefill_tokens - stream.prompt_tokens)
+
+    def fail_worker_streams(self, worker_id: str, error: str) -> None:
+        for s in list(self.streams.values()):
+            if worker_id in (s.decode_worker, s.prefill_worker):
+                logger.warning("request %s failed: %s", s.request_id, error)
+                s.fail(error)
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                logger.warning("dropped control message with %d frames (want 2)", len(frames))
+                continue
+            try:
+                msg = m.decode(frames[1])
+            except m.MessageError as exc:
+                logger.warning("dropped undecodable control message from %r: %s", frames[0][:64], exc)
+                continue
+            try:
+                self._dispatch(frames[0], msg)
+            except Exception:  # a bug in one message's handling must not stop the control plane
+                logger.exception("error handling %s from %r", type(msg).__name__, frames[0][:64])
+
+    def _dispatch(self, identity: bytes, msg: m.Message) -> None:
+        if isinstance(msg, m.TokenOut):
+            self._on_token_out(msg)
+        elif isinstance(msg, m.Heartbeat):
+            w = self.registry.heartbeat(msg)
+            if w is None:
+                logger.warning("heartbeat from unregistered worker %s ignored", msg.worker_id)
+            elif self._on_heartbeat is not None:
+                self._on_heartbeat(w)
+        elif isinstance(msg, m.Register):
+            old = self.registry.register(identity, msg)
+            if old is not None:
+                self.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} restarted (re-registered)")
+        else:
+            logger.warning("unexpected %s on the control socket dropped", type(msg).__name__)
+
+    def _on_token_out(self, msg: m.TokenOut) -> None:
+        stream = self.streams.get(msg.request_id)
+        if stream is None:
+            logger.debug("request %s: output for an unknown or finished request dropped", msg.request_id)
+            return
+        if msg.token_ids or msg.finish_reason is not None:
+            self._release_prefill(stream)
+        stream.queue.put_nowait(msg)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval)
+            for w in self.registry.expire():
+                self.fail_worker_streams(
+                    w.worker_id, f"worker {w.worker_id} stopped responding (no heartbeat); request failed")

@@ -1,0 +1,126 @@
+"""Deltas -> OpenAI response bodies, for completions and chat, streamed or not.
+
+Both formatters build a non-streamed response from the *same* deltas a stream would send (text
+concatenated), so streamed chunks always concatenate to the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from splitserve.core.messages import TokenLogprob
+from splitserve.core.tokenizer import Tokenizer
+from splitserve.router.openai_api import ChatCompletionRequest, CompletionRequest, new_id, usage
+from splitserve.router.output import CompletionLogprobs, Delta, OutputProcessor, chat_logprobs
+
+
+class _Formatter:
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(self, tokenizer: Tokenizer, model: str, id_prefix: str) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.id = new_id(id_prefix)
+        self.created = int(time.time())
+
+    def body(self, choice: dict[str, Any] | None, chunk: bool, usage_: dict[str, Any] | None) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
+                "created": self.created, "model": self.model, "choices": [choice] if choice else [],
+                "usage": usage_}
+
+    def usage_chunk(self, proc: OutputProcessor) -> dict[str, Any]:
+        return self.body(None, True, self.usage(proc))
+
+    @staticmethod
+    def usage(proc: OutputProcessor) -> dict[str, Any]:
+        return usage(proc.num_prompt_tokens, proc.completion_tokens, proc.num_cached_tokens)
+
+    def start_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionFormatter(_Formatter):
+    """``text_completion`` bodies; echo prepends the prompt (and its logprobs) to the first output."""
+
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, req: CompletionRequest, prompt_ids: Sequence[int]) -> None:
+        super().__init__(tokenizer, model, "cmpl")
+        self.req = req
+        self.prompt_ids = list(prompt_ids)
+        self._echo_pending = req.echo
+        self._logprobs = CompletionLogprobs(tokenizer) if req.logprobs is not None else None
+
+    def _prompt_text(self) -> str:
+        if isinstance(self.req.prompt, str):
+            return self.req.prompt
+        return self.tokenizer.decode(self.prompt_ids)
+
+    def _piece(self, deltas: Sequence[Delta], proc: OutputProcessor) -> tuple[str, dict[str, Any] | None]:
+        """Text and logprobs of ``deltas``, with the echoed prompt first if it is still pending."""
+        text = "".join(d.text for d in deltas)
+        ids: list[int] = [t for d in deltas for t in d.token_ids]
+        entries: list[TokenLogprob | None] = [e for d in deltas for e in d.logprobs]
+        if self._echo_pending:
+            self._echo_pending = False
+            text = self._prompt_text() + text
+            prompt_lps = list(proc.prompt_logprobs or [None] * len(self.prompt_ids))
+            ids, entries = self.prompt_ids + ids, prompt_lps + entries
+        if self._logprobs is None:
+            return text, None
+        return text, self._logprobs.format(ids, entries)
+
+    def _choice(self, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
+        text, logprobs = self._piece([delta], proc)
+        if not text and not delta.finish_reason and not delta.token_ids:
+            return None
+        return self.body(self._choice(text, logprobs, delta.finish_reason), True, None)
+
+    def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
+        text, logprobs = self._piece(deltas, proc)
+        finish = deltas[-1].finish_reason if deltas else None
+        return self.body(self._choice(text, logprobs, finish), False, self.usage(proc))
+
+
+class ChatFormatter(_Formatter):
+    """``chat.completion`` / ``chat.completion.chunk`` bodies; the first chunk carries the role."""
+
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, req: ChatCompletionRequest) -> None:
+        super().__init__(tokenizer, model, "chatcmpl")
+        self.top_n = (req.top_logprobs or 0) if req.logprobs else None
+
+    def _logprobs(self, deltas: Sequence[Delta]) -> dict[str, Any] | None:
+        if self.top_n is None:
+            return None
+        return chat_logprobs(self.tokenizer, [e for d in deltas for e in d.logprobs], self.top_n)
+
+    def start_chunks(self) -> list[dict[str, Any]]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return [self.body(choice, True, None)]
+
+    def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
+        if not delta.text and not delta.finish_reason and not delta.token_ids:
+            return None
+        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                  "logprobs": self._logprobs([delta]), "finish_reason": delta.finish_reason}
+        return self.body(choice, True, None)
+
+    def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                  "logprobs": self._logprobs(deltas), "finish_reason": deltas[-1].finish_reason if deltas else None}
+        return self.body(choice, False, self.usage(proc))

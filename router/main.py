@@ -1,0 +1,111 @@
+"""``splitserve router``: the HTTP front end (OpenAI-compatible API, admin, status page).
+
+Configuration: flags, else ``SPLITSERVE_*`` environment variables (``SPLITSERVE_PORT=8000``,
+``SPLITSERVE_ADMIN_TOKEN=...``), else :class:`~splitserve.core.config.RouterConfig` defaults.
+SIGTERM / SIGINT: stop accepting new requests (503), let in-flight streams finish for up to
+``--grace-period`` seconds, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from splitserve.core.config import RouterConfig, env_overrides
+
+logger = logging.getLogger(__name__)
+
+_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("model", str, "model directory or builtin:... (tokenizer and served name)"),
+    ("served_model_name", str, "name clients use in 'model' (default: --model)"),
+    ("host", str, "HTTP bind host"),
+    ("port", int, "HTTP port (0: any free port)"),
+    ("control_host", str, "control socket bind host (workers connect here)"),
+    ("control_port", int, "control socket port (0: any free port)"),
+    ("prefill_policy", str, "round_robin | least_loaded | prefix_aware | power_of_two"),
+    ("decode_policy", str, "round_robin | least_loaded | kv_aware | power_of_two"),
+    ("max_queued_requests", int, "answer 429 above this many requests in flight"),
+    ("request_timeout_s", float, "fail a request (and abort it on the workers) after this many seconds"),
+    ("heartbeat_timeout_s", float, "take a worker out of routing after this long without a heartbeat"),
+    ("admin_token", str, "bearer token of the admin API (unset: admin API disabled)"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, typ, help_text in _FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    parser.add_argument("--extra-stop-token-ids", dest="extra_stop_token_ids", default=None,
+                        help="comma-separated token ids that end generation besides EOS")
+    parser.add_argument("--grace-period", type=float, default=30.0,
+                        help="seconds in-flight requests may take to finish on SIGTERM (default 30)")
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RouterConfig:
+    """Flags override ``SPLITSERVE_*`` variables, which override defaults (unknown variables ignored)."""
+    fields = set(RouterConfig.model_fields)
+    values: dict[str, Any] = {k: v for k, v in env_overrides(environ=environ).items() if k in fields}
+    if isinstance(values.get("extra_stop_token_ids"), str):
+        values["extra_stop_token_ids"] = _ids(values["extra_stop_token_ids"])
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = _ids(v) if name == "extra_stop_token_ids" else v
+    return RouterConfig.from_mapping(values)
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise ValueError(f"extra_stop_token_ids must be comma-separated ints, got {text!r}") from exc
+
+
+async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event | None = None) -> None:
+    """Run the router until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
+    from splitserve.router.app import SERVICE, create_app
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    svc = app[SERVICE]
+    port = runner.addresses[0][1]
+    logger.info("router serving %s at http://%s:%d (control %s)", svc.model_name, config.host, port,
+                svc.control.address)
+    print(f"SplitServe router listening on http://{config.host}:{port} (workers: {svc.control.address})",
+          flush=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down: no new requests; %d in flight get up to %.0f s", svc.inflight, grace_period_s)
+    svc.accepting = False
+    deadline = loop.time() + grace_period_s
+    while svc.inflight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if svc.inflight:
+        logger.warning("grace period over: %d requests still in flight are cut off", svc.inflight)
+    await runner.cleanup()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        logger.error("invalid router configuration: %s", exc)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        logger.warning("uvloop is not installed; using the default asyncio loop")
+        asyncio.run(serve(config, args.grace_period))
+    else:
+        uvloop.run(serve(config, args.grace_period))
+    return 0

@@ -1,0 +1,104 @@
+"""Prometheus metrics of one router app, in its own ``CollectorRegistry`` (no global state).
+
+Request-level histograms (TTFT, TPOT, ITL, end to end) and counters are observed by the request
+path. Worker-level numbers (running/waiting, KV pages, transfer totals, health) are read from the
+worker registry at scrape time by :class:`_WorkerCollector`, so a deregistered worker disappears
+from the output instead of leaving stale gauges behind. A short in-memory history of TTFT/TPOT feeds
+the status page's charts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from splitserve.router.pools import WorkerRegistry
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, workers: WorkerRegistry) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator:
+        gauges = {
+            name: GaugeMetricFamily(f"splitserve_worker_{name}", doc, labels=["worker", "role"])
+            for name, doc in (
+                ("healthy", "1 while the worker heartbeats in time"),
+                ("draining", "1 while the worker finishes in-flight work and accepts none"),
+                ("inflight", "requests the router routed to this worker that have not finished"),
+                ("running", "running requests (last heartbeat)"),
+                ("waiting", "waiting requests (last heartbeat)"),
+                ("queued_tokens", "queued prompt tokens (last heartbeat)"),
+                ("kv_pages_used", "KV pages in use (last heartbeat)"),
+                ("kv_pages_free", "free KV pages (last heartbeat)"),
+                ("kv_pages_cached", "evictable prefix-cached KV pages (last heartbeat)"),
+            )
+        }
+        counters = {
+            "transfer_bytes": CounterMetricFamily("splitserve_worker_transfer_bytes", "KV bytes transferred",
+                                                  labels=["worker", "role"]),
+            "transfer_seconds": CounterMetricFamily("splitserve_worker_transfer_seconds",
+                                                    "seconds spent transferring KV", labels=["worker", "role"]),
+        }
+        for w in self._workers.all():
+            labels = [w.worker_id, w.role]
+            hb = w.heartbeat
+            values = {
+                "healthy": float(w.healthy), "draining": float(w.draining), "inflight": w.inflight,
+                "running": hb.running if hb else 0, "waiting": hb.waiting if hb else 0,
+                "queued_tokens": hb.queued_tokens if hb else 0, "kv_pages_used": hb.kv_pages_used if hb else 0,
+                "kv_pages_free": hb.kv_pages_free if hb else w.num_pages,
+                "kv_pages_cached": hb.kv_pages_cached if hb else 0,
+            }
+            for name, value in values.items():
+                gauges[name].add_metric(labels, value)
+            counters["transfer_bytes"].add_metric(labels, hb.transfer_bytes_total if hb else 0)
+            counters["transfer_seconds"].add_metric(labels, hb.transfer_seconds_total if hb else 0.0)
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class RouterMetrics:
+    """All metrics of one router; ``render()`` gives the Prometheus text exposition."""
+
+    def __init__(self, workers: WorkerRegistry, history: int = 600) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("splitserve_requests", "finished HTTP requests", ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("splitserve_ttft_seconds", "time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("splitserve_tpot_seconds", "time per output token after the first (per request)",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.itl = Histogram("splitserve_itl_seconds", "inter-token latency between streamed outputs",
+                             buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("splitserve_e2e_seconds", "end-to-end request latency", buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.inflight = Gauge("splitserve_requests_inflight", "requests in flight in the router", registry=r)
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("splitserve_generation_tokens", "generated tokens", registry=r)
+        r.register(_WorkerCollector(workers))
+        self.history: deque[dict] = deque(maxlen=history)
+        """Recent finished requests: {"t", "ttft", "tpot"} (status page charts)."""
+
+    def observe_request(self, ttft: float | None, tpot: float | None, e2e: float, prompt_tokens: int,
+                        completion_tokens: int) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
+        self.e2e.observe(e2e)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.history.append({"t": time.time(), "ttft": ttft, "tpot": tpot})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

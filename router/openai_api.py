@@ -1,0 +1,253 @@
+"""OpenAI-compatible request models, validation, error bodies and response shapes.
+
+Requests are pydantic models (unknown fields ignored, like OpenAI's own server does for fields it does
+not use); any validation failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name
+the offending field. Responses are plain dicts in OpenAI's shapes (``text_completion``,
+``chat.completion`` and their streaming chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+
+from splitserve.core.messages import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body; invalid JSON or a non-object gives a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _CommonRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: Optional[StrictInt] = None
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    n: StrictInt = 1
+    user: Optional[StrictStr] = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: Union[StrictStr, list[StrictInt]]
+    logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False
+    best_of: Optional[StrictInt] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("only best_of=1 is supported")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_ok(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, list) and (not v or any(t < 0 for t in v)):
+            raise ValueError("a token-id prompt must be a non-empty list of non-negative ints")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: StrictStr
+    content: Optional[Union[StrictStr, list[dict[str, Any]]]] = None
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        """Content as text; a list of content parts may only hold ``{"type": "text"}`` parts."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request("only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=0)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        out = []
+        for m in self.messages:
+            msg = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+
+def parse_request(cls: type[_CommonRequest], body: dict[str, Any]) -> _CommonRequest:
+    """Validate ``body`` as ``cls``; the first error becomes a 400 that names its field."""
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]
+        param = ".".join(loc) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise bad_request(f"invalid field '{param}': {msg}", param=param) from exc
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic puts union member names (``str``, ``list[int]``...) into error locations."""
+    return part in {"str", "list[int]", "list[str]", "list[dict[str,any]]"} or part.startswith(("list[", "function-"))
+
+
+# --- requests -> sampling parameters -------------------------------------------------------------
+
+
+def requested_max_tokens(req: _CommonRequest) -> tuple[int | None, str]:
+    """(max tokens asked for or None, the field it came from)."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens, "max_completion_tokens"
+    return req.max_tokens, "max_tokens"
+
+
+def to_sampling_params(req: _CommonRequest, num_prompt_tokens: int, max_model_len: int,
+                       prompt_field: str) -> SamplingParams:
+    """Build worker sampling parameters; 400 when the prompt or prompt + max_tokens exceed the context."""
+    if num_prompt_tokens >= max_model_len:
+        raise bad_request(
+            f"the prompt has {num_prompt_tokens} tokens but this model's maximum context length is "
+            f"{max_model_len} tokens (room for at least one new token is needed)",
+            param=prompt_field, code="context_length_exceeded")
+    room = max_model_len - num_prompt_tokens
+    asked, field_name = requested_max_tokens(req)
+    default = 16 if isinstance(req, CompletionRequest) else room
+    max_tokens = default if asked is None else asked
+    if max_tokens > room:
+        raise bad_request(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_prompt_tokens} and {field_name} asks for {max_tokens}", param=field_name,
+            code="context_length_exceeded")
+    logprobs, prompt_logprobs = _logprob_counts(req)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        min_p=req.min_p, seed=req.seed, repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        min_tokens=min(req.min_tokens, max_tokens), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def _logprob_counts(req: _CommonRequest) -> tuple[int | None, int | None]:
+    """(top-N per generated token, top-N per prompt token) the worker must return."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs, (req.logprobs if req.echo and req.logprobs is not None else None)
+    if isinstance(req, ChatCompletionRequest) and req.logprobs:
+        return (req.top_logprobs or 0), None
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None:
+        raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    return None, None
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+        "prompt_tokens_details": {"cached_tokens": num_cached},
+    }
+
+
+def models_body(model: str, max_model_len: int | None) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "splitserve"}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return {"object": "list", "data": [card]}
+

@@ -1,0 +1,175 @@
+"""The router's request path, independent of HTTP: admission, worker choice, and the token stream.
+
+:meth:`RouterService.generate` routes one request (a decode-capable worker, plus a prefill-capable
+worker when serving disaggregated), sends :class:`GenerateReq`, and yields :class:`Delta` objects
+until the request finishes. Whatever ends the iteration early (client disconnect, stop string,
+timeout, error) sends :class:`AbortReq` to the workers, so no worker keeps generating for nobody.
+Failures surface as :class:`~splitserve.router.openai_api.APIError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import AsyncIterator, Sequence
+
+import zmq.asyncio
+
+from splitserve.core.config import RouterConfig
+from splitserve.core.messages import GenerateReq, SamplingParams
+from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from splitserve.router.control import ControlPlane, RequestStream
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.openai_api import APIError
+from splitserve.router.output import Delta, OutputProcessor, WorkerFailed
+from splitserve.router.policies import RouteRequest, make_policy
+from splitserve.router.pools import WorkerRegistry, WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+class _Timing:
+    """TTFT / TPOT / ITL bookkeeping of one request."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def on_tokens(self, metrics: RouterMetrics) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif self.last is not None:
+            metrics.itl.observe(now - self.last)
+        self.last = now
+
+    def finish(self, metrics: RouterMetrics, proc: OutputProcessor) -> None:
+        ttft = None if self.first is None else self.first - self.start
+        tpot = None
+        if self.first is not None and self.last is not None and proc.completion_tokens > 1:
+            tpot = (self.last - self.first) / (proc.completion_tokens - 1)
+        metrics.observe_request(ttft, tpot, time.monotonic() - self.start, proc.num_prompt_tokens,
+                                proc.completion_tokens)
+
+
+class RouterService:
+    """Worker registry, policies, control plane and metrics of one router process."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, ctx: zmq.asyncio.Context,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.model_name = config.served_model_name or config.model
+        self.tokenizer = tokenizer
+        self.registry = WorkerRegistry(config.heartbeat_timeout_s)
+        self.metrics = RouterMetrics(self.registry)
+        self.control = ControlPlane(ctx, self.registry, config.control_host, config.control_port)
+        self.prefill_policy = make_policy(config.prefill_policy, "prefill", rng)
+        self.decode_policy = make_policy(config.decode_policy, "decode", rng)
+        self.inflight = 0
+        self.accepting = True
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return self.registry.has_healthy("prefill") and self.registry.has_healthy("decode")
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_name, self.config.model):
+            raise APIError(400, f"model '{model}' does not exist; this server serves "
+                           f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def max_model_len(self) -> int | None:
+        """The smallest context length among routable workers (``None`` without workers)."""
+        lens = [w.max_model_len for w in self.registry.all() if w.routable]
+        return min(lens) if lens else None
+
+    def admit(self) -> None:
+        """503 without routable workers or while shutting down; 429 when too many requests are in flight."""
+        if not self.accepting:
+            raise APIError(503, "the router is shutting down", type="service_unavailable")
+        if not self.registry.candidates("prefill") or not self.registry.candidates("decode"):
+            raise APIError(503, "no healthy prefill-capable and decode-capable workers are available",
+                           type="service_unavailable", code="no_workers")
+        if self.inflight + 1 > self.config.max_queued_requests:
+            raise APIError(429, f"too many requests in flight (limit {self.config.max_queued_requests}); "
+                           "retry later", type="rate_limit_exceeded", code="overloaded")
+
+    def pick(self, prompt_ids: Sequence[int]) -> tuple[WorkerState, WorkerState | None]:
+        """(decode worker, prefill worker or ``None`` when the decode worker prefills itself)."""
+        route = RouteRequest(prompt_ids)
+        decode = self.decode_policy.choose(self.registry.candidates("decode"), route)
+        prefill_cands = self.registry.candidates("prefill")
+        prefill_only = [w for w in prefill_cands if w.role == "prefill"]
+        if prefill_only:
+            return decode, self.prefill_policy.choose(prefill_only, route)
+        if decode.role == "both":
+            return decode, None
+        others = [w for w in prefill_cands if w is not decode]
+        if not others:
+            raise APIError(503, "no prefill-capable worker is available", type="service_unavailable")
+        return decode, self.prefill_policy.choose(others, route)
+
+    # --- the token stream ------------------------------------------------------------------------
+
+    def processor(self, request_id: str, prompt_ids: Sequence[int], stop_strings: Sequence[str]) -> OutputProcessor:
+        """Per-request output state (detokenizer, stop strings, counts) for :meth:`generate`."""
+        return OutputProcessor(request_id, IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                               StopChecker(stop_strings), num_prompt_tokens=len(prompt_ids))
+
+    async def generate(self, proc: OutputProcessor, prompt_ids: Sequence[int],
+                       params: SamplingParams) -> AsyncIterator[Delta]:
+        """Route and run one request, yielding deltas until it finishes (see module docstring)."""
+        self.admit()
+        decode, prefill = self.pick(prompt_ids)
+        request_id = proc.request_id
+        stream = self.control.open_stream(request_id, decode, prefill, len(prompt_ids))
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        logger.info("request %s: decode=%s prefill=%s prompt_tokens=%d", request_id, decode.worker_id,
+                    prefill.worker_id if prefill else "(local)", len(prompt_ids))
+        try:
+            req = GenerateReq(request_id, tuple(prompt_ids), params, prefill.worker_id if prefill else None,
+                              prefill.peer_addr if prefill else None)
+            if not await self.control.send(decode, req):
+                raise APIError(503, f"worker {decode.worker_id} is unreachable", type="service_unavailable")
+            async for delta in self._deltas(stream, proc):
+                yield delta
+        finally:
+            await self._end(stream, proc)
+
+    async def _deltas(self, stream: RequestStream, proc: OutputProcessor) -> AsyncIterator[Delta]:
+        timing = _Timing()
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        while not proc.finished:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                out = await asyncio.wait_for(stream.queue.get(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                logger.warning("request %s: timed out after %.1f s", stream.request_id,
+                               self.config.request_timeout_s)
+                raise APIError(504, f"request timed out after {self.config.request_timeout_s} s",
+                               type="timeout", code="timeout") from None
+            try:
+                delta = proc.process(out)
+            except WorkerFailed as exc:
+                logger.warning("request %s: failed: %s", stream.request_id, exc)
+                raise APIError(500, f"generation failed: {exc}", type="server_error", code="worker_error") from exc
+            if delta.token_ids:
+                timing.on_tokens(self.metrics)
+            yield delta
+        timing.finish(self.metrics, proc)
+
+    async def _end(self, stream: RequestStream, proc: OutputProcessor) -> None:
+        try:
+            if not proc.finished:
+                await self.control.abort(stream.request_id, "client went away or request failed")
+            elif proc.stopped_by_string:
+                await self.control.abort(stream.request_id, "stop string")
+        finally:
+            self.control.close_stream(stream)
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            logger.info("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)

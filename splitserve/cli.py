@@ -1,0 +1,56 @@
+"""The ``splitserve`` command. Each subcommand lives in its own module, imported only when used,
+so ``splitserve router --help`` never imports torch.
+
+A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("splitserve.launcher", "start a router plus prefill and decode workers on this machine"),
+    "generate": ("splitserve.generate", "offline generation in one process"),
+    "router": ("splitserve.router.main", "run the HTTP router (OpenAI-compatible API)"),
+    "prefill": ("splitserve.worker", "run a prefill worker"),
+    "decode": ("splitserve.worker", "run a decode worker"),
+    "worker": ("splitserve.worker", "run a worker of any role (--role prefill|decode|both; both = colocated)"),
+    "bench": ("splitserve.benchmarks.cli", "benchmarks: transfer, serve, kernels, profile"),
+    "plan": ("splitserve.router.planner_cli", "recommend a prefill:decode ratio for a workload and SLO"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # import only the module that runs
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module, _command=name)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    setup_logging(args.log_level)
+    return int(importlib.import_module(args._module).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""``splitserve prefill|decode|worker``: one worker process.
+
+Every worker carries both services (prefill and decode), so the router can switch its role at run time;
+``--role`` only says which work it accepts. ``both`` is a colocated worker: it prefills and decodes its
+own requests and is the non-disaggregated baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from splitserve.core.config import BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_FLAGS = {
+    "model": str, "load_format": str, "dtype": str, "device": str, "device_index": int, "seed": int,
+    "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
+    "chunk_size": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
+    "kv_cache_memory_fraction": float,
+}
+_TRANSFER_FLAGS = {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str}
+_WORKER_FLAGS = {
+    "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
+    "local_prefill_threshold": int, "drain_timeout_s": float,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=["prefill", "decode", "both"], default=None, help="default: the command name")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--router-addr", default=None, help="router control socket, e.g. tcp://127.0.0.1:8100")
+    p.add_argument("--host", default=None, help="bind host for the peer socket")
+    p.add_argument("--port", type=int, default=None, help="peer socket port (0: any)")
+    p.add_argument("--heartbeat-s", type=float, default=None)
+    p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
+    p.add_argument("--drain-timeout-s", type=float, default=None)
+    p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
+    p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device-index", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--cpu-kv-cache-mb", type=int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
+    p.add_argument("--extra-stop-token-id", type=int, action="append", default=None)
+    p.add_argument("--transfer", choices=["zmq", "ucx"], default=None, help="KV transfer backend")
+    p.add_argument("--transfer-host", default=None)
+    p.add_argument("--transfer-port", type=int, default=None)
+    p.add_argument("--lease-s", type=float, default=None)
+    p.add_argument("--failure-policy", choices=["fail", "recompute"], default=None)
+
+
+def _pick(args: argparse.Namespace, env: dict[str, str], names: dict[str, type]) -> dict[str, object]:
+    """Flags win over SPLITSERVE_* environment variables; unset ones keep the config default."""
+    out: dict[str, object] = {}
+    for name, typ in names.items():
+        val = getattr(args, name, None)
+        if val is None and name in env:
+            val = typ(env[name])
+        if val is not None:
+            out[name] = val
+    return out
+
+
+def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> WorkerConfig:
+    env = env_overrides(environ=environ)
+    eng = _pick(args, env, _ENGINE_FLAGS)
+    if args.extra_stop_token_id:
+        eng["extra_stop_token_ids"] = tuple(args.extra_stop_token_id)
+    tr = _pick(args, env, _TRANSFER_FLAGS)
+    tr_cfg = {"backend": tr.pop("transfer", "zmq"), **{k.replace("transfer_", ""): v for k, v in tr.items()}}
+    wk = _pick(args, env, _WORKER_FLAGS)
+    wk.setdefault("role", "both" if args._command == "worker" else args._command)
+    return WorkerConfig(engine=EngineConfig(**eng), transfer=TransferConfig(**tr_cfg), **wk)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_worker(build_config(args))
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """Build the engine, both services and the transfer endpoints; run until SIGTERM (then drain)."""
+    from splitserve.core.engine.engine import LLMEngine
+    from splitserve.core.engine.service import WorkerCore
+    from splitserve.decode.worker import DecodeService
+    from splitserve.prefill.worker import PrefillService
+    from splitserve.transfer.base import KVLayout, make_receiver, make_sender
+
+    engine = LLMEngine(cfg.engine)
+    info = engine.info
+    mc = engine.model_config
+    layout = KVLayout(
+        model_id=info.model_id,
+        dtype=str(info.dtype).removeprefix("torch."),
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        page_size=info.page_size,
+    )
+    sender = make_sender(cfg.transfer, engine.kv_cache, layout)
+    receiver = make_receiver(cfg.transfer, engine.kv_cache, layout)
+    core = WorkerCore(cfg, engine)
+    prefill = PrefillService(core, sender, layout.token_bytes())
+    decode = DecodeService(core, receiver, layout, cfg.transfer)
+    engine.runner.layer_hook = prefill.layer_hook
+    core.install_signal_handlers()
+    try:
+        core.run()
+    finally:
+        decode.close()
+        sender.close()
+        core.close()
+    return 0

@@ -1,0 +1,207 @@
+"""Every Triton kernel against its torch reference on fresh random inputs.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), so
+shapes stay tiny. The interpreter (seen with triton 3.9) computes a bfloat16 ``tl.dot`` and bfloat16 arithmetic
+wrongly and truncates float32 -> bfloat16 casts, so the attention kernels are checked here in float32 and float16,
+bfloat16 elementwise results to within rounding; benchmarks/bench_kernels_gpu.py checks bfloat16 exactly on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from splitserve.core.model.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
+from splitserve.core.model.attention_triton import TritonAttentionBackend  # noqa: E402
+from splitserve.kernels import cache, elementwise  # noqa: E402
+from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention, ref_paged_attention  # noqa: E402
+from splitserve.kernels.testing import make_paged_batch, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _assert_matches(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Elementwise kernels: bit-level agreement up to rounding; under the interpreter bfloat16 only to ~1 ulp."""
+    if got.dtype == torch.bfloat16 and DEVICE == "cpu":
+        assert rel_err(got, ref) < 1e-2
+    else:
+        torch.testing.assert_close(got, ref)
+
+
+def _poison(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "dtype,page,heads,kv_heads,splits",
+    [
+        (torch.float32, 16, 4, 2, None),
+        (torch.float32, 16, 8, 2, 3),
+        (torch.float32, 1, 4, 4, 2),
+        (torch.float16, 8, 6, 2, 4),
+        (torch.float16, 32, 4, 1, 1),
+    ],
+)
+def test_decode_attention_matches_reference(dtype, page, heads, kv_heads, splits):
+    gen = torch.Generator().manual_seed(page * 100 + heads)
+    ctx = torch.randint(1, 70, (3,), generator=gen).tolist()
+    b = make_paged_batch(ctx, [1] * 3, heads, kv_heads, 32, page, dtype, DEVICE, gen)
+    out = _poison(tuple(b.q.shape), dtype)
+    paged_decode_attention(b.q, b.k_pages, b.v_pages, b.block_tables, b.context_lens, 0.2, max(ctx),
+                           num_splits=splits, block_n=16, out=out)
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_attention_zero_context_row_is_zero():
+    b = make_paged_batch([5, 0], [1, 0], 4, 2, 16, 4, torch.float32, DEVICE, torch.Generator().manual_seed(1))
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    out = paged_decode_attention(q, b.k_pages, b.v_pages, b.block_tables, b.context_lens, 0.25, 5, num_splits=2,
+                                 block_n=16, out=_poison((2, 4, 16), torch.float32))
+    ref = ref_paged_attention(q, b.k_pages, b.v_pages, torch.tensor([0, 1, 2], dtype=torch.int32), b.context_lens,
+                              b.block_tables, 0.25)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_err(out[0], ref[0]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "dtype,page,ctx,qlens",
+    [
+        (torch.float32, 16, [40, 23, 9], [40, 5, 1]),   # full prompt, cached prefix, single token
+        (torch.float32, 1, [19, 33], [7, 33]),
+        (torch.float16, 8, [50, 17], [20, 17]),
+    ],
+)
+def test_prefill_attention_matches_reference(dtype, page, ctx, qlens):
+    gen = torch.Generator().manual_seed(sum(ctx))
+    b = make_paged_batch(ctx, qlens, 4, 2, 32, page, dtype, DEVICE, gen)
+    out = _poison(tuple(b.q.shape), dtype)
+    paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2,
+                            max(qlens), block_m=16, block_n=16, num_warps=4, out=out)
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_matches_reference(dtype):
+    kv = torch.randn(2, 6, 4, 3, 16, device=DEVICE).to(dtype)
+    k, v = (torch.randn(5, 3, 16, device=DEVICE).to(dtype) for _ in range(2))
+    slots = torch.randperm(24, device=DEVICE)[:5]
+    slots[2] = -1  # padding token: skipped
+    expected = kv.clone()
+    cache.ref_reshape_and_cache(k, v, expected, slots)
+    cache.reshape_and_cache(k, v, kv, slots)
+    assert torch.equal(kv, expected)
+
+
+@pytest.mark.parametrize("src_page,dst_page,layers", [(16, 8, 1), (4, 16, 3), (8, 1, 2)])
+def test_gather_scatter_tokens_roundtrip(src_page, dst_page, layers):
+    pool = torch.randn(layers, 2, 7, src_page, 2, 8, device=DEVICE).to(torch.bfloat16)
+    n_src = 7 * src_page
+    src_pages = torch.randperm(7, device=DEVICE).to(torch.int32)
+    start, end = 3, n_src - 2
+    buf = torch.full((layers, 2, end - start, 2, 8), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    got = cache.gather_tokens_layers(pool, src_pages, start, end, out=buf)
+    assert torch.equal(got, cache.ref_gather_tokens_layers(pool, src_pages, start, end))
+    n_dst_pages = (end + dst_page - 1) // dst_page + 1
+    dst = torch.randn(layers, 2, n_dst_pages, dst_page, 2, 8, device=DEVICE).to(torch.bfloat16)
+    dst_pages = torch.randperm(n_dst_pages, device=DEVICE).to(torch.int32)
+    expected = dst.clone()
+    cache.ref_scatter_tokens_layers(got, expected, dst_pages, start)
+    cache.scatter_tokens_layers(got, dst, dst_pages, start)
+    assert torch.equal(dst, expected)
+    assert torch.equal(cache.gather_tokens_layers(dst, dst_pages, start, end), got)
+
+
+def test_single_layer_gather_scatter():
+    layer = torch.randn(2, 5, 4, 2, 8, device=DEVICE)
+    pages = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
+    got = cache.gather_tokens(layer, pages, 1, 11)
+    assert torch.equal(got, cache.ref_gather_tokens(layer, pages, 1, 11))
+    dst, expected = torch.randn(2, 5, 4, 2, 8, device=DEVICE), None
+    expected = dst.clone()
+    cache.scatter_tokens(got, dst, pages, 1)
+    cache.ref_scatter_tokens(got, expected, pages, 1)
+    assert torch.equal(dst, expected)
+
+
+@pytest.mark.parametrize("dtype,hidden,with_res", [(torch.float32, 48, True), (torch.bfloat16, 64, True), (torch.float16, 40, False)])
+def test_rms_norm_matches_reference(dtype, hidden, with_res):
+    x = torch.randn(5, hidden, device=DEVICE).to(dtype)
+    w = (torch.rand(hidden, device=DEVICE) + 0.5).to(dtype)
+    res = torch.randn(5, hidden, device=DEVICE).to(dtype) if with_res else None
+    out, res_out = _poison((5, hidden), dtype), _poison((5, hidden), dtype)
+    got, new_res = elementwise.rms_norm(x, w, 1e-5, res, out=out, residual_out=res_out)
+    ref, ref_res = elementwise.ref_rms_norm(x, w, 1e-5, res)
+    _assert_matches(got, ref)
+    _assert_matches(new_res, ref_res)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.bfloat16, 32)])
+def test_rotary_matches_reference_on_strided_views(dtype, d):
+    tokens, hq, hk = 6, 4, 2
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=DEVICE).to(dtype)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.arange(64, dtype=torch.float32)[:, None] * inv[None, :]
+    cache_cs = torch.cat([ang.cos(), ang.sin()], -1).to(DEVICE)
+    pos = torch.randint(0, 64, (tokens,), device=DEVICE)
+    ref_q, ref_k = elementwise.ref_rotary(q.clone(), k.clone(), pos, cache_cs)
+    v_before = qkv[:, (hq + hk) * d :].clone()
+    got_q, got_k = elementwise.rotary(q, k, pos, cache_cs)
+    assert got_q.data_ptr() == q.data_ptr()
+    _assert_matches(got_q, ref_q)
+    _assert_matches(got_k, ref_k)
+    assert torch.equal(qkv[:, (hq + hk) * d :], v_before)
+
+
+@pytest.mark.parametrize("dtype,inter", [(torch.float32, 24), (torch.bfloat16, 40)])
+def test_silu_and_mul_matches_reference(dtype, inter):
+    x = (3 * torch.randn(7, 2 * inter, device=DEVICE)).to(dtype)
+    got = elementwise.silu_and_mul(x, out=_poison((7, inter), dtype))
+    _assert_matches(got, elementwise.ref_silu_and_mul(x))
+
+
+def test_bad_inputs_raise_value_error():
+    with pytest.raises(ValueError):
+        elementwise.silu_and_mul(torch.randn(3, 5, device=DEVICE))
+    with pytest.raises(ValueError):
+        cache.reshape_and_cache(torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(2, 3, 4, 2, 8),
+                                torch.zeros(2, dtype=torch.int32))
+    b = make_paged_batch([4], [1], 3, 2, 16, 4, torch.float32, DEVICE)
+    with pytest.raises(ValueError):
+        paged_decode_attention(b.q, b.k_pages, b.v_pages, b.block_tables, b.context_lens, 1.0, 4)
+
+
+def _meta(q_lens: list[int], ctx: list[int], tables: torch.Tensor, page: int) -> AttentionMetadata:
+    slots = [int(tables[b, t // page]) * page + t % page for b, (ql, c) in enumerate(zip(q_lens, ctx)) for t in range(c - ql, c)]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return AttentionMetadata(
+        cu_seqlens_q=cu, context_lens=torch.tensor(ctx, dtype=torch.int32, device=DEVICE), block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE), max_q_len=max(q_lens),
+        max_context_len=max(ctx), q_lens=q_lens, ctx_lens_host=ctx, page_size=page,
+    )
+
+
+@pytest.mark.parametrize("q_lens,ctx", [([9, 1, 4], [9, 30, 21]), ([1, 1], [17, 40])])
+def test_triton_backend_matches_torch_backend(q_lens, ctx):
+    page, heads, kv_heads, d = 8, 4, 2, 32
+    gen = torch.Generator().manual_seed(len(q_lens))
+    b = make_paged_batch(ctx, q_lens, heads, kv_heads, d, page, torch.float32, DEVICE, gen)
+    meta = _meta(q_lens, ctx, b.block_tables, page)
+    k_new, v_new = (torch.randn(sum(q_lens), kv_heads, d, generator=gen).to(DEVICE) for _ in range(2))
+    layers = {}
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        kv = torch.stack([b.k_pages, b.v_pages]).clone()
+        backend.write_kv(k_new, v_new, kv, meta)
+        layers[backend.name] = (kv, backend.attend(b.q, kv, meta, 0.17))
+    assert torch.equal(layers["triton"][0], layers["torch"][0])
+    assert rel_err(layers["triton"][1], layers["torch"][1]) < 1e-5

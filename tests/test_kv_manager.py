@@ -1,0 +1,387 @@
+"""KVCacheManager: page tables, prefix hits, eviction order, sessions, transfer hooks, and a
+hypothesis state machine that checks integrity after every random operation.
+
+Pure Python (no torch).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from splitserve.core.cache.manager import CacheUsage, KVCacheBlocks, KVCacheManager
+
+PAGE = 4
+
+
+def _admit(mgr: KVCacheManager, rid: str, tokens: list[int]) -> tuple[KVCacheBlocks | None, int]:
+    """Admit a prompt the way the scheduler does: prefix lookup, then allocation for all of it."""
+    computed, num_cached = mgr.get_computed_pages(tokens)
+    return mgr.allocate_slots(rid, len(tokens), computed), num_cached
+
+
+def _prefill(mgr: KVCacheManager, rid: str, tokens: list[int]) -> None:
+    """Admit and pretend the whole prompt was computed, publishing its full pages."""
+    assert _admit(mgr, rid, tokens)[0] is not None
+    mgr.cache_pages(rid, tokens, len(tokens))
+
+
+# ---- allocation ---------------------------------------------------------------------------------
+
+
+def test_fresh_pool_page_tables_and_growth():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    assert mgr.num_pages_for(0) == 0 and mgr.num_pages_for(4) == 1 and mgr.num_pages_for(5) == 2
+    assert mgr.allocate_slots("a", 6) == KVCacheBlocks((0, 1))
+    assert mgr.allocate_slots("b", 3) == KVCacheBlocks((2,))
+    assert mgr.allocate_slots("a", 8) == KVCacheBlocks(())  # still fits in two pages
+    assert mgr.allocate_slots("a", 9) == KVCacheBlocks((3,))
+    assert mgr.page_table("a") == [0, 1, 3] and mgr.page_table("b") == [2]
+    assert mgr.usage() == CacheUsage(num_pages=8, used=4, free=4, cached=0, pinned=0, evictable=0)
+    mgr.check_integrity()
+    mgr.free("a")
+    assert not mgr.has("a") and mgr.has("b")
+    # Freed last page first: the free queue is now 4..7 then 3, 1, 0.
+    assert mgr.allocate_slots("c", 28) == KVCacheBlocks((4, 5, 6, 7, 3, 1, 0))
+    mgr.check_integrity()
+
+
+def test_allocation_returns_none_when_full_and_changes_nothing():
+    mgr = KVCacheManager(num_pages=3, page_size=PAGE)
+    assert mgr.allocate_slots("a", 8) == KVCacheBlocks((0, 1))
+    assert mgr.allocate_slots("b", 12) is None
+    assert not mgr.has("b")
+    assert mgr.allocate_slots("a", 16) is None  # needs 2 more, 1 free
+    assert mgr.page_table("a") == [0, 1]
+    assert mgr.usage().free == 1
+    mgr.check_integrity()
+
+
+def test_misuse_raises_value_error():
+    mgr = KVCacheManager(num_pages=4, page_size=PAGE)
+    with pytest.raises(ValueError):
+        mgr.free("nope")
+    with pytest.raises(ValueError):
+        mgr.page_table("nope")
+    with pytest.raises(ValueError):
+        mgr.allocate_slots("a", -1)
+    with pytest.raises(ValueError):
+        mgr.release_pinned("nope")
+    with pytest.raises(ValueError):
+        KVCacheManager(num_pages=4, page_size=0)
+    mgr.allocate_slots("a", 4)
+    with pytest.raises(ValueError):
+        mgr.cache_pages("a", [1, 2, 3, 4, 5], 5)  # more computed tokens than pages hold
+    with pytest.raises(ValueError):
+        mgr.cache_pages("a", [1, 2], 3)  # more computed tokens than tokens
+    mgr.free("a")
+    with pytest.raises(ValueError):
+        mgr.free("a")  # double free
+    mgr.check_integrity()
+
+
+# ---- prefix caching -----------------------------------------------------------------------------
+
+
+def test_prefix_hit_reuses_exact_pages_and_partial_tail_is_not_cached():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    prompt = list(range(10))  # pages: [0..3] [4..7] [8, 9] (partial)
+    _prefill(mgr, "a", prompt)
+    assert mgr.page_table("a") == [0, 1, 2]
+    assert mgr.usage().cached == 2  # the partial tail page is not published
+    computed, num_cached = mgr.get_computed_pages(prompt + [10, 11])
+    assert computed.page_ids == (0, 1) and num_cached == 8
+    assert mgr.get_computed_pages([0, 1, 2, 3, 99])[0].page_ids == (0,)
+    assert mgr.get_computed_pages([7] + prompt[1:])[1] == 0  # chain breaks at the first page
+    assert mgr.allocate_slots("b", 12, computed) == KVCacheBlocks((3,))
+    assert mgr.page_table("b") == [0, 1, 3]
+    mgr.check_integrity()
+
+
+def test_hit_never_covers_the_whole_prompt():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    prompt = list(range(8))
+    _prefill(mgr, "a", prompt)
+    computed, num_cached = mgr.get_computed_pages(prompt)
+    assert computed.page_ids == (0,) and num_cached == 4  # last page dropped: 1+ token to compute
+    assert mgr.get_computed_pages(prompt[:4]) == (KVCacheBlocks(()), 0)
+    assert mgr.get_computed_pages([])[1] == 0
+
+
+def test_shared_prefix_ref_counts_and_release():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    prefix = [5, 6, 7, 8, 9, 10, 11, 12]
+    _prefill(mgr, "a", prefix + [1])
+    _prefill(mgr, "b", prefix + [2, 3])
+    assert mgr.page_table("a") == [0, 1, 2] and mgr.page_table("b") == [0, 1, 3]
+    assert mgr._allocator.ref_count(0) == 2 and mgr._allocator.ref_count(1) == 2
+    assert mgr.usage().used == 4
+    mgr.check_integrity()
+    mgr.free("a")
+    assert mgr._allocator.ref_count(0) == 1 and mgr.usage().used == 3
+    mgr.free("b")
+    assert mgr.usage() == CacheUsage(num_pages=8, used=0, free=8, cached=2, pinned=0, evictable=2)
+    mgr.check_integrity()
+
+
+def test_eviction_is_lru_with_tail_first_freeing():
+    mgr = KVCacheManager(num_pages=4, page_size=PAGE)
+    _prefill(mgr, "a", list(range(12)) + [99])  # pages 0, 1, 2 cached, 3 partial
+    mgr.free("a")  # freed 3, 2, 1, 0: page 3 (unhashed) -> free queue; LRU 2, 1, 0
+    assert mgr.allocate_slots("x", 8) == KVCacheBlocks((3, 2))  # free page, then LRU tail
+    # The head of the prefix survives eviction; the evicted third page breaks the chain there.
+    computed, num_cached = mgr.get_computed_pages(list(range(12)) + [99])
+    assert computed.page_ids == (0, 1) and num_cached == 8
+    mgr.check_integrity()
+
+
+def test_adopting_evictable_hits_counts_against_free_pages():
+    mgr = KVCacheManager(num_pages=3, page_size=PAGE)
+    _prefill(mgr, "a", list(range(8)) + [50])
+    mgr.free("a")  # pages 0, 1 evictable, page 2 free
+    computed, _ = mgr.get_computed_pages(list(range(8)) + [60, 61, 62, 63, 64])
+    assert computed.page_ids == (0, 1)
+    # 13 tokens need 4 pages: 2 hits + 2 fresh, but only 1 page is left once the hits are revived.
+    assert mgr.allocate_slots("b", 13, computed) is None
+    assert mgr.usage().evictable == 2 and not mgr.has("b")
+    assert mgr.allocate_slots("b", 12, computed) == KVCacheBlocks((2,))
+    assert mgr.usage().evictable == 0
+    mgr.check_integrity()
+
+
+def test_stale_hits_and_second_adoption_are_rejected():
+    mgr = KVCacheManager(num_pages=2, page_size=PAGE)
+    _prefill(mgr, "a", list(range(5)))
+    mgr.free("a")
+    computed, _ = mgr.get_computed_pages(list(range(5)))
+    assert mgr.allocate_slots("x", 8) == KVCacheBlocks((1, 0))  # evicts the hit page
+    with pytest.raises(ValueError):
+        mgr.allocate_slots("b", 5, computed)
+    with pytest.raises(ValueError):
+        mgr.allocate_slots("x", 8, KVCacheBlocks((0,)))
+    mgr.check_integrity()
+
+
+def test_cache_pages_is_incremental_across_decode_and_duplicates_stay_private():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    tokens = [1, 2, 3]
+    mgr.allocate_slots("a", 3)
+    assert mgr.cache_pages("a", tokens, 3) == 0
+    for tok in range(4, 10):  # decode one token at a time
+        tokens.append(tok)
+        mgr.allocate_slots("a", len(tokens))
+        mgr.cache_pages("a", tokens, len(tokens))
+    assert mgr.usage().cached == 2
+    assert mgr.export_pages("a").page_hashes == tuple(mgr.get_computed_pages(tokens)[0].page_hashes)
+    # Same content computed without a hit (prefix caching raced): the existing pages stay canonical.
+    mgr.allocate_slots("b", 9)
+    assert mgr.cache_pages("b", tokens, 9) == 2
+    assert mgr.usage().cached == 2
+    mgr.free("b")
+    assert mgr.usage().evictable == 0  # b's duplicate pages went straight back to the free queue
+    mgr.check_integrity()
+
+
+def test_prefix_caching_disabled_never_hits():
+    mgr = KVCacheManager(num_pages=4, page_size=PAGE, enable_prefix_caching=False)
+    _prefill(mgr, "a", list(range(9)))
+    assert mgr.get_computed_pages(list(range(9))) == (KVCacheBlocks(()), 0)
+    assert mgr.usage().cached == 0
+    mgr.free("a")
+    mgr.check_integrity()
+
+
+def test_reset_prefix_cache():
+    mgr = KVCacheManager(num_pages=6, page_size=PAGE)
+    _prefill(mgr, "a", list(range(9)))
+    _prefill(mgr, "b", [7] * 5)
+    mgr.free("a")
+    assert mgr.reset_prefix_cache() == 2
+    assert mgr.get_computed_pages(list(range(9)))[1] == 0
+    assert mgr.get_computed_pages([7] * 5)[1] == 4  # b still owns its cached page
+    mgr.check_integrity()
+
+
+# ---- sessions and transfer hooks ----------------------------------------------------------------
+
+
+def test_pin_keeps_pages_after_free_and_release_makes_them_evictable():
+    mgr = KVCacheManager(num_pages=4, page_size=PAGE)
+    turn1 = list(range(6))
+    _prefill(mgr, "t1", turn1)
+    mgr.pin("t1", "session-1")
+    mgr.free("t1")
+    assert mgr.pinned_keys() == ["session-1"] and mgr.pinned_pages("session-1") == [0, 1]
+    assert mgr.usage().used == 2 and mgr.usage().pinned == 2
+    # Pinned pages cannot be evicted by pressure from others.
+    assert mgr.allocate_slots("other", 12) is None
+    computed, num_cached = mgr.get_computed_pages(turn1 + [6, 7, 8])
+    assert computed.page_ids == (0,) and num_cached == 4
+    mgr.check_integrity()
+    mgr.release_pinned("session-1")
+    assert mgr.pinned_keys() == [] and mgr.usage().used == 0 and mgr.usage().evictable == 1
+    mgr.check_integrity()
+
+
+def test_repinning_a_key_replaces_its_pages():
+    mgr = KVCacheManager(num_pages=6, page_size=PAGE)
+    _prefill(mgr, "t1", list(range(5)))
+    mgr.pin("t1", "s")
+    mgr.free("t1")
+    _prefill(mgr, "t2", list(range(9)))  # hits page 0, adds 2 fresh pages
+    mgr.pin("t2", "s")
+    mgr.free("t2")
+    assert mgr.pinned_pages("s") == [0, 2, 3]
+    assert mgr._allocator.ref_count(0) == 1 and mgr._allocator.ref_count(1) == 0
+    mgr.check_integrity()
+
+
+def test_reserve_and_export():
+    sender = KVCacheManager(num_pages=8, page_size=PAGE)
+    receiver = KVCacheManager(num_pages=8, page_size=PAGE)
+    receiver.allocate_slots("other", 4)
+    _prefill(sender, "r", list(range(10)))
+    exported = sender.export_pages("r")
+    assert exported.page_ids == (0, 1, 2) and len(exported.page_hashes) == 2
+    reserved = receiver.reserve("r", 10)
+    assert reserved == KVCacheBlocks((1, 2, 3))
+    assert receiver.export_pages("r").page_ids == reserved.page_ids
+    assert receiver.reserve("big", 100) is None and not receiver.has("big")
+    receiver.free("r")
+    sender.free("r")
+    sender.check_integrity()
+    receiver.check_integrity()
+
+
+# ---- random operation sequences -----------------------------------------------------------------
+
+
+_BASES = ((0, 1, 2, 0, 1, 2, 0, 1), (0, 1, 2, 2, 1, 0, 2, 2), (2, 2, 2, 2, 1, 1, 1, 1))
+
+
+class KVCacheMachine(RuleBasedStateMachine):
+    """Random admit/extend/compute/free/pin/release sequences on a tiny pool.
+
+    Alongside the manager it simulates the KV contents: each page records which token was
+    written into each slot. A prefix hit must find exactly the prompt's tokens in the hit
+    pages, and a live request must always find its own computed tokens in its pages, which
+    proves no page was reused while owned.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mgr = KVCacheManager(num_pages=8, page_size=2)
+        self.kv: dict[int, list[int | None]] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+        self.pinned: dict[str, list[int]] = {}
+        self.next_id = 0
+
+    def _new_pages(self, blocks: KVCacheBlocks) -> None:
+        for page in blocks.page_ids:
+            self.kv[page] = [None] * self.mgr.page_size
+
+    @rule(
+        base=st.sampled_from(_BASES),
+        keep=st.integers(0, 8),
+        suffix=st.lists(st.integers(0, 2), max_size=4),
+    )
+    def admit(self, base, keep, suffix):
+        """A new prompt: a shared base prefix (often hits) plus a random suffix."""
+        prompt = list(base[:keep]) + suffix or [0]
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        computed, num_cached = self.mgr.get_computed_pages(prompt)
+        assert num_cached == len(computed) * 2 < len(prompt)
+        for i, page in enumerate(computed.page_ids):  # hit pages hold exactly the prompt's KV
+            assert self.kv[page] == prompt[i * 2 : i * 2 + 2]
+        free_before = self.mgr.usage().free
+        event(f"hit pages: {len(computed)}, evictable hits: {sum(map(self.mgr._allocator.is_evictable, computed.page_ids))}")
+        blocks = self.mgr.allocate_slots(rid, len(prompt), computed)
+        event(f"admitted: {blocks is not None}")
+        if blocks is None:
+            assert not self.mgr.has(rid) and self.mgr.usage().free == free_before
+            return
+        self._new_pages(blocks)
+        self.tokens[rid], self.computed[rid] = list(prompt), num_cached
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), extra=st.lists(st.integers(0, 2), min_size=1, max_size=3))
+    def extend(self, data, extra):
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        blocks = self.mgr.allocate_slots(rid, len(self.tokens[rid]) + len(extra))
+        if blocks is not None:
+            self._new_pages(blocks)
+            self.tokens[rid].extend(extra)
+
+    def _write(self, rid: str, end: int) -> None:
+        """Simulate the model writing KV for positions computed[rid]..end, then publish pages."""
+        tokens, table = self.tokens[rid], self.mgr.page_table(rid)
+        for pos in range(self.computed[rid], end):  # only into pages this request owns alone
+            self.kv[table[pos // 2]][pos % 2] = tokens[pos]
+        self.computed[rid] = end
+        self.mgr.cache_pages(rid, tokens, end)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def compute(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self._write(rid, data.draw(st.integers(self.computed[rid], len(self.tokens[rid]))))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def finish(self, data):
+        """Compute the rest, then free: the normal end of a request."""
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self._write(rid, len(self.tokens[rid]))
+        self.mgr.free(rid)
+        del self.tokens[rid], self.computed[rid]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        """Free without finishing (abort or preemption)."""
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.mgr.free(rid)
+        del self.tokens[rid], self.computed[rid]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), key=st.sampled_from(["s0", "s1"]))
+    def pin(self, data, key):
+        rid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.mgr.pin(rid, key)
+        self.pinned[key] = self.mgr.page_table(rid)
+
+    @precondition(lambda self: self.pinned)
+    @rule(data=st.data())
+    def release(self, data):
+        key = data.draw(st.sampled_from(sorted(self.pinned)))
+        self.mgr.release_pinned(key)
+        del self.pinned[key]
+
+    @rule()
+    def reset(self):
+        self.mgr.reset_prefix_cache()
+
+    @invariant()
+    def consistent(self):
+        self.mgr.check_integrity()
+        usage = self.mgr.usage()
+        assert usage.free + usage.used == usage.num_pages
+        owned = collections.Counter(p for rid in self.tokens for p in self.mgr.page_table(rid))
+        owned.update(p for pages in self.pinned.values() for p in pages)
+        assert usage.used == len(owned)
+        assert sorted(self.mgr.pinned_keys()) == sorted(self.pinned)
+        for rid, tokens in self.tokens.items():
+            table = self.mgr.page_table(rid)
+            assert len(table) == self.mgr.num_pages_for(len(tokens))
+            for pos in range(self.computed[rid]):
+                assert self.kv[table[pos // 2]][pos % 2] == tokens[pos]
+
+
+KVCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_kv_cache_state_machine = KVCacheMachine.TestCase

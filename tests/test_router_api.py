@@ -1,0 +1,134 @@
+"""Pure tests of request validation, error bodies, output processing and logprob formatting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from splitserve.core.messages import TokenLogprob, TokenOut
+from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, load_tokenizer
+from splitserve.router.openai_api import (
+    APIError, ChatCompletionRequest, CompletionRequest, parse_json_body, parse_request, to_sampling_params,
+)
+from splitserve.router.output import CompletionLogprobs, OutputProcessor, WorkerFailed, chat_logprobs
+
+TOK = load_tokenizer("builtin:tiny-random-llama")
+
+
+def _err(cls, body) -> APIError:
+    with pytest.raises(APIError) as exc:
+        parse_request(cls, body)
+    assert exc.value.status == 400
+    assert set(exc.value.body()["error"]) == {"message", "type", "param", "code"}
+    return exc.value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", -1), ("max_tokens", "ten"), ("temperature", -0.5), ("top_p", 0), ("top_k", -2),
+    ("min_p", 1.5), ("seed", 1.5), ("stop", 3), ("stop", [""]), ("stop_token_ids", ["a"]), ("n", 3),
+    ("logprobs", 21), ("echo", "yes"), ("presence_penalty", 3), ("stream", "true"), ("best_of", 2),
+])
+def test_completion_field_errors_name_the_field(field, value):
+    err = _err(CompletionRequest, {"model": "m", "prompt": "x", field: value})
+    assert err.param.split(".")[0] == field and field in err.message
+
+
+def test_prompt_forms_and_chat_fields():
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
+    assert _err(CompletionRequest, {"model": "m", "prompt": [1, -2]}).param == "prompt"
+    assert _err(CompletionRequest, {"model": "m", "prompt": []}).param == "prompt"
+    assert _err(ChatCompletionRequest, {"model": "m", "messages": []}).param == "messages"
+    assert _err(ChatCompletionRequest, {"model": "m", "messages": [{"content": "x"}]}).param == "messages.0.role"
+    err = _err(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                       "max_completion_tokens": -1})
+    assert err.param == "max_completion_tokens"
+    req = parse_request(ChatCompletionRequest, {"model": "m", "user": "u1", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert req.template_messages() == [{"role": "user", "content": "ab"}]
+
+
+def test_invalid_json_bodies():
+    for raw in (b"{", b"[1, 2]", b"\xff"):
+        with pytest.raises(APIError) as exc:
+            parse_json_body(raw)
+        assert exc.value.status == 400 and exc.value.code == "invalid_json"
+
+
+def test_sampling_params_mapping_and_context_checks():
+    req = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0,
+                                            "top_k": 3, "seed": 9, "stop_token_ids": [4], "ignore_eos": True,
+                                            "logprobs": 2, "echo": True, "repetition_penalty": 1.1})
+    p = to_sampling_params(req, 10, 100, "prompt")
+    assert (p.max_tokens, p.temperature, p.top_k, p.seed, p.stop_token_ids, p.ignore_eos) == (5, 0.0, 3, 9, (4,), True)
+    assert (p.logprobs, p.prompt_logprobs, p.repetition_penalty) == (2, 2, 1.1)
+    with pytest.raises(APIError) as exc:
+        to_sampling_params(req, 100, 100, "prompt")
+    assert exc.value.param == "prompt" and exc.value.code == "context_length_exceeded"
+    with pytest.raises(APIError) as exc:
+        to_sampling_params(req, 97, 100, "prompt")
+    assert exc.value.param == "max_tokens"
+    chat = parse_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                 "logprobs": True, "top_logprobs": 3})
+    p = to_sampling_params(chat, 10, 100, "messages")
+    assert p.max_tokens == 90 and p.logprobs == 3 and p.prompt_logprobs is None  # default: the rest of the context
+    bad = parse_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "top_logprobs": 3})
+    with pytest.raises(APIError, match="top_logprobs"):
+        to_sampling_params(bad, 10, 100, "messages")
+
+
+def _proc(stops=(), prompt=(1,)) -> OutputProcessor:
+    return OutputProcessor("r1", IncrementalDetokenizer(TOK, list(prompt)), StopChecker(stops))
+
+
+def _feed(proc: OutputProcessor, text: str, last: str | None = "length") -> list[str]:
+    ids = TOK.encode(text, add_special_tokens=False)
+    out = []
+    for i, t in enumerate(ids):
+        d = proc.process(TokenOut("r1", (t,), finish_reason=last if i == len(ids) - 1 else None))
+        out.append(d.text)
+        if d.finish_reason:
+            break
+    return out
+
+
+def test_output_processor_multibyte_and_stop_across_tokens():
+    proc = _proc()
+    pieces = _feed(proc, "héllo wörld ✓")
+    assert "".join(pieces) == "héllo wörld ✓" and all("\ufffd" not in p for p in pieces)
+    assert proc.completion_tokens == len("héllo wörld ✓".encode())
+    proc = _proc(stops=["lo w"])
+    pieces = _feed(proc, "hello world")
+    assert "".join(pieces) == "hel" and proc.stopped_by_string and proc.finished
+    # the held-back partial match is released when generation ends without a hit
+    proc = _proc(stops=["xyz"])
+    assert "".join(_feed(proc, "abcxy")) == "abcxy" and not proc.stopped_by_string
+
+
+def test_output_processor_worker_error():
+    proc = _proc()
+    with pytest.raises(WorkerFailed, match="boom"):
+        proc.process(TokenOut("r1", (), finish_reason="error", error="boom"))
+    assert proc.finished
+
+
+def test_logprob_formatting():
+    ids = TOK.encode("ab", add_special_tokens=False)
+    entries = [None, TokenLogprob(ids[1], -0.5, ((ids[1], -0.5), (ids[0], -1.0)))]
+    fmt = CompletionLogprobs(TOK)
+    out = fmt.format(ids, entries)
+    assert out == {"tokens": ["a", "b"], "token_logprobs": [None, -0.5], "top_logprobs": [None, {"b": -0.5, "a": -1.0}],
+                   "text_offset": [0, 1]}
+    assert fmt.format(ids[:1], [entries[1]])["text_offset"] == [2]  # offsets run on across chunks
+    chat = chat_logprobs(TOK, [entries[1]], top_n=1)
+    assert chat == {"content": [{"token": "b", "logprob": -0.5, "bytes": [98],
+                                 "top_logprobs": [{"token": "b", "logprob": -0.5, "bytes": [98]}]}]}
+
+
+def test_router_never_imports_torch():
+    code = ("import sys, splitserve.router.app, splitserve.router.main, splitserve.router.admin; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,248 @@
+"""The real router process over HTTP, called with the official ``openai`` client, against scripted workers.
+
+Scripted workers (tests/fakes/scripted_worker.py) speak the real control protocol and emit a fixed
+token script, so the expected text is known exactly; real workers are covered by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakes.router_harness import RouterHarness, wait_for  # noqa: E402
+
+from splitserve.core.tokenizer import load_tokenizer  # noqa: E402
+
+TOK = load_tokenizer("builtin:tiny-random-llama")
+TEXT = " Hello world! Stop here. More text follows."
+SCRIPT = TOK.encode(TEXT, add_special_tokens=False)
+MODEL = "builtin:tiny-random-llama"
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    h = RouterHarness(tmp_path_factory.mktemp("r1"), admin_token=TOKEN)
+    h.add_worker("w1", SCRIPT)
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_router(tmp_path_factory):
+    """One slow worker and room for one request in flight (429s, disconnects); admin API disabled."""
+    h = RouterHarness(tmp_path_factory.mktemp("r2"), max_queued_requests=1)
+    h.add_worker("slow", SCRIPT, delay=0.05)
+    yield h
+    h.stop()
+
+
+def _expected(n: int) -> str:
+    return TOK.decode([SCRIPT[i % len(SCRIPT)] for i in range(n)])
+
+
+def _last_request_id(h: RouterHarness, wid: str) -> str:
+    return [e for e in h.events(wid) if e["type"] == "GenerateReq"][-1]["request_id"]
+
+
+def test_completion_stream_equals_non_stream_and_usage(router):
+    c = router.client()
+    full = c.completions.create(model=MODEL, prompt="Hi there", max_tokens=12, temperature=0)
+    assert full.choices[0].text == _expected(12)
+    assert full.choices[0].finish_reason == "length"
+    n_prompt = len(TOK.encode("Hi there"))
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (n_prompt, 12)
+    chunks = list(c.completions.create(model=MODEL, prompt="Hi there", max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.total_tokens == n_prompt + 12
+
+
+def test_token_id_prompt_and_worker_gets_params(router):
+    c = router.client()
+    out = c.completions.create(model=MODEL, prompt=[1, 40, 41], max_tokens=3, temperature=0.5,
+                               extra_body={"stop_token_ids": [7]})
+    assert out.choices[0].text == _expected(3)
+    gen = [e for e in router.events("w1") if e["type"] == "GenerateReq"][-1]
+    assert gen["prompt_len"] == 3 and gen["max_tokens"] == 3 and gen["temperature"] == 0.5
+    assert gen["stop_token_ids"] == [7] and gen["prefill_worker"] is None  # colocated worker prefills itself
+
+
+def test_chat_role_first_and_stream_equals_non_stream(router):
+    c = router.client()
+    msgs = [{"role": "user", "content": "hello"}]
+    full = c.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=8)
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].message.content == _expected(8)
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(TOK.encode(TOK.apply_chat_template(msgs), add_special_tokens=False))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_trimmed_and_worker_aborted(router, stream):
+    c = router.client()
+    kwargs = dict(model=MODEL, prompt="x", max_tokens=40, stop=["Stop h", "zzz"])
+    if stream:
+        chunks = list(c.completions.create(stream=True, **kwargs))
+        text = "".join(ch.choices[0].text for ch in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        out = c.completions.create(**kwargs)
+        text, finish = out.choices[0].text, out.choices[0].finish_reason
+    assert text == " Hello world! " and finish == "stop"
+    rid = _last_request_id(router, "w1")
+    wait_for(lambda: any(e["type"] == "AbortReq" and e["request_id"] == rid for e in router.events("w1")),
+             what="AbortReq after the stop string")
+
+
+def test_logprobs_completions_echo_and_chat(router):
+    c = router.client()
+    out = c.completions.create(model=MODEL, prompt="ab", max_tokens=3, logprobs=2, echo=True)
+    lp = out.choices[0].logprobs
+    n_prompt = len(TOK.encode("ab"))
+    assert out.choices[0].text == "ab" + _expected(3)
+    assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None and lp.token_logprobs[-1] == -0.25
+    assert len(lp.top_logprobs[-1]) == 2 and lp.text_offset == sorted(lp.text_offset)
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=2,
+                                     logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert [x.token for x in content] == [TOK.decode([t]) for t in SCRIPT[:2]]
+    assert len(content[0].top_logprobs) == 3 and content[0].logprob == -0.25
+
+
+def _error(router, path, body=None, raw=None):
+    status, data = router.request("POST", path, body=body, raw=raw)
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    return status, data["error"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": 5}, "prompt"),
+    ({"model": MODEL}, "prompt"),
+    ({"model": "nope", "prompt": "x"}, "model"),
+    ({"model": MODEL, "prompt": "x" * 300}, "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, "max_tokens"),
+])
+def test_bad_completion_requests_name_the_field(router, body, param):
+    status, err = _error(router, "/v1/completions", body=body)
+    assert status == 400 and err["param"] == param and param in err["message"]
+
+
+def test_invalid_json_and_bad_chat(router):
+    status, err = _error(router, "/v1/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in err["message"]
+    status, err = _error(router, "/v1/chat/completions", body={"model": MODEL, "messages": "hi"})
+    assert status == 400 and err["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as exc:
+        router.client().completions.create(model=MODEL, prompt="x", max_tokens=-3)
+    assert "max_tokens" in str(exc.value)
+
+
+def test_models_health_and_metrics(router):
+    assert router.client().models.list().data[0].id == MODEL
+    assert router.get("/health")[0] == 200
+    router.client().completions.create(model=MODEL, prompt="m", max_tokens=4, stream=True).close()
+    router.client().completions.create(model=MODEL, prompt="m", max_tokens=4)
+    status, text = router.get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("splitserve_ttft_seconds", "splitserve_tpot_seconds", "splitserve_itl_seconds",
+                 "splitserve_e2e_seconds", "splitserve_worker_kv_pages_free", "splitserve_worker_transfer_bytes",
+                 "splitserve_requests_inflight", "splitserve_worker_running"):
+        assert name in families, name
+    ok = [s for s in families["splitserve_requests"].samples
+          if s.labels.get("endpoint") == "/v1/completions" and s.labels.get("status") == "200"]
+    assert ok and ok[0].value >= 1
+    free = [s for s in families["splitserve_worker_kv_pages_free"].samples if s.labels["worker"] == "w1"]
+    assert free and free[0].value <= 64
+
+
+def test_client_disconnect_aborts_on_worker(slow_router):
+    h = slow_router
+    stream = h.client().completions.create(model=MODEL, prompt="x", max_tokens=200, stream=True)
+    next(iter(stream))
+    rid = _last_request_id(h, "slow")
+    stream.close()
+    wait_for(lambda: any(e["type"] == "AbortReq" and e["request_id"] == rid for e in h.events("slow")),
+             what="AbortReq after the client disconnected")
+    wait_for(lambda: h.status()["inflight"] == 0, what="the request to be dropped")
+
+
+def test_overload_gets_429_and_admin_disabled_403(slow_router):
+    h = slow_router
+    wait_for(lambda: h.status()["inflight"] == 0, what="idle router")
+    stream = h.client().completions.create(model=MODEL, prompt="x", max_tokens=200, stream=True)
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError):
+        h.client().completions.create(model=MODEL, prompt="y", max_tokens=2)
+    stream.close()
+    assert h.request("GET", "/admin/workers", headers={"Authorization": "Bearer x"})[0] == 403
+
+
+def test_no_workers_503_then_worker_death_mid_stream(tmp_path):
+    h = RouterHarness(tmp_path, heartbeat_timeout_s=1.0)
+    try:
+        assert h.get("/health")[0] == 503
+        with pytest.raises(openai.APIStatusError) as exc:
+            h.client().completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert exc.value.status_code == 503
+        h.add_worker("dying", SCRIPT, delay=0.02, die_after=3)
+        assert h.get("/health")[0] == 200
+        stream = h.client().completions.create(model=MODEL, prompt="x", max_tokens=50, stream=True)
+        with pytest.raises(openai.APIError) as exc:
+            for _ in stream:
+                pass
+        assert "stopped responding" in str(exc.value)
+        assert h.get("/health")[0] == 503
+        assert h.status()["inflight"] == 0
+    finally:
+        h.stop()
+
+
+def test_disaggregated_routing_admin_and_no_chat_template(tmp_path, shared_models):
+    h = RouterHarness(tmp_path, model=str(shared_models("stories260K")), admin_token=TOKEN)
+    try:
+        h.add_worker("p1", SCRIPT, role="prefill")
+        h.add_worker("d1", SCRIPT, role="decode")
+        model = h.client().models.list().data[0].id
+        out = h.client().completions.create(model=model, prompt="Once", max_tokens=2)
+        assert out.choices[0].finish_reason == "length"
+        gen = [e for e in h.events("d1") if e["type"] == "GenerateReq"][-1]
+        assert gen["prefill_worker"] == "p1"
+        with pytest.raises(openai.BadRequestError) as exc:
+            h.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert "chat template" in str(exc.value)
+        _admin_round_trip(h)
+    finally:
+        h.stop()
+
+
+def _admin_round_trip(h: RouterHarness) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert h.request("GET", "/admin/workers", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert h.request("GET", "/admin/workers")[0] == 401
+    status, data = h.request("GET", "/admin/workers", headers=auth)
+    assert status == 200 and {w["worker_id"]: w["role"] for w in data["workers"]} == {"p1": "prefill", "d1": "decode"}
+    assert h.request("POST", "/admin/workers/p1/role", body={"role": "bogus"}, headers=auth)[0] == 400
+    assert h.request("POST", "/admin/workers/p1/role", body={"role": "both"}, headers=auth)[0] == 200
+    wait_for(lambda: {"type": "SetRole", "role": "both"} in h.events("p1"), what="SetRole at the worker")
+    assert h.request("POST", "/admin/workers/d1/drain", headers=auth)[0] == 200
+    wait_for(lambda: {"type": "Drain"} in h.events("d1"), what="Drain at the worker")
+    assert h.request("POST", "/admin/workers/nope/drain", headers=auth)[0] == 404
+    # d1 drains: p1 (now "both") serves alone, colocated.
+    h.client().completions.create(model=h.client().models.list().data[0].id, prompt="Once", max_tokens=2)
+    assert [e for e in h.events("p1") if e["type"] == "GenerateReq"][-1]["prefill_worker"] is None
+    assert h.request("DELETE", "/admin/workers/d1", headers=auth)[0] == 200
+    assert [w["worker_id"] for w in h.status()["workers"]] == ["p1"]

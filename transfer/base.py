@@ -1,0 +1,343 @@
+"""The KV transfer contract: a decode worker *receives* a request's KV pages, a prefill worker *sends* them.
+
+Roles and page ownership, step by step (push model):
+
+1. **Reserve** (decode worker). The decode worker's ``KVCacheManager`` allocates destination pages for the
+   request and owns them from now on. It builds a :class:`~splitserve.core.messages.KVDescriptor`
+   (its own ``page_size``, ``page_ids``, ``num_tokens``, layout fields, ``receiver_addr`` =
+   :attr:`KVReceiver.address`, ``lease_s``) and calls :meth:`KVReceiver.expect`, which starts the lease.
+   The descriptor travels to the prefill worker inside ``PrefillReq``.
+2. **Stream** (prefill worker). :meth:`KVSender.begin` checks the layout and connects;
+   :meth:`KVSender.send_layer` is called once a layer's K/V for a token range is computed (several times
+   per layer under chunked prefill, with consecutive ranges; layers may arrive in any order). Each call
+   copies the tokens out of the sender's pages into one staging buffer before it returns, so the
+   sender's pages are never read after the call returns.
+3. **Land** (decode worker). Arriving K/V are scattered into the reserved pages *inside*
+   :meth:`KVReceiver.poll`, on the caller's thread (the worker's main loop): the engine never observes a
+   page being written concurrently, and reserved pages are not handed to the engine (nor reused) until
+   :class:`TransferComplete` is returned. Sender and receiver page sizes may differ: data is sent
+   token-major (``[2, tokens, num_kv_heads, head_dim]``) and each side maps tokens to its own pages.
+4. **Complete.** :meth:`KVSender.finish` sends ``PrefillDone`` after all data (ordered after it).
+   The receiver checks that every layer received every token ``[0, num_tokens)`` exactly once, then
+   reports :class:`TransferComplete` and acknowledges; the sender's :meth:`KVSender.poll` then reports
+   :class:`TransferComplete` too. From then on the pages belong to the decode engine (the request).
+5. **Fail.** Any of these ends the transfer with :class:`TransferFailed` on the receiver: the sender's
+   :meth:`KVSender.fail` (``PrefillFailed``), the lease expiring (no frame from the sender for
+   ``lease_s`` seconds -- a dead prefill worker), a malformed frame for the transfer, a layout
+   mismatch, or incomplete data at finish. After a ``TransferFailed`` (or :meth:`KVReceiver.cancel`)
+   the receiver drops every later frame for that transfer, so the decode worker may free or reuse the
+   pages at once. The receiver only *reports*; the decode worker applies
+   ``TransferConfig.failure_policy`` per request: ``"fail"`` ends the request with a clear error,
+   ``"recompute"`` prefills it locally on the decode side into the same pages.
+6. **Sender side release.** After :meth:`KVSender.finish` or :meth:`KVSender.fail` returns, the prefill
+   worker may free or prefix-cache its source pages (all data was already copied to staging). The
+   sender reports :class:`TransferFailed` when a receiver stops answering (no acknowledgement of an
+   outstanding frame within ``lease_s``) or rejects the transfer; it then drops its queued staging
+   buffers for that receiver and forgets the transfer.
+
+Leases: the receiver's lease on a transfer is renewed by every valid frame of that transfer; a
+transfer whose lease runs out is failed so the decode worker reclaims its pages. The sender's
+equivalent is the acknowledgement timeout above.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from splitserve.core.messages import KVDescriptor, PrefillDone
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from splitserve.core.config import TransferConfig
+
+MAX_COALESCED_RUNS = 8
+"""Token ranges split into at most this many contiguous slot runs are copied run by run (slices);
+more scattered ranges use one index gather/scatter."""
+
+
+class TransferError(RuntimeError):
+    """A transfer cannot proceed (layout mismatch, bad descriptor, unknown transfer, transport error)."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape facts both ends must agree on (``page_size`` may differ between ends)."""
+
+    model_id: str
+    dtype: str
+    """torch dtype name, e.g. ``"bfloat16"`` or ``"float32"``."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+
+    def check_compatible(self, desc: KVDescriptor) -> None:
+        """Raise :class:`TransferError` naming the first field where ``desc`` disagrees with this layout."""
+        for name in ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim"):
+            mine, theirs = getattr(self, name), getattr(desc, name)
+            if mine != theirs:
+                raise TransferError(
+                    f"KV layout mismatch for transfer {desc.transfer_id}: {name} is {theirs!r} at the "
+                    f"receiver but {mine!r} here"
+                )
+
+    @classmethod
+    def from_descriptor(cls, desc: KVDescriptor) -> "KVLayout":
+        return cls(desc.model_id, desc.dtype, desc.num_layers, desc.num_kv_heads, desc.head_dim, desc.page_size)
+
+    def token_bytes(self) -> int:
+        """Bytes of one token's K and V in one layer."""
+        import torch
+
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        dt = getattr(torch, self.dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise TransferError(f"unknown KV dtype {self.dtype!r}")
+        return dt
+
+    def check_cache(self, kv_cache: "torch.Tensor") -> None:
+        """Check ``kv_cache`` ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`` matches."""
+        shape = tuple(kv_cache.shape)
+        ok = (
+            len(shape) == 6
+            and shape[0] == self.num_layers
+            and shape[1] == 2
+            and shape[3:] == (self.page_size, self.num_kv_heads, self.head_dim)
+        )
+        if not ok:
+            raise ValueError(
+                f"kv_cache shape {shape} does not match layout (num_layers={self.num_layers}, 2, pages, "
+                f"page_size={self.page_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim})"
+            )
+        if kv_cache.dtype != self.torch_dtype:
+            raise ValueError(f"kv_cache dtype {kv_cache.dtype} does not match layout dtype {self.dtype}")
+        if not kv_cache.is_contiguous():
+            raise ValueError("kv_cache must be contiguous")
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransferComplete:
+    """All layers arrived (receiver) / the receiver confirmed it (sender)."""
+
+    transfer_id: str
+    done: PrefillDone
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    """The transfer ended without data; ``reason`` says why (clear, user-facing)."""
+
+    transfer_id: str
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LayerArrived:
+    """Every token of ``layer`` has landed in the receiver's pages."""
+
+    transfer_id: str
+    layer: int
+
+
+TransferEvent = TransferComplete | TransferFailed | LayerArrived
+
+
+# --- token <-> slot mapping ------------------------------------------------------------------------
+
+
+def token_slots(page_ids: Sequence[int], page_size: int, token_start: int, token_end: int) -> "np.ndarray":
+    """Slots (``page_id * page_size + offset``) of tokens ``[token_start, token_end)``.
+
+    ``page_ids[i]`` holds tokens ``[i * page_size, (i + 1) * page_size)``. Returns int64 ``[token_end - token_start]``.
+    Raises ``ValueError`` when the pages do not cover the range.
+    """
+    import numpy as np
+
+    if not 0 <= token_start < token_end:
+        raise ValueError(f"bad token range [{token_start}, {token_end})")
+    if (token_end + page_size - 1) // page_size > len(page_ids):
+        raise ValueError(f"{len(page_ids)} pages of {page_size} tokens do not cover token {token_end - 1}")
+    tok = np.arange(token_start, token_end, dtype=np.int64)
+    pages = np.asarray(page_ids, dtype=np.int64)[tok // page_size]
+    return pages * page_size + tok % page_size
+
+
+def slot_runs(slots: "np.ndarray") -> list[tuple[int, int, int]]:
+    """Split ``slots`` into maximal contiguous runs ``(offset_in_range, first_slot, length)``."""
+    import numpy as np
+
+    if len(slots) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(slots)]))
+    return [(int(s), int(slots[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def _flat_layer(kv_cache: "torch.Tensor", layer: int) -> "torch.Tensor":
+    """``[2, num_pages * page_size, H, D]`` view of one layer."""
+    _, two, pages, ps, h, d = kv_cache.shape
+    return kv_cache[layer].view(two, pages * ps, h, d)
+
+
+def gather_tokens(kv_cache: "torch.Tensor", layer: int, slots: "np.ndarray", out: "torch.Tensor") -> None:
+    """Copy the K/V of ``slots`` of ``layer`` into ``out`` (token-major).
+
+    Args:
+        kv_cache: ``[num_layers, 2, num_pages, page_size, H, D]``.
+        slots: int64 ``[T]`` source slots.
+        out: ``[2, T, H, D]``, same dtype and device as ``kv_cache``.
+    """
+    import torch
+
+    flat = _flat_layer(kv_cache, layer)
+    runs = slot_runs(slots)
+    if len(runs) <= MAX_COALESCED_RUNS:
+        for off, first, n in runs:
+            out[:, off : off + n].copy_(flat[:, first : first + n])
+    else:
+        idx = torch.from_numpy(slots).to(flat.device)
+        torch.index_select(flat, 1, idx, out=out)
+
+
+def scatter_tokens(kv_cache: "torch.Tensor", layer: int, slots: "np.ndarray", data: "torch.Tensor") -> None:
+    """Write token-major ``data`` ``[2, T, H, D]`` (any device, ``kv_cache`` dtype) into ``slots`` of ``layer``.
+
+    Args:
+        kv_cache: ``[num_layers, 2, num_pages, page_size, H, D]``, written in place.
+        slots: int64 ``[T]`` destination slots.
+    """
+    import torch
+
+    flat = _flat_layer(kv_cache, layer)
+    data = data.to(flat.device, non_blocking=False)
+    runs = slot_runs(slots)
+    if len(runs) <= MAX_COALESCED_RUNS:
+        for off, first, n in runs:
+            flat[:, first : first + n].copy_(data[:, off : off + n])
+    else:
+        flat.index_copy_(1, torch.from_numpy(slots).to(flat.device), data)
+
+
+# --- the interface ---------------------------------------------------------------------------------
+
+
+class KVReceiver(abc.ABC):
+    """Decode side. Used from ONE thread (the decode worker's main loop).
+
+    Args:
+        cfg: transfer settings (backend, bind host/port, lease, CurveZMQ keys).
+        kv_cache: the decode worker's pool ``[num_layers, 2, num_pages, page_size, H, D]`` (layout dtype);
+            pages are written only inside :meth:`poll`.
+        layout: this worker's layout (its ``page_size`` is the pool's).
+    """
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """Bound endpoint that senders connect to (put it in ``KVDescriptor.receiver_addr``)."""
+
+    @abc.abstractmethod
+    def expect(self, desc: KVDescriptor) -> None:
+        """Register reserved pages for ``desc.transfer_id`` and start its lease.
+
+        Raises :class:`TransferError` for a layout mismatch, a duplicate id, or pages that do not cover
+        ``desc.num_tokens``. The caller keeps owning the pages; it must not reuse them until this
+        transfer produced :class:`TransferComplete` or :class:`TransferFailed`, or :meth:`cancel` returned.
+        """
+
+    @abc.abstractmethod
+    def poll(self, timeout_ms: int = 0) -> list[TransferEvent]:
+        """Receive pending frames, write their K/V into the reserved pages, expire leases; return events.
+
+        Waits at most ``timeout_ms`` for the first frame (0: do not wait).
+        """
+
+    @abc.abstractmethod
+    def cancel(self, transfer_id: str) -> None:
+        """Forget a transfer; after this returns no data for it lands in the pages (late frames are dropped)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sockets; outstanding transfers are forgotten (no events)."""
+
+
+class KVSender(abc.ABC):
+    """Prefill side. Used from ONE thread (the prefill worker's main loop).
+
+    Args:
+        cfg: transfer settings.
+        kv_cache: the prefill worker's pool ``[num_layers, 2, num_pages, page_size, H, D]`` (layout dtype).
+        layout: this worker's layout.
+    """
+
+    @abc.abstractmethod
+    def begin(self, desc: KVDescriptor) -> None:
+        """Validate ``desc`` against this layout (raises :class:`TransferError`) and connect to
+        ``desc.receiver_addr`` (connections are cached per address)."""
+
+    @abc.abstractmethod
+    def send_layer(
+        self, transfer_id: str, layer: int, src_page_ids: Sequence[int], token_start: int, token_end: int
+    ) -> None:
+        """Send tokens ``[token_start, token_end)`` of ``layer``.
+
+        ``src_page_ids`` is the request's block table in the sender's pool (``src_page_ids[i]`` holds
+        tokens ``[i * page_size, (i + 1) * page_size)``). The data is copied into a staging buffer before
+        this returns; the sender's pages are not read afterwards.
+        """
+
+    @abc.abstractmethod
+    def finish(self, transfer_id: str, done: PrefillDone) -> None:
+        """Send ``done`` after all data. The source pages may be freed or cached once this returns."""
+
+    @abc.abstractmethod
+    def fail(self, transfer_id: str, request_id: str, error: str) -> None:
+        """Tell the receiver this transfer will not complete; source pages may be freed once this returns."""
+
+    @abc.abstractmethod
+    def poll(self) -> list[TransferEvent]:
+        """Process acknowledgements; report completed transfers and failures (receiver gone or refusing)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop connections and any queued data."""
+
+
+def make_sender(cfg: "TransferConfig", kv_cache: "torch.Tensor", layout: KVLayout) -> KVSender:
+    """The sender of ``cfg.backend`` (``zmq`` or ``ucx``)."""
+    if cfg.backend == "zmq":
+        from splitserve.transfer.zmq_backend import ZmqKVSender
+
+        return ZmqKVSender(cfg, kv_cache, layout)
+    if cfg.backend == "ucx":
+        from splitserve.transfer.ucx_backend import UcxKVSender
+
+        return UcxKVSender(cfg, kv_cache, layout)
+    raise ValueError(f"unknown transfer backend {cfg.backend!r} (expected zmq or ucx)")
+
+
+def make_receiver(cfg: "TransferConfig", kv_cache: "torch.Tensor", layout: KVLayout) -> KVReceiver:
+    """The receiver of ``cfg.backend`` (``zmq`` or ``ucx``)."""
+    if cfg.backend == "zmq":
+        from splitserve.transfer.zmq_backend import ZmqKVReceiver
+
+        return ZmqKVReceiver(cfg, kv_cache, layout)
+    if cfg.backend == "ucx":
+        from splitserve.transfer.ucx_backend import UcxKVReceiver
+
+        return UcxKVReceiver(cfg, kv_cache, layout)
+    raise ValueError(f"unknown transfer backend {cfg.backend!r} (expected zmq or ucx)")

@@ -1,0 +1,108 @@
+"""Framing of the KV transfer channel (msgpack through msgspec; never pickle).
+
+Sender -> receiver, one multipart message each (ZeroMQ DEALER -> ROUTER):
+
+* ``[Begin]``: opens a transfer; carries the sender's layout so the receiver can refuse a mismatch.
+* ``[Chunk, payload]``: tokens ``[token_start, token_end)`` of one layer, payload = ``nbytes`` raw bytes of a
+  token-major ``[2, tokens, num_kv_heads, head_dim]`` tensor in the layout dtype. With the UCX backend the
+  payload travels over UCX under ``ucx_tag`` instead, and the message has no payload frame.
+* ``[Finish]`` (wraps ``PrefillDone``) or ``[Abort]`` (wraps ``PrefillFailed``).
+
+Receiver -> sender: ``[Ack]`` for every frame (``ok=False`` + ``error`` when the transfer was refused or failed).
+Every sender frame carries a per-connection sequence number ``seq`` that the ack echoes.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from splitserve.core.messages import PrefillDone, PrefillFailed
+
+
+class _Frame(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """Base: tag = class name."""
+
+
+class Begin(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    model_id: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class Chunk(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    layer: int
+    token_start: int
+    token_end: int
+    nbytes: int
+    ucx_tag: int | None = None
+
+
+class Finish(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    done: PrefillDone
+
+
+class Abort(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    failed: PrefillFailed
+
+
+class Ack(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    ok: bool = True
+    error: str | None = None
+    complete: bool = False
+    """True on the ack of a :class:`Finish` whose data all landed."""
+
+
+SenderFrame = Union[Begin, Chunk, Finish, Abort]
+
+_ENCODER = msgspec.msgpack.Encoder()
+_SENDER_DECODER = msgspec.msgpack.Decoder(SenderFrame)
+_ACK_DECODER = msgspec.msgpack.Decoder(Ack)
+
+
+class FrameError(ValueError):
+    """A frame is not a valid transfer frame."""
+
+
+def encode(frame: _Frame) -> bytes:
+    return _ENCODER.encode(frame)
+
+
+def decode_sender_frame(data: bytes | memoryview) -> SenderFrame:
+    """Parse a sender frame; raises :class:`FrameError` on garbage."""
+    try:
+        return _SENDER_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"bad transfer frame: {exc}") from exc
+
+
+def decode_ack(data: bytes | memoryview) -> Ack:
+    """Parse an ack; raises :class:`FrameError` on garbage."""
+    try:
+        return _ACK_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"bad ack frame: {exc}") from exc
+
+
+def split_ucx_address(address: str) -> tuple[str, str, int]:
+    """``ucx://HOST:PORT,CONTROL_ENDPOINT`` -> (control endpoint, ucx host, ucx port)."""
+    if not address.startswith("ucx://") or "," not in address:
+        raise ValueError(f"not a UCX transfer address: {address!r} (expected ucx://HOST:PORT,tcp://HOST:PORT)")
+    data, control = address[len("ucx://") :].split(",", 1)
+    host, _, port = data.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad UCX host:port in {address!r}")
+    return control, host, int(port)

@@ -1,0 +1,506 @@
+"""ZeroMQ transfer backend: ``tcp://`` or ``ipc://``, DEALER (sender) -> ROUTER (receiver).
+
+Each send is one multipart message: a small msgpack header (:mod:`splitserve.transfer.wire`) plus, for data,
+one raw payload frame sent with ``copy=False`` straight from the staging buffer (the only copy on the send
+side is the gather out of the pages; on GPU that gather runs on the device and is followed by one
+device->host copy). The receiver validates every header and payload size before it touches a page.
+Optional CurveZMQ: a receiver with ``curve_secret_key``/``curve_public_key`` is a CURVE server; a sender with
+``curve_server_key`` encrypts to it (with its own ``curve_public_key``/``curve_secret_key``, or a fresh pair).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import zmq
+
+from splitserve.core.messages import KVDescriptor, PrefillDone, PrefillFailed
+from splitserve.transfer import wire
+from splitserve.transfer.base import (
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    LayerArrived,
+    TransferComplete,
+    TransferError,
+    TransferEvent,
+    TransferFailed,
+    gather_tokens,
+    scatter_tokens,
+    token_slots,
+)
+
+if TYPE_CHECKING:
+    from splitserve.core.config import TransferConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_POLL = 4096
+"""Upper bound of messages one :meth:`ZmqKVReceiver.poll` handles, so a flood cannot starve the caller."""
+REMEMBER_ENDED = 65536
+"""How many ended transfer ids the receiver remembers (late frames for them are dropped quietly)."""
+
+
+class _Reject(Exception):
+    """A frame ends its transfer (message is the user-facing reason)."""
+
+
+def _key(value: str | bytes) -> bytes:
+    return value.encode("ascii") if isinstance(value, str) else value
+
+
+def bind_endpoint(sock: zmq.Socket, cfg: "TransferConfig", name: str) -> str:
+    """Bind ``sock`` as ``cfg`` says (ipc or tcp, port 0 = any) and return the concrete endpoint."""
+    if cfg.use_ipc:
+        path = os.path.join(tempfile.gettempdir(), f"splitserve-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
+        sock.bind(f"ipc://{path}")
+    else:
+        sock.bind(f"tcp://{cfg.host}:{cfg.port or '*'}")
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _curve_server(sock: zmq.Socket, cfg: "TransferConfig") -> None:
+    if cfg.curve_secret_key is None:
+        return
+    if cfg.curve_public_key is None:
+        raise ValueError("curve_secret_key is set but curve_public_key is not")
+    sock.curve_secretkey = _key(cfg.curve_secret_key)
+    sock.curve_publickey = _key(cfg.curve_public_key)
+    sock.curve_server = True
+
+
+def _curve_client(sock: zmq.Socket, cfg: "TransferConfig") -> None:
+    if cfg.curve_server_key is None:
+        return
+    if (cfg.curve_public_key is None) != (cfg.curve_secret_key is None):
+        raise ValueError("set both curve_public_key and curve_secret_key, or neither")
+    public, secret = (
+        (_key(cfg.curve_public_key), _key(cfg.curve_secret_key))  # type: ignore[arg-type]
+        if cfg.curve_public_key is not None
+        else zmq.curve_keypair()
+    )
+    sock.curve_serverkey = _key(cfg.curve_server_key)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+def payload_view(buf: memoryview | bytes, layout: KVLayout, num_tokens: int) -> torch.Tensor:
+    """Read-only bytes -> token-major ``[2, num_tokens, H, D]`` tensor of the layout dtype (no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read from it
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(layout.torch_dtype).view(2, num_tokens, layout.num_kv_heads, layout.head_dim)
+
+
+# --- receiver --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inbound:
+    """Receiver-side state of one expected transfer."""
+
+    desc: KVDescriptor
+    request_id: str
+    slots: np.ndarray
+    """int64 ``[num_tokens]``: destination slot of every token."""
+    covered: np.ndarray
+    """bool ``[num_layers, num_tokens]``: tokens landed so far."""
+    deadline: float
+    peer: bytes | None = None
+    done: PrefillDone | None = None
+    finish_seq: int = 0
+    pending: list[Any] = field(default_factory=list)
+    """Backend-specific payloads still in flight (UCX)."""
+
+
+class ZmqKVReceiver(KVReceiver):
+    """See :class:`~splitserve.transfer.base.KVReceiver`. ``kv_cache``: ``[L, 2, pages, page_size, H, D]``."""
+
+    def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
+        layout.check_cache(kv_cache)
+        self._cfg, self._kv, self._layout = cfg, kv_cache, layout
+        self._token_bytes = layout.token_bytes()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        _curve_server(self._sock, cfg)
+        self._control_addr = bind_endpoint(self._sock, cfg, "kv")
+        self._transfers: dict[str, _Inbound] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def address(self) -> str:
+        return self._control_addr
+
+    def expect(self, desc: KVDescriptor, request_id: str = "") -> None:
+        """See the base class; ``request_id`` (optional) labels log lines and events."""
+        self._layout.check_compatible(desc)
+        if desc.page_size != self._layout.page_size:
+            raise TransferError(
+                f"descriptor {desc.transfer_id} has page_size {desc.page_size}, this pool uses {self._layout.page_size}"
+            )
+        if desc.transfer_id in self._transfers:
+            raise TransferError(f"transfer {desc.transfer_id} is already expected")
+        if desc.num_tokens <= 0:
+            raise TransferError(f"transfer {desc.transfer_id}: num_tokens must be positive")
+        num_pages = self._kv.shape[2]
+        if any(not 0 <= p < num_pages for p in desc.page_ids):
+            raise TransferError(f"transfer {desc.transfer_id}: page id out of range [0, {num_pages})")
+        try:
+            slots = token_slots(desc.page_ids, desc.page_size, 0, desc.num_tokens)
+        except ValueError as exc:
+            raise TransferError(f"transfer {desc.transfer_id}: {exc}") from exc
+        covered = np.zeros((self._layout.num_layers, desc.num_tokens), dtype=bool)
+        self._transfers[desc.transfer_id] = _Inbound(
+            desc, request_id, slots, covered, time.monotonic() + desc.lease_s
+        )
+        self._ended.pop(desc.transfer_id, None)
+        logger.debug("request %s: expecting transfer %s (%d tokens)", request_id, desc.transfer_id, desc.num_tokens)
+
+    def poll(self, timeout_ms: int = 0) -> list[TransferEvent]:
+        events: list[TransferEvent] = []
+        self._progress_pending(events)
+        if self._sock.poll(timeout_ms if not self._has_pending() else 0, zmq.POLLIN):
+            for _ in range(MAX_MESSAGES_PER_POLL):
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_message(frames, events)
+        self._progress_pending(events)
+        self._expire_leases(events)
+        return events
+
+    def cancel(self, transfer_id: str) -> None:
+        inb = self._transfers.get(transfer_id)
+        if inb is not None:
+            logger.info("request %s: transfer %s cancelled by receiver", inb.request_id, transfer_id)
+            self._end(inb, ok=False, error="cancelled by the receiver", seq=-1)
+
+    def close(self) -> None:
+        for inb in list(self._transfers.values()):
+            self._drop_pending(inb)
+        self._transfers.clear()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    # -- message handling --
+
+    def _on_message(self, frames: list[zmq.Frame], events: list[TransferEvent]) -> None:
+        if len(frames) < 2:
+            logger.warning("dropping transfer message with %d frame(s)", len(frames))
+            return
+        peer = frames[0].bytes
+        try:
+            frame = wire.decode_sender_frame(frames[1].buffer)
+        except wire.FrameError as exc:
+            logger.warning("dropping undecodable transfer frame (%d bytes): %s", len(frames[1].buffer), exc)
+            return
+        inb = self._transfers.get(frame.transfer_id)
+        if inb is None:
+            level = logging.DEBUG if frame.transfer_id in self._ended else logging.WARNING
+            logger.log(level, "dropping %s for unknown or ended transfer %s", type(frame).__name__, frame.transfer_id)
+            self._reply(peer, wire.Ack(frame.transfer_id, frame.seq, ok=False, error="unknown or ended transfer"))
+            return
+        inb.peer = peer
+        inb.deadline = time.monotonic() + inb.desc.lease_s
+        self._guarded(inb, frame.seq, events, self._dispatch, inb, frame, frames[2:], events)
+
+    def _guarded(self, inb: _Inbound, seq: int, events: list[TransferEvent], fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)``; a :class:`_Reject` fails ``inb`` (event + nack) instead of propagating."""
+        try:
+            fn(*args)
+        except _Reject as exc:
+            logger.warning("request %s: transfer %s failed: %s", inb.request_id, inb.desc.transfer_id, exc)
+            events.append(TransferFailed(inb.desc.transfer_id, inb.request_id, str(exc)))
+            self._end(inb, ok=False, error=str(exc), seq=seq)
+
+    def _dispatch(
+        self, inb: _Inbound, frame: wire.SenderFrame, payload: list[zmq.Frame], events: list[TransferEvent]
+    ) -> None:
+        if isinstance(frame, wire.Begin):
+            layout = KVLayout(
+                frame.model_id, frame.dtype, frame.num_layers, frame.num_kv_heads, frame.head_dim, inb.desc.page_size
+            )
+            try:
+                layout.check_compatible(inb.desc)
+            except TransferError as exc:
+                raise _Reject(str(exc)) from exc
+            self._reply(inb.peer, wire.Ack(frame.transfer_id, frame.seq))
+        elif isinstance(frame, wire.Chunk):
+            self._on_chunk(inb, frame, payload, events)
+            self._reply(inb.peer, wire.Ack(frame.transfer_id, frame.seq))
+        elif isinstance(frame, wire.Finish):
+            if frame.done.transfer_id != inb.desc.transfer_id:
+                raise _Reject(f"PrefillDone names transfer {frame.done.transfer_id}")
+            inb.done, inb.finish_seq = frame.done, frame.seq
+            inb.request_id = inb.request_id or frame.done.request_id
+            self._try_complete(inb, events)
+        else:  # wire.Abort
+            inb.request_id = inb.request_id or frame.failed.request_id
+            raise _Reject(f"prefill failed: {frame.failed.error}")
+
+    def _on_chunk(self, inb: _Inbound, chunk: wire.Chunk, payload: list[zmq.Frame], events: list[TransferEvent]) -> None:
+        s, e = chunk.token_start, chunk.token_end
+        if not 0 <= chunk.layer < self._layout.num_layers:
+            raise _Reject(f"layer {chunk.layer} out of range [0, {self._layout.num_layers})")
+        if not 0 <= s < e <= inb.desc.num_tokens:
+            raise _Reject(f"token range [{s}, {e}) outside the reservation of {inb.desc.num_tokens} tokens")
+        if chunk.nbytes != (e - s) * self._token_bytes:
+            raise _Reject(f"chunk declares {chunk.nbytes} bytes, expected {(e - s) * self._token_bytes}")
+        if inb.covered[chunk.layer, s:e].any():
+            raise _Reject(f"layer {chunk.layer} tokens [{s}, {e}) sent twice")
+        if chunk.ucx_tag is not None:
+            if payload:
+                raise _Reject("UCX chunk carries an inline payload frame")
+            self._accept_remote_payload(inb, chunk)
+            return
+        if len(payload) != 1 or len(payload[0].buffer) != chunk.nbytes:
+            got = [len(p.buffer) for p in payload]
+            raise _Reject(f"payload frames {got} do not match the declared {chunk.nbytes} bytes (truncated?)")
+        data = payload_view(payload[0].buffer, self._layout, e - s)
+        self._land(inb, chunk, data, events)
+
+    def _land(self, inb: _Inbound, chunk: wire.Chunk, data: torch.Tensor, events: list[TransferEvent]) -> None:
+        """Scatter ``data`` ``[2, T, H, D]`` into the reserved pages and mark it covered."""
+        s, e = chunk.token_start, chunk.token_end
+        scatter_tokens(self._kv, chunk.layer, inb.slots[s:e], data)
+        inb.covered[chunk.layer, s:e] = True
+        if inb.covered[chunk.layer].all():
+            events.append(LayerArrived(inb.desc.transfer_id, chunk.layer))
+
+    def _try_complete(self, inb: _Inbound, events: list[TransferEvent]) -> None:
+        if inb.done is None or inb.pending:
+            return
+        missing = np.flatnonzero(~inb.covered.all(axis=1))
+        if len(missing):
+            raise _Reject(f"finished with layers {missing.tolist()[:8]} incomplete")
+        events.append(TransferComplete(inb.desc.transfer_id, inb.done))
+        logger.debug("request %s: transfer %s complete", inb.request_id, inb.desc.transfer_id)
+        self._end(inb, ok=True, error=None, seq=inb.finish_seq)
+
+    def _end(self, inb: _Inbound, ok: bool, error: str | None, seq: int) -> None:
+        tid = inb.desc.transfer_id
+        self._transfers.pop(tid, None)
+        self._drop_pending(inb)
+        self._ended[tid] = None
+        while len(self._ended) > REMEMBER_ENDED:
+            self._ended.popitem(last=False)
+        if inb.peer is not None:
+            self._reply(inb.peer, wire.Ack(tid, seq, ok=ok, error=error, complete=ok))
+
+    def _expire_leases(self, events: list[TransferEvent]) -> None:
+        now = time.monotonic()
+        for inb in [t for t in self._transfers.values() if t.deadline < now]:
+            reason = f"KV transfer lease of {inb.desc.lease_s:g}s expired without data from the prefill worker"
+            logger.warning("request %s: transfer %s: %s", inb.request_id, inb.desc.transfer_id, reason)
+            events.append(TransferFailed(inb.desc.transfer_id, inb.request_id, reason))
+            self._end(inb, ok=False, error=reason, seq=-1)
+
+    def _reply(self, peer: bytes | None, ack: wire.Ack) -> None:
+        if peer is None:
+            return
+        try:
+            self._sock.send_multipart([peer, wire.encode(ack)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            logger.warning("could not ack transfer %s: %s", ack.transfer_id, exc)
+
+    # -- hooks for backends whose payload travels elsewhere (UCX) --
+
+    def _accept_remote_payload(self, inb: _Inbound, chunk: wire.Chunk) -> None:
+        raise _Reject("this receiver takes inline payloads only (sender uses another backend?)")
+
+    def _has_pending(self) -> bool:
+        return False
+
+    def _progress_pending(self, events: list[TransferEvent]) -> None:
+        """Land finished remote payloads (UCX)."""
+
+    def _drop_pending(self, inb: _Inbound) -> None:
+        """Forget a transfer's in-flight remote payloads; they never touch the pages."""
+        inb.pending.clear()
+
+
+# --- sender ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Conn:
+    """One DEALER socket per receiver address."""
+
+    sock: zmq.Socket
+    seq: int = 0
+    unacked: dict[int, float] = field(default_factory=dict)
+    """seq -> monotonic send time."""
+
+
+@dataclass
+class _Outbound:
+    desc: KVDescriptor
+    request_id: str
+    done: PrefillDone | None = None
+
+
+class ZmqKVSender(KVSender):
+    """See :class:`~splitserve.transfer.base.KVSender`. ``kv_cache``: ``[L, 2, pages, page_size, H, D]``."""
+
+    def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
+        layout.check_cache(kv_cache)
+        self._cfg, self._kv, self._layout = cfg, kv_cache, layout
+        self._ctx = zmq.Context()
+        self._conns: dict[str, _Conn] = {}
+        self._out: dict[str, _Outbound] = {}
+
+    def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
+        """See the base class; ``request_id`` (optional) labels log lines and events."""
+        self._layout.check_compatible(desc)
+        if desc.transfer_id in self._out:
+            raise TransferError(f"transfer {desc.transfer_id} already begun")
+        self._out[desc.transfer_id] = _Outbound(desc, request_id)
+        lay = self._layout
+        self._send(
+            desc.transfer_id,
+            lambda seq: wire.Begin(desc.transfer_id, seq, lay.model_id, lay.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim),
+        )
+
+    def send_layer(
+        self, transfer_id: str, layer: int, src_page_ids: Sequence[int], token_start: int, token_end: int
+    ) -> None:
+        out = self._outbound(transfer_id)
+        if not 0 <= layer < self._layout.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self._layout.num_layers})")
+        if token_end > out.desc.num_tokens:
+            raise ValueError(f"token_end {token_end} beyond the reservation of {out.desc.num_tokens} tokens")
+        slots = token_slots(src_page_ids, self._layout.page_size, token_start, token_end)
+        staging = self._stage(layer, slots)
+        nbytes = staging.numel() * staging.element_size()
+        self._send_payload(out, layer, token_start, token_end, nbytes, staging)
+
+    def finish(self, transfer_id: str, done: PrefillDone) -> None:
+        out = self._outbound(transfer_id)
+        out.done = done
+        out.request_id = out.request_id or done.request_id
+        self._send(transfer_id, lambda seq: wire.Finish(transfer_id, seq, done))
+
+    def fail(self, transfer_id: str, request_id: str, error: str) -> None:
+        self._outbound(transfer_id)
+        failed = PrefillFailed(request_id=request_id, transfer_id=transfer_id, error=error)
+        self._send(transfer_id, lambda seq: wire.Abort(transfer_id, seq, failed))
+        self._out.pop(transfer_id, None)
+
+    def poll(self) -> list[TransferEvent]:
+        events: list[TransferEvent] = []
+        now = time.monotonic()
+        for addr, conn in list(self._conns.items()):
+            self._read_acks(conn, events)
+            if conn.unacked and now - min(conn.unacked.values()) > self._cfg.lease_s:
+                self._drop_connection(addr, f"receiver {addr} did not acknowledge within {self._cfg.lease_s:g}s (gone?)", events)
+        self._progress_sends(events)
+        return events
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.sock.close(linger=0)
+        self._conns.clear()
+        self._out.clear()
+        self._ctx.term()
+
+    # -- internals --
+
+    def _outbound(self, transfer_id: str) -> _Outbound:
+        out = self._out.get(transfer_id)
+        if out is None:
+            raise TransferError(f"transfer {transfer_id} is not active (never begun, finished or failed)")
+        return out
+
+    def _stage(self, layer: int, slots: np.ndarray) -> torch.Tensor:
+        """Gather ``slots`` of ``layer`` into one host tensor ``[2, T, H, D]`` (device gather + one D2H copy on GPU)."""
+        lay = self._layout
+        buf = torch.empty((2, len(slots), lay.num_kv_heads, lay.head_dim), dtype=self._kv.dtype, device=self._kv.device)
+        gather_tokens(self._kv, layer, slots, buf)
+        return buf.cpu()
+
+    def _connection(self, addr: str) -> _Conn:
+        conn = self._conns.get(addr)
+        if conn is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            _curve_client(sock, self._cfg)
+            sock.connect(addr)
+            conn = self._conns[addr] = _Conn(sock)
+        return conn
+
+    def _control_addr(self, desc: KVDescriptor) -> str:
+        return desc.receiver_addr
+
+    def _send(self, transfer_id: str, make_frame: Any, payload: Any = None) -> None:
+        """Send ``make_frame(seq)`` (plus an optional zero-copy payload) and track its ack."""
+        conn = self._connection(self._control_addr(self._out[transfer_id].desc))
+        conn.seq += 1
+        header = wire.encode(make_frame(conn.seq))
+        parts = [header] if payload is None else [header, payload]
+        conn.sock.send_multipart(parts, copy=False)
+        conn.unacked[conn.seq] = time.monotonic()
+
+    def _send_payload(
+        self, out: _Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
+    ) -> None:
+        tid = out.desc.transfer_id
+        raw = staging.view(torch.uint8).numpy()  # keeps ``staging`` alive until ZeroMQ has sent it
+        self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes), raw)
+
+    def _read_acks(self, conn: _Conn, events: list[TransferEvent]) -> None:
+        while True:
+            try:
+                data = conn.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                ack = wire.decode_ack(data)
+            except wire.FrameError as exc:
+                logger.warning("dropping bad ack: %s", exc)
+                continue
+            conn.unacked.pop(ack.seq, None)
+            self._on_ack(ack, events)
+
+    def _on_ack(self, ack: wire.Ack, events: list[TransferEvent]) -> None:
+        out = self._out.get(ack.transfer_id)
+        if out is None:
+            return
+        if not ack.ok:
+            logger.warning("request %s: receiver refused transfer %s: %s", out.request_id, ack.transfer_id, ack.error)
+            events.append(TransferFailed(ack.transfer_id, out.request_id, f"receiver refused the transfer: {ack.error}"))
+            self._forget(ack.transfer_id)
+        elif ack.complete and out.done is not None:
+            events.append(TransferComplete(ack.transfer_id, out.done))
+            self._forget(ack.transfer_id)
+
+    def _forget(self, transfer_id: str) -> None:
+        self._out.pop(transfer_id, None)
+
+    def _drop_connection(self, addr: str, reason: str, events: list[TransferEvent]) -> None:
+        """Receiver presumed gone: fail its transfers and drop queued staging buffers."""
+        conn = self._conns.pop(addr)
+        conn.sock.close(linger=0)
+        for tid, out in list(self._out.items()):
+            if self._control_addr(out.desc) == addr:
+                logger.warning("request %s: transfer %s failed: %s", out.request_id, tid, reason)
+                events.append(TransferFailed(tid, out.request_id, reason))
+                self._forget(tid)
+
+    def _progress_sends(self, events: list[TransferEvent]) -> None:
+        """Release finished remote sends (UCX)."""
