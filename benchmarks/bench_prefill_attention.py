@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.benchmarks.kernels_common import bench_ms, header, matmul_tflops
+from splitserve.core.model.attention import AttentionMetadata
+from splitserve.core.model.attention_triton import TritonAttentionBackend
 from splitserve.kernels.attention import paged_prefill_attention
 from splitserve.kernels.testing import make_paged_batch
 
@@ -40,6 +42,19 @@ def _sdpa_fn(b, n: int, ctx: int, q_len: int):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _backend_fn(b):
+    """TritonAttentionBackend.attend as the engine calls it (SDPA per sequence on gathered K/V when it prefers)."""
+    kv = torch.stack([b.k_pages, b.v_pages])
+    meta = AttentionMetadata(
+        cu_seqlens_q=b.cu_seqlens_q, context_lens=b.context_lens, block_tables=b.block_tables,
+        slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"), max_q_len=max(b.q_lens),
+        max_context_len=max(b.ctx_lens), q_lens=b.q_lens, ctx_lens_host=b.ctx_lens, page_size=PAGE,
+    )
+    backend = TritonAttentionBackend()
+    path = "sdpa" if backend._prefer_sdpa(b.q, meta) else "triton"
+    return (lambda: backend.attend(b.q, kv, meta, D**-0.5)), path
+
+
 def _flops(n: int, ctx: int, q_len: int) -> float:
     visible = sum(ctx - q_len + i + 1 for i in range(q_len))
     return 4.0 * n * HQ * D * visible
@@ -48,7 +63,7 @@ def _flops(n: int, ctx: int, q_len: int) -> float:
 def tune(n: int, ctx: int) -> None:
     b = make_paged_batch([ctx] * n, [ctx] * n, HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
     rows = []
-    for bm, bn, nw, ns in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3]):
+    for bm, bn, nw, ns in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]):
         try:
             rows.append((bench_ms(_triton_fn(b, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns), 10, 50), bm, bn, nw, ns))
         except Exception as exc:  # noqa: BLE001 -- an out-of-resources config is skipped and reported
@@ -67,12 +82,16 @@ def main() -> None:
     print(f"bf16 matmul 8192^3: {matmul_tflops():.0f} TFLOP/s")
     if args.tune:
         tune(4, 2048)
-    print(f"{'prompts':>7} {'ctx':>5} {'q_len':>5} {'triton_ms':>9} {'TFLOP/s':>8} {'sdpa_ms':>8} {'TFLOP/s':>8} {'triton/sdpa':>11}")
-    for n, ctx, q_len in [(1, 2048, 2048), (4, 2048, 2048), (16, 2048, 2048), (4, 2048, 512)]:
+    print(f"{'prompts':>7} {'ctx':>5} {'q_len':>5} {'triton_ms':>9} {'TFLOP/s':>8} {'sdpa_ms':>8} {'TFLOP/s':>8} "
+          f"{'triton/sdpa':>11} {'backend_ms':>10} {'path':>6} {'TFLOP/s':>8}")
+    for n, ctx, q_len in [(1, 2048, 2048), (4, 2048, 2048), (16, 2048, 2048), (4, 2048, 512), (64, 256, 256)]:
         b = make_paged_batch([ctx] * n, [q_len] * n, HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
         t_ms, s_ms = bench_ms(_triton_fn(b)), bench_ms(_sdpa_fn(b, n, ctx, q_len))
+        fn, path = _backend_fn(b)
+        b_ms = bench_ms(fn)
         fl = _flops(n, ctx, q_len)
-        print(f"{n:7d} {ctx:5d} {q_len:5d} {t_ms:9.3f} {fl/t_ms/1e9:8.0f} {s_ms:8.3f} {fl/s_ms/1e9:8.0f} {s_ms/t_ms:10.2f}x")
+        print(f"{n:7d} {ctx:5d} {q_len:5d} {t_ms:9.3f} {fl/t_ms/1e9:8.0f} {s_ms:8.3f} {fl/s_ms/1e9:8.0f} "
+              f"{s_ms/t_ms:10.2f}x {b_ms:10.3f} {path:>6} {fl/b_ms/1e9:8.0f}")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,17 @@ def matmul_tflops(n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = bench_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn`` (how the decode engine runs it: no launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)

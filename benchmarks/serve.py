@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -88,11 +89,11 @@ def sample_lengths(mean: int, range_ratio: float, num: int, rng: random.Random) 
     return [rng.randint(low, high) for _ in range(num)]
 
 
-def random_ids(rng: random.Random, num: int, vocab_size: int) -> list[int]:
-    """``num`` token ids drawn uniformly from ``[1, vocab_size)`` (id 0 is often padding/unk)."""
-    if vocab_size < 2:
-        raise ValueError(f"vocab size must be >= 2, got {vocab_size}")
-    return [rng.randrange(1, vocab_size) for _ in range(num)]
+def random_ids(rng: random.Random, num: int, pool: Sequence[int]) -> list[int]:
+    """``num`` token ids drawn uniformly from ``pool`` (e.g. ``range(1, vocab_size)``: id 0 is often padding)."""
+    if not pool:
+        raise ValueError("no token ids to draw from")
+    return [rng.choice(pool) for _ in range(num)]
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,21 @@ class TextCodec(Protocol):
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
 
 
-def text_of_length(tok: TextCodec, ids: list[int], rng: random.Random, vocab_size: int, rounds: int = 8) -> tuple[str, int]:
+def text_token_ids(tok: TextCodec, vocab_size: int) -> list[int]:
+    """Ids that decode on their own to printable text (byte-fallback pieces and specials excluded)."""
+    ids = []
+    for i in range(vocab_size):
+        piece = tok.decode([i])
+        if piece.strip() and piece.isprintable() and "\ufffd" not in piece:
+            ids.append(i)
+    return ids
+
+
+def text_of_length(tok: TextCodec, ids: list[int], rng: random.Random, pool: Sequence[int], rounds: int = 8) -> tuple[str, int]:
     """Text that re-tokenizes to about ``len(ids)`` tokens, and its actual token count.
 
-    Random ids rarely survive decode + encode unchanged (merges, byte fallback), so the ids are
-    re-encoded and trimmed or topped up until the round trip is stable or ``rounds`` run out.
+    Random ids rarely survive decode + encode unchanged (merges), so the ids are re-encoded and
+    trimmed or topped up from ``pool`` until the round trip is stable or ``rounds`` run out.
     """
     target = len(ids)
     text = tok.decode(ids)
@@ -129,7 +140,7 @@ def text_of_length(tok: TextCodec, ids: list[int], rng: random.Random, vocab_siz
         got = tok.encode(text, add_special_tokens=False)
         if len(got) == target:
             break
-        ids = got[:target] if len(got) > target else got + random_ids(rng, target - len(got), vocab_size)
+        ids = got[:target] if len(got) > target else got + random_ids(rng, target - len(got), pool)
         text = tok.decode(ids)
     return text, len(tok.encode(text, add_special_tokens=False))
 
@@ -140,27 +151,29 @@ def build_dataset(
     """Random prompts (``random``) or shared prefix + unique suffix (``prefix``).
 
     Without ``tokenizer`` prompts are lists of token ids (valid for ``/v1/completions``); with it,
-    they are text of (about) the same number of tokens, see :func:`text_of_length`.
+    they are text of (about) the same number of tokens built from printable tokens, see
+    :func:`text_of_length`.
     """
     if spec.kind not in ("random", "prefix"):
         raise ValueError(f"unknown dataset {spec.kind!r}: expected random or prefix")
     in_lens = sample_lengths(spec.input_len, spec.range_ratio, spec.num_prompts, rng)
     out_lens = sample_lengths(spec.output_len, spec.range_ratio, spec.num_prompts, rng)
+    pool = text_token_ids(tokenizer, vocab_size) if tokenizer else range(1, vocab_size)
     prefixes: list[list[int]] = [[]]
     if spec.kind == "prefix":
         if not 0 < spec.prefix_len < spec.input_len or spec.num_prefixes < 1:
             raise ValueError("prefix dataset needs 0 < prefix_len < input_len and num_prefixes >= 1")
-        prefixes = [random_ids(rng, spec.prefix_len, vocab_size) for _ in range(spec.num_prefixes)]
-    prefix_texts = [text_of_length(tokenizer, p, rng, vocab_size) if tokenizer and p else ("", 0) for p in prefixes]
+        prefixes = [random_ids(rng, spec.prefix_len, pool) for _ in range(spec.num_prefixes)]
+    prefix_texts = [text_of_length(tokenizer, p, rng, pool) if tokenizer and p else ("", 0) for p in prefixes]
     prompts = []
     for i, (n_in, n_out) in enumerate(zip(in_lens, out_lens)):
         prefix = prefixes[i % len(prefixes)]
-        suffix = random_ids(rng, max(1, n_in - len(prefix)), vocab_size)
+        suffix = random_ids(rng, max(1, n_in - len(prefix)), pool)
         if tokenizer is None:
             prompts.append(Prompt(prefix + suffix, len(prefix) + len(suffix), n_out))
             continue
         head, head_len = prefix_texts[i % len(prefixes)]
-        tail, tail_len = text_of_length(tokenizer, suffix, rng, vocab_size)
+        tail, tail_len = text_of_length(tokenizer, suffix, rng, pool)
         prompts.append(Prompt(head + tail, head_len + tail_len, n_out))
     return prompts
 
@@ -402,9 +415,7 @@ async def run_requests(cfg: RunConfig, prompts: Sequence[Prompt]) -> tuple[str, 
 
         async def one(i: int, prompt: Prompt, t0: float) -> RequestResult:
             await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
-            if limit is None:
-                return await send_completion(session, cfg.base_url, model, prompt, f"bench-{cfg.seed}-{i}")
-            async with limit:
+            async with limit or contextlib.nullcontext():
                 return await send_completion(session, cfg.base_url, model, prompt, f"bench-{cfg.seed}-{i}")
 
         start = time.perf_counter()

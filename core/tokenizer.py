@@ -288,6 +288,8 @@ class IncrementalDetokenizer:
     once complete. ``"".join(pushes) + finish()`` equals :func:`decode_continuation`, i.e. the text
     ``decode(prompt + output)`` adds after ``decode(prompt)``; this is ``decode(output)`` except that a
     leading space the decoder strips at the start of a sequence is kept (OpenAI completion semantics).
+    This holds whenever the output is valid UTF-8; for invalid byte sequences the number of
+    replacement characters (U+FFFD) may differ from a one-shot decode.
     """
 
     _CONTEXT = 5

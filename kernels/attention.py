@@ -24,6 +24,8 @@ Two kernels:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -202,9 +204,14 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * so_b + h * so_h + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -331,9 +338,9 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     scale: float,
     max_q_len: int,
-    block_m: int = 128,
+    block_m: int = 64,
     block_n: int = 64,
-    num_warps: int = 8,
+    num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:

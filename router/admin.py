@@ -25,6 +25,7 @@ from aiohttp import web
 
 from splitserve.core.messages import Drain, Register, Role, SetRole
 from splitserve.router.openai_api import APIError, bad_request, parse_json_body
+from splitserve.router.service import SERVICE, RouterService
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ STATIC_DIR = Path(__file__).with_name("static")
 _ROLES = get_args(Role)
 
 
-def _check_token(request: web.Request, service_key: web.AppKey) -> Any:
-    svc = request.app[service_key]
+def _check_token(request: web.Request) -> RouterService:
+    svc = request.app[SERVICE]
     token = svc.config.admin_token
     if token is None:
         raise APIError(403, "the admin API is disabled (no admin token configured)", type="permission_denied")
@@ -43,7 +44,7 @@ def _check_token(request: web.Request, service_key: web.AppKey) -> Any:
     return svc
 
 
-def _worker(svc: Any, request: web.Request) -> Any:
+def _worker(svc: RouterService, request: web.Request) -> Any:
     wid = request.match_info["worker_id"]
     w = svc.registry.get(wid)
     if w is None:
@@ -51,7 +52,7 @@ def _worker(svc: Any, request: web.Request) -> Any:
     return w
 
 
-def status_json(svc: Any) -> dict[str, Any]:
+def status_json(svc: RouterService) -> dict[str, Any]:
     """What the status page shows: workers, queue depths, recent TTFT/TPOT."""
     now = svc.registry.now()
     return {
@@ -66,60 +67,66 @@ def status_json(svc: Any) -> dict[str, Any]:
     }
 
 
-def add_routes(app: web.Application, service_key: web.AppKey) -> None:
-    """Admin, status page and static routes on ``app`` (the service is ``app[service_key]``)."""
+async def list_workers(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    now = svc.registry.now()
+    return web.json_response({"workers": [w.to_json(now) for w in svc.registry.all()]})
 
-    async def list_workers(request: web.Request) -> web.Response:
-        svc = _check_token(request, service_key)
-        now = svc.registry.now()
-        return web.json_response({"workers": [w.to_json(now) for w in svc.registry.all()]})
 
-    async def register(request: web.Request) -> web.Response:
-        svc = _check_token(request, service_key)
-        body = parse_json_body(await request.read())
-        try:
-            msg = msgspec.convert({**body, "type": "Register"}, Register)
-        except msgspec.ValidationError as exc:
-            raise bad_request(f"invalid worker registration: {exc}") from exc
-        old = svc.registry.register(msg.worker_id.encode(), msg, external=True)
-        if old is not None:
-            svc.control.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} re-registered by an admin")
-        return web.json_response(svc.registry.get(msg.worker_id).to_json(svc.registry.now()), status=201)
+async def register(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    body = parse_json_body(await request.read())
+    try:
+        msg = msgspec.convert({**body, "type": "Register"}, Register)
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"invalid worker registration: {exc}") from exc
+    old = svc.registry.register(msg.worker_id.encode(), msg, external=True)
+    if old is not None:
+        svc.control.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} re-registered by an admin")
+    return web.json_response(svc.registry.get(msg.worker_id).to_json(svc.registry.now()), status=201)
 
-    async def drain(request: web.Request) -> web.Response:
-        svc = _check_token(request, service_key)
-        w = _worker(svc, request)
-        w.draining = True
-        sent = await svc.control.send(w, Drain())
-        logger.info("admin: worker %s draining (drain message %s)", w.worker_id, "sent" if sent else "not delivered")
-        return web.json_response({"worker_id": w.worker_id, "draining": True, "delivered": sent})
 
-    async def set_role(request: web.Request) -> web.Response:
-        svc = _check_token(request, service_key)
-        w = _worker(svc, request)
-        role = parse_json_body(await request.read()).get("role")
-        if role not in _ROLES:
-            raise bad_request(f"invalid field 'role': must be one of {', '.join(_ROLES)}", param="role")
-        sent = await svc.control.send(w, SetRole(role=role))
-        if sent:
-            w.role = role
-        logger.info("admin: worker %s role -> %s (%s)", w.worker_id, role, "sent" if sent else "not delivered")
-        return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent},
-                                 status=200 if sent else 502)
+async def drain(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    w = _worker(svc, request)
+    w.draining = True
+    sent = await svc.control.send(w, Drain())
+    logger.info("admin: worker %s draining (drain message %s)", w.worker_id, "sent" if sent else "not delivered")
+    return web.json_response({"worker_id": w.worker_id, "draining": True, "delivered": sent})
 
-    async def deregister(request: web.Request) -> web.Response:
-        svc = _check_token(request, service_key)
-        w = _worker(svc, request)
-        svc.registry.remove(w.worker_id)
-        svc.control.fail_worker_streams(w.worker_id, f"worker {w.worker_id} was deregistered by an admin")
-        return web.json_response({"worker_id": w.worker_id, "removed": True})
 
-    async def status_data(request: web.Request) -> web.Response:
-        return web.json_response(status_json(request.app[service_key]))
+async def set_role(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    w = _worker(svc, request)
+    role = parse_json_body(await request.read()).get("role")
+    if role not in _ROLES:
+        raise bad_request(f"invalid field 'role': must be one of {', '.join(_ROLES)}", param="role")
+    sent = await svc.control.send(w, SetRole(role=role))
+    if sent:
+        w.role = role
+    logger.info("admin: worker %s role -> %s (%s)", w.worker_id, role, "sent" if sent else "not delivered")
+    return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent},
+                             status=200 if sent else 502)
 
-    async def status_page(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC_DIR / "index.html")
 
+async def deregister(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    w = _worker(svc, request)
+    svc.registry.remove(w.worker_id)
+    svc.control.fail_worker_streams(w.worker_id, f"worker {w.worker_id} was deregistered by an admin")
+    return web.json_response({"worker_id": w.worker_id, "removed": True})
+
+
+async def status_data(request: web.Request) -> web.Response:
+    return web.json_response(status_json(request.app[SERVICE]))
+
+
+async def status_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+def add_routes(app: web.Application) -> None:
+    """Admin, status page and static routes on ``app`` (the service is ``app[SERVICE]``)."""
     app.router.add_get("/admin/workers", list_workers)
     app.router.add_post("/admin/workers", register)
     app.router.add_post("/admin/workers/{worker_id}/drain", drain)

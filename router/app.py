@@ -23,17 +23,15 @@ from splitserve.core.config import RouterConfig
 from splitserve.core.messages import SamplingParams
 from splitserve.core.tokenizer import NoChatTemplateError, Tokenizer, load_tokenizer
 from splitserve.router import admin
-from splitserve.router.formatting import ChatFormatter, CompletionFormatter, _Formatter
+from splitserve.router.formatting import ChatFormatter, CompletionFormatter, Formatter
 from splitserve.router.openai_api import (
     APIError, ChatCompletionRequest, CompletionRequest, bad_request, models_body, new_id, parse_json_body,
     parse_request, to_sampling_params,
 )
 from splitserve.router.output import Delta, OutputProcessor
-from splitserve.router.service import RouterService
+from splitserve.router.service import SERVICE, RouterService
 
 logger = logging.getLogger(__name__)
-
-SERVICE = web.AppKey("service", RouterService)
 
 _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
@@ -87,7 +85,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, svc, req, fmt, prompt_ids, "messages")
 
 
-async def _serve(request: web.Request, svc: RouterService, req: Any, fmt: _Formatter, prompt_ids: list[int],
+async def _serve(request: web.Request, svc: RouterService, req: Any, fmt: Formatter, prompt_ids: list[int],
                  prompt_field: str) -> web.StreamResponse:
     svc.admit()
     max_len = svc.max_model_len()
@@ -115,7 +113,7 @@ async def _sse(resp: web.StreamResponse, body: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
 
 
-async def _stream(request: web.Request, fmt: _Formatter, gen: AsyncIterator[Delta], proc: OutputProcessor,
+async def _stream(request: web.Request, fmt: Formatter, gen: AsyncIterator[Delta], proc: OutputProcessor,
                   include_usage: bool) -> web.StreamResponse:
     """SSE stream; headers go out with the first output, so failures before it get a real HTTP status."""
     first = await anext(gen, None)
@@ -138,7 +136,7 @@ async def _stream(request: web.Request, fmt: _Formatter, gen: AsyncIterator[Delt
     return resp
 
 
-async def _send_delta(resp: web.StreamResponse, fmt: _Formatter, delta: Delta, proc: OutputProcessor) -> None:
+async def _send_delta(resp: web.StreamResponse, fmt: Formatter, delta: Delta, proc: OutputProcessor) -> None:
     body = fmt.chunk(delta, proc)
     if body is not None:
         await _sse(resp, body)
@@ -186,6 +184,6 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: ra
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    admin.add_routes(app, SERVICE)
+    admin.add_routes(app)
     return app
 

@@ -15,7 +15,7 @@ from splitserve.router.openai_api import ChatCompletionRequest, CompletionReques
 from splitserve.router.output import CompletionLogprobs, Delta, OutputProcessor, chat_logprobs
 
 
-class _Formatter:
+class Formatter:
     object_name = ""
     chunk_object_name = ""
 
@@ -47,7 +47,7 @@ class _Formatter:
         raise NotImplementedError
 
 
-class CompletionFormatter(_Formatter):
+class CompletionFormatter(Formatter):
     """``text_completion`` bodies; echo prepends the prompt (and its logprobs) to the first output."""
 
     object_name = chunk_object_name = "text_completion"
@@ -93,7 +93,7 @@ class CompletionFormatter(_Formatter):
         return self.body(self._choice(text, logprobs, finish), False, self.usage(proc))
 
 
-class ChatFormatter(_Formatter):
+class ChatFormatter(Formatter):
     """``chat.completion`` / ``chat.completion.chunk`` bodies; the first chunk carries the role."""
 
     object_name = "chat.completion"

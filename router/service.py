@@ -16,6 +16,7 @@ import time
 from typing import AsyncIterator, Sequence
 
 import zmq.asyncio
+from aiohttp import web
 
 from splitserve.core.config import RouterConfig
 from splitserve.core.messages import GenerateReq, SamplingParams
@@ -173,3 +174,7 @@ class RouterService:
             self.inflight -= 1
             self.metrics.inflight.dec()
             logger.info("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)
+
+
+SERVICE = web.AppKey("service", RouterService)
+"""Where the app keeps its :class:`RouterService`."""

@@ -90,7 +90,7 @@ class WordCodec:
     """A tokenizer whose round trip is lossy in the way real ones are: id 5 decodes to two words."""
 
     def decode(self, ids, skip_special_tokens=True):
-        return "".join(" t5 t5" if i == 5 else f" t{i}" for i in ids)
+        return "".join(" t5 t5" if i == 5 else "" if i == 0 else f" t{i}" for i in ids)
 
     def encode(self, text, add_special_tokens=True):
         return [int(w[1:]) if w != "t5" else 6 for w in text.split()]

@@ -14,7 +14,14 @@ import argparse
 import copy
 import importlib.metadata
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -270,3 +277,85 @@ def test_k8s_router_readiness_workers_gpus_and_commands():
         if name != "splitserve-router":
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert _opt(argv, "--router-addr") == "tcp://splitserve-router:8100"
+
+
+# ---------------------------------------------------------------------------------------------- as processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _localize(argv: list[str], hosts: set[str], ports: dict[str, str]) -> list[str]:
+    """The compose command with service names and 0.0.0.0 as 127.0.0.1 and the fixed ports as free ones."""
+    out = []
+    for prev, arg in zip([""] + argv, argv):
+        if prev in ("--host", "--control-host") and arg in hosts:
+            arg = "127.0.0.1"
+        elif prev in ("--port", "--control-port") and arg in ports:
+            arg = ports[arg]
+        elif arg.startswith("tcp://"):
+            host, _, port = arg[len("tcp://"):].rpartition(":")
+            arg = f"tcp://{'127.0.0.1' if host in hosts else host}:{ports.get(port, port)}"
+        out.append(arg)
+    return out
+
+
+def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = [p.args for p in procs if p.poll() is not None]
+        assert not dead, f"exited early: {dead}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"{url}/health never answered 200")
+
+
+def test_cpu_compose_topology_runs_as_processes(tmp_path, capsys):
+    """compose.cpu.yaml's services, started as real processes on loopback with exactly their commands
+    (addresses localized), serve completions and answer bench serve; SIGTERM stops all of them."""
+    doc = load_compose(COMPOSE_DIR / "compose.cpu.yaml", BASE_ENV)
+    http = str(_free_port())
+    ports = {"8000": http, "8100": str(_free_port())}
+    hosts = set(doc["services"]) | {"0.0.0.0"}
+    procs = []
+    try:
+        for name, svc in doc["services"].items():  # router first, as compose's depends_on orders them
+            argv = _localize(svc["command"], hosts, ports)
+            env = {**os.environ, **svc.get("environment", {})}
+            log = open(tmp_path / f"{name}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "splitserve.cli", *argv[1:]], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+        url = f"http://127.0.0.1:{http}"
+        _wait_healthy(url, procs, 180.0)
+        body = json.dumps({"model": "builtin:tiny-random-llama", "prompt": "Once upon a time", "max_tokens": 4,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            out = json.loads(resp.read())
+        assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["finish_reason"] == "length"
+        argv = ["bench", "serve", "--url", url, "--input-len", "8", "--output-len", "3", "--num-prompts", "3", "--json"]
+        from splitserve.benchmarks import serve
+
+        assert serve.main(build_parser(argv).parse_args(argv)) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["completed"], report["failed"], report["output_tokens"]) == (3, 0, 9)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        stuck = []
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stuck.append(p.args)
+                p.kill()
+                p.wait()
+    assert not stuck, f"did not stop on SIGTERM: {stuck}"

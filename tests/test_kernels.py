@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from splitserve.core.model.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
-from splitserve.core.model.attention_triton import TritonAttentionBackend  # noqa: E402
+from splitserve.core.model.attention_triton import TritonAttentionBackend, _sdpa_prefill  # noqa: E402
 from splitserve.kernels import cache, elementwise  # noqa: E402
 from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention, ref_paged_attention  # noqa: E402
 from splitserve.kernels.testing import make_paged_batch, rel_err  # noqa: E402
@@ -205,3 +205,13 @@ def test_triton_backend_matches_torch_backend(q_lens, ctx):
         layers[backend.name] = (kv, backend.attend(b.q, kv, meta, 0.17))
     assert torch.equal(layers["triton"][0], layers["torch"][0])
     assert rel_err(layers["triton"][1], layers["torch"][1]) < 1e-5
+
+
+def test_sdpa_prefill_path_matches_torch_backend():
+    page, q_lens, ctx = 4, [9, 4], [9, 21]
+    gen = torch.Generator().manual_seed(7)
+    b = make_paged_batch(ctx, q_lens, 4, 2, 16, page, torch.float32, DEVICE, gen)
+    meta = _meta(q_lens, ctx, b.block_tables, page)
+    kv = torch.stack([b.k_pages, b.v_pages])
+    got = _sdpa_prefill(b.q, kv, meta, 0.3)
+    assert rel_err(got, TorchAttentionBackend().attend(b.q, kv, meta, 0.3)) < 1e-5

@@ -300,7 +300,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         for i, page in enumerate(computed.page_ids):  # hit pages hold exactly the prompt's KV
             assert self.kv[page] == prompt[i * 2 : i * 2 + 2]
         free_before = self.mgr.usage().free
-        event(f"hit pages: {len(computed)}, evictable hits: {sum(map(self.mgr._allocator.is_evictable, computed.page_ids))}")
+        revived = sum(map(self.mgr._allocator.is_evictable, computed.page_ids))
+        event(f"hit pages: {len(computed)}, evictable hits: {revived}")  # --hypothesis-show-statistics
         blocks = self.mgr.allocate_slots(rid, len(prompt), computed)
         event(f"admitted: {blocks is not None}")
         if blocks is None:

@@ -132,3 +132,20 @@ def test_router_never_imports_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_router_config_from_flags_and_env():
+    import argparse
+
+    from splitserve.router.main import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--port", "9001", "--decode-policy", "kv_aware", "--extra-stop-token-ids", "1,5"])
+    env = {"SPLITSERVE_PORT": "9000", "SPLITSERVE_ADMIN_TOKEN": "t", "SPLITSERVE_SHARED_DIR": "/x",
+           "SPLITSERVE_HEARTBEAT_TIMEOUT_S": "2.5"}
+    cfg = config_from_args(args, environ=env)
+    assert (cfg.port, cfg.admin_token, cfg.heartbeat_timeout_s, cfg.decode_policy) == (9001, "t", 2.5, "kv_aware")
+    assert cfg.extra_stop_token_ids == (1, 5)
+    with pytest.raises(ValueError):
+        config_from_args(parser.parse_args(["--prefill-policy", "kv_aware"]), environ={})

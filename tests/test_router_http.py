@@ -246,3 +246,23 @@ def _admin_round_trip(h: RouterHarness) -> None:
     assert [e for e in h.events("p1") if e["type"] == "GenerateReq"][-1]["prefill_worker"] is None
     assert h.request("DELETE", "/admin/workers/d1", headers=auth)[0] == 200
     assert [w["worker_id"] for w in h.status()["workers"]] == ["p1"]
+    ext = {"worker_id": "ext", "role": "decode", "model_id": "m", "peer_addr": "", "transfer_addr": "tcp://x:1",
+           "num_pages": 8, "page_size": 4, "max_model_len": 64}
+    assert h.request("POST", "/admin/workers", body={**ext, "num_pages": "many"}, headers=auth)[0] == 400
+    status, data = h.request("POST", "/admin/workers", body=ext, headers=auth)
+    assert status == 201 and data["external"] and data["role"] == "decode"
+
+
+def test_sigterm_finishes_inflight_stream_then_exits(tmp_path):
+    h = RouterHarness(tmp_path, grace_period=30)
+    try:
+        h.add_worker("w", SCRIPT, delay=0.05)
+        stream = h.client().completions.create(model=MODEL, prompt="x", max_tokens=20, stream=True)
+        it = iter(stream)
+        parts = [next(it).choices[0].text]
+        h.router.send_signal(__import__("signal").SIGTERM)
+        parts += [ch.choices[0].text for ch in it]
+        assert "".join(parts) == _expected(20)
+        assert h.router.wait(timeout=20) == 0
+    finally:
+        h.stop()

@@ -55,8 +55,8 @@ def _click(browser, selector: str) -> None:
 def test_status_page_renders_and_buttons_call_admin(tmp_path, browser):
     h = RouterHarness(tmp_path, admin_token=TOKEN)
     try:
-        h.add_worker("pw", [40, 41, 42], role="prefill")
-        h.add_worker("dw", [40, 41, 42], role="decode")
+        h.add_worker("pw", [40, 41, 42], role="prefill", delay=0.01)
+        h.add_worker("dw", [40, 41, 42], role="decode", delay=0.01)
         for n in (3, 5, 8):
             h.client().completions.create(model="builtin:tiny-random-llama", prompt="hi", max_tokens=n)
         browser.get(h.url + "/status")
@@ -65,7 +65,7 @@ def test_status_page_renders_and_buttons_call_admin(tmp_path, browser):
         assert browser.find_element(By.ID, "health").text == "healthy"
         series_pixels = ("const d=document.getElementById(arguments[0]).getContext('2d')"
                          ".getImageData(0,0,520,180).data;let n=0;"
-                         "for(let i=0;i<d.length;i+=4){if(d[i]==58&&d[i+1]==120&&d[i+2]==194)n++;}return n;")
+                         "for(let i=0;i<d.length;i+=4){if(d[i+3]>0&&d[i+2]>150&&d[i+2]-d[i]>80)n++;}return n;")
         for chart in ("ttft", "tpot"):  # three requests: three points in the series colour
             wait_for(lambda: browser.execute_script(series_pixels, chart) >= 3 * 25, what=f"{chart} series drawn")
         shot = browser.get_screenshot_as_png()

@@ -171,17 +171,26 @@ class ZmqKVReceiver(KVReceiver):
 
     def poll(self, timeout_ms: int = 0) -> list[TransferEvent]:
         events: list[TransferEvent] = []
-        self._progress_pending(events)
-        if self._sock.poll(timeout_ms if not self._has_pending() else 0, zmq.POLLIN):
-            for _ in range(MAX_MESSAGES_PER_POLL):
-                try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_message(frames, events)
-        self._progress_pending(events)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            self._progress_pending(events)
+            # with remote payloads in flight, wait in 1 ms slices so their completion is seen promptly
+            wait = max(0, min(timeout_ms, 1) if self._has_pending() else timeout_ms)
+            if self._sock.poll(wait, zmq.POLLIN):
+                self._drain(events)
+            self._progress_pending(events)
+            if events or not self._has_pending() or time.monotonic() >= deadline:
+                break
         self._expire_leases(events)
         return events
+
+    def _drain(self, events: list[TransferEvent]) -> None:
+        for _ in range(MAX_MESSAGES_PER_POLL):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames, events)
 
     def cancel(self, transfer_id: str) -> None:
         inb = self._transfers.get(transfer_id)

@@ -106,7 +106,6 @@ class PageAllocator:
             page = self._free.popleft()
         else:
             page, _ = self._evictable.popitem(last=False)
-            del self._hash_to_page[self._page_to_hash.pop(page)]
         self._refs[page] = 1
         return page
 

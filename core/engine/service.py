@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,7 +50,12 @@ class Counters:
 
 
 def bind_random(sock: zmq.Socket, host: str, port: int) -> str:
-    """Bind ``tcp://host:port`` (port 0: any free port) and return the bound endpoint."""
+    """Bind ``tcp://host:port`` (port 0: any free port) and return the bound endpoint.
+
+    ``host`` may be a DNS name (a compose service name, a pod IP): ZeroMQ binds only to addresses and
+    interfaces, so names are resolved first.
+    """
+    host = socket.gethostbyname(host)
     if port:
         sock.bind(f"tcp://{host}:{port}")
         return f"tcp://{host}:{port}"

@@ -1,23 +1,42 @@
-"""Triton attention backend: the paged kernels of :mod:`splitserve.kernels` behind :class:`AttentionBackend`."""
+"""Triton attention backend: the paged kernels of :mod:`splitserve.kernels` behind :class:`AttentionBackend`.
+
+Which kernel runs (measured on an H100, benchmarks/RESULTS.md "Kernels (issue 5)"):
+
+* decode-only steps: :func:`paged_decode_attention` (flash-decoding over the pages);
+* prefill steps on CUDA made of a few long sequences: torch SDPA (flash) per sequence on K/V gathered out of the
+  pages, about 2x faster than the Triton prefill kernel for 2048-token prompts;
+* every other prefill step (many or short sequences, and the CPU interpreter): :func:`paged_prefill_attention`.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from splitserve.core.model.attention import AttentionMetadata
 from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention
-from splitserve.kernels.cache import reshape_and_cache
+from splitserve.kernels.cache import gather_tokens, reshape_and_cache
+
+# SDPA per sequence pays a gather and a few launches per sequence: only worth it for a few long ones.
+SDPA_MIN_Q_LEN = 256
+SDPA_MAX_SEQS = 16
 
 
 class TritonAttentionBackend:
-    """Writes K/V with ``reshape_and_cache``; decode-only steps use flash-decoding, others the paged prefill kernel.
+    """Writes K/V with ``reshape_and_cache`` and attends with the paged kernels (see the module docstring).
 
     Tensor layouts are those of :class:`splitserve.core.model.attention.AttentionBackend`:
     ``kv_layer`` ``[2, num_pages, page_size, num_kv_heads, head_dim]``, ``q`` ``[T, num_heads, head_dim]``,
     ``k``/``v`` ``[T, num_kv_heads, head_dim]``, all in the model dtype.
+
+    Args:
+        use_sdpa_prefill: allow the SDPA prefill path on CUDA (False forces the Triton prefill kernel).
     """
 
     name = "triton"
+
+    def __init__(self, use_sdpa_prefill: bool = True) -> None:
+        self.use_sdpa_prefill = use_sdpa_prefill
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> None:
         reshape_and_cache(k, v, kv_layer, meta.slot_mapping)
@@ -27,14 +46,37 @@ class TritonAttentionBackend:
             return paged_decode_attention(
                 q, kv_layer[0], kv_layer[1], meta.block_tables, meta.context_lens, scale, meta.max_context_len
             )
+        if self._prefer_sdpa(q, meta):
+            return _sdpa_prefill(q, kv_layer, meta, scale)
+        tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}  # the interpreter simulates every program
         return paged_prefill_attention(
             q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale, meta.max_q_len,
-            **_prefill_tiles(q),
+            **tiles,
+        )
+
+    def _prefer_sdpa(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (
+            self.use_sdpa_prefill
+            and q.is_cuda
+            and meta.num_seqs <= SDPA_MAX_SEQS
+            and min(meta.q_lens, default=0) >= SDPA_MIN_Q_LEN
         )
 
 
-def _prefill_tiles(q: torch.Tensor) -> dict[str, int]:
-    """Large tiles on GPU; small ones under the CPU interpreter, where every program is simulated."""
-    if q.is_cuda:
-        return {"block_m": 128, "block_n": 64, "num_warps": 8}
-    return {"block_m": 16, "block_n": 16, "num_warps": 4}
+def _sdpa_prefill(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Per sequence: gather its K/V ``[2, ctx, Hkv, D]`` from the pages, then causal SDPA (GQA inside SDPA)."""
+    out = torch.empty_like(q)
+    start = 0
+    for b, (q_len, ctx) in enumerate(zip(meta.q_lens, meta.ctx_lens_host)):
+        kv = gather_tokens(kv_layer, meta.block_tables[b], 0, ctx)
+        qh = q[start : start + q_len].transpose(0, 1)
+        kh, vh = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # cached prefix: query i sits at ctx - q_len + i (SDPA's is_causal would align top-left)
+            pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            mask = pos[:, None] >= torch.arange(ctx, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out

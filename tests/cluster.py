@@ -1,0 +1,120 @@
+"""Start real SplitServe processes on loopback for end-to-end tests, and read their state over HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """A router plus workers, each its own process, started the way ``splitserve up`` starts them."""
+
+    model: str
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.control_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "splitserve.cli", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+
+    def start(self, timeout_s: float = 120.0) -> "Cluster":
+        self._spawn("router", ["router", "--model", self.model, "--port", str(self.port),
+                               "--control-port", str(self.control_port), *self.router_args])
+        roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * self.colocated
+        for i, role in enumerate(roles):
+            self.start_worker(f"{role}-{i}", role)
+        self.wait_workers(len(roles), timeout_s)
+        return self
+
+    def start_worker(self, worker_id: str, role: str) -> None:
+        cmd = "worker" if role == "both" else role
+        self._spawn(worker_id, [cmd, "--role", role, "--worker-id", worker_id, "--model", self.model,
+                                "--router-addr", f"tcp://127.0.0.1:{self.control_port}", *self.worker_args])
+
+    def wait_workers(self, n: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [k for k, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"processes exited during start-up: {dead} (logs in {self.log_dir})")
+            try:
+                if len(self.worker_gauge("kv_pages_free")) >= n and self.health() == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"cluster not ready after {timeout_s}s (logs in {self.log_dir})")
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def worker_gauge(self, name: str) -> dict[str, float]:
+        """``splitserve_worker_<name>`` per worker id, from the router's /metrics."""
+        pat = re.compile(r'^splitserve_worker_' + name + r'\{([^}]*)\}\s+([0-9.eE+-]+)$', re.M)
+        out = {}
+        for labels, val in pat.findall(self.metrics()):
+            wid = re.search(r'worker="([^"]+)"', labels).group(1)
+            out[wid] = float(val)
+        return out
+
+    def wait_pages_free(self, timeout_s: float = 15.0) -> dict[str, float]:
+        """Wait until every worker reports zero KV pages in use; returns the last reading."""
+        deadline = time.monotonic() + timeout_s
+        used: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            used = self.worker_gauge("kv_pages_used")
+            if used and not any(used.values()):
+                return used
+            time.sleep(0.25)
+        return used
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+        self.procs[name].wait(30)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

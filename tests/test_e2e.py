@@ -1,0 +1,188 @@
+"""End to end: the real router and workers as processes on loopback, called with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from cluster import Cluster
+from conftest import shared_model_path
+
+REF_TEXT = ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw"
+REF_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292,
+           411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394]
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a big red ball",
+           "Lily wanted", "The sun was"]
+
+
+def start_cluster(tmp_path_factory, name: str, **kw) -> Cluster:
+    logs = tmp_path_factory.mktemp(name)
+    kw.setdefault("worker_args", ["--page-size", "8", "--num-pages", "512", "--lease-s", "5"])
+    return Cluster(log_dir=logs, **kw).start()
+
+
+@pytest.fixture(scope="module")
+def pd(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, "pd", model=str(shared_model_path("stories260K")))
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client(pd):
+    yield openai.OpenAI(base_url=f"{pd.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    used = pd.wait_pages_free()
+    assert used and not any(used.values()), f"KV pages still in use after the test: {used}"
+
+
+def model_id(c: Cluster) -> str:
+    with urllib.request.urlopen(f"{c.url}/v1/models") as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def complete(client, model, prompt, **kw):
+    kw.setdefault("temperature", 0)
+    return client.completions.create(model=model, prompt=prompt, **kw)
+
+
+def test_greedy_1p1d_matches_reference(pd, client):
+    out = complete(client, model_id(pd), "Once upon a time", max_tokens=32)
+    assert out.choices[0].text == REF_TEXT
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 32
+    ids = complete(client, model_id(pd), [1, 403, 407, 261, 378], max_tokens=32, logprobs=1)
+    assert ids.choices[0].text == REF_TEXT
+    assert len(ids.choices[0].logprobs.tokens) == 32
+
+
+def test_stream_concatenates_to_non_streamed(pd, client):
+    m = model_id(pd)
+    for prompt in PROMPTS[:3]:
+        whole = complete(client, m, prompt, max_tokens=40).choices[0].text
+        chunks = list(complete(client, m, prompt, max_tokens=40, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == whole
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
+
+
+def test_64_concurrent_streams_match_alone(pd, client):
+    m = model_id(pd)
+    alone = {p: complete(client, m, p, max_tokens=24).choices[0].text for p in PROMPTS}
+
+    async def one(aclient, prompt):
+        stream = await aclient.completions.create(model=m, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def run_all():
+        aclient = openai.AsyncOpenAI(base_url=f"{pd.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(64)]
+        texts = await asyncio.gather(*(one(aclient, p) for p in prompts))
+        await aclient.close()
+        return prompts, texts
+
+    prompts, texts = asyncio.run(run_all())
+    assert [alone[p] for p in prompts] == texts
+
+
+def test_sampling_params_through_the_api(pd, client):
+    m = model_id(pd)
+    a = complete(client, m, "Once upon a time", max_tokens=20, seed=11, temperature=1.0)
+    b = complete(client, m, "Once upon a time", max_tokens=20, seed=11, temperature=1.0)
+    assert a.choices[0].text == b.choices[0].text
+    cut = complete(client, m, "Once upon a time", max_tokens=32, stop=["little gi"])
+    assert cut.choices[0].text == ", there was a " and cut.choices[0].finish_reason == "stop"
+    echo = complete(client, m, "Once upon a time", max_tokens=3, echo=True, logprobs=2)
+    assert echo.choices[0].text.startswith("Once upon a time, there")
+    assert echo.choices[0].logprobs.token_logprobs[0] is None
+    assert len(echo.choices[0].logprobs.tokens) == 5 + 3
+
+
+def test_client_disconnect_frees_pages(pd, client):
+    m = model_id(pd)
+    stream = complete(client, m, "Once upon a time", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()
+    used = pd.wait_pages_free()
+    assert used and not any(used.values())
+
+
+def test_bad_input_is_a_400_naming_the_field(pd, client):
+    m = model_id(pd)
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, m, "hi", max_tokens=-1)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}])  # no chat template
+    with pytest.raises(openai.NotFoundError if False else openai.APIStatusError) as e:
+        complete(client, "no-such-model", "hi", max_tokens=2)
+    assert e.value.status_code in (400, 404)
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, m, "word " * 600, max_tokens=2)
+    req = urllib.request.Request(f"{pd.url}/v1/completions", data=b"{not json", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as he:
+        urllib.request.urlopen(req)
+    assert he.value.code == 400 and "error" in json.load(he.value)
+
+
+def test_prefill_worker_killed_request_still_finishes(tmp_path_factory):
+    """Kill the only prefill worker: decode's lease expires and it recomputes the prompt itself."""
+    c = start_cluster(tmp_path_factory, "kill", model=str(shared_model_path("stories260K")),
+                      worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2"],
+                      router_args=["--heartbeat-timeout-s", "30"])
+    try:
+        cl = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        m = model_id(c)
+        assert complete(cl, m, "Once upon a time", max_tokens=32).choices[0].text == REF_TEXT
+        c.kill("prefill-0")
+        t0 = time.monotonic()
+        assert complete(cl, m, "Once upon a time", max_tokens=32).choices[0].text == REF_TEXT
+        assert time.monotonic() - t0 < 30
+        used = c.wait_pages_free()
+        assert used.get("decode-1") == 0
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    src = shared_model_path("stories260K")
+    dst = tmp_path_factory.mktemp("chatmodel") / "stories260K-chat"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_colocated_and_2p2d_match_1p1d(pd, client, chat_model, tmp_path_factory):
+    m = model_id(pd)
+    expected = {p: complete(client, m, p, max_tokens=24).choices[0].text for p in PROMPTS}
+    for name, kw in (("colocated", dict(prefill=0, decode=0, colocated=2)), ("2p2d", dict(prefill=2, decode=2))):
+        c = start_cluster(tmp_path_factory, name, model=chat_model, **kw)
+        try:
+            cl = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+            got = {p: complete(cl, model_id(c), p, max_tokens=24).choices[0].text for p in PROMPTS}
+            assert got == expected, name
+            chat = cl.chat.completions.create(
+                model=model_id(c), messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=16,
+                temperature=0)
+            assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+            assert chat.usage.completion_tokens == 16
+            used = c.wait_pages_free()
+            assert used and not any(used.values())
+        finally:
+            c.stop()

@@ -1,0 +1,262 @@
+"""UCX transfer backend through ``ucxx`` (optional extra: ``pip install -e .[ucx]``).
+
+Payloads travel over UCX tag messages; the small control frames (begin, chunk headers, finish, acks) use the
+same ZeroMQ channel as :mod:`splitserve.transfer.zmq_backend`, which keeps one validation path for both
+backends. The receiver advertises ``ucx://HOST:UCX_PORT,CONTROL_ENDPOINT``.
+
+Memory: payloads are sent from and received into staging tensors on the KV cache's device -- host memory
+on CPU (UCX picks shared memory or tcp), GPU memory on GPU (cuda_ipc over NVLink within a host, RDMA where
+the NIC supports it). On the sender the staging tensor is one gather of the token range out of the pages
+(contiguous page runs are copied as slices, scattered pages use one index gather); on the receiver the
+staging tensor is scattered into the pages inside ``poll()`` (so the engine never sees a page written
+concurrently, and ``cancel()`` is exact). UCX progress runs on a ucxx progress thread, so data moves into
+staging while the worker's loop is busy.
+
+When GPU memory is configured but UCX offers no CUDA transport (cuda_ipc / cuda_copy / gdr_copy), UCX moves
+GPU buffers over tcp at a small fraction of NVLink speed; this is logged as a loud warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from splitserve.core.messages import KVDescriptor
+from splitserve.transfer import wire
+from splitserve.transfer.base import KVLayout, TransferError, TransferEvent, TransferFailed
+from splitserve.transfer.zmq_backend import ZmqKVReceiver, ZmqKVSender, _Inbound, _Outbound, _Reject
+
+if TYPE_CHECKING:
+    from splitserve.core.config import TransferConfig
+
+logger = logging.getLogger(__name__)
+
+CUDA_TRANSPORTS = ("cuda_ipc", "cuda_copy", "gdr_copy", "rc", "dc")
+"""UCX transports that move GPU memory without bouncing through tcp."""
+
+
+def _import_ucxx() -> Any:
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        import ucxx._lib.libucxx as ucx_api
+    except ImportError as exc:
+        raise TransferError(
+            f"the UCX transfer backend needs ucxx (pip install -e '.[ucx]', i.e. ucxx-cu13==0.52.0): {exc}"
+        ) from exc
+    return ucx_api
+
+
+def ucx_unavailable_reason() -> str | None:
+    """``None`` when ucxx imports and a UCX context opens here; else why not."""
+    try:
+        ucx_api = _import_ucxx()
+        ucx_api.UCXContext(feature_flags=(ucx_api.Feature.TAG,))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here", reported verbatim
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def active_transports(context_info: str) -> set[str]:
+    """Transport names in a UCX context's info dump (``resource N : md M dev K flags -- tcp/lo`` lines)."""
+    found = re.findall(r"^#\s*resource.*--\s*(\S+)/", context_info, re.MULTILINE)
+    return set(found)
+
+
+def warn_if_gpu_over_tcp(context_info: str, device: torch.device) -> bool:
+    """Log a loud warning when GPU memory would fall back to tcp; returns True if it warned."""
+    if device.type != "cuda":
+        return False
+    transports = active_transports(context_info)
+    if transports & set(CUDA_TRANSPORTS):
+        logger.info("UCX transports for GPU memory: %s", sorted(transports & set(CUDA_TRANSPORTS)))
+        return False
+    logger.warning(
+        "!!! UCX has no CUDA transport (found %s; UCX_TLS=%s): GPU KV pages will bounce over tcp at a few "
+        "hundred MB/s instead of NVLink speed. Check UCX_TLS and that ucxx-cu13 matches the CUDA driver. !!!",
+        sorted(transports),
+        os.environ.get("UCX_TLS", "<unset>"),
+    )
+    return True
+
+
+class _UcxWorker:
+    """One UCX context + worker with a progress thread (shared by a sender's or receiver's requests)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.api = _import_ucxx()
+        self.ctx = self.api.UCXContext(feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
+        self.worker = self.api.UCXWorker(self.ctx)
+        self.worker.start_progress_thread(polling_mode=True)
+        self.gpu_over_tcp = warn_if_gpu_over_tcp(self.ctx.info, device)
+
+    def array(self, tensor: torch.Tensor) -> Any:
+        """A ucxx ``Array`` over ``tensor``'s bytes (the caller keeps ``tensor`` alive)."""
+        from ucxx._lib.arr import Array
+
+        raw = tensor.view(torch.uint8)
+        return Array(raw if raw.is_cuda else raw.numpy())
+
+    def tag(self, value: int) -> Any:
+        return self.api.UCXXTag(value)
+
+    def close_endpoints(self, endpoints: list[Any]) -> None:
+        """Close live endpoints while the progress thread still runs (endpoints of dead peers are left alone)."""
+        for ep in endpoints:
+            if ep.alive:
+                ep.close()
+
+    def stop(self) -> None:
+        self.worker.stop_progress_thread()
+
+
+@dataclass
+class _PendingRecv:
+    request: Any
+    staging: torch.Tensor
+    """uint8 ``[nbytes]`` on the KV device."""
+    chunk: wire.Chunk
+
+
+class UcxKVReceiver(ZmqKVReceiver):
+    """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVReceiver`."""
+
+    def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
+        self._ucx = _UcxWorker(kv_cache.device)
+        super().__init__(cfg, kv_cache, layout)
+        self._endpoints: list[Any] = []
+        self._orphans: list[_PendingRecv] = []
+        self._listener = self._ucx.api.UCXListener.create(
+            worker=self._ucx.worker, port=0, cb_func=self._on_connect
+        )
+
+    def _on_connect(self, conn_request: Any) -> None:
+        """Runs on the progress thread: keep the endpoint alive (data is matched by tag on the worker)."""
+        self._endpoints.append(
+            self._listener.create_endpoint_from_conn_request(conn_request, endpoint_error_handling=True)
+        )
+
+    @property
+    def address(self) -> str:
+        return f"ucx://{self._cfg.host}:{self._listener.port},{super().address}"
+
+    def _accept_remote_payload(self, inb: _Inbound, chunk: wire.Chunk) -> None:
+        staging = torch.empty(chunk.nbytes, dtype=torch.uint8, device=self._kv.device)
+        request = self._ucx.worker.tag_recv(self._ucx.array(staging), self._ucx.tag(chunk.ucx_tag))
+        inb.pending.append(_PendingRecv(request, staging, chunk))
+
+    def _has_pending(self) -> bool:
+        return any(inb.pending for inb in self._transfers.values())
+
+    def _progress_pending(self, events: list[TransferEvent]) -> None:
+        self._orphans = [p for p in self._orphans if not p.request.completed]
+        for inb in [t for t in self._transfers.values() if t.pending]:
+            self._guarded(inb, inb.finish_seq, events, self._land_completed, inb, events)
+
+    def _land_completed(self, inb: _Inbound, events: list[TransferEvent]) -> None:
+        while inb.pending and inb.pending[0].request.completed:
+            p = inb.pending.pop(0)
+            try:
+                p.request.check_error()
+            except Exception as exc:  # noqa: BLE001 - any UCX error fails just this transfer
+                raise _Reject(f"UCX receive failed: {type(exc).__name__}: {exc}") from exc
+            lay = self._layout
+            n = p.chunk.token_end - p.chunk.token_start
+            data = p.staging.view(lay.torch_dtype).view(2, n, lay.num_kv_heads, lay.head_dim)
+            self._land(inb, p.chunk, data, events)
+        self._try_complete(inb, events)
+
+    def _drop_pending(self, inb: _Inbound) -> None:
+        # posted receives may still write their staging buffers (never the pages): keep those alive
+        self._orphans.extend(inb.pending)
+        inb.pending.clear()
+
+    def close(self) -> None:
+        super().close()
+        self._ucx.close_endpoints(self._endpoints)
+        self._ucx.stop()
+        self._endpoints.clear()
+
+
+@dataclass
+class _PendingSend:
+    request: Any
+    staging: torch.Tensor
+    transfer_id: str
+
+
+class UcxKVSender(ZmqKVSender):
+    """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVSender`."""
+
+    def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
+        self._ucx = _UcxWorker(kv_cache.device)
+        super().__init__(cfg, kv_cache, layout)
+        self._eps: dict[tuple[str, int], Any] = {}
+        self._inflight: list[_PendingSend] = []
+        self._sender_id = random.SystemRandom().getrandbits(31)
+        self._tag_seq = 0
+
+    def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
+        try:
+            _, host, port = wire.split_ucx_address(desc.receiver_addr)
+        except ValueError as exc:
+            raise TransferError(str(exc)) from exc
+        if (host, port) not in self._eps:
+            self._eps[(host, port)] = self._ucx.api.UCXEndpoint.create(
+                self._ucx.worker, host, port, endpoint_error_handling=True
+            )
+        super().begin(desc, request_id)
+
+    def _control_addr(self, desc: KVDescriptor) -> str:
+        return wire.split_ucx_address(desc.receiver_addr)[0]
+
+    def _stage(self, layer: int, slots: Any) -> torch.Tensor:
+        """Gather into a staging tensor on the KV device (UCX reads GPU memory directly)."""
+        from splitserve.transfer.base import gather_tokens
+
+        lay = self._layout
+        buf = torch.empty((2, len(slots), lay.num_kv_heads, lay.head_dim), dtype=self._kv.dtype, device=self._kv.device)
+        gather_tokens(self._kv, layer, slots, buf)
+        if buf.is_cuda:
+            torch.cuda.current_stream(buf.device).synchronize()  # UCX reads it from another stream/thread
+        return buf
+
+    def _send_payload(
+        self, out: _Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
+    ) -> None:
+        tid = out.desc.transfer_id
+        _, host, port = wire.split_ucx_address(out.desc.receiver_addr)
+        self._tag_seq = (self._tag_seq + 1) & 0xFFFFFFFF
+        tag = (self._sender_id << 32) | self._tag_seq
+        request = self._eps[(host, port)].tag_send(self._ucx.array(staging), self._ucx.tag(tag))
+        self._inflight.append(_PendingSend(request, staging, tid))
+        self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes, ucx_tag=tag))
+
+    def _progress_sends(self, events: list[TransferEvent]) -> None:
+        still: list[_PendingSend] = []
+        for p in self._inflight:
+            if not p.request.completed:
+                still.append(p)
+                continue
+            try:
+                p.request.check_error()
+            except Exception as exc:  # noqa: BLE001 - any UCX error fails just this transfer
+                out = self._out.get(p.transfer_id)
+                if out is not None:
+                    reason = f"UCX send failed: {type(exc).__name__}: {exc}"
+                    logger.warning("request %s: transfer %s: %s", out.request_id, p.transfer_id, reason)
+                    events.append(TransferFailed(p.transfer_id, out.request_id, reason))
+                    self._forget(p.transfer_id)
+        self._inflight = still
+
+    def close(self) -> None:
+        super().close()
+        self._ucx.close_endpoints(list(self._eps.values()))
+        self._ucx.stop()
+        self._eps.clear()
+        self._inflight.clear()
