@@ -28,10 +28,10 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy of ``nbytes``: GB/s counting bytes read plus bytes written (the memory ceiling)."""
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    del src, dst
+    bufs = [torch.randn(nbytes // 4, device="cuda")]
+    bufs.append(torch.empty_like(bufs[0]))
+    ms = bench_ms(lambda: bufs[1].copy_(bufs[0]))
+    bufs.clear()
     torch.cuda.empty_cache()
     return 2 * nbytes / ms / 1e6
 

@@ -115,6 +115,12 @@ class RouterConfig(FrozenConfig):
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     admin_token: str | None = None
     extra_stop_token_ids: tuple[int, ...] = ()
+    auto_ratio: bool = False
+    """Switch worker roles automatically when measured TTFT/TPOT drift from the SLO (router/autoscale.py)."""
+    slo_ttft_ms: float = Field(default=1000.0, gt=0)
+    slo_tpot_ms: float = Field(default=50.0, gt=0)
+    auto_ratio_interval_s: float = Field(default=5.0, gt=0)
+    auto_ratio_cooldown_s: float = Field(default=30.0, ge=0)
 
     @field_validator("served_model_name")
     @classmethod

@@ -216,11 +216,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Splits so that ``batch * kv_heads * splits`` covers the GPU about twice, each split >= 256 tokens."""
+    """Splits so that ``batch * kv_heads * splits`` covers the multiprocessors about 4 times, each split >= 256
+    tokens (tuned on H100/H200: benchmarks/KERNELS_NOTES.md)."""
     programs = max(batch * num_kv_heads, 1)
-    wanted = triton.cdiv(2 * _num_sms(device), programs)
+    wanted = triton.cdiv(4 * _num_sms(device), programs)
     cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
-    return int(max(1, min(wanted, cap, 64)))
+    return int(max(1, min(wanted, cap, 128)))
 
 
 def paged_decode_attention(

@@ -8,6 +8,7 @@ the request on the workers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -23,12 +24,14 @@ from splitserve.core.config import RouterConfig
 from splitserve.core.messages import SamplingParams
 from splitserve.core.tokenizer import NoChatTemplateError, Tokenizer, load_tokenizer
 from splitserve.router import admin
+from splitserve.router.autoscale import AutoRatio
 from splitserve.router.formatting import ChatFormatter, CompletionFormatter, Formatter
 from splitserve.router.openai_api import (
     APIError, ChatCompletionRequest, CompletionRequest, bad_request, models_body, new_id, parse_json_body,
     parse_request, to_sampling_params,
 )
 from splitserve.router.output import Delta, OutputProcessor
+from splitserve.router.planner import Slo
 from splitserve.router.service import SERVICE, RouterService
 
 logger = logging.getLogger(__name__)
@@ -161,6 +164,15 @@ async def metrics(request: web.Request) -> web.Response:
 # --- app -----------------------------------------------------------------------------------------
 
 
+def _start_auto_ratio(svc: RouterService) -> asyncio.Task | None:
+    cfg = svc.config
+    if not cfg.auto_ratio:
+        return None
+    slo = Slo(ttft_p90_s=cfg.slo_ttft_ms / 1e3, tpot_p90_s=cfg.slo_tpot_ms / 1e3)
+    svc.auto_ratio = AutoRatio(svc, slo, cfg.auto_ratio_interval_s, cfg.auto_ratio_cooldown_s)
+    return asyncio.get_running_loop().create_task(svc.auto_ratio.run())
+
+
 def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: random.Random | None = None,
                ctx: zmq.asyncio.Context | None = None) -> web.Application:
     """The router app. ``tokenizer`` defaults to ``load_tokenizer(config.model)``; ``ctx`` to a new
@@ -173,7 +185,10 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: ra
 
     async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await svc.control.start()
+        auto = _start_auto_ratio(svc)
         yield
+        if auto is not None:
+            auto.cancel()
         await svc.control.stop()
         if own_ctx:
             zctx.term()

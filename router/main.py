@@ -33,6 +33,10 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("request_timeout_s", float, "fail a request (and abort it on the workers) after this many seconds"),
     ("heartbeat_timeout_s", float, "take a worker out of routing after this long without a heartbeat"),
     ("admin_token", str, "bearer token of the admin API (unset: admin API disabled)"),
+    ("slo_ttft_ms", float, "TTFT p90 target of the automatic ratio controller"),
+    ("slo_tpot_ms", float, "TPOT p90 target of the automatic ratio controller"),
+    ("auto_ratio_interval_s", float, "seconds between automatic ratio decisions"),
+    ("auto_ratio_cooldown_s", float, "seconds after a role switch before the next one"),
 )
 
 
@@ -41,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
     parser.add_argument("--extra-stop-token-ids", dest="extra_stop_token_ids", default=None,
                         help="comma-separated token ids that end generation besides EOS")
+    parser.add_argument("--auto-ratio", dest="auto_ratio", action="store_const", const=True, default=None,
+                        help="switch worker roles automatically to keep TTFT/TPOT within the SLO")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish on SIGTERM (default 30)")
 

@@ -49,6 +49,10 @@ class _WorkerCollector(Collector):
                                                   labels=["worker", "role"]),
             "transfer_seconds": CounterMetricFamily("splitserve_worker_transfer_seconds",
                                                     "seconds spent transferring KV", labels=["worker", "role"]),
+            "prefill_tokens": CounterMetricFamily("splitserve_worker_prefill_tokens",
+                                                  "prompt tokens this worker prefilled", labels=["worker", "role"]),
+            "decode_tokens": CounterMetricFamily("splitserve_worker_decode_tokens",
+                                                 "tokens this worker generated", labels=["worker", "role"]),
         }
         for w in self._workers.all():
             labels = [w.worker_id, w.role]
@@ -64,6 +68,8 @@ class _WorkerCollector(Collector):
                 gauges[name].add_metric(labels, value)
             counters["transfer_bytes"].add_metric(labels, hb.transfer_bytes_total if hb else 0)
             counters["transfer_seconds"].add_metric(labels, hb.transfer_seconds_total if hb else 0.0)
+            counters["prefill_tokens"].add_metric(labels, hb.prefill_tokens_total if hb else 0)
+            counters["decode_tokens"].add_metric(labels, hb.decode_tokens_total if hb else 0)
         yield from gauges.values()
         yield from counters.values()
 

@@ -193,4 +193,5 @@ class WorkerRegistry:
         return [w for w in self.all() if w.routable and w.capable(pool)]
 
     def has_healthy(self, pool: Pool) -> bool:
-        return any(w.healthy and w.capable(pool) for w in self._workers.values())
+        """A worker that can take new work for ``pool``: healthy and not draining."""
+        return any(w.routable and w.capable(pool) for w in self._workers.values())

@@ -71,6 +71,8 @@ class RouterService:
         self.decode_policy = make_policy(config.decode_policy, "decode", rng)
         self.inflight = 0
         self.accepting = True
+        self.auto_ratio = None
+        """The automatic ratio controller loop, when ``config.auto_ratio`` is on (router/autoscale.py)."""
 
     # --- admission -------------------------------------------------------------------------------
 

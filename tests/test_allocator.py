@@ -28,7 +28,7 @@ def test_hash_page_is_chained_and_content_sensitive():
     assert hash_page(None, [1, 2, 3, 4]) == root
     assert hash_page(None, [1, 2, 3, 5]) != root
     assert hash_page(root, [5, 6, 7, 8]) != hash_page(None, [5, 6, 7, 8])
-    assert hash_page(None, [1, 2, 3, 4], extra=("model-a",)) != hash_page(None, [1, 2, 3, 4], extra=("model-b",))
+    assert hash_page(None, [1, 2, 3, 4], ("model-a",)) != hash_page(None, [1, 2, 3, 4], ("model-b",))
     # Length-prefixed encodings: splitting tokens differently never collides trivially.
     assert hash_page(None, [1, 2]) != hash_page(None, [1, 2, 0])
     assert hash_page(None, [], extra=(1,)) != hash_page(None, [], extra=("1",))
@@ -58,11 +58,16 @@ def test_hash_rejects_bad_input():
 
 def test_hash_is_stable_across_processes():
     """Hashes must not depend on PYTHONHASHSEED (routers compare hashes from other processes)."""
-    code = "from splitserve.core.cache.prefix import page_hashes; print(page_hashes(list(range(9)), 4, ('m', 1)))"
+    code = (
+        "from splitserve.core.cache.prefix import page_hashes\n"
+        "print(page_hashes(list(range(9)), 4, ('m', 1)))"
+    )
     outputs = set()
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         outputs.add(proc.stdout.strip())
     assert outputs == {str(page_hashes(list(range(9)), 4, ("m", 1)))}
 

@@ -28,8 +28,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _assert_matches(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Elementwise kernels: bit-level agreement up to rounding; under the interpreter bfloat16 only to ~1 ulp."""
-    if got.dtype == torch.bfloat16 and DEVICE == "cpu":
+    """Elementwise kernels: float32/float16 to rounding; bfloat16 to ~1 ulp (the interpreter truncates bfloat16
+    casts, and on a GPU the compiled rotary differs from torch by up to 1 ulp on some elements)."""
+    if got.dtype == torch.bfloat16:
         assert rel_err(got, ref) < 1e-2
     else:
         torch.testing.assert_close(got, ref)
@@ -125,7 +126,7 @@ def test_single_layer_gather_scatter():
     pages = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
     got = cache.gather_tokens(layer, pages, 1, 11)
     assert torch.equal(got, cache.ref_gather_tokens(layer, pages, 1, 11))
-    dst, expected = torch.randn(2, 5, 4, 2, 8, device=DEVICE), None
+    dst = torch.randn(2, 5, 4, 2, 8, device=DEVICE)
     expected = dst.clone()
     cache.scatter_tokens(got, dst, pages, 1)
     cache.ref_scatter_tokens(got, expected, pages, 1)

@@ -386,3 +386,17 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 KVCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_kv_cache_state_machine = KVCacheMachine.TestCase
+
+
+def test_prefix_hashes_follow_caching_and_eviction():
+    from splitserve.core.cache.prefix import page_hashes
+
+    kv = KVCacheManager(num_pages=4, page_size=2)
+    tokens = [5, 6, 7, 8, 9]
+    kv.allocate_slots("a", 5)
+    kv.cache_pages("a", tokens, 5)
+    assert kv.prefix_hashes() == set(page_hashes(tokens, 2))
+    kv.free("a")
+    assert kv.prefix_hashes() == set(page_hashes(tokens, 2))  # evictable pages keep their hashes
+    kv.allocate_slots("b", 8)  # takes every page: the cached ones are evicted
+    assert kv.prefix_hashes() == set()

@@ -124,7 +124,7 @@ def test_registry_heartbeat_timeout_roles_and_draining():
     reg.heartbeat(_hb("d", role="decode"))
     assert [w.worker_id for w in reg.candidates("decode")] == ["d"]
     reg.get("d").draining = True
-    assert reg.candidates("decode") == [] and reg.has_healthy("decode")
+    assert reg.candidates("decode") == [] and not reg.has_healthy("decode")  # draining takes no new work
     assert reg.heartbeat(_hb("unknown")) is None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import re
 import time
 
 import pytest
@@ -28,7 +29,7 @@ from splitserve.transfer.base import (
     make_sender,
     token_slots,
 )
-from splitserve.transfer.loopback import SenderJob, SenderReport, SenderSpec, random_kv, recv_msg, run_sender, send_msg
+from splitserve.transfer.loopback import SenderJob, SenderProcess, SenderSpec, random_kv, recv_msg, send_msg
 
 CTX = mp.get_context("spawn")
 SHAPE = dict(model_id="tiny", dtype="float32", num_layers=4, num_kv_heads=2, head_dim=8)
@@ -107,33 +108,9 @@ def make_job(desc: KVDescriptor, src_ps: int, rng: random.Random, chunk: int = 1
     return SenderJob(desc=desc, request_id=f"req-{desc.transfer_id}", src_page_ids=src_pages, layer_order=tuple(order), chunk_tokens=chunk)
 
 
-class SenderProcess:
-    """One spawned sender child that runs many specs (spawning costs seconds: torch import)."""
-
-    def __init__(self) -> None:
-        self.conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=run_sender, args=(child,), daemon=True)
-        self.proc.start()
-
-    def start(self, spec: SenderSpec) -> None:
-        send_msg(self.conn, spec)
-        assert recv_msg(self.conn)["event"] == "ready"
-        send_msg(self.conn, {"event": "go"})
-
-    def report(self) -> SenderReport:
-        return recv_msg(self.conn, SenderReport)
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            send_msg(self.conn, {"event": "exit"})
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def sender():
-    proc = SenderProcess()
+    proc = SenderProcess(CTX)
     yield proc
     proc.stop()
 
@@ -204,7 +181,7 @@ def test_curve_round_trip_and_unkeyed_sender_refused(sender):
         final = rx.pump({"plain"}, timeout_s=20)
         report = sender.report()
         assert "lease" in final["plain"].reason
-        assert report.completed == () and "did not acknowledge" in report.failed[0][1]
+        assert report.completed == () and re.search("did not acknowledge|unreachable", report.failed[0][1])
     finally:
         rx.rx.close()
 
@@ -215,7 +192,7 @@ def test_sender_killed_mid_transfer_lease_expires(sender, backend):
     try:
         desc = rx.reserve("dies", 64, lease_s=1.0)
         job = make_job(desc, 16, random.Random(2))
-        doomed = SenderProcess()
+        doomed = SenderProcess(CTX)
         doomed.start(spec_for(rx, [job], 16, 2, backend, stall_after_chunks=3))
         deadline = time.monotonic() + 30
         arrived = []
@@ -267,7 +244,7 @@ def test_receiver_killed_sender_reports_failure(backend):
             events = tx.poll()
             time.sleep(0.05)
         assert len(events) == 1 and isinstance(events[0], TransferFailed), events
-        assert events[0].request_id == "req-orphan" and "did not acknowledge" in events[0].reason
+        assert events[0].request_id == "req-orphan" and re.search("did not acknowledge|unreachable|UCX send failed", events[0].reason)
         with pytest.raises(TransferError, match="not active"):
             tx.send_layer("orphan", 2, list(range(4)), 0, 50)  # the sender forgot it (its side is freed)
     finally:

@@ -40,6 +40,10 @@ class SenderSpec(msgspec.Struct, frozen=True):
     stall_after_chunks: int | None = None
     """Stop after this many chunks, report ``stalled`` and wait to be killed."""
     wait_s: float = 60.0
+    warmup: SenderJob | None = None
+    """Sent and confirmed before the clock starts (connection set-up is not timed)."""
+    checksums: bool = False
+    """Report a sha256 of every job's source tokens (token-major, all layers) after timing."""
 
 
 class SenderReport(msgspec.Struct, frozen=True):
@@ -48,6 +52,95 @@ class SenderReport(msgspec.Struct, frozen=True):
     """(transfer_id, reason)."""
     seconds: float
     """From the first begin() to the last event."""
+    checksums: tuple[str, ...] = ()
+
+
+def token_checksum(kv: "torch.Tensor", page_ids: Any, num_tokens: int) -> str:
+    """sha256 of tokens ``[0, num_tokens)`` of every layer, token-major, whatever the page size.
+
+    Args:
+        kv: ``[L, 2, num_pages, page_size, H, D]``.
+        page_ids: the request's pages (``page_ids[i]`` holds tokens ``[i * page_size, (i + 1) * page_size)``).
+    """
+    import hashlib
+
+    import torch
+
+    from splitserve.transfer.base import gather_tokens, token_slots
+
+    h = hashlib.sha256()
+    slots = token_slots(page_ids, kv.shape[3], 0, num_tokens)
+    out = torch.empty((2, num_tokens, *kv.shape[4:]), dtype=kv.dtype, device=kv.device)
+    for layer in range(kv.shape[0]):
+        gather_tokens(kv, layer, slots, out)
+        h.update(out.cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RawSpec(msgspec.Struct, frozen=True):
+    """Raw baseline: send one contiguous buffer of ``nbytes`` to ``address`` ``repeat`` times (after a warm-up).
+
+    ``address``: a ZeroMQ endpoint (the peer acks each message) or ``ucx://HOST:PORT`` (tag ``i`` for round ``i``,
+    round 0 is the warm-up).
+    """
+
+    backend: str
+    address: str
+    nbytes: int
+    device: str = "cpu"
+    repeat: int = 3
+
+
+def _raw_zmq(spec: RawSpec, buf: "torch.Tensor") -> list[float]:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(spec.address)
+    times = []
+    try:
+        for i in range(spec.repeat + 1):
+            t0 = time.perf_counter()
+            host = buf.cpu()  # one D2H copy on GPU, free on CPU: same cost as the staging copy
+            sock.send_multipart([b"raw", host.numpy()], copy=False)
+            sock.recv()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return times
+
+
+def _raw_ucx(spec: RawSpec, buf: "torch.Tensor") -> list[float]:
+    from splitserve.transfer.ucx_backend import _UcxWorker
+
+    host, port = spec.address[len("ucx://") :].rsplit(":", 1)
+    ucx = _UcxWorker(buf.device)
+    ep = ucx.api.UCXEndpoint.create(ucx.worker, host, int(port), endpoint_error_handling=True)
+    times = []
+    try:
+        for i in range(spec.repeat + 1):
+            t0 = time.perf_counter()
+            req = ep.tag_send(ucx.array(buf), ucx.tag(i))
+            while not req.completed:
+                time.sleep(0.0001)
+            req.check_error()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        ucx.close_endpoints([ep])
+        ucx.stop()
+    return times
+
+
+def _run_raw(spec: RawSpec) -> dict[str, list[float]]:
+    import torch
+
+    buf = torch.randint(0, 255, (spec.nbytes,), dtype=torch.uint8, device=spec.device)
+    run = _raw_ucx if spec.backend == "ucx" else _raw_zmq
+    return {"seconds": run(spec, buf)}
 
 
 def random_kv(layout: KVLayout, num_pages: int, seed: int, device: str = "cpu") -> "torch.Tensor":
@@ -70,12 +163,12 @@ def recv_msg(conn: "Connection", typ: Any = Any, timeout_s: float = 120.0) -> An
     return msgspec.json.decode(conn.recv_bytes(), type=typ)
 
 
-def _send_jobs(sender: Any, spec: SenderSpec, conn: "Connection") -> None:
+def _send_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn: "Connection") -> None:
     """Send every job's layers (interleaved across jobs), chunk by chunk."""
     sent = 0
     num_layers = spec.layout["num_layers"]
     for step in range(num_layers):
-        for job in spec.jobs:
+        for job in jobs:
             layer = job.layer_order[step]
             for start in range(0, job.desc.num_tokens, job.chunk_tokens):
                 if spec.stall_after_chunks is not None and sent >= spec.stall_after_chunks:
@@ -111,7 +204,20 @@ def run_sender(conn: "Connection") -> None:
             return
         if msg.get("event") == "exit":
             return
+        if msg.get("event") == "raw":
+            send_msg(conn, _run_raw(msgspec.convert(msg["spec"], RawSpec)))
+            continue
         send_msg(conn, _run_spec(msgspec.convert(msg, SenderSpec), conn))
+
+
+def _run_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn: "Connection") -> list[TransferEvent]:
+    for job in jobs:
+        sender.begin(job.desc, job.request_id)
+    _send_jobs(sender, spec, jobs, conn)
+    for job in jobs:
+        done = PrefillDone(request_id=job.request_id, transfer_id=job.desc.transfer_id, first_token=7)
+        sender.finish(job.desc.transfer_id, done)
+    return _wait_events(sender, {j.desc.transfer_id for j in jobs}, spec.wait_s)
 
 
 def _run_spec(spec: SenderSpec, conn: "Connection") -> SenderReport:
@@ -124,18 +230,56 @@ def _run_spec(spec: SenderSpec, conn: "Connection") -> SenderReport:
     try:
         send_msg(conn, {"event": "ready"})
         recv_msg(conn)  # go
+        if spec.warmup is not None:
+            _run_jobs(sender, spec, (spec.warmup,), conn)
         t0 = time.perf_counter()
-        for job in spec.jobs:
-            sender.begin(job.desc, job.request_id)
-        _send_jobs(sender, spec, conn)
-        for job in spec.jobs:
-            done = PrefillDone(request_id=job.request_id, transfer_id=job.desc.transfer_id, first_token=7)
-            sender.finish(job.desc.transfer_id, done)
-        events = _wait_events(sender, {j.desc.transfer_id for j in spec.jobs}, spec.wait_s)
+        events = _run_jobs(sender, spec, spec.jobs, conn)
+        seconds = time.perf_counter() - t0
+        sums = [token_checksum(kv, j.src_page_ids, j.desc.num_tokens) for j in spec.jobs] if spec.checksums else []
         return SenderReport(
             completed=tuple(e.transfer_id for e in events if isinstance(e, TransferComplete)),
             failed=tuple((e.transfer_id, e.reason) for e in events if isinstance(e, TransferFailed)),
-            seconds=time.perf_counter() - t0,
+            seconds=seconds,
+            checksums=tuple(sums),
         )
     finally:
         sender.close()
+
+
+class SenderProcess:
+    """Parent-side handle of one spawned :func:`run_sender` child that runs many specs (spawning costs seconds)."""
+
+    def __init__(self, ctx: Any = None) -> None:
+        import multiprocessing as mp
+
+        ctx = ctx or mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=run_sender, args=(child,), daemon=True)
+        self.proc.start()
+
+    def start(self, spec: SenderSpec) -> None:
+        """Hand the child ``spec``; returns once its sender exists and it started sending."""
+        send_msg(self.conn, spec)
+        ready = recv_msg(self.conn)
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"sender process answered {ready!r}")
+        send_msg(self.conn, {"event": "go"})
+
+    def report(self, timeout_s: float = 300.0) -> SenderReport:
+        return recv_msg(self.conn, SenderReport, timeout_s)
+
+    def raw(self, spec: RawSpec, timeout_s: float = 300.0) -> list[float]:
+        """Run the raw baseline in the child; returns the timed rounds' seconds."""
+        send_msg(self.conn, {"event": "raw", "spec": spec})
+        return recv_msg(self.conn, timeout_s=timeout_s)["seconds"]
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                send_msg(self.conn, {"event": "exit"})
+            except OSError:
+                pass  # child already gone: nothing to tell it
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)

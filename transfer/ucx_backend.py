@@ -92,7 +92,12 @@ class _UcxWorker:
         self.api = _import_ucxx()
         self.ctx = self.api.UCXContext(feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
         self.worker = self.api.UCXWorker(self.ctx)
-        self.worker.start_progress_thread(polling_mode=True)
+        if device.type == "cuda":  # the progress thread must see this device's CUDA context (cuda_ipc)
+            from ucxx._cuda_context import ensure_cuda_context
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(index,))
+        self.worker.start_progress_thread(polling_mode=False)
         self.gpu_over_tcp = warn_if_gpu_over_tcp(self.ctx.info, device)
 
     def array(self, tensor: torch.Tensor) -> Any:

@@ -353,6 +353,8 @@ class _Conn:
     seq: int = 0
     unacked: dict[int, float] = field(default_factory=dict)
     """seq -> monotonic send time."""
+    broken: str | None = None
+    """Why the connection is unusable (set by a failed send; the next poll fails its transfers)."""
 
 
 @dataclass
@@ -414,7 +416,9 @@ class ZmqKVSender(KVSender):
         now = time.monotonic()
         for addr, conn in list(self._conns.items()):
             self._read_acks(conn, events)
-            if conn.unacked and now - min(conn.unacked.values()) > self._cfg.lease_s:
+            if conn.broken is not None:
+                self._drop_connection(addr, conn.broken, events)
+            elif conn.unacked and now - min(conn.unacked.values()) > self._cfg.lease_s:
                 self._drop_connection(addr, f"receiver {addr} did not acknowledge within {self._cfg.lease_s:g}s (gone?)", events)
         self._progress_sends(events)
         return events
@@ -462,7 +466,11 @@ class ZmqKVSender(KVSender):
         conn.seq += 1
         header = wire.encode(make_frame(conn.seq))
         parts = [header] if payload is None else [header, payload]
-        conn.sock.send_multipart(parts, copy=False)
+        try:
+            conn.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no pipe at all (SNDHWM is unlimited): the receiver is unreachable
+            conn.broken = f"receiver {self._control_addr(self._out[transfer_id].desc)} is unreachable"
+            return
         conn.unacked[conn.seq] = time.monotonic()
 
     def _send_payload(

@@ -106,6 +106,7 @@ class PageAllocator:
             page = self._free.popleft()
         else:
             page, _ = self._evictable.popitem(last=False)
+            del self._hash_to_page[self._page_to_hash.pop(page)]
         self._refs[page] = 1
         return page
 
@@ -175,6 +176,10 @@ class PageAllocator:
         self._hash_to_page[page_hash] = page_id
         self._page_to_hash[page_id] = page_hash
         return True
+
+    def cached_hashes(self) -> set[int]:
+        """Hashes of every page in the prefix cache (in use or evictable); a snapshot."""
+        return set(self._hash_to_page)
 
     def reset_prefix_cache(self) -> int:
         """Forget every evictable cached page (they become free, in LRU order); returns how many.

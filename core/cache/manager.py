@@ -246,6 +246,10 @@ class KVCacheManager:
             state.hashes.append(page_hash)
         return max(0, num_full - start)
 
+    def prefix_hashes(self) -> set[int]:
+        """Chained hashes of every cached full page (workers publish the changes for prefix-aware routing)."""
+        return self._allocator.cached_hashes()
+
     def reset_prefix_cache(self) -> int:
         """Forget every unowned cached page (they become free); returns how many."""
         return self._allocator.reset_prefix_cache()

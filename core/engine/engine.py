@@ -21,6 +21,7 @@ from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
 from splitserve.core.messages import SamplingParams, TokenLogprob
 from splitserve.core.model.attention import make_backend
 from splitserve.core.model.config import ModelConfig
+from splitserve.core.model.layers import TORCH_OPS, KernelOps
 from splitserve.core.model.loader import load_model
 from splitserve.core.request import Request
 
@@ -76,12 +77,23 @@ def size_pool(cfg: EngineConfig, spec_one_page: KVPoolSpec, device: torch.device
     return max(2, cfg.cpu_kv_cache_mb * (1 << 20) // per_page)
 
 
+def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
+    """Triton RMSNorm / RoPE / SwiGLU on CUDA (unless the torch backend is forced), torch references elsewhere."""
+    if device.type != "cuda" or cfg.attention_backend == "torch":
+        return TORCH_OPS
+    from splitserve.kernels import ops as triton_ops
+
+    return KernelOps(
+        rms_norm=triton_ops.rms_norm, rotary=triton_ops.rotary, silu_and_mul=triton_ops.silu_and_mul, name="triton"
+    )
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, layer_hook: LayerHook | None = None) -> None:
         self.cfg = cfg
         device = resolve_device(cfg)
         torch.manual_seed(cfg.seed)
-        model, mcfg = load_model(cfg)
+        model, mcfg = load_model(cfg, select_ops(cfg, device))
         self.model_config: ModelConfig = mcfg
         dtype = next(model.parameters()).dtype
         one = KVPoolSpec(mcfg.num_layers, 1, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)

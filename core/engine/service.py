@@ -88,6 +88,7 @@ class WorkerCore:
         self.draining = False
         self.stopping = False
         self._last_hb = 0.0
+        self._published: set[int] = set()
         self.on(AbortReq, self._on_abort)
         self.on(Drain, lambda _p, _m: self.start_drain())
         self.on(SetRole, self._on_set_role)
@@ -218,7 +219,7 @@ class WorkerCore:
     def _on_set_role(self, _peer: bytes | None, msg: SetRole) -> None:
         logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)
         self.role = msg.role
-        self.register()
+        self._last_hb = 0.0  # the next heartbeat carries the new role
 
     # --- heartbeats ----------------------------------------------------------------------------------------
 
@@ -245,5 +246,18 @@ class WorkerCore:
                 decode_tokens_total=c.decode_tokens,
                 transfer_bytes_total=c.transfer_bytes,
                 transfer_seconds_total=c.transfer_seconds,
+                cache_events=self._cache_events(),
             )
         )
+
+    def _cache_events(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Prefix-cache changes since the last heartbeat (the router's prefix-aware policy reads them)."""
+        now = self.engine.kv.prefix_hashes()
+        stored, removed = now - self._published, self._published - now
+        self._published = now
+        events = []
+        if removed:
+            events.append(("removed", tuple(sorted(removed))))
+        if stored:
+            events.append(("stored", tuple(sorted(stored))))
+        return tuple(events)

@@ -145,7 +145,7 @@ def make_backend(name: str, device: str) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
-        from splitserve.kernels.attention_backend import TritonAttentionBackend
+        from splitserve.core.model.attention_triton import TritonAttentionBackend
 
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r} (expected auto, torch or triton)")

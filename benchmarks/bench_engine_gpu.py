@@ -1,0 +1,195 @@
+"""GPU engine benchmarks for issue 5 (run on a GPU machine; prints tables with card, date and ratios).
+
+1. Decode step of a dummy-weight Llama-3-8B (bf16): time per step at batch 1/16/64/256 and context 1024/4096,
+   against the roofline floor = (weight bytes + KV bytes read) / measured device copy bandwidth.
+2. Prefill: tokens/s and MFU for 1, 4 and 16 prompts of 2048 tokens, against the measured bf16 matmul rate.
+3. Correctness and offline generation against Hugging Face transformers on the same weights: greedy ids in bf16
+   (first 16 tokens) and batch generation throughput.
+
+Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+
+from splitserve.core.config import EngineConfig
+from splitserve.core.engine.batch import ScheduledBatch, SeqWork
+from splitserve.core.engine.engine import LLMEngine
+from splitserve.core.messages import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+
+
+def cuda_time(fn, iters: int = 10, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    b = torch.empty_like(a)
+    t = cuda_time(lambda: b.copy_(a), iters=20)
+    return 2 * a.numel() / t
+
+
+def matmul_rate(dev: torch.device) -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    t = cuda_time(lambda: a @ b, iters=20)
+    return 2 * 8192**3 / t
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_batch(batch: int, ctx: int, page_size: int, first_page: int) -> ScheduledBatch:
+    pages_per_seq = (ctx + page_size - 1) // page_size
+    seqs = []
+    for b in range(batch):
+        start = first_page + b * pages_per_seq
+        seqs.append(SeqWork(request_id=f"d{b}", token_ids=(17 + b,), start_pos=ctx - 1,
+                            page_table=tuple(range(start, start + pages_per_seq)), sample=True, params=GREEDY))
+    return ScheduledBatch(seqs=tuple(seqs), page_size=page_size)
+
+
+def prefill_batch(n: int, length: int, page_size: int, vocab: int) -> ScheduledBatch:
+    pages = (length + page_size - 1) // page_size
+    seqs = tuple(
+        SeqWork(request_id=f"p{i}", token_ids=tuple((i * 7919 + j * 31) % (vocab - 3) + 3 for j in range(length)), start_pos=0,
+                page_table=tuple(range(i * pages, (i + 1) * pages)), sample=True, params=GREEDY)
+        for i in range(n)
+    )
+    return ScheduledBatch(seqs=seqs, page_size=page_size)
+
+
+def bench_decode(engine: LLMEngine, bw: float, quick: bool) -> list[str]:
+    mc, info = engine.model_config, engine.info
+    kv_tok = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * engine.kv_cache.element_size()
+    wbytes = weight_bytes(engine.runner.model)
+    rows = ["| batch | context | step ms | floor ms | step / floor | tokens/s |", "|---|---|---|---|---|---|"]
+    for batch in (1, 16, 64, 256):
+        for ctx in (1024, 4096):
+            if batch * ((ctx + info.page_size - 1) // info.page_size) > info.num_pages:
+                rows.append(f"| {batch} | {ctx} | skipped: KV ({batch * ctx * kv_tok / 2**30:.0f} GiB) exceeds the pool | | | |")
+                continue
+            sb = decode_batch(batch, ctx, info.page_size, 0)
+            t = cuda_time(lambda: engine.runner.execute(sb), iters=5 if quick else 20)
+            floor = (wbytes + batch * ctx * kv_tok) / bw
+            rows.append(f"| {batch} | {ctx} | {t * 1e3:.2f} | {floor * 1e3:.2f} | {t / floor:.2f}x | {batch / t:.0f} |")
+    return rows
+
+
+def model_flops(mc, tokens: int, length: int, n: int) -> float:
+    """Matmul FLOPs of a prefill: 2 * params-in-matmuls * tokens + causal attention (QK and PV)."""
+    h, q, kv, inter = mc.hidden_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.intermediate_size
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter
+    dense = 2 * tokens * (mc.num_layers * per_layer + h * mc.vocab_size / length)  # logits only for last tokens
+    attn = n * mc.num_layers * 2 * 2 * (length * length / 2) * q
+    return dense + attn
+
+
+def bench_prefill(engine: LLMEngine, peak: float, quick: bool) -> list[str]:
+    mc = engine.model_config
+    rows = ["| prompts x tokens | ms | tokens/s | TFLOP/s | MFU vs measured matmul |", "|---|---|---|---|---|"]
+    for n in (1, 4, 16):
+        sb = prefill_batch(n, 2048, engine.info.page_size, mc.vocab_size)
+        t = cuda_time(lambda: engine.runner.execute(sb), iters=3 if quick else 8, warmup=2)
+        fl = model_flops(mc, n * 2048, 2048, n) / t
+        rows.append(f"| {n} x 2048 | {t * 1e3:.1f} | {n * 2048 / t:.0f} | {fl / 1e12:.0f} | {fl / peak:.0%} |")
+    return rows
+
+
+def hf_copy(engine: LLMEngine):
+    """A transformers LlamaForCausalLM holding exactly our weights (bf16, on the same GPU)."""
+    import transformers
+
+    mc = engine.model_config
+    rope = dict(mc.rope_scaling) if mc.rope_scaling else None
+    if rope is not None:
+        rope.setdefault("rope_type", rope.get("type", "llama3"))
+    hcfg = transformers.LlamaConfig(
+        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps, rope_theta=mc.rope_theta, rope_scaling=rope,
+        max_position_embeddings=mc.max_position_embeddings, tie_word_embeddings=mc.tie_word_embeddings,
+    )
+    with torch.device(engine.kv_cache.device):
+        hf = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+    ours = dict(engine.runner.model.named_parameters())
+    hf_params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, (pname, start, end) in engine.runner.model.hf_weight_map().items():
+            hf_params[name].copy_(ours[pname][start:end])
+    return hf
+
+
+def bench_vs_hf(engine: LLMEngine, quick: bool) -> list[str]:
+    hf = hf_copy(engine)
+    prompt = [128000] + [(i * 977) % 120000 + 100 for i in range(63)]
+    ours = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].output_token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=16, do_sample=False)[0, 64:].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))
+    rows = [f"greedy bf16 vs transformers: first {agree} of 16 tokens identical (ours {ours[:8]}..., hf {ref[:8]}...)", ""]
+    n, inp, out = (4, 128, 32) if quick else (16, 128, 128)
+    prompts = [[128000] + [(i * 31 + j * 7) % 120000 + 100 for j in range(inp - 1)] for i in range(n)]
+    sp = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
+    t_ours = cuda_time(lambda: engine.generate(prompts, sp), iters=2, warmup=1)
+    ids = torch.tensor(prompts, device=hf.device)
+    with torch.no_grad():
+        t_hf = cuda_time(lambda: hf.generate(ids, max_new_tokens=out, min_new_tokens=out, do_sample=False), iters=2, warmup=1)
+    rows += ["| engine | prompts x (in, out) | seconds | output tokens/s | ratio |", "|---|---|---|---|---|",
+             f"| transformers generate | {n} x ({inp}, {out}) | {t_hf:.2f} | {n * out / t_hf:.0f} | 1.00x |",
+             f"| splitserve engine | {n} x ({inp}, {out}) | {t_ours:.2f} | {n * out / t_ours:.0f} | {t_hf / t_ours:.2f}x |"]
+    del hf
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--num-pages", type=int, default=16384, help="KV pool pages (16 tokens each)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(dev)
+    print(f"# SplitServe engine benchmark -- {card}, {datetime.date.today()}, torch {torch.__version__}")
+    bw, peak = copy_bandwidth(dev), matmul_rate(dev)
+    print(f"measured copy bandwidth {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
+    cfg = EngineConfig(model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16", num_pages=args.num_pages,
+                       max_num_batched_tokens=32768, chunk_size=4096, enable_prefix_caching=False)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg)
+    print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
+    print("## Decode step (dummy " + args.shape + ", bf16, page 16)\n")
+    print("\n".join(bench_decode(engine, bw, args.quick)) + "\n")
+    print("## Prefill\n")
+    print("\n".join(bench_prefill(engine, peak, args.quick)) + "\n")
+    if not args.skip_hf:
+        del engine
+        torch.cuda.empty_cache()
+        engine = LLMEngine(cfg.model_copy(update={"num_pages": 2048}))
+        print("## Against transformers (same weights)\n")
+        print("\n".join(bench_vs_hf(engine, args.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""``splitserve bench transfer``: move one request's KV pages between two processes and compare to a raw baseline.
+
+This process is the receiver (decode side); a spawned child is the sender (prefill side, see
+:mod:`splitserve.transfer.loopback`). Every byte is verified: the child reports a sha256 of its source tokens,
+this process hashes what landed in its pages (token-major, so differing page sizes compare equal).
+
+Baseline, measured in the same run over the same transport: one contiguous buffer of the same size sent by the
+same child (ZeroMQ: one zero-copy message, acked; UCX: one tag send). On GPU, with two GPUs, also an in-process
+torch peer copy ``cuda:0 -> cuda:1``. With ``--device cuda`` the sender uses ``cuda:0`` and the receiver
+``cuda:1`` when there are two GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import threading
+import time
+from typing import Any
+
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "llama3-8b": {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128},
+    "llama3-70b": {"num_layers": 80, "num_kv_heads": 8, "head_dim": 128},
+    "tiny": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 16},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("zmq", "ucx"), default="zmq")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama3-8b")
+    parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens of the request (default 2048)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="auto: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--src-page-size", type=int, default=16)
+    parser.add_argument("--dst-page-size", type=int, default=16)
+    parser.add_argument("--chunk-tokens", type=int, default=0, help="tokens per send_layer call (0: whole prompt)")
+    parser.add_argument("--ipc", action="store_true", help="ZeroMQ over ipc:// instead of tcp://")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (best is reported)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(dtype, sender device, receiver device)."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cpu":
+        return dtype, "cpu", "cpu"
+    return dtype, "cuda:0", "cuda:1" if torch.cuda.device_count() >= 2 else "cuda:0"
+
+
+class _RawReceiver:
+    """Background receiver of the raw baseline: ZeroMQ ROUTER that acks, or a UCX listener + tag receives."""
+
+    def __init__(self, args: argparse.Namespace, nbytes: int, device: str) -> None:
+        self.args, self.nbytes, self.device = args, nbytes, device
+        self.error: BaseException | None = None
+        self.address = self._zmq_setup() if args.backend == "zmq" else self._ucx_setup()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _zmq_setup(self) -> str:
+        import zmq
+
+        from splitserve.core.config import TransferConfig
+        from splitserve.transfer.zmq_backend import bind_endpoint
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        return bind_endpoint(self.sock, TransferConfig(host=self.args.host, use_ipc=self.args.ipc), "raw")
+
+    def _ucx_setup(self) -> str:
+        import torch
+
+        from splitserve.transfer.ucx_backend import _UcxWorker
+
+        self.ucx = _UcxWorker(torch.device(self.device))
+        self.eps: list[Any] = []
+        self.listener = self.ucx.api.UCXListener.create(
+            worker=self.ucx.worker, port=0, cb_func=lambda req: self.eps.append(
+                self.listener.create_endpoint_from_conn_request(req, endpoint_error_handling=True)
+            )
+        )
+        self.dst = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        return f"ucx://{self.args.host}:{self.listener.port}"
+
+    def _run(self) -> None:
+        try:
+            for i in range(self.args.repeat + 1):
+                if self.args.backend == "zmq":
+                    frames = self.sock.recv_multipart(copy=False)
+                    self.sock.send_multipart([frames[0], b"ok"])
+                else:
+                    req = self.ucx.worker.tag_recv(self.ucx.array(self.dst), self.ucx.tag(i))
+                    while not req.completed:
+                        time.sleep(0.0001)
+                    req.check_error()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by close() on the main thread
+            self.error = exc
+
+    def close(self) -> None:
+        self.thread.join(60)
+        if self.args.backend == "zmq":
+            self.sock.close(linger=0)
+            self.ctx.term()
+        else:
+            self.ucx.close_endpoints(self.eps)
+            self.ucx.stop()
+        if self.error is not None:
+            raise RuntimeError(f"raw baseline receiver failed: {self.error}") from self.error
+
+
+def _peer_copy_gbps(nbytes: int, repeat: int) -> float | None:
+    """In-process torch copy cuda:0 -> cuda:1 (None without two GPUs)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    dst.copy_(src)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.getLogger("splitserve.transfer").setLevel(logging.INFO)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return 0 if result["verified"] else 1
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able result."""
+    import multiprocessing as mp
+
+    from splitserve.transfer.loopback import RawSpec, SenderProcess
+
+    dtype, src_dev, dst_dev = _resolve(args)
+    shape = MODEL_SHAPES[args.model_shape]
+    child = SenderProcess(mp.get_context("spawn"))
+    try:
+        kv = _measure_kv(args, child, dtype, shape, src_dev, dst_dev)
+        nbytes = kv["bytes"]
+        raw = _RawReceiver(args, nbytes, dst_dev)
+        seconds = child.raw(RawSpec(args.backend, raw.address, nbytes, src_dev, args.repeat))
+        raw.close()
+    finally:
+        child.stop()
+    baseline = nbytes / min(seconds) / 1e9
+    peer = _peer_copy_gbps(nbytes, args.repeat) if args.device == "cuda" else None
+    return {
+        **kv,
+        "baseline_gbps": round(baseline, 3),
+        "ratio": round(kv["gbps"] / baseline, 3),
+        "peer_copy_gbps": None if peer is None else round(peer, 3),
+        "ratio_to_peer_copy": None if peer is None else round(kv["gbps"] / peer, 3),
+        "backend": args.backend,
+        "transport": "ipc" if args.ipc and args.backend == "zmq" else ("tcp" if args.backend == "zmq" else "ucx"),
+        "device": args.device,
+        "src_device": src_dev,
+        "dst_device": dst_dev,
+        "model_shape": args.model_shape,
+        "dtype": dtype,
+        "tokens": args.tokens,
+        "page_sizes": [args.src_page_size, args.dst_page_size],
+        "card": _card(args.device),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[str, int], src_dev: str, dst_dev: str) -> dict[str, Any]:
+    """Best of ``args.repeat`` timed transfers of one request (each after a warm-up); verifies every byte."""
+    import torch
+
+    from splitserve.core.config import TransferConfig
+    from splitserve.transfer.base import KVLayout, TransferComplete, make_receiver
+    from splitserve.transfer.loopback import token_checksum
+
+    dst_layout = KVLayout(args.model_shape, dtype, **shape, page_size=args.dst_page_size)
+    cfg = TransferConfig(backend=args.backend, host=args.host, use_ipc=args.ipc)
+    dst_pages = 2 * -(-args.tokens // args.dst_page_size) + 2
+    kv = torch.zeros(shape["num_layers"], 2, dst_pages, args.dst_page_size, shape["num_kv_heads"], shape["head_dim"],
+                     dtype=dst_layout.torch_dtype, device=dst_dev)
+    rx = make_receiver(cfg, kv, dst_layout)
+    best, verified = float("inf"), True
+    try:
+        for i in range(args.repeat):
+            descs = [_reserve(rx, dst_layout, f"{tag}{i}", n, dst_pages) for tag, n in (("warm", 16), ("kv", args.tokens))]
+            child.start(_sender_spec(args, dtype, shape, src_dev, descs))
+            events = _pump(rx, {d.transfer_id for d in descs}, timeout_s=300)
+            report = child.report()
+            ok = all(isinstance(events.get(d.transfer_id), TransferComplete) for d in descs)
+            landed = token_checksum(kv, descs[1].page_ids, args.tokens)
+            verified = verified and ok and report.checksums == (landed,)
+            best = min(best, report.seconds)
+    finally:
+        rx.close()
+    nbytes = dst_layout.token_bytes() * args.tokens * shape["num_layers"]
+    return {"bytes": nbytes, "seconds": round(best, 6), "gbps": round(nbytes / best / 1e9, 3), "verified": verified}
+
+
+def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], device: str, descs: list[Any]) -> Any:
+    """Spec for the child: ``descs[0]`` is the warm-up, ``descs[1]`` the timed request; source pages reversed."""
+    from splitserve.transfer.loopback import SenderJob, SenderSpec
+
+    src_pages = -(-args.tokens // args.src_page_size) + 2
+    order = tuple(range(shape["num_layers"]))
+
+    def job(desc: Any) -> SenderJob:
+        n = -(-desc.num_tokens // args.src_page_size)
+        chunk = args.chunk_tokens or desc.num_tokens
+        return SenderJob(desc, f"req-{desc.transfer_id}", tuple(range(src_pages - 1, src_pages - 1 - n, -1)), order, chunk)
+
+    return SenderSpec(
+        transfer_cfg={"backend": args.backend, "host": args.host, "use_ipc": args.ipc},
+        layout={"model_id": args.model_shape, "dtype": dtype, **shape, "page_size": args.src_page_size},
+        num_pages=src_pages, seed=1234, jobs=(job(descs[1]),), device=device, wait_s=300.0,
+        warmup=job(descs[0]), checksums=True,
+    )
+
+
+def _reserve(rx: Any, layout: Any, tid: str, num_tokens: int, num_pages: int) -> Any:
+    """Reserve pages for ``num_tokens`` (reversed page order, so pages are scattered) and expect the transfer."""
+    from splitserve.core.messages import KVDescriptor
+
+    n = -(-num_tokens // layout.page_size)
+    pages = tuple(range(num_pages - 1, num_pages - 1 - n, -1)) if tid.startswith("kv") else tuple(range(n))
+    desc = KVDescriptor(tid, rx.address, layout.model_id, layout.dtype, layout.num_layers, layout.num_kv_heads,
+                        layout.head_dim, layout.page_size, pages, num_tokens, 120.0)
+    rx.expect(desc)
+    return desc
+
+
+def _pump(rx: Any, ids: set[str], timeout_s: float) -> dict[str, Any]:
+    from splitserve.transfer.base import TransferComplete, TransferFailed
+
+    final: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while ids - final.keys() and time.monotonic() < deadline:
+        for ev in rx.poll(10):
+            if isinstance(ev, (TransferComplete, TransferFailed)):
+                final[ev.transfer_id] = ev
+    return final
+
+
+def _card(device: str) -> str:
+    import os
+
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    print(f"# bench transfer  {r['date']}  card: {r['card']}")
+    print(f"backend={r['backend']} transport={r['transport']} shape={r['model_shape']} dtype={r['dtype']} "
+          f"tokens={r['tokens']} pages {r['page_sizes'][0]}->{r['page_sizes'][1]} ({r['bytes'] / 2**20:.1f} MiB)")
+    print(f"{'path':<28}{'GB/s':>10}")
+    print(f"{'KV pages (this backend)':<28}{r['gbps']:>10.3f}")
+    print(f"{'raw contiguous buffer':<28}{r['baseline_gbps']:>10.3f}")
+    if r["peer_copy_gbps"] is not None:
+        print(f"{'torch peer copy (in-proc)':<28}{r['peer_copy_gbps']:>10.3f}")
+    print(f"ratio to raw baseline: {r['ratio']:.3f}   verified: {r['verified']}")
