@@ -3,7 +3,8 @@
 Numerics follow Hugging Face Llama in the model dtype: the residual sum is rounded to the model dtype, RMSNorm
 normalises in float32 and rounds before the weight multiply, rotary casts cos/sin to the model dtype and rounds
 each product, SwiGLU rounds ``silu(gate)`` before the multiply. The Triton kernels reproduce each rounding step,
-so they agree with the references to the last bit up to float32 reduction order.
+so they agree with the references to the last bit up to float32 reduction order (on H100/H200: bf16 bit-exact for
+all three; fp16/fp32 within 1 ulp, where the compiler contracts multiply-adds into FMAs).
 """
 
 from __future__ import annotations
@@ -117,6 +118,22 @@ def ref_rotary(
 
 
 @triton.jit
+def _round_as(x, dt: tl.constexpr):
+    """Round float32 ``x`` to ``dt`` and back to float32, opaquely for bfloat16.
+
+    A plain ``x.to(bf16).to(f32)`` lets the compiler turn ``round(a*b) - round(c*d)`` into a bf16 FMA (seen with
+    triton 3.6 on H100/H200: 1-ulp differences from torch on ~20% of elements), so bfloat16 rounds (to nearest
+    even) on the bits instead. float16 keeps the plain casts (may still differ by 1 ulp on a GPU).
+    """
+    if dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(base, sh, n_heads, c, s, HALF: tl.constexpr, H_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HALF_PAD)
@@ -127,12 +144,12 @@ def _rotate_heads(base, sh, n_heads, c, s, HALF: tl.constexpr, H_PAD: tl.constex
     dt = x1.dtype
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    a1 = (x1f * c[None, :]).to(dt).to(tl.float32)
-    b1 = (x2f * s[None, :]).to(dt).to(tl.float32)
-    a2 = (x2f * c[None, :]).to(dt).to(tl.float32)
-    b2 = (x1f * s[None, :]).to(dt).to(tl.float32)
-    tl.store(p1, (a1 - b1).to(dt), mask=mask)
-    tl.store(p1 + HALF, (a2 + b2).to(dt), mask=mask)
+    a1 = _round_as(x1f * c[None, :], dt)
+    b1 = _round_as(x2f * s[None, :], dt)
+    a2 = _round_as(x2f * c[None, :], dt)
+    b2 = _round_as(x1f * s[None, :], dt)
+    tl.store(p1, _round_as(a1 - b1, dt).to(dt), mask=mask)
+    tl.store(p1 + HALF, _round_as(a2 + b2, dt).to(dt), mask=mask)
 
 
 @triton.jit
@@ -147,8 +164,8 @@ def _rotary_kernel(
     c = tl.load(cs_ptr + pos * scs + offs_d, mask=d_mask, other=0.0)
     s = tl.load(cs_ptr + pos * scs + HALF + offs_d, mask=d_mask, other=0.0)
     dt = q_ptr.dtype.element_ty
-    c = c.to(dt).to(tl.float32)
-    s = s.to(dt).to(tl.float32)
+    c = _round_as(c, dt)
+    s = _round_as(s, dt)
     _rotate_heads(q_ptr + t * sqt, sqh, n_q, c, s, HALF, HQ_PAD, HALF_PAD)
     _rotate_heads(k_ptr + t * skt, skh, n_k, c, s, HALF, HK_PAD, HALF_PAD)
 

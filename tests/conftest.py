@@ -11,6 +11,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after the thread settings above)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

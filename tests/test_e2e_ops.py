@@ -121,3 +121,23 @@ def test_switch_role_and_drain_on_live_workers(ops_cluster):
     assert code == 200 and body["draining"]
     assert wait_for(lambda: c.health() == 503)
     assert c.wait_pages_free()["prefill-1"] == 0
+
+
+def test_decode_worker_prefills_short_prompts_itself(tmp_path_factory):
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
+                worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3",
+                             "--local-prefill-threshold", "32"],
+                log_dir=tmp_path_factory.mktemp("local")).start()
+    try:
+        client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="x", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        short = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert short.choices[0].text.startswith(", there was a little")
+        time.sleep(1.0)
+        assert c.worker_gauge("prefill_tokens_total").get("prefill-0") == 0  # 5 tokens < 32: prefilled locally
+        long_prompt = "Once upon a time there was a little girl named Lily who loved to play in the park every day. " * 2
+        client.completions.create(model=model, prompt=long_prompt, max_tokens=4, temperature=0)
+        assert wait_for(lambda: c.worker_gauge("prefill_tokens_total").get("prefill-0", 0) > 32)
+        assert c.wait_pages_free()["decode-1"] == 0
+    finally:
+        c.stop()

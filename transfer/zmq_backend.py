@@ -345,6 +345,56 @@ class ZmqKVReceiver(KVReceiver):
 # --- sender ----------------------------------------------------------------------------------------
 
 
+class StagingPool:
+    """Reusable host staging buffers: a buffer returns to the pool once ZeroMQ has released it.
+
+    Fresh large allocations page-fault on first touch (as costly as the copy itself), so buffers are
+    recycled. Pinned on GPU machines (fast device->host copies).
+    """
+
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._busy: list[tuple[torch.Tensor, Any]] = []
+        self._idle: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """A tensor of ``shape``/``dtype`` on the host, backed by a recycled byte buffer when one fits."""
+        self._reclaim()
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        fits = [i for i, b in enumerate(self._idle) if b.numel() >= nbytes]
+        if fits:
+            buf = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._lent[buf.data_ptr()] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def track(self, tensor: torch.Tensor, tracker: Any) -> None:
+        """``tensor`` (from :meth:`take`) is in flight until ``tracker.done`` (``None``: free now)."""
+        buf = self._lent.pop(tensor.data_ptr(), None)
+        if buf is None:
+            return  # not from this pool
+        if tracker is None:
+            self._idle.append(buf)
+        else:
+            self._busy.append((buf, tracker))
+
+    def _reclaim(self) -> None:
+        still = []
+        for buf, tracker in self._busy:
+            if tracker.done:
+                self._idle.append(buf)
+            else:
+                still.append((buf, tracker))
+        self._busy = still
+        if len(self._idle) > self.MAX_IDLE:
+            self._idle.sort(key=lambda b: b.numel())
+            del self._idle[: len(self._idle) - self.MAX_IDLE]
+
+
+
 @dataclass
 class _Conn:
     """One DEALER socket per receiver address."""
@@ -373,6 +423,7 @@ class ZmqKVSender(KVSender):
         self._ctx = zmq.Context()
         self._conns: dict[str, _Conn] = {}
         self._out: dict[str, _Outbound] = {}
+        self._staging = StagingPool()
 
     def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
         """See the base class; ``request_id`` (optional) labels log lines and events."""
@@ -441,9 +492,15 @@ class ZmqKVSender(KVSender):
     def _stage(self, layer: int, slots: np.ndarray) -> torch.Tensor:
         """Gather ``slots`` of ``layer`` into one host tensor ``[2, T, H, D]`` (device gather + one D2H copy on GPU)."""
         lay = self._layout
-        buf = torch.empty((2, len(slots), lay.num_kv_heads, lay.head_dim), dtype=self._kv.dtype, device=self._kv.device)
-        gather_tokens(self._kv, layer, slots, buf)
-        return buf.cpu()
+        shape = (2, len(slots), lay.num_kv_heads, lay.head_dim)
+        host = self._staging.take(shape, self._kv.dtype, pin=self._kv.is_cuda)
+        if not self._kv.is_cuda:
+            gather_tokens(self._kv, layer, slots, host)
+            return host
+        dev = torch.empty(shape, dtype=self._kv.dtype, device=self._kv.device)
+        gather_tokens(self._kv, layer, slots, dev)
+        host.copy_(dev)
+        return host
 
     def _connection(self, addr: str) -> _Conn:
         conn = self._conns.get(addr)
@@ -465,20 +522,24 @@ class ZmqKVSender(KVSender):
         conn = self._connection(self._control_addr(self._out[transfer_id].desc))
         conn.seq += 1
         header = wire.encode(make_frame(conn.seq))
-        parts = [header] if payload is None else [header, payload]
+        # the numpy view keeps ``payload`` alive until ZeroMQ has sent it
+        parts = [header] if payload is None else [header, payload.view(torch.uint8).numpy()]
         try:
-            conn.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+            tracker = conn.sock.send_multipart(parts, zmq.NOBLOCK, copy=False, track=payload is not None)
         except zmq.Again:  # no pipe at all (SNDHWM is unlimited): the receiver is unreachable
+            if payload is not None:
+                self._staging.track(payload, None)
             conn.broken = f"receiver {self._control_addr(self._out[transfer_id].desc)} is unreachable"
             return
         conn.unacked[conn.seq] = time.monotonic()
+        if payload is not None:
+            self._staging.track(payload, tracker)
 
     def _send_payload(
         self, out: _Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
     ) -> None:
         tid = out.desc.transfer_id
-        raw = staging.view(torch.uint8).numpy()  # keeps ``staging`` alive until ZeroMQ has sent it
-        self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes), raw)
+        self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes), staging)
 
     def _read_acks(self, conn: _Conn, events: list[TransferEvent]) -> None:
         while True:

@@ -107,7 +107,12 @@ class LLMEngine:
         limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, limits)
         backend = make_backend(cfg.attention_backend, device.type)
-        self.runner = ModelRunner(model, self.kv_cache, backend, self.eos_token_ids, layer_hook)
+        graphs = None
+        if device.type == "cuda" and cfg.cuda_graphs and backend.name == "triton":
+            from splitserve.core.engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(model, self.kv_cache, backend, min(cfg.max_num_seqs, 256), max_len, cfg.page_size)
+        self.runner = ModelRunner(model, self.kv_cache, backend, self.eos_token_ids, layer_hook, graphs)
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
 
     # --- requests -----------------------------------------------------------------------------------

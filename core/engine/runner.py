@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork
 from splitserve.core.engine.sampler import SampleInput, sample_batch, top_logprobs
 from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
+
+if TYPE_CHECKING:
+    from splitserve.core.engine.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class ModelRunner:
         backend: AttentionBackend,
         eos_token_ids: frozenset[int],
         layer_hook: LayerHook | None = None,
+        graphs: "DecodeGraphs | None" = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -57,15 +61,33 @@ class ModelRunner:
         self.device = kv_cache.device
         self.eos_token_ids = eos_token_ids
         self.layer_hook = layer_hook
+        self.hook_filter: Callable[[ScheduledBatch], bool] | None = None
+        """Says whether a batch needs the layer hook (steps that need none may replay a CUDA graph)."""
+        self.graphs = graphs
+
+    def _needs_hook(self, batch: ScheduledBatch) -> bool:
+        if self.layer_hook is None:
+            return False
+        return self.hook_filter is None or self.hook_filter(batch)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        needs_hook = self._needs_hook(batch)
+        key = self.graphs.key(batch) if self.graphs is not None and not needs_hook else None
+        if key is not None:
+            return self._postprocess(batch, self.graphs.run(batch, key))
         input_ids, positions, meta = self._prepare(batch)
-        if self.layer_hook is not None:
+        if needs_hook:
             hook = self.layer_hook
             meta.on_layer_done = lambda layer: hook(layer, batch)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         return self._postprocess(batch, hidden)
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor; on CUDA through pinned memory without a host sync."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ps = batch.page_size
@@ -86,23 +108,18 @@ class ModelRunner:
         cu = [0]
         for q in q_lens:
             cu.append(cu[-1] + q)
-        dev = self.device
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            context_lens=self._tensor(ctx_lens, torch.int32),
+            block_tables=self._tensor(tables, torch.int32),
+            slot_mapping=self._tensor(slots, torch.int64),
             max_q_len=max(q_lens),
             max_context_len=max(ctx_lens),
             q_lens=q_lens,
             ctx_lens_host=ctx_lens,
             page_size=ps,
         )
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            meta,
-        )
+        return self._tensor(ids, torch.long), self._tensor(pos, torch.long), meta
 
     def _postprocess(self, batch: ScheduledBatch, hidden: torch.Tensor) -> RunnerOutput:
         ends, starts = [], []

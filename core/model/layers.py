@@ -57,16 +57,17 @@ def rotary(
         cos_sin_cache: float32 ``[max_pos, D]``; row ``p`` is ``cat(cos(p * inv_freq), sin(p * inv_freq))``
             with ``inv_freq`` of length ``D / 2`` (see :func:`build_cos_sin_cache`).
     Returns:
-        ``(q, k)`` rotated, same shapes and dtypes (new tensors). The rotation is computed in float32.
+        ``(q, k)`` rotated, same shapes and dtypes (new tensors). As in transformers, cos/sin are computed in
+        float32 and cast to the model dtype, and the rotation runs in the model dtype (identical in float32;
+        in bf16 this matches HF and the Triton kernel bit for bit).
     """
     half = cos_sin_cache.shape[-1] // 2
-    cs = cos_sin_cache.index_select(0, positions)
+    cs = cos_sin_cache.index_select(0, positions).to(q.dtype)
     cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1)[:, None, :]
     sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1)[:, None, :]
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+        return x * cos + rotate_half(x) * sin
 
     return rot(q), rot(k)
 
