@@ -214,10 +214,12 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
             landed = token_checksum(kv, descs[1].page_ids, args.tokens)
             verified = verified and ok and report.checksums == (landed,)
             best = min(best, report.seconds)
+        gpu_over_tcp = bool(getattr(rx, "gpu_over_tcp", False))
     finally:
         rx.close()
     nbytes = dst_layout.token_bytes() * args.tokens * shape["num_layers"]
-    return {"bytes": nbytes, "seconds": round(best, 6), "gbps": round(nbytes / best / 1e9, 3), "verified": verified}
+    return {"bytes": nbytes, "seconds": round(best, 6), "gbps": round(nbytes / best / 1e9, 3), "verified": verified,
+            "ucx_gpu_over_tcp": gpu_over_tcp}
 
 
 def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], device: str, descs: list[Any]) -> Any:

@@ -68,6 +68,10 @@ class DecodeService:
         )
         if local:
             return self._prefill_locally(msg)
+        eng = self.core.engine
+        if eng.kv.num_pages_for(len(msg.prompt_token_ids) + 1) > eng.info.num_pages:
+            return self.core.fail_request(rid, f"prompt of {len(msg.prompt_token_ids)} tokens does not fit in this "
+                                               f"worker's KV pool ({eng.info.num_pages} pages)")
         self.pending[rid] = msg
         self.core.counters.pending[rid] = time.monotonic()
         self._start_pending()

@@ -157,3 +157,17 @@ def test_generate_cli_json_builtin():
     obj = json.loads(out.stdout)
     assert set(obj) >= {"prompt_token_ids", "token_ids", "text", "finish_reason"}
     assert len(obj["token_ids"]) == 5 and obj["finish_reason"] == "length"
+
+
+def test_request_larger_than_the_pool_ends_instead_of_hanging(s260k):
+    engine = make_engine(s260k, num_pages=6)  # 24 tokens of KV
+    with pytest.raises(ValueError, match="KV pages"):
+        engine.add_request("big", list(range(3, 40)), GREEDY)
+    req = engine.add_request("grows", REF_PROMPT, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert req.finished and req.finish_reason == "length" and len(req.output_token_ids) >= 18
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0

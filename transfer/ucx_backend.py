@@ -30,7 +30,7 @@ import torch
 from splitserve.core.messages import KVDescriptor
 from splitserve.transfer import wire
 from splitserve.transfer.base import KVLayout, TransferError, TransferEvent, TransferFailed
-from splitserve.transfer.zmq_backend import ZmqKVReceiver, ZmqKVSender, _Inbound, _Outbound, _Reject
+from splitserve.transfer.zmq_backend import StagingPool, ZmqKVReceiver, ZmqKVSender, _Inbound, _Outbound, _Reject
 
 if TYPE_CHECKING:
     from splitserve.core.config import TransferConfig
@@ -120,6 +120,17 @@ class _UcxWorker:
         self.worker.stop_progress_thread()
 
 
+class _RequestDone:
+    """``done`` view of a UCX request, for :meth:`StagingPool.track`."""
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+
+    @property
+    def done(self) -> bool:
+        return bool(self._request.completed)
+
+
 @dataclass
 class _PendingRecv:
     request: Any
@@ -136,6 +147,7 @@ class UcxKVReceiver(ZmqKVReceiver):
         super().__init__(cfg, kv_cache, layout)
         self._endpoints: list[Any] = []
         self._orphans: list[_PendingRecv] = []
+        self._pool = StagingPool()
         self._listener = self._ucx.api.UCXListener.create(
             worker=self._ucx.worker, port=0, cb_func=self._on_connect
         )
@@ -150,8 +162,13 @@ class UcxKVReceiver(ZmqKVReceiver):
     def address(self) -> str:
         return f"ucx://{self._cfg.host}:{self._listener.port},{super().address}"
 
+    @property
+    def gpu_over_tcp(self) -> bool:
+        """True when the KV cache is on a GPU but UCX has no CUDA transport (GPU pages bounce over tcp)."""
+        return self._ucx.gpu_over_tcp
+
     def _accept_remote_payload(self, inb: _Inbound, chunk: wire.Chunk) -> None:
-        staging = torch.empty(chunk.nbytes, dtype=torch.uint8, device=self._kv.device)
+        staging = self._pool.take((chunk.nbytes,), torch.uint8, device=self._kv.device)
         request = self._ucx.worker.tag_recv(self._ucx.array(staging), self._ucx.tag(chunk.ucx_tag))
         inb.pending.append(_PendingRecv(request, staging, chunk))
 
@@ -174,10 +191,15 @@ class UcxKVReceiver(ZmqKVReceiver):
             n = p.chunk.token_end - p.chunk.token_start
             data = p.staging.view(lay.torch_dtype).view(2, n, lay.num_kv_heads, lay.head_dim)
             self._land(inb, p.chunk, data, events)
+            if p.staging.is_cuda:  # the scatter is stream-ordered: finish it before UCX may reuse the buffer
+                torch.cuda.current_stream(p.staging.device).synchronize()
+            self._pool.track(p.staging, None)
         self._try_complete(inb, events)
 
     def _drop_pending(self, inb: _Inbound) -> None:
-        # posted receives may still write their staging buffers (never the pages): keep those alive
+        # posted receives may still write their staging buffers (never the pages): recycle only once done
+        for p in inb.pending:
+            self._pool.track(p.staging, _RequestDone(p.request))
         self._orphans.extend(inb.pending)
         inb.pending.clear()
 
@@ -225,7 +247,8 @@ class UcxKVSender(ZmqKVSender):
         from splitserve.transfer.base import gather_tokens
 
         lay = self._layout
-        buf = torch.empty((2, len(slots), lay.num_kv_heads, lay.head_dim), dtype=self._kv.dtype, device=self._kv.device)
+        shape = (2, len(slots), lay.num_kv_heads, lay.head_dim)
+        buf = self._staging.take(shape, self._kv.dtype, device=self._kv.device)
         gather_tokens(self._kv, layer, slots, buf)
         if buf.is_cuda:
             torch.cuda.current_stream(buf.device).synchronize()  # UCX reads it from another stream/thread
@@ -240,6 +263,7 @@ class UcxKVSender(ZmqKVSender):
         tag = (self._sender_id << 32) | self._tag_seq
         request = self._eps[(host, port)].tag_send(self._ucx.array(staging), self._ucx.tag(tag))
         self._inflight.append(_PendingSend(request, staging, tid))
+        self._staging.track(staging, _RequestDone(request))
         self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes, ucx_tag=tag))
 
     def _progress_sends(self, events: list[TransferEvent]) -> None:

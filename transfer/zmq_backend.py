@@ -359,20 +359,25 @@ class StagingPool:
         self._idle: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-        """A tensor of ``shape``/``dtype`` on the host, backed by a recycled byte buffer when one fits."""
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A tensor of ``shape``/``dtype`` on ``device`` (one pool serves one device), recycled when one fits."""
         self._reclaim()
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         fits = [i for i, b in enumerate(self._idle) if b.numel() >= nbytes]
         if fits:
             buf = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
         else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
         self._lent[buf.data_ptr()] = buf
         return buf[:nbytes].view(dtype).view(shape)
 
     def track(self, tensor: torch.Tensor, tracker: Any) -> None:
-        """``tensor`` (from :meth:`take`) is in flight until ``tracker.done`` (``None``: free now)."""
+        """``tensor`` (from :meth:`take`) is in flight until ``tracker.done`` is true (``None``: free now).
+
+        ``tracker``: a ``zmq.MessageTracker`` or any object with a boolean ``done`` attribute.
+        """
         buf = self._lent.pop(tensor.data_ptr(), None)
         if buf is None:
             return  # not from this pool

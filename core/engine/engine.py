@@ -124,6 +124,11 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id}: prompt has {len(prompt)} tokens, the context is {self.info.max_model_len}"
             )
+        if self.kv.num_pages_for(len(prompt) + 1) > self.info.num_pages:
+            raise ValueError(
+                f"request {request_id}: prompt of {len(prompt)} tokens needs more KV pages than this worker has "
+                f"({self.info.num_pages} pages of {self.info.page_size} tokens)"
+            )
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt),
@@ -182,10 +187,17 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        outputs = self._finish_out_of_memory()
         if batch.is_empty:
-            return []
+            return outputs
         out = self.runner.execute(batch)
-        return self.postprocess(batch, out)
+        return outputs + self.postprocess(batch, out)
+
+    def _finish_out_of_memory(self) -> list[StepOutput]:
+        done = self.scheduler.out_of_memory
+        self.scheduler.out_of_memory = []
+        self.scheduler.finish_many((req, "length") for req in done)
+        return [StepOutput(r.request_id, finish_reason="length", num_prompt_tokens=r.num_prompt_tokens) for r in done]
 
     def postprocess(self, batch: ScheduledBatch, out: RunnerOutput) -> list[StepOutput]:
         self.scheduler.commit(batch)

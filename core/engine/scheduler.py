@@ -37,6 +37,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.out_of_memory: list[Request] = []
+        """Requests that cannot grow even with the whole pool to themselves; the engine finishes them ("length")."""
 
     # --- queue management -------------------------------------------------------------------------
 
@@ -103,6 +105,11 @@ class Scheduler:
         """Pages for ``n`` more tokens of a running request, preempting newer requests; False if ``req`` itself was."""
         while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
             victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                logger.warning("request %s: KV pool exhausted by this request alone; finishing it", req.request_id)
+                self.running.remove(req)
+                self.out_of_memory.append(req)
+                return False
             self._preempt(victim)
             if victim is req:
                 return False
