@@ -41,7 +41,7 @@ def bench(url: str, args: argparse.Namespace, rate: float, num_prompts: int) -> 
     cmd = [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--url", url, "--dataset", "random",
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--num-prompts", str(num_prompts),
            "--request-rate", str(rate), "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
-           "--vocab-size", "32000", "--seed", "1", "--json"]
+           "--vocab-size", str(args.vocab_size), "--seed", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"bench serve failed: {out.stderr[-2000:]}")
@@ -50,7 +50,7 @@ def bench(url: str, args: argparse.Namespace, rate: float, num_prompts: int) -> 
 
 def run_topology(name: str, args: argparse.Namespace, rates: list[float]) -> dict[float, dict]:
     port = args.port
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", args.model, "--device", "cuda", "--port", str(port),
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", args.model, "--device", args.device, "--port", str(port),
            "--transfer", args.transfer, *TOPOLOGIES[name], *sum((["--extra-arg", a] for a in args.worker_arg), [])]
     log = open(f"{args.log_dir}/{name.replace(' ', '_')}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=40.0)
     ap.add_argument("--seconds-per-rate", type=float, default=15.0)
     ap.add_argument("--transfer", default="ucx")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="token-id prompts are drawn below this")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script on a machine without GPUs")
     ap.add_argument("--worker-arg", action="append", default=[])
     ap.add_argument("--port", type=int, default=8300)
     ap.add_argument("--start-timeout-s", type=float, default=240.0)
@@ -99,7 +101,7 @@ def main() -> None:
     rates = [float(x) for x in args.rates.split(",")]
     import torch
 
-    card = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    card = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "CPU"
     results = {name: run_topology(name, args, rates) for name in TOPOLOGIES}
     print(f"# 1P1D vs 2 colocated -- {card}, {datetime.date.today()}, model {args.model}, "
           f"random {args.input_len} in / {args.output_len} out, SLO TTFT p90 <= {args.slo_ttft_ms:g} ms, "

@@ -83,16 +83,24 @@ def bench_decode(engine: LLMEngine, bw: float, quick: bool) -> list[str]:
     mc, info = engine.model_config, engine.info
     kv_tok = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * engine.kv_cache.element_size()
     wbytes = weight_bytes(engine.runner.model)
-    rows = ["| batch | context | step ms | floor ms | step / floor | tokens/s |", "|---|---|---|---|---|---|"]
+    rows = ["| batch | context | step ms (CUDA graph) | step ms (eager) | floor ms | graph step / floor | tokens/s |",
+            "|---|---|---|---|---|---|---|"]
+    graphs = engine.runner.graphs
     for batch in (1, 16, 64, 256):
         for ctx in (1024, 4096):
             if batch * ((ctx + info.page_size - 1) // info.page_size) > info.num_pages:
                 rows.append(f"| {batch} | {ctx} | skipped: KV ({batch * ctx * kv_tok / 2**30:.0f} GiB) exceeds the pool | | | |")
                 continue
             sb = decode_batch(batch, ctx, info.page_size, 0)
+            engine.runner.graphs = None
+            eager_tokens = [r.token_id for r in engine.runner.execute(sb).results]
+            t_eager = cuda_time(lambda: engine.runner.execute(sb), iters=5 if quick else 20)
+            engine.runner.graphs = graphs
+            same = [r.token_id for r in engine.runner.execute(sb).results] == eager_tokens
             t = cuda_time(lambda: engine.runner.execute(sb), iters=5 if quick else 20)
             floor = (wbytes + batch * ctx * kv_tok) / bw
-            rows.append(f"| {batch} | {ctx} | {t * 1e3:.2f} | {floor * 1e3:.2f} | {t / floor:.2f}x | {batch / t:.0f} |")
+            rows.append(f"| {batch} | {ctx} | {t * 1e3:.2f}{'' if same else ' (MISMATCH vs eager)'} | "
+                        f"{t_eager * 1e3:.2f} | {floor * 1e3:.2f} | {t / floor:.2f}x | {batch / t:.0f} |")
     return rows
 
 
@@ -167,6 +175,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--num-pages", type=int, default=16384, help="KV pool pages (16 tokens each)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -175,7 +184,8 @@ def main() -> None:
     bw, peak = copy_bandwidth(dev), matmul_rate(dev)
     print(f"measured copy bandwidth {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
     cfg = EngineConfig(model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16", num_pages=args.num_pages,
-                       max_num_batched_tokens=32768, chunk_size=4096, enable_prefix_caching=False)
+                       max_num_batched_tokens=32768, chunk_size=4096, enable_prefix_caching=False, max_num_seqs=256,
+                       max_model_len=args.max_model_len)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")

@@ -98,6 +98,8 @@ class Register(_Msg, frozen=True):
     num_pages: int
     page_size: int
     max_model_len: int
+    vocab_size: int = 0
+    """The model's vocabulary size (token-id prompts must stay below it); 0: unknown."""
 
 
 class Heartbeat(_Msg, frozen=True):

@@ -110,7 +110,7 @@ class DecodeService:
             lease_s=self.tcfg.lease_s,
         )
         try:
-            self.receiver.expect(desc)
+            self.receiver.expect(desc, request_id=rid)
         except TransferError as exc:
             self.core.engine.release(rid)
             return self.core.fail_request(rid, str(exc))

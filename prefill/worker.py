@@ -54,7 +54,7 @@ class PrefillService:
     def _on_prefill_req(self, _peer: bytes | None, msg: PrefillReq) -> None:
         rid, tid = msg.request_id, msg.dst.transfer_id
         try:
-            self.sender.begin(msg.dst)
+            self.sender.begin(msg.dst, request_id=rid)
         except TransferError as exc:
             logger.warning("request %s: refusing transfer %s: %s", rid, tid, exc)
             return self._refuse(tid, rid, str(exc))

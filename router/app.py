@@ -94,6 +94,9 @@ async def _serve(request: web.Request, svc: RouterService, req: Any, fmt: Format
     max_len = svc.max_model_len()
     if max_len is None:
         raise APIError(503, "no healthy workers are available", type="service_unavailable", code="no_workers")
+    vocab = svc.vocab_size()
+    if vocab is not None and prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab):
+        raise bad_request(f"invalid field '{prompt_field}': token ids must be in [0, {vocab})", param=prompt_field)
     params = to_sampling_params(req, len(prompt_ids), max_len, prompt_field)
     params = _with_router_stops(svc, params)
     proc = svc.processor(new_id("req"), prompt_ids, req.stop_strings)

@@ -39,6 +39,7 @@ class WorkerState:
     page_size: int
     max_model_len: int
     last_heartbeat: float
+    vocab_size: int = 0
     heartbeat: Heartbeat | None = None
     healthy: bool = True
     draining: bool = False
@@ -144,6 +145,7 @@ class WorkerRegistry:
             num_pages=msg.num_pages,
             page_size=msg.page_size,
             max_model_len=msg.max_model_len,
+            vocab_size=msg.vocab_size,
             last_heartbeat=self._clock(),
             external=external,
         )

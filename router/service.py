@@ -89,6 +89,11 @@ class RouterService:
         lens = [w.max_model_len for w in self.registry.all() if w.routable]
         return min(lens) if lens else None
 
+    def vocab_size(self) -> int | None:
+        """The smallest vocabulary among routable workers that reported one."""
+        sizes = [w.vocab_size for w in self.registry.all() if w.routable and w.vocab_size]
+        return min(sizes) if sizes else None
+
     def admit(self) -> None:
         """503 without routable workers or while shutting down; 429 when too many requests are in flight."""
         if not self.accepting:

@@ -128,6 +128,9 @@ def test_bad_input_is_a_400_naming_the_field(pd, client):
     assert e.value.status_code in (400, 404)
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, m, "word " * 600, max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, m, [1, 2, 100000], max_tokens=2)  # token id outside the vocabulary
+    assert "prompt" in str(e.value)
     req = urllib.request.Request(f"{pd.url}/v1/completions", data=b"{not json", method="POST",
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as he:

@@ -251,7 +251,7 @@ class KVReceiver(abc.ABC):
         """Bound endpoint that senders connect to (put it in ``KVDescriptor.receiver_addr``)."""
 
     @abc.abstractmethod
-    def expect(self, desc: KVDescriptor) -> None:
+    def expect(self, desc: KVDescriptor, request_id: str = "") -> None:
         """Register reserved pages for ``desc.transfer_id`` and start its lease.
 
         Raises :class:`TransferError` for a layout mismatch, a duplicate id, or pages that do not cover
@@ -285,7 +285,7 @@ class KVSender(abc.ABC):
     """
 
     @abc.abstractmethod
-    def begin(self, desc: KVDescriptor) -> None:
+    def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
         """Validate ``desc`` against this layout (raises :class:`TransferError`) and connect to
         ``desc.receiver_addr`` (connections are cached per address)."""
 

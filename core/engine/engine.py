@@ -120,6 +120,9 @@ class LLMEngine:
     def make_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams, prefill_only: bool = False) -> Request:
         if not prompt:
             raise ValueError(f"request {request_id}: empty prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"request {request_id}: prompt token ids must be in [0, {vocab})")
         if len(prompt) >= self.info.max_model_len:
             raise ValueError(
                 f"request {request_id}: prompt has {len(prompt)} tokens, the context is {self.info.max_model_len}"

@@ -126,6 +126,7 @@ class WorkerCore:
                 num_pages=info.num_pages,
                 page_size=info.page_size,
                 max_model_len=info.max_model_len,
+                vocab_size=self.engine.model_config.vocab_size,
             )
         )
         logger.info("worker %s registered with %s as %s", self.worker_id, self.cfg.router_addr, self.role)

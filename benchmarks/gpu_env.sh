@@ -1,0 +1,12 @@
+# Source from the repo root on a GPU machine where the project is not pip-installed (no package index there):
+# unpacks the dependency bundle built by ../shared/tools/device-deps.sh (.deps/, carried) and exposes the
+# whole `splitserve` namespace through a shim package on PYTHONPATH, the way `pip install -e .` maps it.
+set -e
+if [ -f .deps/pydeps-py312.tar.gz ] && [ ! -d /tmp/pydeps ]; then tar -C /tmp -xzf .deps/pydeps-py312.tar.gz; fi
+S=/tmp/ss_full/splitserve
+rm -rf /tmp/ss_full && mkdir -p "$S"
+for f in splitserve/*.py; do ln -sfn "$PWD/$f" "$S/$(basename "$f")"; done
+for d in core prefill decode transfer router kernels benchmarks; do ln -sfn "$PWD/$d" "$S/$d"; done
+export PYTHONPATH=/tmp/ss_full:/tmp/pydeps:$PYTHONPATH PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n
+export UCX_TLS=${UCX_TLS:-tcp,cuda_copy,cuda_ipc,sm,self}
+set +e

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU evidence for issues 3, 5 and 6, in one call on a 2-GPU machine (see benchmarks/RESULTS.md):
+#   bash benchmarks/run_gpu_suite.sh [transfer] [engine] [smoke] [disagg]      (default: transfer engine smoke)
+# Logs go to ${OUT:-/tmp/gpu_suite}.
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+LOG=${OUT:-/tmp/gpu_suite}; mkdir -p "$LOG"
+steps=${*:-transfer engine smoke}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for step in $steps; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    transfer)
+      for b in zmq ucx; do
+        timeout 240 python3 -m splitserve.cli --log-level WARNING bench transfer --backend $b --device cuda \
+          --model-shape llama3-8b --tokens 2048 --json 2>>"$LOG/transfer.err" | tee -a "$LOG/transfer.json"
+      done ;;
+    engine)
+      timeout 420 python3 -m splitserve.benchmarks.bench_engine_gpu ${ENGINE_ARGS:-} 2>"$LOG/engine.err" | tee "$LOG/engine.md" ;;
+    smoke)
+      timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3.2-1b --rates 4 \
+        --input-len 512 --output-len 32 --seconds-per-rate 4 --log-dir "$LOG" 2>&1 | tee "$LOG/smoke.md" ;;
+    disagg)
+      timeout 560 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-1,2,4} \
+        --seconds-per-rate ${SECONDS_PER_RATE:-12} --log-dir "$LOG" 2>&1 | tee "$LOG/disagg.md" ;;
+  esac
+done
