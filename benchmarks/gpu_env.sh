@@ -8,5 +8,8 @@ rm -rf /tmp/ss_full && mkdir -p "$S"
 for f in splitserve/*.py; do ln -sfn "$PWD/$f" "$S/$(basename "$f")"; done
 for d in core prefill decode transfer router kernels benchmarks; do ln -sfn "$PWD/$d" "$S/$d"; done
 export PYTHONPATH=/tmp/ss_full:/tmp/pydeps:$PYTHONPATH PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n
+# Run python from outside the checkout: `python -m` puts the working directory first on sys.path, where the
+# bare splitserve/ folder would shadow the shim.
+export SPLITSERVE_REPO=$PWD
 export UCX_TLS=${UCX_TLS:-tcp,cuda_copy,cuda_ipc,sm,self}
 set +e

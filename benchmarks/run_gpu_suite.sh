@@ -7,6 +7,7 @@ source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/gpu_suite}; mkdir -p "$LOG"
 steps=${*:-transfer engine smoke}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+cd /tmp
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in

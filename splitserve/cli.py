@@ -23,12 +23,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving")
+def _global_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitserve", description="Disaggregated prefill/decode LLM serving", add_help=add_help
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def _wanted_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (global options and their values skipped)."""
+    probe = _global_parser(add_help=False)
+    probe.add_argument("command", nargs="?")
+    known, _ = probe.parse_known_args(argv)
+    return known.command
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = _global_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = _wanted_command(argv)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if name == wanted:  # import only the module that runs
