@@ -12,6 +12,7 @@ Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--q
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import time
@@ -129,9 +130,7 @@ def hf_copy(engine: LLMEngine):
     import transformers
 
     mc = engine.model_config
-    rope = dict(mc.rope_scaling) if mc.rope_scaling else None
-    if rope is not None:
-        rope.setdefault("rope_type", rope.get("type", "llama3"))
+    rope = dataclasses.asdict(mc.rope_scaling) if mc.rope_scaling else None
     hcfg = transformers.LlamaConfig(
         vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
         num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
@@ -177,6 +176,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
     args = ap.parse_args()
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
@@ -189,10 +189,11 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
-    print("## Decode step (dummy " + args.shape + ", bf16, page 16)\n")
-    print("\n".join(bench_decode(engine, bw, args.quick)) + "\n")
-    print("## Prefill\n")
-    print("\n".join(bench_prefill(engine, peak, args.quick)) + "\n")
+    if not args.only_hf:
+        print("## Decode step (dummy " + args.shape + ", bf16, page 16)\n")
+        print("\n".join(bench_decode(engine, bw, args.quick)) + "\n")
+        print("## Prefill\n")
+        print("\n".join(bench_prefill(engine, peak, args.quick)) + "\n")
     if not args.skip_hf:
         del engine
         torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU evidence for issues 3, 5 and 6, in one call on a 2-GPU machine (see benchmarks/RESULTS.md):
-#   bash benchmarks/run_gpu_suite.sh [transfer] [engine] [smoke] [disagg]      (default: transfer engine smoke)
+#   bash benchmarks/run_gpu_suite.sh [transfer] [engine] [hf] [smoke] [disagg]      (default: transfer engine smoke)
 # Logs go to ${OUT:-/tmp/gpu_suite}.
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -18,11 +18,13 @@ for step in $steps; do
       done ;;
     engine)
       timeout 420 python3 -m splitserve.benchmarks.bench_engine_gpu ${ENGINE_ARGS:-} 2>"$LOG/engine.err" | tee "$LOG/engine.md" ;;
+    hf)
+      timeout 300 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf 2>"$LOG/hf.err" | tee "$LOG/hf.md" ;;
     smoke)
       timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3.2-1b --rates 4 \
         --input-len 512 --output-len 32 --seconds-per-rate 4 --log-dir "$LOG" 2>&1 | tee "$LOG/smoke.md" ;;
     disagg)
-      timeout 560 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-1,2,4} \
-        --seconds-per-rate ${SECONDS_PER_RATE:-12} --log-dir "$LOG" 2>&1 | tee "$LOG/disagg.md" ;;
+      timeout 480 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-1,2,4} \
+        --seconds-per-rate ${SECONDS_PER_RATE:-12} --transfer ${TRANSFER:-ucx} --log-dir "$LOG" 2>&1 | tee "$LOG/disagg.md" ;;
   esac
 done

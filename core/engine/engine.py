@@ -62,7 +62,9 @@ def resolve_device(cfg: EngineConfig) -> torch.device:
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-        return torch.device("cuda", cfg.device_index)
+        device = torch.device("cuda", cfg.device_index)
+        torch.cuda.set_device(device)  # Triton launches (and new streams) use the current device
+        return device
     return torch.device("cpu")
 
 
