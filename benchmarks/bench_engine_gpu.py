@@ -138,13 +138,27 @@ def hf_copy(engine: LLMEngine):
         max_position_embeddings=mc.max_position_embeddings, tie_word_embeddings=mc.tie_word_embeddings,
     )
     with torch.device(engine.kv_cache.device):
-        hf = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+        hf = transformers.LlamaForCausalLM(hcfg).to(engine.kv_cache.dtype).eval()
     ours = dict(engine.runner.model.named_parameters())
     hf_params = dict(hf.named_parameters())
     with torch.no_grad():
         for name, (pname, start, end) in engine.runner.model.hf_weight_map().items():
             hf_params[name].copy_(ours[pname][start:end])
     return hf
+
+
+def first_step_logprobs(engine: LLMEngine, hf, prompt: list[int]) -> str:
+    """Top-5 logprobs of the first generated position, ours vs transformers, and HF's top-1/top-2 margin."""
+    req = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0]
+    ours = req.output_logprobs[0].top
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([prompt], device=hf.device)).logits[0, -1].float(), -1)
+    top = torch.topk(lp, 5)
+    ref = list(zip(top.indices.tolist(), top.values.tolist()))
+    err = max(abs(v - lp[t].item()) for t, v in ours)
+    margin = ref[0][1] - ref[1][1]
+    return (f"first position: top-5 ids ours {[t for t, _ in ours]} vs hf {[t for t, _ in ref]}; max |logprob diff| "
+            f"{err:.4f}; HF top1-top2 margin {margin:.4f}")
 
 
 def bench_vs_hf(engine: LLMEngine, quick: bool) -> list[str]:
@@ -154,7 +168,10 @@ def bench_vs_hf(engine: LLMEngine, quick: bool) -> list[str]:
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt], device=hf.device), max_new_tokens=16, do_sample=False)[0, 64:].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))
-    rows = [f"greedy bf16 vs transformers: first {agree} of 16 tokens identical (ours {ours[:8]}..., hf {ref[:8]}...)", ""]
+    dt = str(engine.kv_cache.dtype).removeprefix("torch.")
+    rows = [f"greedy {dt} vs transformers: first {agree} of 16 tokens identical (ours {ours[:6]}..., hf {ref[:6]}...)"]
+    rows.append(first_step_logprobs(engine, hf, prompt))
+    rows.append("")
     n, inp, out = (4, 128, 32) if quick else (16, 128, 128)
     prompts = [[128000] + [(i * 31 + j * 7) % 120000 + 100 for j in range(inp - 1)] for i in range(n)]
     sp = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
@@ -177,15 +194,19 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--hf-pages", type=int, default=2048)
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                    help="torch: reference attention and torch elementwise ops (no CUDA graphs)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     print(f"# SplitServe engine benchmark -- {card}, {datetime.date.today()}, torch {torch.__version__}")
     bw, peak = copy_bandwidth(dev), matmul_rate(dev)
     print(f"measured copy bandwidth {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
-    cfg = EngineConfig(model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16", num_pages=args.num_pages,
+    cfg = EngineConfig(model=f"dummy:{args.shape}", device="cuda", dtype=args.dtype, num_pages=args.num_pages,
                        max_num_batched_tokens=32768, chunk_size=4096, enable_prefix_caching=False, max_num_seqs=256,
-                       max_model_len=args.max_model_len)
+                       max_model_len=args.max_model_len, attention_backend=args.attention_backend)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
@@ -195,9 +216,11 @@ def main() -> None:
         print("## Prefill\n")
         print("\n".join(bench_prefill(engine, peak, args.quick)) + "\n")
     if not args.skip_hf:
+        if args.only_hf:
+            engine.runner.graphs = None
         del engine
         torch.cuda.empty_cache()
-        engine = LLMEngine(cfg.model_copy(update={"num_pages": 2048}))
+        engine = LLMEngine(cfg.model_copy(update={"num_pages": args.hf_pages}))
         print("## Against transformers (same weights)\n")
         print("\n".join(bench_vs_hf(engine, args.quick)))
 

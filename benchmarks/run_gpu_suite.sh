@@ -19,7 +19,9 @@ for step in $steps; do
     engine)
       timeout 420 python3 -m splitserve.benchmarks.bench_engine_gpu ${ENGINE_ARGS:-} 2>"$LOG/engine.err" | tee "$LOG/engine.md" ;;
     hf)
-      timeout 300 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf 2>"$LOG/hf.err" | tee "$LOG/hf.md" ;;
+      timeout 240 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf --quick 2>"$LOG/hf.err" | tee "$LOG/hf.md"
+      timeout 240 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf --quick --dtype float32 --num-pages 64 \
+        --hf-pages 64 2>"$LOG/hf32.err" | tee "$LOG/hf32.md" ;;
     smoke)
       timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3.2-1b --rates 4 \
         --input-len 512 --output-len 32 --seconds-per-rate 4 --log-dir "$LOG" 2>&1 | tee "$LOG/smoke.md" ;;
