@@ -18,6 +18,13 @@ for step in $steps; do
       done ;;
     engine)
       timeout 420 python3 -m splitserve.benchmarks.bench_engine_gpu ${ENGINE_ARGS:-} 2>"$LOG/engine.err" | tee "$LOG/engine.md" ;;
+    ucxdisagg)  # UCX check first; the disaggregated sweep over UCX only if a verified transfer went through
+      timeout 60 python3 -m splitserve.cli --log-level WARNING bench transfer --backend ucx --device cuda \
+        --model-shape llama3-8b --tokens 2048 --json 2>"$LOG/ucx.err" | tee "$LOG/ucx.json"
+      if grep -q '"verified": true' "$LOG/ucx.json"; then
+        timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-4,8} \
+          --seconds-per-rate ${SECONDS_PER_RATE:-8} --transfer ucx --log-dir "$LOG" 2>&1 | tee "$LOG/disagg_ucx.md"
+      fi ;;
     hf)
       timeout 240 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf --quick 2>"$LOG/hf.err" | tee "$LOG/hf.md"
       timeout 240 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf --quick --dtype float32 --num-pages 64 \

@@ -89,6 +89,8 @@ class _UcxWorker:
     """One UCX context + worker with a progress thread (shared by a sender's or receiver's requests)."""
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda":  # UCX (cuda_ipc) works in the current device's context, as the probe does
+            torch.cuda.set_device(device)
         self.api = _import_ucxx()
         self.ctx = self.api.UCXContext(feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
         self.worker = self.api.UCXWorker(self.ctx)
