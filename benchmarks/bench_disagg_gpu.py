@@ -71,10 +71,12 @@ def table(results: dict[str, dict[float, dict]], rates: list[float]) -> list[str
     rows = ["| rate (req/s) | topology | TTFT p90 ms | TPOT p90 ms | goodput (req/s) | SLO attainment | disagg / colocated |",
             "|---|---|---|---|---|---|---|"]
     for r in rates:
-        base = results["2 colocated"][r]["goodput"] or 0.0
-        for name in TOPOLOGIES:
+        base = (results["2 colocated"][r]["goodput"] or 0.0) if "2 colocated" in results else None
+        for name in results:
             rep = results[name][r]
-            ratio = "" if name != "1P1D" else (f"{rep['goodput'] / base:.2f}x" if base else "inf (colocated 0)")
+            ratio = ""
+            if name == "1P1D" and base is not None:
+                ratio = f"{rep['goodput'] / base:.2f}x" if base else "inf (colocated 0)"
             rows.append(f"| {r:g} | {name} | {rep['ttft_ms']['p90']:.0f} | {rep['tpot_ms']['p90']:.1f} | "
                         f"{rep['goodput']:.2f} | {rep['slo_attainment']:.0%} | {ratio} |")
     return rows
@@ -84,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="dummy:llama3-8b")
     ap.add_argument("--rates", default="1,2,4")
+    ap.add_argument("--topologies", default="1P1D,2 colocated", help="comma-separated subset of: 1P1D, 2 colocated")
     ap.add_argument("--input-len", type=int, default=2048)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
@@ -102,7 +105,8 @@ def main() -> None:
     import torch
 
     card = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "CPU"
-    results = {name: run_topology(name, args, rates) for name in TOPOLOGIES}
+    names = [n for n in TOPOLOGIES if n in args.topologies.split(",")]
+    results = {name: run_topology(name, args, rates) for name in names}
     print(f"# 1P1D vs 2 colocated -- {card}, {datetime.date.today()}, model {args.model}, "
           f"random {args.input_len} in / {args.output_len} out, SLO TTFT p90 <= {args.slo_ttft_ms:g} ms, "
           f"TPOT p90 <= {args.slo_tpot_ms:g} ms, transfer {args.transfer}")

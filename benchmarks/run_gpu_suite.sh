@@ -23,7 +23,8 @@ for step in $steps; do
         --model-shape llama3-8b --tokens 2048 --json 2>"$LOG/ucx.err" | tee "$LOG/ucx.json"
       if grep -q '"verified": true' "$LOG/ucx.json"; then
         timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-4,8} \
-          --seconds-per-rate ${SECONDS_PER_RATE:-8} --transfer ucx --log-dir "$LOG" 2>&1 | tee "$LOG/disagg_ucx.md"
+          --seconds-per-rate ${SECONDS_PER_RATE:-8} --transfer ucx --topologies "${TOPOS:-1P1D,2 colocated}" \
+          --log-dir "$LOG" 2>&1 | tee "$LOG/disagg_ucx.md"
       fi ;;
     hf)
       timeout 240 python3 -m splitserve.benchmarks.bench_engine_gpu --only-hf --quick 2>"$LOG/hf.err" | tee "$LOG/hf.md"

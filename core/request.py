@@ -31,6 +31,8 @@ class Request:
     max_model_len: int = 1 << 30
     prefill_only: bool = False
     """Prefill workers: finish right after the first token is sampled (KV goes to a decode worker)."""
+    session_key: str | None = None
+    """Agent sessions: when the request finishes, its pages stay pinned under this key for the next turn."""
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

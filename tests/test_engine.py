@@ -171,3 +171,23 @@ def test_request_larger_than_the_pool_ends_instead_of_hanging(s260k):
     assert req.finished and req.finish_reason == "length" and len(req.output_token_ids) >= 18
     engine.kv.check_integrity()
     assert engine.kv.usage().used == 0
+
+
+def test_agent_session_pins_pages_between_turns(s260k):
+    engine = make_engine(s260k, enable_prefix_caching=True, num_pages=64)
+    first = engine.add_request("turn-1", REF_PROMPT, SamplingParams(max_tokens=20, temperature=0), session_key="agent-7")
+    while engine.has_unfinished():
+        engine.step()
+    usage = engine.kv.usage()
+    assert usage.pinned > 0 and usage.used == usage.pinned  # kept after the request ended
+    engine.kv.check_integrity()
+    history = first.all_token_ids + [403, 407]
+    # Cache pressure that would evict unpinned pages: fill the pool with other requests.
+    engine.generate(random_prompts(3, seed=9, lo=30, hi=40), SamplingParams(max_tokens=20, temperature=0))
+    second = engine.add_request("turn-2", history, SamplingParams(max_tokens=4, temperature=0), session_key="agent-7")
+    while engine.has_unfinished():
+        engine.step()
+    assert second.num_cached_tokens >= (len(first.all_token_ids) - 1) // 4 * 4 - 4
+    engine.release_session("agent-7")
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0

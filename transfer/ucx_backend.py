@@ -106,7 +106,7 @@ class _UcxWorker:
         """A ucxx ``Array`` over ``tensor``'s bytes (the caller keeps ``tensor`` alive)."""
         from ucxx._lib.arr import Array
 
-        raw = tensor.view(torch.uint8)
+        raw = tensor.reshape(-1).view(torch.uint8)  # 1-D: the probe's (working) GPU layout
         return Array(raw if raw.is_cuda else raw.numpy())
 
     def tag(self, value: int) -> Any:

@@ -143,10 +143,23 @@ class LLMEngine:
             prefill_only=prefill_only,
         )
 
-    def add_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams, prefill_only: bool = False) -> Request:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+        session_key: str | None = None,
+    ) -> Request:
+        """Queue a request. With ``session_key`` its pages stay pinned after it finishes (see :meth:`release_session`)."""
         req = self.make_request(request_id, prompt, params, prefill_only)
+        req.session_key = session_key
         self.scheduler.add(req)
         return req
+
+    def release_session(self, session_key: str) -> None:
+        """Drop the pages an agent session kept (they stay in the prefix cache as evictable pages)."""
+        self.kv.release_pinned(session_key)
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Decode side: pages for ``num_tokens`` incoming tokens, owned by ``request_id`` from now on."""

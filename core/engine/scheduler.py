@@ -66,6 +66,8 @@ class Scheduler:
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         if self.kv.has(req.request_id):
+            if req.session_key is not None and reason in ("stop", "length"):
+                self.kv.pin(req.request_id, req.session_key)  # the next turn hits these pages
             self.kv.free(req.request_id)
 
     @property
