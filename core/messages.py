@@ -7,7 +7,7 @@ frame that does not match a schema raises :class:`MessageError` instead of produ
 Who sends what (see docs/architecture.md):
 
 * worker -> router: :class:`Register`, :class:`Heartbeat`, :class:`TokenOut`
-* router -> worker: :class:`GenerateReq`, :class:`AbortReq`, :class:`SetRole`, :class:`Drain`
+* router -> worker: :class:`GenerateReq`, :class:`AbortReq`, :class:`SetRole`, :class:`Drain`, :class:`Reregister`
 * decode -> prefill: :class:`PrefillReq`, :class:`AbortReq`
 * prefill -> decode (transfer control channel): :class:`PrefillDone`, :class:`PrefillFailed`
 """
@@ -142,6 +142,10 @@ class Drain(_Msg, frozen=True):
     """Finish in-flight work, accept nothing new."""
 
 
+class Reregister(_Msg, frozen=True):
+    """The router does not know the sender of a heartbeat (it restarted): send ``Register`` again."""
+
+
 class TokenOut(_Msg, frozen=True):
     """New tokens of one request (decode worker -> router); the last one has ``finish_reason``."""
 
@@ -185,7 +189,8 @@ class PrefillFailed(_Msg, frozen=True):
 
 
 Message = Union[
-    Register, Heartbeat, GenerateReq, AbortReq, SetRole, Drain, TokenOut, PrefillReq, PrefillDone, PrefillFailed
+    Register, Heartbeat, GenerateReq, AbortReq, SetRole, Drain, Reregister, TokenOut, PrefillReq, PrefillDone,
+    PrefillFailed,
 ]
 
 _ENCODER = msgspec.msgpack.Encoder()

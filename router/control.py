@@ -103,6 +103,19 @@ class ControlPlane:
             logger.warning("cannot send %s to worker %s: %s", type(msg).__name__, worker.worker_id, exc)
             return False
 
+    def _send_nowait(self, identity: bytes, msg: m.Message) -> None:
+        """Best-effort send from the receive loop (no await); failures are logged."""
+        if self._sock is None:
+            return
+        def report(fut: asyncio.Future) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], fut.exception())
+
+        try:  # zmq.asyncio returns a future; a failure lands in it, not here
+            self._sock.send_multipart([identity, m.encode(msg)], flags=zmq.NOBLOCK).add_done_callback(report)
+        except zmq.ZMQError as exc:
+            logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], exc)
+
     async def abort(self, request_id: str, reason: str) -> None:
         """Tell the request's decode worker (and prefill worker, if separate) to drop it."""
         stream = self.streams.get(request_id)
@@ -180,7 +193,8 @@ class ControlPlane:
         elif isinstance(msg, m.Heartbeat):
             w = self.registry.heartbeat(msg)
             if w is None:
-                logger.warning("heartbeat from unregistered worker %s ignored", msg.worker_id)
+                logger.warning("heartbeat from unregistered worker %s: asking it to register", msg.worker_id)
+                self._send_nowait(identity, m.Reregister())
             elif self._on_heartbeat is not None:
                 self._on_heartbeat(w)
         elif isinstance(msg, m.Register):

@@ -104,6 +104,12 @@ class Cluster:
             time.sleep(0.25)
         return used
 
+    def restart_router(self) -> None:
+        """Kill the router and start a new one on the same ports (workers keep running)."""
+        self.kill("router")
+        self._spawn("router", ["router", "--model", self.model, "--port", str(self.port),
+                               "--control-port", str(self.control_port), *self.router_args])
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
         self.procs[name].wait(30)

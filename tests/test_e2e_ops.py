@@ -141,3 +141,19 @@ def test_decode_worker_prefills_short_prompts_itself(tmp_path_factory):
         assert c.wait_pages_free()["decode-1"] == 0
     finally:
         c.stop()
+
+
+def test_workers_rejoin_a_restarted_router(tmp_path_factory):
+    """Kill the router: a new one on the same ports learns the running workers from their heartbeats."""
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
+                worker_args=["--page-size", "8", "--num-pages", "128", "--heartbeat-s", "0.3"],
+                log_dir=tmp_path_factory.mktemp("rejoin")).start()
+    try:
+        c.restart_router()
+        c.wait_workers(2, timeout_s=60)
+        client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="x", max_retries=0, timeout=60)
+        out = client.completions.create(model=client.models.list().data[0].id, prompt="Once upon a time",
+                                        max_tokens=8, temperature=0)
+        assert out.choices[0].text.startswith(", there was a little")
+    finally:
+        c.stop()

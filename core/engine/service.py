@@ -27,6 +27,7 @@ from splitserve.core.messages import (
     Message,
     MessageError,
     Register,
+    Reregister,
     SetRole,
     TokenOut,
     decode,
@@ -92,6 +93,7 @@ class WorkerCore:
         self.on(AbortReq, self._on_abort)
         self.on(Drain, lambda _p, _m: self.start_drain())
         self.on(SetRole, self._on_set_role)
+        self.on(Reregister, lambda _p, _m: self.register())
 
     # --- wiring ----------------------------------------------------------------------------------------
 
@@ -157,7 +159,15 @@ class WorkerCore:
                 deadline = time.monotonic() + self.cfg.drain_timeout_s
             if deadline is not None and (not self.busy() or time.monotonic() > deadline):
                 break
-            self.loop_once()
+            try:
+                self.loop_once()
+            except Exception as exc:
+                # Tell every client now instead of leaving them to the router's heartbeat timeout, then die
+                # (a supervisor restarts the process; its KV pool goes with it).
+                logger.exception("worker %s: main loop failed", self.worker_id)
+                for rid in list(self.owners):
+                    self.fail_request(rid, f"worker {self.worker_id} failed: {type(exc).__name__}: {exc}")
+                raise
         if self.busy():
             for rid in list(self.owners):
                 self.fail_request(rid, f"worker {self.worker_id} shut down before the request finished")
