@@ -351,9 +351,11 @@ class StopChecker:
         if self.stopped:
             return ""
         buf = self._held + text
-        hits = [(buf.find(s), s) for s in self.stop_strings if s in buf]
+        # The stop string that completes first wins (ties: the longer one, which starts earlier); the held
+        # tail contains no complete stop string, so each first occurrence ends inside the new text.
+        hits = [(buf.find(s) + len(s), buf.find(s), s) for s in self.stop_strings if s in buf]
         if hits:
-            idx, self.matched = min(hits, key=lambda h: h[0])
+            _end, idx, self.matched = min(hits)
             self.stopped, self._held = True, ""
             return buf[:idx]
         keep = self._partial_len(buf)

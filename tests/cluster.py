@@ -93,8 +93,13 @@ class Cluster:
             out[wid] = float(val)
         return out
 
-    def wait_pages_free(self, timeout_s: float = 15.0) -> dict[str, float]:
-        """Wait until every worker reports zero KV pages in use; returns the last reading."""
+    def wait_pages_free(self, timeout_s: float = 15.0, settle_s: float = 1.5) -> dict[str, float]:
+        """Wait until every worker reports zero KV pages in use; returns the last reading.
+
+        Gauges come from heartbeats (every second by default), so the first ``settle_s`` are waited out: a
+        reading taken before the workers' next heartbeat could predate the request and show zero falsely.
+        """
+        time.sleep(settle_s)
         deadline = time.monotonic() + timeout_s
         used: dict[str, float] = {}
         while time.monotonic() < deadline:

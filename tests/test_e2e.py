@@ -103,8 +103,9 @@ def test_sampling_params_through_the_api(pd, client):
     assert len(echo.choices[0].logprobs.tokens) == 5 + 3
 
 
-def test_client_disconnect_frees_pages(pd, client):
+def test_client_disconnect_aborts_and_frees_pages(pd, client):
     m = model_id(pd)
+    before = sum(pd.worker_gauge("decode_tokens_total").values())
     stream = complete(client, m, "Once upon a time", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
     got = 0
     for chunk in stream:
@@ -114,6 +115,9 @@ def test_client_disconnect_frees_pages(pd, client):
     stream.close()
     used = pd.wait_pages_free()
     assert used and not any(used.values())
+    time.sleep(1.5)  # a heartbeat carries the final count
+    generated = sum(pd.worker_gauge("decode_tokens_total").values()) - before
+    assert 3 <= generated < 300, f"the request was not aborted: {generated} of 399 tokens generated"
 
 
 def test_bad_input_is_a_400_naming_the_field(pd, client):

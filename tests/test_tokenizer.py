@@ -192,10 +192,11 @@ def test_stop_checker_spanning_boundaries():
 @given(st.text(alphabet="abc\n", max_size=40), st.lists(st.text(alphabet="abc\n", min_size=1, max_size=3),
                                                         min_size=1, max_size=3), st.data())
 def test_stop_checker_property(text, stops, data):
-    """Any split of the text gives the same output as searching the whole text at once."""
+    """Any split of the text gives the same output: generation stops where the first stop string *completes*
+    (a longer stop string that began earlier but is not complete yet does not count), cut before it."""
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
     pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     out, checker = _run_stop(stops, pieces)
-    hits = [text.find(s) for s in stops if s in text]
-    assert out == (text[:min(hits)] if hits else text)
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    assert out == (text[:min(hits)[1]] if hits else text)
     assert checker.stopped == bool(hits)
