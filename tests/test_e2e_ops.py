@@ -157,3 +157,45 @@ def test_workers_rejoin_a_restarted_router(tmp_path_factory):
         assert out.choices[0].text.startswith(", there was a little")
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("start,slo,expect", [
+    # decode pressure only (TPOT far over its SLO, TTFT far under): a prefill worker becomes a decode worker
+    ((2, 1), ("60000", "0.001"), {"prefill": 1, "decode": 2}),
+    # prefill pressure only: a decode worker becomes a prefill worker
+    ((1, 2), ("0.001", "60000"), {"prefill": 2, "decode": 1}),
+])
+def test_auto_ratio_moves_live_workers_toward_the_pressured_pool(tmp_path_factory, start, slo, expect):
+    """The router's controller on real workers and real latencies. (Which ratio wins on SLO attainment is shown by
+    the planner's simulation in tests/test_planner.py; here the SLOs are set so the direction is certain.)"""
+    import threading
+
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=start[0], decode=start[1],
+                worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"],
+                router_args=["--auto-ratio", "--slo-ttft-ms", slo[0], "--slo-tpot-ms", slo[1],
+                             "--auto-ratio-interval-s", "0.5", "--auto-ratio-cooldown-s", "60"],
+                log_dir=tmp_path_factory.mktemp("auto")).start()
+    stop = threading.Event()
+
+    def load() -> None:
+        client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="x", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        while not stop.is_set():
+            client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+
+    def roles() -> dict[str, int]:
+        counts = {"prefill": 0, "decode": 0}
+        for w in json.loads(urllib.request.urlopen(f"{c.url}/status.json", timeout=5).read())["workers"]:
+            counts[w["role"]] = counts.get(w["role"], 0) + 1
+        return counts
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: roles() == expect, timeout_s=30), roles()
+        time.sleep(2.0)
+        assert roles() == expect  # hysteresis + cooldown: no flapping back
+    finally:
+        stop.set()
+        thread.join(30)
+        c.stop()
