@@ -193,3 +193,32 @@ def test_colocated_and_2p2d_match_1p1d(pd, client, chat_model, tmp_path_factory)
             assert used and not any(used.values())
         finally:
             c.stop()
+
+
+def test_prefix_cache_hit_on_the_prefill_worker_is_transferred_too(pd, client):
+    """The second request reuses the prefill worker's cached pages; those pages must reach the decode worker."""
+    m = model_id(pd)
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+    first = complete(client, m, prompt, max_tokens=24)
+    second = complete(client, m, prompt, max_tokens=24)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 8
+    assert second.choices[0].text == first.choices[0].text
+
+
+def test_decode_worker_killed_mid_stream_fails_clearly(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, "killdecode", model=str(shared_model_path("stories260K")),
+                      router_args=["--heartbeat-timeout-s", "2"])
+    try:
+        cl = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = complete(cl, model_id(c), "Once upon a time", max_tokens=400, stream=True,
+                          extra_body={"ignore_eos": True})
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError) as e:
+            for i, _chunk in enumerate(stream):
+                if i == 2:
+                    c.kill("decode-1")
+        assert "decode-1" in str(e.value) and time.monotonic() - t0 < 30
+        assert c.wait_pages_free()["prefill-0"] == 0
+        assert c.health() == 503
+    finally:
+        c.stop()
