@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from splitserve.core.config import TransferConfig
@@ -169,7 +170,7 @@ class DecodeService:
             return self.core.fail_request(rid, str(exc))
         if finished is not None:
             self.core.owners.pop(rid, None)
-            first = TokenOut(**{**_fields(first), "finish_reason": finished.finish_reason})
+            first = msgspec.structs.replace(first, finish_reason=finished.finish_reason)
         self.core.send_token_out(first)
         logger.info("request %s: KV arrived, first token in", rid)
 
@@ -218,6 +219,3 @@ class DecodeService:
             sock.close(linger=0)
         self.receiver.close()
 
-
-def _fields(msg: TokenOut) -> dict:
-    return {f: getattr(msg, f) for f in msg.__struct_fields__}

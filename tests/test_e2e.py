@@ -222,3 +222,15 @@ def test_decode_worker_killed_mid_stream_fails_clearly(tmp_path_factory):
         assert c.health() == 503
     finally:
         c.stop()
+
+
+def test_one_token_requests_finish_at_the_prefill_token(pd, client):
+    m = model_id(pd)
+    out = complete(client, m, "Once upon a time", max_tokens=1)
+    assert out.choices[0].text == "," and out.choices[0].finish_reason == "length"
+    stream = list(complete(client, m, "Once upon a time", max_tokens=1, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == ","
+    stopped = complete(client, m, "Once upon a time", max_tokens=5, extra_body={"stop_token_ids": [432]})
+    # like vLLM: a non-special stop token stays in the text; generation ends on it with "stop"
+    assert stopped.choices[0].text == "," and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 1

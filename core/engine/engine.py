@@ -7,6 +7,7 @@ pages for incoming KV and then adds the request with its first token already kno
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -106,6 +107,7 @@ class LLMEngine:
         self.info = RuntimeInfo(mcfg.model_id, str(device), dtype, num_pages, cfg.page_size, max_len, spec.bytes_per_page)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | frozenset(cfg.extra_stop_token_ids)
         self.kv = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self._offline_ids = itertools.count()
         limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, limits)
         backend = make_backend(cfg.attention_backend, device.type)
@@ -249,7 +251,7 @@ class LLMEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Request]:
         """Run prompts to completion; returns the finished requests in prompt order."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        reqs = [self.add_request(f"offline-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        reqs = [self.add_request(f"offline-{next(self._offline_ids)}", p, sp) for p, sp in zip(prompts, plist)]
         while self.has_unfinished():
             self.step()
         return reqs
