@@ -171,7 +171,8 @@ class ControlPlane:
     # --- receiving -------------------------------------------------------------------------------
 
     async def _recv_loop(self) -> None:
-        assert self._sock is not None
+        if self._sock is None:
+            raise RuntimeError("control plane is not started")
         while True:
             frames = await self._sock.recv_multipart()
             if len(frames) != 2:

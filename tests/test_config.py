@@ -1,0 +1,37 @@
+"""User config: frozen, unknown keys rejected, flags over SPLITSERVE_* variables over defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pydantic
+import pytest
+
+from splitserve.core.config import EngineConfig, RouterConfig, TransferConfig, WorkerConfig, env_overrides
+from splitserve.worker import add_arguments, build_config
+
+
+def test_unknown_keys_are_rejected_and_configs_are_frozen():
+    with pytest.raises(pydantic.ValidationError, match="page_sise"):
+        EngineConfig.from_mapping({"page_sise": 32})
+    with pytest.raises(pydantic.ValidationError):
+        RouterConfig(port=-1)
+    cfg = TransferConfig()
+    with pytest.raises(pydantic.ValidationError):
+        cfg.lease_s = 1.0  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        WorkerConfig(role="sideways")
+
+
+def test_env_overrides_and_flags_precedence():
+    assert env_overrides(environ={"SPLITSERVE_PAGE_SIZE": "32", "OTHER": "x"}) == {"page_size": "32"}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--page-size", "8", "--transfer", "zmq", "--lease-s", "3"])
+    args._command = "decode"
+    env = {"SPLITSERVE_PAGE_SIZE": "32", "SPLITSERVE_MAX_NUM_SEQS": "7", "SPLITSERVE_FAILURE_POLICY": "fail"}
+    cfg = build_config(args, environ=env)
+    assert cfg.role == "decode"
+    assert cfg.engine.page_size == 8  # the flag beats the variable
+    assert cfg.engine.max_num_seqs == 7  # the variable beats the default
+    assert cfg.transfer.lease_s == 3.0 and cfg.transfer.failure_policy == "fail"
