@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 
 from splitserve.core.config import BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides
 
@@ -79,6 +80,8 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
     tr = _pick(args, env, _TRANSFER_FLAGS)
     tr_cfg = {"backend": tr.pop("transfer", "zmq"), **{k.replace("transfer_", ""): v for k, v in tr.items()}}
     wk = _pick(args, env, _WORKER_FLAGS)
+    if "host" in wk:
+        tr_cfg.setdefault("host", wk["host"])  # peers reach the KV receiver where they reach the worker
     wk.setdefault("role", "both" if args._command == "worker" else args._command)
     return WorkerConfig(engine=EngineConfig(**eng), transfer=TransferConfig(**tr_cfg), **wk)
 
@@ -95,6 +98,9 @@ def run_worker(cfg: WorkerConfig) -> int:
     from splitserve.prefill.worker import PrefillService
     from splitserve.transfer.base import KVLayout, make_receiver, make_sender
 
+    # ZeroMQ and UCX bind and advertise addresses, not names (compose service names, pod hostnames): resolve here.
+    transfer = cfg.transfer.model_copy(update={"host": socket.gethostbyname(cfg.transfer.host)})
+    cfg = cfg.model_copy(update={"transfer": transfer})
     engine = LLMEngine(cfg.engine)
     info = engine.info
     mc = engine.model_config

@@ -35,3 +35,14 @@ def test_env_overrides_and_flags_precedence():
     assert cfg.engine.page_size == 8  # the flag beats the variable
     assert cfg.engine.max_num_seqs == 7  # the variable beats the default
     assert cfg.transfer.lease_s == 3.0 and cfg.transfer.failure_policy == "fail"
+
+
+def test_transfer_host_follows_the_worker_host():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--host", "decode-1"])
+    args._command = "decode"
+    assert build_config(args, environ={}).transfer.host == "decode-1"
+    args = parser.parse_args(["--host", "decode-1", "--transfer-host", "10.0.0.5"])
+    args._command = "decode"
+    assert build_config(args, environ={}).transfer.host == "10.0.0.5"
