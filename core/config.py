@@ -75,6 +75,9 @@ class TransferConfig(FrozenConfig):
     lease_s: float = Field(default=30.0, gt=0)
     """How long reserved destination pages wait for a sender before they are reclaimed."""
     failure_policy: Literal["fail", "recompute"] = "recompute"
+    ucx_progress: Literal["auto", "polling", "blocking"] = "auto"
+    """UCX progress thread: ``auto`` busy-polls for GPU memory (cuda_ipc completions raise no wakeup event, so
+    blocking progress can stall) and blocks on wakeups for host memory."""
     curve_public_key: str | None = None
     curve_secret_key: str | None = None
     curve_server_key: str | None = None

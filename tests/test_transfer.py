@@ -333,3 +333,16 @@ def test_cancel_drops_late_frames_and_incomplete_finish_fails():
     finally:
         tx.close()
         rx.rx.close()
+
+
+def test_ucx_polling_progress_round_trip(sender):
+    """The GPU default (busy-polling progress thread), exercised on host memory."""
+    if _ucx_available() is not None:
+        pytest.skip(f"ucx: {_ucx_available()}")
+    rx = Receiver("ucx", 8, ucx_progress="polling")
+    try:
+        assert rx.rx._ucx.polling
+        jobs, final, report = run_round_trip(sender, rx, "ucx", 16, [5, 40], seed=11)
+        check_landed(rx, jobs, 16, 11, final, report)
+    finally:
+        rx.rx.close()

@@ -86,20 +86,28 @@ def warn_if_gpu_over_tcp(context_info: str, device: torch.device) -> bool:
 
 
 class _UcxWorker:
-    """One UCX context + worker with a progress thread (shared by a sender's or receiver's requests)."""
+    """One UCX context + worker with a progress thread (shared by a sender's or receiver's requests).
 
-    def __init__(self, device: torch.device) -> None:
+    ``progress``: ``polling`` (the thread busy-polls; needed for GPU memory: cuda_ipc completions raise no wakeup
+    event, so a blocking progress thread can sleep through them and transfers stall -- the public ucx-py/ucxx
+    reports of cuda_ipc hangs in blocking mode), ``blocking`` (sleeps until the wakeup fd fires; fine for tcp and
+    shared memory), or ``auto`` (polling on CUDA, blocking elsewhere).
+    """
+
+    def __init__(self, device: torch.device, progress: str = "auto") -> None:
         if device.type == "cuda":  # UCX (cuda_ipc) works in the current device's context, as the probe does
             torch.cuda.set_device(device)
         self.api = _import_ucxx()
-        self.ctx = self.api.UCXContext(feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
+        self.polling = progress == "polling" or (progress == "auto" and device.type == "cuda")
+        features = (self.api.Feature.TAG,) if self.polling else (self.api.Feature.TAG, self.api.Feature.WAKEUP)
+        self.ctx = self.api.UCXContext(feature_flags=features)
         self.worker = self.api.UCXWorker(self.ctx)
         if device.type == "cuda":  # the progress thread must see this device's CUDA context (cuda_ipc)
             from ucxx._cuda_context import ensure_cuda_context
 
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(index,))
-        self.worker.start_progress_thread(polling_mode=False)
+        self.worker.start_progress_thread(polling_mode=self.polling)
         self.gpu_over_tcp = warn_if_gpu_over_tcp(self.ctx.info, device)
 
     def array(self, tensor: torch.Tensor) -> Any:
@@ -145,7 +153,7 @@ class UcxKVReceiver(ZmqKVReceiver):
     """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVReceiver`."""
 
     def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self._ucx = _UcxWorker(kv_cache.device)
+        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress)
         super().__init__(cfg, kv_cache, layout)
         self._endpoints: list[Any] = []
         self._orphans: list[_PendingRecv] = []
@@ -223,7 +231,7 @@ class UcxKVSender(ZmqKVSender):
     """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVSender`."""
 
     def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self._ucx = _UcxWorker(kv_cache.device)
+        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress)
         super().__init__(cfg, kv_cache, layout)
         self._eps: dict[tuple[str, int], Any] = {}
         self._inflight: list[_PendingSend] = []
