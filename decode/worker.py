@@ -69,10 +69,10 @@ class DecodeService:
         )
         if local:
             return self._prefill_locally(msg)
-        eng = self.core.engine
-        if eng.kv.num_pages_for(len(msg.prompt_token_ids) + 1) > eng.info.num_pages:
-            return self.core.fail_request(rid, f"prompt of {len(msg.prompt_token_ids)} tokens does not fit in this "
-                                               f"worker's KV pool ({eng.info.num_pages} pages)")
+        try:  # before pages are reserved and a prefill worker is asked: a prompt that can never run fails now
+            self.core.engine.check_prompt(rid, msg.prompt_token_ids)
+        except ValueError as exc:
+            return self.core.fail_request(rid, str(exc))
         self.pending[rid] = msg
         self.core.counters.pending[rid] = time.monotonic()
         self._start_pending()

@@ -121,7 +121,8 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------------------
 
-    def make_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams, prefill_only: bool = False) -> Request:
+    def check_prompt(self, request_id: str, prompt: Sequence[int]) -> None:
+        """Raise ``ValueError`` (with a message for the client) for a prompt this engine can never serve."""
         if not prompt:
             raise ValueError(f"request {request_id}: empty prompt")
         vocab = self.model_config.vocab_size
@@ -136,6 +137,9 @@ class LLMEngine:
                 f"request {request_id}: prompt of {len(prompt)} tokens needs more KV pages than this worker has "
                 f"({self.info.num_pages} pages of {self.info.page_size} tokens)"
             )
+
+    def make_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams, prefill_only: bool = False) -> Request:
+        self.check_prompt(request_id, prompt)
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt),
