@@ -33,6 +33,11 @@ class SeqWork:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def slots(self, page_size: int) -> list[int]:
+        """KV slot (``page_id * page_size + offset``) of every token of this chunk."""
+        return [self.page_table[p // page_size] * page_size + p % page_size
+                for p in range(self.start_pos, self.start_pos + len(self.token_ids))]
+
 
 @dataclass(frozen=True)
 class ScheduledBatch:
@@ -48,6 +53,11 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def block_tables(self) -> list[list[int]]:
+        """Every sequence's page table, padded with page 0 (never read) to the longest."""
+        width = max(len(s.page_table) for s in self.seqs)
+        return [list(s.page_table) + [0] * (width - len(s.page_table)) for s in self.seqs]
 
 
 @dataclass(frozen=True)

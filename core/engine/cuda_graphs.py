@@ -86,12 +86,12 @@ class DecodeGraphs:
 
     def _fill(self, batch: ScheduledBatch, b: int) -> None:
         """Copy the batch into the static buffers (pinned host staging, asynchronous) and pad to ``b`` rows."""
-        ps, n = self.page_size, len(batch.seqs)
+        n = len(batch.seqs)
         pos = [s.start_pos for s in batch.seqs]
         ids = [s.token_ids[0] for s in batch.seqs]
-        slots = [s.page_table[p // ps] * ps + p % ps for s, p in zip(batch.seqs, pos)]
-        width = max(len(s.page_table) for s in batch.seqs)
-        table = [list(s.page_table) + [0] * (width - len(s.page_table)) for s in batch.seqs]
+        slots = [slot for s in batch.seqs for slot in s.slots(self.page_size)]  # one token each
+        table = batch.block_tables()
+        width = len(table[0])
         pad = b - n
         st = self.static
         _copy(st.input_ids[:b], ids + [0] * pad)

@@ -98,13 +98,11 @@ class ModelRunner:
         for s in batch.seqs:
             n = s.num_tokens
             ids.extend(s.token_ids)
-            rng = range(s.start_pos, s.start_pos + n)
-            pos.extend(rng)
-            slots.extend(s.page_table[p // ps] * ps + p % ps for p in rng)
+            pos.extend(range(s.start_pos, s.start_pos + n))
+            slots.extend(s.slots(ps))
             q_lens.append(n)
             ctx_lens.append(s.start_pos + n)
-        max_pages = max(len(s.page_table) for s in batch.seqs)
-        tables = [list(s.page_table) + [0] * (max_pages - len(s.page_table)) for s in batch.seqs]
+        tables = batch.block_tables()
         cu = [0]
         for q in q_lens:
             cu.append(cu[-1] + q)
