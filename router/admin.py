@@ -23,7 +23,8 @@ from typing import Any, get_args
 import msgspec
 from aiohttp import web
 
-from splitserve.core.messages import Drain, Register, Role, SetRole
+from splitserve.core.messages import Drain, Register, Role
+from splitserve.router.control import switch_role
 from splitserve.router.openai_api import APIError, bad_request, parse_json_body
 from splitserve.router.service import SERVICE, RouterService
 
@@ -101,9 +102,7 @@ async def set_role(request: web.Request) -> web.Response:
     role = parse_json_body(await request.read()).get("role")
     if role not in _ROLES:
         raise bad_request(f"invalid field 'role': must be one of {', '.join(_ROLES)}", param="role")
-    sent = await svc.control.send(w, SetRole(role=role))
-    if sent:
-        w.role = role
+    sent = await switch_role(svc.control, w, role)
     logger.info("admin: worker %s role -> %s (%s)", w.worker_id, role, "sent" if sent else "not delivered")
     return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent},
                              status=200 if sent else 502)

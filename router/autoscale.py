@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable
 
-from splitserve.core.messages import SetRole
+from splitserve.router.control import switch_role
 from splitserve.router.planner import AutoRatioController, Slo, Switch
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class AutoRatio:
         if not donors:
             return None
         worker = donors[0]
-        if await self.svc.control.send(worker, SetRole(role=switch.to_role)):
-            worker.role = switch.to_role
+        if await switch_role(self.svc.control, worker, switch.to_role):
             self.switches.append(switch)
             logger.info("auto ratio: worker %s %s -> %s (%s)", worker.worker_id, switch.from_role, switch.to_role,
                         switch.reason)

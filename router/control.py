@@ -43,6 +43,17 @@ class RequestStream:
                                              error=error))
 
 
+async def switch_role(control: "ControlPlane", worker: WorkerState, role: m.Role) -> bool:
+    """Send ``SetRole`` and, once it is delivered, route by the new role; ``False`` when undeliverable.
+
+    The admin API and the automatic ratio controller both switch roles through here.
+    """
+    if not await control.send(worker, m.SetRole(role=role)):
+        return False
+    worker.role = role
+    return True
+
+
 class ControlPlane:
     """Binds the control socket, keeps the registry current and routes ``TokenOut`` to streams."""
 
