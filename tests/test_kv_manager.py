@@ -388,15 +388,22 @@ KVCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_coun
 test_kv_cache_state_machine = KVCacheMachine.TestCase
 
 
-def test_prefix_hashes_follow_caching_and_eviction():
+def test_cache_events_follow_caching_and_eviction():
     from splitserve.core.cache.prefix import page_hashes
 
     kv = KVCacheManager(num_pages=4, page_size=2)
     tokens = [5, 6, 7, 8, 9]
-    kv.allocate_slots("a", 5)
-    kv.cache_pages("a", tokens, 5)
-    assert kv.prefix_hashes() == set(page_hashes(tokens, 2))
-    kv.free("a")
-    assert kv.prefix_hashes() == set(page_hashes(tokens, 2))  # evictable pages keep their hashes
-    kv.allocate_slots("b", 8)  # takes every page: the cached ones are evicted
-    assert kv.prefix_hashes() == set()
+    kv.allocate_slots("a", 5)  # pages 0, 1, 2
+    kv.cache_pages("a", tokens, 5)  # pages 0 and 1 are full
+    assert kv.take_cache_events() == []  # nothing is recorded until asked
+    kv.record_cache_events()
+    kv.allocate_slots("b", 2)  # page 3
+    kv.cache_pages("b", [1, 2], 2)
+    assert kv.take_cache_events() == [("stored", tuple(page_hashes([1, 2], 2)))]
+    kv.free("a")  # evictable pages keep their hashes: no event
+    assert kv.take_cache_events() == []
+    kv.allocate_slots("c", 6)  # takes free page 2, then evicts both cached pages of "a"
+    (kind, removed), = kv.take_cache_events()
+    assert kind == "removed" and sorted(removed) == sorted(page_hashes(tokens, 2))
+    assert kv.take_cache_events() == []
+    kv.check_integrity()

@@ -45,6 +45,9 @@ class PageAllocator:
         self._hash_to_page: dict[int, int] = {}
         self._page_to_hash: dict[int, int] = {}
         self._num_used = 0
+        self._events: list[tuple[str, int]] | None = None
+        """Prefix-cache changes ("stored" | "removed", hash) since the last :meth:`take_events`; off until
+        :meth:`record_events` (an engine without a router to publish to would only accumulate them)."""
 
     # ---- counters ---------------------------------------------------------------------------
     @property
@@ -106,7 +109,7 @@ class PageAllocator:
             page = self._free.popleft()
         else:
             page, _ = self._evictable.popitem(last=False)
-            del self._hash_to_page[self._page_to_hash.pop(page)]
+            self._drop_hash(page)
         self._refs[page] = 1
         return page
 
@@ -175,11 +178,33 @@ class PageAllocator:
             return False
         self._hash_to_page[page_hash] = page_id
         self._page_to_hash[page_id] = page_hash
+        if self._events is not None:
+            self._events.append(("stored", page_hash))
         return True
 
-    def cached_hashes(self) -> set[int]:
-        """Hashes of every page in the prefix cache (in use or evictable); a snapshot."""
-        return set(self._hash_to_page)
+    def _drop_hash(self, page: int) -> None:
+        page_hash = self._page_to_hash.pop(page)
+        del self._hash_to_page[page_hash]
+        if self._events is not None:
+            self._events.append(("removed", page_hash))
+
+    def record_events(self) -> None:
+        """Start recording prefix-cache changes for :meth:`take_events`."""
+        if self._events is None:
+            self._events = []
+
+    def take_events(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Changes since the last call, in order, consecutive ones of a kind grouped: ``[(kind, hashes)]``."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        grouped: list[tuple[str, list[int]]] = []
+        for kind, page_hash in events:
+            if grouped and grouped[-1][0] == kind:
+                grouped[-1][1].append(page_hash)
+            else:
+                grouped.append((kind, [page_hash]))
+        return [(kind, tuple(hashes)) for kind, hashes in grouped]
 
     def reset_prefix_cache(self) -> int:
         """Forget every evictable cached page (they become free, in LRU order); returns how many.
@@ -189,7 +214,7 @@ class PageAllocator:
         dropped = 0
         while self._evictable:
             page, _ = self._evictable.popitem(last=False)
-            del self._hash_to_page[self._page_to_hash.pop(page)]
+            self._drop_hash(page)
             self._free.append(page)
             dropped += 1
         return dropped

@@ -246,9 +246,13 @@ class KVCacheManager:
             state.hashes.append(page_hash)
         return max(0, num_full - start)
 
-    def prefix_hashes(self) -> set[int]:
-        """Chained hashes of every cached full page (workers publish the changes for prefix-aware routing)."""
-        return self._allocator.cached_hashes()
+    def record_cache_events(self) -> None:
+        """Start recording prefix-cache changes (workers publish them for prefix-aware routing)."""
+        self._allocator.record_events()
+
+    def take_cache_events(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Prefix-cache changes since the last call, in order: ``[("stored" | "removed", page hashes)]``."""
+        return self._allocator.take_events()
 
     def reset_prefix_cache(self) -> int:
         """Forget every unowned cached page (they become free); returns how many."""

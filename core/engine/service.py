@@ -89,7 +89,7 @@ class WorkerCore:
         self.draining = False
         self.stopping = False
         self._last_hb = 0.0
-        self._published: set[int] = set()
+        engine.kv.record_cache_events()
         self.on(AbortReq, self._on_abort)
         self.on(Drain, lambda _p, _m: self.start_drain())
         self.on(SetRole, self._on_set_role)
@@ -257,18 +257,7 @@ class WorkerCore:
                 decode_tokens_total=c.decode_tokens,
                 transfer_bytes_total=c.transfer_bytes,
                 transfer_seconds_total=c.transfer_seconds,
-                cache_events=self._cache_events(),
+                cache_events=tuple(self.engine.kv.take_cache_events()),
             )
         )
 
-    def _cache_events(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """Prefix-cache changes since the last heartbeat (the router's prefix-aware policy reads them)."""
-        now = self.engine.kv.prefix_hashes()
-        stored, removed = now - self._published, self._published - now
-        self._published = now
-        events = []
-        if removed:
-            events.append(("removed", tuple(sorted(removed))))
-        if stored:
-            events.append(("stored", tuple(sorted(stored))))
-        return tuple(events)
