@@ -1,4 +1,4 @@
-# Source from the repo root on a GPU machine where the project is not pip-installed (no package index there):
+# Source from the repo root on a GPU machine (every GPU script in benchmarks/ runs this way) where the project is not pip-installed (no package index there):
 # unpacks the dependency bundle built by ../shared/tools/device-deps.sh (.deps/, carried) and exposes the
 # whole `splitserve` namespace through a shim package on PYTHONPATH, the way `pip install -e .` maps it.
 set -e
