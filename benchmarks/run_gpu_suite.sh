@@ -22,7 +22,7 @@ for step in $steps; do
       timeout 60 python3 -m splitserve.cli --log-level WARNING bench transfer --backend ucx --device cuda \
         --model-shape llama3-8b --tokens 2048 --json 2>"$LOG/ucx.err" | tee "$LOG/ucx.json"
       if grep -q '"verified": true' "$LOG/ucx.json"; then
-        timeout 300 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-4,8} \
+        timeout 540 python3 -m splitserve.benchmarks.bench_disagg_gpu --model dummy:llama3-8b --rates ${RATES:-4,8,12,16} \
           --seconds-per-rate ${SECONDS_PER_RATE:-8} --transfer ucx --topologies "${TOPOS:-1P1D,2 colocated}" \
           --log-dir "$LOG" 2>&1 | tee "$LOG/disagg_ucx.md"
       fi ;;

@@ -118,6 +118,8 @@ class Heartbeat(_Msg, frozen=True):
     transfer_seconds_total: float = 0.0
     cache_events: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Prefix-cache events since the last heartbeat: ("stored" | "removed", page hashes)."""
+    role_epoch: int = 0
+    """``SetRole.epoch`` of the last role switch applied; the router ignores ``role`` from older epochs."""
 
 
 class GenerateReq(_Msg, frozen=True):
@@ -136,6 +138,8 @@ class AbortReq(_Msg, frozen=True):
 
 class SetRole(_Msg, frozen=True):
     role: Role
+    epoch: int = 0
+    """Router's count of role switches for this worker; the worker echoes it as ``Heartbeat.role_epoch``."""
 
 
 class Drain(_Msg, frozen=True):

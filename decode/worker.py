@@ -54,6 +54,7 @@ class DecodeService:
         core.transfer_addr = receiver.address
         core.on(GenerateReq, self._on_generate)
         core.abort_handlers.append(self._on_abort)
+        core.waiting_sources.append(lambda: len(self.pending))
         core.pollers.append(self._poll)
 
     # --- admission ------------------------------------------------------------------------------------------
@@ -74,7 +75,6 @@ class DecodeService:
         except ValueError as exc:
             return self.core.fail_request(rid, str(exc))
         self.pending[rid] = msg
-        self.core.counters.pending[rid] = time.monotonic()
         self._start_pending()
 
     def _prefill_locally(self, msg: GenerateReq) -> None:
@@ -91,7 +91,6 @@ class DecodeService:
             if pages is None:
                 return
             del self.pending[rid]
-            self.core.counters.pending.pop(rid, None)
             self._ask_prefill(msg, pages)
 
     def _ask_prefill(self, msg: GenerateReq, pages: list[int]) -> None:
@@ -202,8 +201,7 @@ class DecodeService:
 
     def _on_abort(self, msg: AbortReq) -> None:
         rid = msg.request_id
-        if self.pending.pop(rid, None) is not None:
-            self.core.counters.pending.pop(rid, None)
+        self.pending.pop(rid, None)
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)

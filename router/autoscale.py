@@ -15,16 +15,14 @@ import time
 from typing import Callable
 
 from splitserve.router.control import switch_role
-from splitserve.router.planner import AutoRatioController, Slo, Switch
+from splitserve.router.planner import AutoRatioController, Slo, Switch, sample_quantile
 
 logger = logging.getLogger(__name__)
 
 
 def p90(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    """Nearest-rank p90 (as the planner computes it); ``None`` for no values."""
+    return sample_quantile(values, 0.9) if values else None
 
 
 class AutoRatio:

@@ -48,9 +48,10 @@ async def switch_role(control: "ControlPlane", worker: WorkerState, role: m.Role
 
     The admin API and the automatic ratio controller both switch roles through here.
     """
-    if not await control.send(worker, m.SetRole(role=role)):
+    epoch = worker.role_epoch + 1
+    if not await control.send(worker, m.SetRole(role=role, epoch=epoch)):
         return False
-    worker.role = role
+    worker.role, worker.role_epoch = role, epoch
     return True
 
 

@@ -161,7 +161,9 @@ class Workload:
         return cls(rate, spread(input_len), spread(output_len))
 
 
-def _sample_quantile(values: Sequence[float], q: float) -> float:
+def sample_quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank ``q``-quantile (0 < q <= 1) of a non-empty sample: the smallest value with at least
+    ``q * len(values)`` values at or below it. The planner, its simulator and the live controller share it."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
@@ -181,7 +183,7 @@ def prefill_ttft_p90(profile: Profile, workload: Workload, rate_per_worker: floa
     if rho > 1.0 - QUANTILE:
         mean_wait = rate_per_worker * sum(s * s for s in service) / len(service) / (2.0 * (1.0 - rho))
         wait_q = mean_wait / rho * math.log(rho / (1.0 - QUANTILE))
-    return wait_q + _sample_quantile(service, QUANTILE)
+    return wait_q + sample_quantile(service, QUANTILE)
 
 
 def _poisson_quantile(mean: float, q: float) -> int:
@@ -547,8 +549,8 @@ class ClusterSimulator:
         done = [r for r in self._finished if r.finish is not None and r.finish >= since]
         ttfts = [r.ttft for r in done if r.ttft is not None]
         tpots = [r.tpot for r in done if r.tpot is not None]
-        ttft = _sample_quantile(ttfts, QUANTILE) if ttfts else None
-        tpot = _sample_quantile(tpots, QUANTILE) if tpots else None
+        ttft = sample_quantile(ttfts, QUANTILE) if ttfts else None
+        tpot = sample_quantile(tpots, QUANTILE) if tpots else None
         n_p, n_d = self.counts()
         switch = self.controller.observe(ttft, tpot, n_p, n_d) if self.controller else None
         if switch is not None:

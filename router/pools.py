@@ -51,6 +51,8 @@ class WorkerState:
     """Prefix-cache page hashes this worker published (``cache_events``)."""
     external: bool = False
     """Registered through the admin API rather than by the worker itself."""
+    role_epoch: int = 0
+    """Role switches sent to this worker; a heartbeat from before the latest one does not reset ``role``."""
 
     def capable(self, pool: Pool) -> bool:
         return self.role in _CAPABLE[pool]
@@ -161,7 +163,8 @@ class WorkerRegistry:
         if not w.healthy:
             logger.info("worker %s is healthy again", w.worker_id)
         w.heartbeat = msg
-        w.role = msg.role
+        if msg.role_epoch >= w.role_epoch:  # a heartbeat sent before the last SetRole carries the old role
+            w.role = msg.role
         w.last_heartbeat = self._clock()
         w.healthy = True
         w.draining = w.draining or msg.draining

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from splitserve.core.messages import Heartbeat, Register, SetRole
 from splitserve.router.autoscale import AutoRatio, p90
+from splitserve.router.control import switch_role
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.planner import Slo
 from splitserve.router.pools import WorkerRegistry
@@ -48,7 +49,7 @@ def feed(svc, clock: Clock, ttft: float, tpot: float, n: int = 20) -> None:
 
 def test_p90():
     assert p90([]) is None
-    assert p90([float(i) for i in range(1, 11)]) == 10.0
+    assert p90([float(i) for i in range(1, 11)]) == 9.0  # nearest rank: 9 of 10 values at or below
     assert p90([3.0, 1.0, 2.0]) == 3.0
 
 
@@ -67,7 +68,7 @@ def test_decode_pressure_moves_a_prefill_worker_to_decode_then_back():
     switch = tick()
     assert switch is not None and (switch.from_role, switch.to_role) == ("prefill", "decode")
     wid, msg = svc.control.sent[-1]
-    assert wid in ("p0", "p1") and msg == SetRole(role="decode")
+    assert wid in ("p0", "p1") and msg == SetRole(role="decode", epoch=1)
     assert sorted(w.role for w in svc.registry.all()) == ["decode", "decode", "prefill"]
     # Still decode-heavy, but the last prefill worker is never taken.
     for _ in range(4):
@@ -82,3 +83,23 @@ def test_decode_pressure_moves_a_prefill_worker_to_decode_then_back():
     assert result is not None and (result.from_role, result.to_role) == ("decode", "prefill")
     assert sorted(w.role for w in svc.registry.all()) == ["decode", "prefill", "prefill"]
     assert len(svc.control.sent) == 2
+
+
+def _beat(wid: str, role: str, epoch: int) -> Heartbeat:
+    return Heartbeat(worker_id=wid, role=role, running=0, waiting=0, queued_tokens=0, kv_pages_used=0,
+                     kv_pages_free=64, kv_pages_cached=0, role_epoch=epoch)
+
+
+def test_heartbeat_sent_before_a_role_switch_does_not_undo_it():
+    svc = make_service({"p0": "prefill"}, Clock())
+    w = svc.registry.get("p0")
+    assert asyncio.run(switch_role(svc.control, w, "both"))
+    assert svc.control.sent[-1] == ("p0", SetRole(role="both", epoch=1))
+    svc.registry.heartbeat(_beat("p0", "prefill", 0))  # was on the wire when SetRole left
+    assert w.role == "both" and w.capable("decode")
+    assert asyncio.run(switch_role(svc.control, w, "decode"))
+    assert svc.control.sent[-1] == ("p0", SetRole(role="decode", epoch=2))
+    svc.registry.heartbeat(_beat("p0", "both", 1))
+    assert w.role == "decode"
+    svc.registry.heartbeat(_beat("p0", "decode", 2))  # the worker applied it: heartbeats speak for it again
+    assert w.role == "decode" and w.role_epoch == 2

@@ -285,7 +285,7 @@ def test_garbage_and_truncated_frames_rejected_without_crash(sender):
     rx = Receiver("zmq", 8)
     raw = _raw_dealer(rx)
     try:
-        desc = rx.reserve("g", 20)
+        rx.reserve("g", 20)
         rx.reserve("h", 20)
         raw.send(b"\x00garbage\xff" * 10)  # undecodable header: dropped
         raw.send_multipart([b"", b"", b""])  # empty frames

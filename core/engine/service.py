@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -47,7 +47,6 @@ class Counters:
     decode_tokens: int = 0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
-    pending: dict[str, float] = field(default_factory=dict)
 
 
 def bind_random(sock: zmq.Socket, host: str, port: int) -> str:
@@ -70,6 +69,7 @@ class WorkerCore:
     def __init__(self, cfg: WorkerConfig, engine: LLMEngine) -> None:
         self.cfg = cfg
         self.role = cfg.role
+        self.role_epoch = 0
         self.worker_id = cfg.worker_id or f"{cfg.role}-{uuid.uuid4().hex[:8]}"
         self.engine = engine
         self.ctx = zmq.Context.instance()
@@ -85,6 +85,8 @@ class WorkerCore:
         self.pollers: list[Callable[[], None]] = []
         self.owners: dict[str, OutputOwner] = {}
         self.abort_handlers: list[Callable[[AbortReq], None]] = []
+        self.waiting_sources: list[Callable[[], int]] = []
+        """Requests a role holds outside the engine's queue (the decode worker's page wait), for heartbeats."""
         self.counters = Counters()
         self.draining = False
         self.stopping = False
@@ -229,7 +231,7 @@ class WorkerCore:
 
     def _on_set_role(self, _peer: bytes | None, msg: SetRole) -> None:
         logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)
-        self.role = msg.role
+        self.role, self.role_epoch = msg.role, msg.epoch
         self._last_hb = 0.0  # the next heartbeat carries the new role
 
     # --- heartbeats ----------------------------------------------------------------------------------------
@@ -246,8 +248,9 @@ class WorkerCore:
             Heartbeat(
                 worker_id=self.worker_id,
                 role=self.role,
+                role_epoch=self.role_epoch,
                 running=len(sched.running),
-                waiting=len(sched.waiting) + len(c.pending),
+                waiting=len(sched.waiting) + sum(source() for source in self.waiting_sources),
                 queued_tokens=sched.queued_tokens(),
                 kv_pages_used=usage.used,
                 kv_pages_free=usage.free,

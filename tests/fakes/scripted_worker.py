@@ -28,6 +28,7 @@ class ScriptedWorker:
         self.args = args
         self.script = [int(t) for t in args.tokens.split(",")]
         self.role = args.role
+        self.role_epoch = 0
         self.draining = False
         self.tasks: dict[str, asyncio.Task] = {}
         self.generated = 0
@@ -61,7 +62,7 @@ class ScriptedWorker:
         a = self.args
         while True:
             busy = len(self.tasks)
-            await self.send(m.Heartbeat(worker_id=a.worker_id, role=self.role, running=busy, waiting=0,
+            await self.send(m.Heartbeat(worker_id=a.worker_id, role=self.role, role_epoch=self.role_epoch, running=busy, waiting=0,
                                         queued_tokens=0, kv_pages_used=busy, kv_pages_free=a.num_pages - busy,
                                         kv_pages_cached=0, draining=self.draining, transfer_bytes_total=1024,
                                         transfer_seconds_total=0.5, cache_events=(("stored", (1, 2)),)))
@@ -80,7 +81,7 @@ class ScriptedWorker:
                 task.cancel()
         elif isinstance(msg, m.SetRole):
             self.log({"type": "SetRole", "role": msg.role})
-            self.role = msg.role
+            self.role, self.role_epoch = msg.role, msg.epoch
         elif isinstance(msg, m.Drain):
             self.log({"type": "Drain"})
             self.draining = True
