@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from types import MappingProxyType
+from typing import Mapping
 
-BENCHES: dict[str, tuple[str, str]] = {
+BENCHES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "transfer": ("splitserve.benchmarks.transfer", "move one request's KV pages between two processes"),
     "serve": ("splitserve.benchmarks.serve", "load-test any OpenAI-compatible server"),
     "profile": ("splitserve.benchmarks.profile", "measure prefill/decode profiles for the planner"),
-}
+})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

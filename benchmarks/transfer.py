@@ -18,13 +18,14 @@ import json
 import platform
 import threading
 import time
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
-MODEL_SHAPES: dict[str, dict[str, int]] = {
+MODEL_SHAPES: Mapping[str, dict[str, int]] = MappingProxyType({
     "llama3-8b": {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128},
     "llama3-70b": {"num_layers": 80, "num_kv_heads": 8, "head_dim": 128},
     "tiny": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 16},
-}
+})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Protocol, Sequence
 
 from splitserve.core.cache.prefix import page_hashes
 from splitserve.router.pools import Pool, WorkerState
@@ -121,13 +122,13 @@ class PowerOfTwo:
         return min((a, b), key=lambda w: w.load_key(self.pool))
 
 
-_POLICIES: dict[str, tuple[type, frozenset[str]]] = {
+_POLICIES: Mapping[str, tuple[type, frozenset[str]]] = MappingProxyType({
     "round_robin": (RoundRobin, frozenset({"prefill", "decode"})),
     "least_loaded": (LeastLoaded, frozenset({"prefill", "decode"})),
     "power_of_two": (PowerOfTwo, frozenset({"prefill", "decode"})),
     "prefix_aware": (PrefixAware, frozenset({"prefill"})),
     "kv_aware": (KVAware, frozenset({"decode"})),
-}
+})
 
 POLICY_NAMES = tuple(_POLICIES)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from types import MappingProxyType
+from typing import Callable, Iterable, Literal, Mapping
 
 from splitserve.core.messages import Heartbeat, Register, Role
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 Pool = Literal["prefill", "decode"]
 
-_CAPABLE: dict[Pool, tuple[str, ...]] = {"prefill": ("prefill", "both"), "decode": ("decode", "both")}
+_CAPABLE: Mapping[Pool, tuple[str, ...]] = MappingProxyType({"prefill": ("prefill", "both"), "decode": ("decode", "both")})
 
 
 @dataclass(eq=False)

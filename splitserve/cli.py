@@ -10,8 +10,10 @@ import argparse
 import importlib
 import logging
 import sys
+from types import MappingProxyType
+from typing import Mapping
 
-COMMANDS: dict[str, tuple[str, str]] = {
+COMMANDS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "up": ("splitserve.launcher", "start a router plus prefill and decode workers on this machine"),
     "generate": ("splitserve.generate", "offline generation in one process"),
     "router": ("splitserve.router.main", "run the HTTP router (OpenAI-compatible API)"),
@@ -20,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("splitserve.worker", "run a worker of any role (--role prefill|decode|both; both = colocated)"),
     "bench": ("splitserve.benchmarks.cli", "benchmarks: transfer, serve, kernels, profile"),
     "plan": ("splitserve.router.planner_cli", "recommend a prefill:decode ratio for a workload and SLO"),
-}
+})
 
 
 def _global_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -10,22 +10,27 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from types import MappingProxyType
+from typing import Mapping
 
 from splitserve.core.config import BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides
 
 logger = logging.getLogger(__name__)
 
-_ENGINE_FLAGS = {
+_ENGINE_FLAGS = MappingProxyType({
     "model": str, "load_format": str, "dtype": str, "device": str, "device_index": int, "seed": int,
     "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
     "chunk_size": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
     "kv_cache_memory_fraction": float,
-}
-_TRANSFER_FLAGS = {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str}
-_WORKER_FLAGS = {
+})
+_TRANSFER_FLAGS = MappingProxyType(
+    {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str,
+     "ucx_progress": str}
+)
+_WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
     "local_prefill_threshold": int, "drain_timeout_s": float,
-}
+})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,9 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-port", type=int, default=None)
     p.add_argument("--lease-s", type=float, default=None)
     p.add_argument("--failure-policy", choices=["fail", "recompute"], default=None)
+    p.add_argument("--ucx-progress", choices=["auto", "polling", "blocking"], default=None,
+                   help="UCX progress thread: auto = polling on CUDA (cuda_ipc raises no wakeup), blocking on CPU")
 
 
-def _pick(args: argparse.Namespace, env: dict[str, str], names: dict[str, type]) -> dict[str, object]:
+def _pick(args: argparse.Namespace, env: dict[str, str], names: Mapping[str, type]) -> dict[str, object]:
     """Flags win over SPLITSERVE_* environment variables; unset ones keep the config default."""
     out: dict[str, object] = {}
     for name, typ in names.items():

@@ -35,6 +35,12 @@ def test_env_overrides_and_flags_precedence():
     assert cfg.engine.page_size == 8  # the flag beats the variable
     assert cfg.engine.max_num_seqs == 7  # the variable beats the default
     assert cfg.transfer.lease_s == 3.0 and cfg.transfer.failure_policy == "fail"
+    assert cfg.transfer.ucx_progress == "auto"
+    cfg = build_config(args, environ={"SPLITSERVE_UCX_PROGRESS": "polling"})
+    assert cfg.transfer.ucx_progress == "polling"
+    args = parser.parse_args(["--ucx-progress", "blocking"])
+    args._command = "decode"
+    assert build_config(args, environ={"SPLITSERVE_UCX_PROGRESS": "polling"}).transfer.ucx_progress == "blocking"
 
 
 def test_transfer_host_follows_the_worker_host():

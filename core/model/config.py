@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Mapping
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -241,7 +242,7 @@ def load_model_config(path_or_builtin: str) -> ModelConfig:
 _LLAMA3_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=8192)
 
-_SHAPES: dict[str, dict[str, Any]] = {
+_SHAPES: Mapping[str, dict[str, Any]] = MappingProxyType({
     "llama3-8b": dict(architecture="LlamaForCausalLM", model_type="llama", vocab_size=128256, hidden_size=4096,
                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
                       rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
@@ -272,7 +273,7 @@ _SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(architecture="LlamaForCausalLM", model_type="llama", vocab_size=512, hidden_size=64, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-5,
                  max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
-}
+})
 
 
 def model_shapes() -> tuple[str, ...]:

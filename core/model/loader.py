@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from types import MappingProxyType
 
 import torch
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 DUMMY_STD = 0.02
 """Standard deviation of dummy weights (small, so activations stay finite in deep models)."""
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = MappingProxyType({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
 
 
 class WeightLoadError(ValueError):
