@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU evidence for issues 3, 5 and 6, in one call on a 2-GPU machine (see benchmarks/RESULTS.md):
-#   bash benchmarks/run_gpu_suite.sh [transfer] [engine] [hf] [smoke] [disagg]      (default: transfer engine smoke)
+#   bash benchmarks/run_gpu_suite.sh [transfer] [engine] [hf] [smoke] [disagg] [ucxdisagg]  (default: transfer engine smoke)
+#   ucxdisagg: the UCX probe ladder (benchmarks/ucx_gpu_probe.py), one UCX KV transfer, then 1P1D vs 2 colocated over UCX
 # Logs go to ${OUT:-/tmp/gpu_suite}.
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -19,6 +20,7 @@ for step in $steps; do
     engine)
       timeout 420 python3 -m splitserve.benchmarks.bench_engine_gpu ${ENGINE_ARGS:-} 2>"$LOG/engine.err" | tee "$LOG/engine.md" ;;
     ucxdisagg)  # UCX check first; the disaggregated sweep over UCX only if a verified transfer went through
+      timeout 240 python3 -m splitserve.benchmarks.ucx_gpu_probe --device cuda 2>"$LOG/probe.err" | tee "$LOG/probe.md"
       timeout 60 python3 -m splitserve.cli --log-level WARNING bench transfer --backend ucx --device cuda \
         --model-shape llama3-8b --tokens 2048 --json 2>"$LOG/ucx.err" | tee "$LOG/ucx.json"
       if grep -q '"verified": true' "$LOG/ucx.json"; then

@@ -43,6 +43,12 @@ class RequestStream:
                                              error=error))
 
 
+def _describe(msg: m.Message) -> str:
+    """``GenerateReq (request cmpl-...)``: the message kind, and its request id where it has one."""
+    rid = getattr(msg, "request_id", None)
+    return f"{type(msg).__name__} (request {rid})" if rid else type(msg).__name__
+
+
 async def switch_role(control: "ControlPlane", worker: WorkerState, role: m.Role) -> bool:
     """Send ``SetRole`` and, once it is delivered, route by the new role; ``False`` when undeliverable.
 
@@ -112,7 +118,7 @@ class ControlPlane:
             await self._sock.send_multipart([worker.identity, m.encode(msg)])
             return True
         except zmq.ZMQError as exc:
-            logger.warning("cannot send %s to worker %s: %s", type(msg).__name__, worker.worker_id, exc)
+            logger.warning("cannot send %s to worker %s: %s", _describe(msg), worker.worker_id, exc)
             return False
 
     def _send_nowait(self, identity: bytes, msg: m.Message) -> None:
@@ -121,12 +127,12 @@ class ControlPlane:
             return
         def report(fut: asyncio.Future) -> None:
             if not fut.cancelled() and fut.exception() is not None:
-                logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], fut.exception())
+                logger.warning("cannot send %s to %r: %s", _describe(msg), identity[:64], fut.exception())
 
         try:  # zmq.asyncio returns a future; a failure lands in it, not here
             self._sock.send_multipart([identity, m.encode(msg)], flags=zmq.NOBLOCK).add_done_callback(report)
         except zmq.ZMQError as exc:
-            logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity[:64], exc)
+            logger.warning("cannot send %s to %r: %s", _describe(msg), identity[:64], exc)
 
     async def abort(self, request_id: str, reason: str) -> None:
         """Tell the request's decode worker (and prefill worker, if separate) to drop it."""

@@ -348,3 +348,15 @@ def test_ucx_polling_progress_round_trip(sender):
         check_landed(rx, jobs, 16, 11, final, report)
     finally:
         rx.rx.close()
+
+
+def test_ucx_probe_ladder_moves_unexpected_messages_on_cpu():
+    """The GPU diagnostic (benchmarks/ucx_gpu_probe.py) on host memory: data sent before any receive exists."""
+    if _ucx_available() is not None:
+        pytest.skip(f"ucx: {_ucx_available()}")
+    from splitserve.benchmarks.ucx_gpu_probe import Variant, probe, table
+
+    res = probe(Variant("polling", "send-first", ""), "cpu", nbytes=1 << 20, messages=3)
+    assert res.ok, res
+    assert (res.completed, res.messages, res.data_ok, res.gpu_over_tcp) == (3, 3, True, False)
+    assert "| polling | send-first | default | 3/3 | True |" in table([res], 1 << 20)
