@@ -116,6 +116,8 @@ class Heartbeat(_Msg, frozen=True):
     decode_tokens_total: int = 0
     transfer_bytes_total: int = 0
     transfer_seconds_total: float = 0.0
+    transfers_failed_total: int = 0
+    """KV transfers into this worker that failed (then recomputed or failed per ``failure_policy``)."""
     cache_events: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Prefix-cache events since the last heartbeat: ("stored" | "removed", page hashes)."""
     role_epoch: int = 0

@@ -176,6 +176,7 @@ class DecodeService:
     def _on_failed(self, inc: _Incoming, reason: str) -> None:
         rid = inc.req.request_id
         self.core.engine.release(rid)
+        self.core.counters.transfers_failed += 1
         if self.tcfg.failure_policy == "recompute":
             logger.warning("request %s: transfer failed (%s); recomputing the prompt here", rid, reason)
             return self._prefill_locally(inc.req)

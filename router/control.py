@@ -181,8 +181,14 @@ class ControlPlane:
             w.pending_prefill_tokens = max(0, w.pending_prefill_tokens - stream.prompt_tokens)
 
     def fail_worker_streams(self, worker_id: str, error: str) -> None:
+        """End with ``error`` every stream whose tokens come from ``worker_id`` (its decode worker).
+
+        A stream whose *prefill* worker is lost is left alone: its decode worker owns the request and its
+        pages, and ends the transfer's lease by recomputing the prompt or failing the request with a clear
+        error (``TransferConfig.failure_policy``), so failing it here would throw away a request that survives.
+        """
         for s in list(self.streams.values()):
-            if worker_id in (s.decode_worker, s.prefill_worker):
+            if s.decode_worker == worker_id:
                 logger.warning("request %s failed: %s", s.request_id, error)
                 s.fail(error)
 

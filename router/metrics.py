@@ -49,6 +49,9 @@ class _WorkerCollector(Collector):
                                                   labels=["worker", "role"]),
             "transfer_seconds": CounterMetricFamily("splitserve_worker_transfer_seconds",
                                                     "seconds spent transferring KV", labels=["worker", "role"]),
+            "transfers_failed": CounterMetricFamily("splitserve_worker_transfers_failed",
+                                                    "KV transfers into this worker that failed (recomputed or "
+                                                    "failed per the failure policy)", labels=["worker", "role"]),
             "prefill_tokens": CounterMetricFamily("splitserve_worker_prefill_tokens",
                                                   "prompt tokens this worker prefilled", labels=["worker", "role"]),
             "decode_tokens": CounterMetricFamily("splitserve_worker_decode_tokens",
@@ -68,6 +71,7 @@ class _WorkerCollector(Collector):
                 gauges[name].add_metric(labels, value)
             counters["transfer_bytes"].add_metric(labels, hb.transfer_bytes_total if hb else 0)
             counters["transfer_seconds"].add_metric(labels, hb.transfer_seconds_total if hb else 0.0)
+            counters["transfers_failed"].add_metric(labels, hb.transfers_failed_total if hb else 0)
             counters["prefill_tokens"].add_metric(labels, hb.prefill_tokens_total if hb else 0)
             counters["decode_tokens"].add_metric(labels, hb.decode_tokens_total if hb else 0)
         yield from gauges.values()

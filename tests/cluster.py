@@ -93,8 +93,9 @@ class Cluster:
             out[wid] = float(val)
         return out
 
-    def wait_pages_free(self, timeout_s: float = 15.0, settle_s: float = 1.5) -> dict[str, float]:
-        """Wait until every worker reports zero KV pages in use; returns the last reading.
+    def wait_pages_free(self, timeout_s: float = 15.0, settle_s: float = 1.5,
+                        ignore: frozenset[str] = frozenset()) -> dict[str, float]:
+        """Wait until every worker (but ``ignore``: dead ones) reports zero KV pages in use; returns the last reading.
 
         Gauges come from heartbeats (every second by default), so the first ``settle_s`` are waited out: a
         reading taken before the workers' next heartbeat could predate the request and show zero falsely.
@@ -103,7 +104,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         used: dict[str, float] = {}
         while time.monotonic() < deadline:
-            used = self.worker_gauge("kv_pages_used")
+            used = {w: n for w, n in self.worker_gauge("kv_pages_used").items() if w not in ignore}
             if used and not any(used.values()):
                 return used
             time.sleep(0.25)

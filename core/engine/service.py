@@ -47,6 +47,7 @@ class Counters:
     decode_tokens: int = 0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    transfers_failed: int = 0
 
 
 def bind_random(sock: zmq.Socket, host: str, port: int) -> str:
@@ -260,6 +261,7 @@ class WorkerCore:
                 decode_tokens_total=c.decode_tokens,
                 transfer_bytes_total=c.transfer_bytes,
                 transfer_seconds_total=c.transfer_seconds,
+                transfers_failed_total=c.transfers_failed,
                 cache_events=tuple(self.engine.kv.take_cache_events()),
             )
         )
