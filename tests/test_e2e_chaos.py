@@ -1,9 +1,12 @@
-"""Correctness under failure, end to end: many concurrent streams, client disconnects and a prefill worker
-killed in the middle, against real processes on loopback with the official (async) openai client.
+"""Correctness under failure, end to end: many concurrent streams with client disconnects, and a worker
+SIGKILLed in the middle, against real processes on loopback with the official (async) openai client.
 
-Every request that was not abandoned must finish with all its tokens (the decode workers recompute prompts whose
-prefill worker died), each text must equal the same request served alone afterwards, nothing may hang, and every
-surviving worker's KV pages must be free at the end (read from the router's /metrics).
+* A prefill worker dies: every request that was not abandoned still finishes with all its tokens (decode workers
+  recompute prompts whose transfer died).
+* A decode worker dies: its requests fail with an error naming it; the others finish.
+
+In both, finished texts equal the same requests served alone afterwards, nothing hangs, and every surviving
+worker's KV pages are free at the end (read from the router's /metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from conftest import shared_model_path
 from test_e2e import PROMPTS, model_id
 
 N_REQUESTS = 36
-KILLED = "prefill-0"
 
 
 @dataclass(frozen=True)
@@ -54,37 +56,65 @@ async def run_job(client: openai.AsyncOpenAI, model: str, job: Job, progress: as
     return "".join(text), finish
 
 
-async def storm(cluster: Cluster, model: str, jobs: list[Job]) -> list[tuple[str, str]]:
+async def storm(cluster: Cluster, model: str, jobs: list[Job], victim: str) -> list:
+    """Run ``jobs`` concurrently and SIGKILL ``victim`` once streams flow; results or exceptions, in job order."""
     client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=90)
     progress = asyncio.Event()
     tasks = [asyncio.create_task(run_job(client, model, job, progress)) for job in jobs]
-    await asyncio.wait_for(progress.wait(), 60)  # streams are flowing: now the prefill worker dies
-    await asyncio.to_thread(cluster.kill, KILLED)
-    try:
-        return await asyncio.wait_for(asyncio.gather(*tasks), 240)  # nothing hangs
+    await asyncio.wait_for(progress.wait(), 60)  # streams are flowing: now the victim dies
+    await asyncio.to_thread(cluster.kill, victim)
+    try:  # nothing hangs
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 240)
     finally:
         await client.close()
 
 
+def check_alone(cluster: Cluster, model: str, done: list[tuple[Job, str]]) -> None:
+    """Each text equals the same request served alone, after the storm."""
+    alone = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    for job, text in done:
+        ref = alone.completions.create(model=model, prompt=job.prompt, max_tokens=job.max_tokens, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+        assert text == ref, f"{job}: text under failure differs from the request served alone"
+
+
+def start(tmp_path_factory, name: str, prefill: int, decode: int) -> Cluster:
+    return Cluster(model=str(shared_model_path("stories260K")), prefill=prefill, decode=decode,
+                   worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--max-num-seqs", "16"],
+                   router_args=["--heartbeat-timeout-s", "2"], log_dir=tmp_path_factory.mktemp(name)).start()
+
+
 def test_disconnects_and_a_killed_prefill_worker_lose_no_request_and_leak_no_page(tmp_path_factory):
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=2, decode=2,
-                worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--max-num-seqs", "16"],
-                router_args=["--heartbeat-timeout-s", "2"], log_dir=tmp_path_factory.mktemp("chaos")).start()
+    c = start(tmp_path_factory, "chaos-prefill", prefill=2, decode=2)
     try:
         m = model_id(c)
         jobs = make_jobs(random.Random(7))
-        results = asyncio.run(storm(c, m, jobs))
-        kept = [(job, text, fin) for job, (text, fin) in zip(jobs, results) if job.abandon_after is None]
+        results = asyncio.run(storm(c, m, jobs, "prefill-0"))
+        kept = [(job, res) for job, res in zip(jobs, results) if job.abandon_after is None]
         assert len(kept) == N_REQUESTS - N_REQUESTS // 3
-        assert all(fin == "length" for _, _, fin in kept), [fin for _, _, fin in kept]
-        alone = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        for job, text, _ in kept:
-            ref = alone.completions.create(model=m, prompt=job.prompt, max_tokens=job.max_tokens, temperature=0,
-                                           extra_body={"ignore_eos": True}).choices[0].text
-            assert text == ref, f"{job}: text under failure differs from the request served alone"
+        assert all(isinstance(res, tuple) and res[1] == "length" for _, res in kept), [res for _, res in kept]
+        check_alone(c, m, [(job, res[0]) for job, res in kept])
         # the kill really hit transfers in flight: decode workers recomputed their prompts
         assert sum(c.worker_gauge("transfers_failed_total").values()) >= 1
-        used = c.wait_pages_free(ignore=frozenset({KILLED}))
+        used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
         assert set(used) == {"prefill-1", "decode-2", "decode-3"} and not any(used.values()), used
+    finally:
+        c.stop()
+
+
+def test_a_killed_decode_worker_fails_only_its_requests_clearly(tmp_path_factory):
+    c = start(tmp_path_factory, "chaos-decode", prefill=1, decode=2)
+    try:
+        m = model_id(c)
+        jobs = [Job(job.prompt, job.max_tokens + 200, None) for job in make_jobs(random.Random(8))]  # long streams
+        results = asyncio.run(storm(c, m, jobs, "decode-1"))
+        failed = [res for res in results if isinstance(res, BaseException)]
+        done = [(job, res[0]) for job, res in zip(jobs, results) if not isinstance(res, BaseException)]
+        assert failed and done, results  # least-loaded routing spread the streams over both decode workers
+        assert all(isinstance(e, openai.APIError) and "decode-1" in str(e) for e in failed), failed
+        assert all(res[1] == "length" for res in results if not isinstance(res, BaseException))
+        check_alone(c, m, done[:8])
+        used = c.wait_pages_free(ignore=frozenset({"decode-1"}))
+        assert set(used) == {"prefill-0", "decode-2"} and not any(used.values()), used
     finally:
         c.stop()
