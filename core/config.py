@@ -97,6 +97,9 @@ class WorkerConfig(FrozenConfig):
     local_prefill_threshold: int = Field(default=0, ge=0)
     """A decode worker prefills prompts shorter than this itself (0: never)."""
     drain_timeout_s: float = Field(default=30.0, gt=0)
+    router_queue_limit: int = Field(default=100_000, ge=1)
+    """Messages queued for an unreachable router before the worker takes it as gone and aborts the requests
+    whose output it cannot deliver (tens of seconds of token outputs at full load; a few MB)."""
     engine: EngineConfig = EngineConfig()
     transfer: TransferConfig = TransferConfig()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,9 @@ from splitserve.core import messages as m
 from splitserve.router.pools import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
+
+ABORTED_MEMORY = 4096
+"""How many recently aborted request ids the control plane remembers (late outputs of those are just dropped)."""
 
 
 @dataclass(eq=False)
@@ -75,6 +79,8 @@ class ControlPlane:
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self.streams: dict[str, RequestStream] = {}
+        self._aborted: OrderedDict[str, None] = OrderedDict()
+        """Recently aborted request ids (bounded): late outputs of these need no second ``AbortReq``."""
         self.address = ""
 
     async def start(self) -> None:
@@ -139,6 +145,7 @@ class ControlPlane:
         stream = self.streams.get(request_id)
         if stream is None:
             return
+        self._remember_aborted(request_id)
         for wid in {stream.decode_worker, stream.prefill_worker} - {None}:
             w = self.registry.get(wid)
             if w is not None:
@@ -214,7 +221,7 @@ class ControlPlane:
 
     def _dispatch(self, identity: bytes, msg: m.Message) -> None:
         if isinstance(msg, m.TokenOut):
-            self._on_token_out(msg)
+            self._on_token_out(identity, msg)
         elif isinstance(msg, m.Heartbeat):
             w = self.registry.heartbeat(msg)
             if w is None:
@@ -229,10 +236,20 @@ class ControlPlane:
         else:
             logger.warning("unexpected %s on the control socket dropped", type(msg).__name__)
 
-    def _on_token_out(self, msg: m.TokenOut) -> None:
+    def _remember_aborted(self, request_id: str) -> None:
+        self._aborted[request_id] = None
+        while len(self._aborted) > ABORTED_MEMORY:
+            self._aborted.popitem(last=False)
+
+    def _on_token_out(self, identity: bytes, msg: m.TokenOut) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is None:
-            logger.debug("request %s: output for an unknown or finished request dropped", msg.request_id)
+            if msg.finish_reason is None and msg.request_id not in self._aborted:
+                # Nobody will read this request (a restarted router, a stream already failed): stop the worker
+                # generating it, which frees its pages.
+                logger.info("request %s: output for a request this router does not know: abort sent", msg.request_id)
+                self._remember_aborted(msg.request_id)
+                self._send_nowait(identity, m.AbortReq(request_id=msg.request_id, reason="unknown to the router"))
             return
         if msg.token_ids or msg.finish_reason is not None:
             self._release_prefill(stream)

@@ -29,7 +29,7 @@ _TRANSFER_FLAGS = MappingProxyType(
 )
 _WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
-    "local_prefill_threshold": int, "drain_timeout_s": float,
+    "local_prefill_threshold": int, "drain_timeout_s": float, "router_queue_limit": int,
 })
 
 
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
     p.add_argument("--drain-timeout-s", type=float, default=None)
+    p.add_argument("--router-queue-limit", type=int, default=None,
+                   help="messages queued for an unreachable router before its requests are aborted here")
     p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
     p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)

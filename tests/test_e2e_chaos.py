@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import time
 from dataclasses import dataclass
 
 import openai
@@ -118,3 +120,52 @@ def test_a_killed_decode_worker_fails_only_its_requests_clearly(tmp_path_factory
         assert set(used) == {"prefill-0", "decode-2"} and not any(used.values()), used
     finally:
         c.stop()
+
+
+def test_requests_orphaned_by_a_router_restart_are_aborted_on_the_workers(tmp_path_factory):
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
+                worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16", "--heartbeat-s", "0.3"],
+                log_dir=tmp_path_factory.mktemp("chaos-router")).start()
+    try:
+        m = model_id(c)
+        jobs = [Job(p, 480, None) for p in PROMPTS * 2]
+        results = asyncio.run(storm(c, m, jobs, "router"))
+        assert all(isinstance(res, openai.APIError) for res in results), results  # the router died under them
+        c.restart_router()
+        c.wait_workers(2, timeout_s=60)
+        # The new router aborts outputs it has no stream for, so the workers stop generating for nobody: without
+        # that, every request would run to its 480 tokens.
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        generated = sum(c.worker_gauge("decode_tokens_total").values())
+        assert generated < len(jobs) * 480 * 0.9, generated
+        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+    finally:
+        c.stop()
+
+
+def test_a_router_gone_for_good_never_blocks_a_worker(tmp_path_factory):
+    """With the router dead, a worker's output queue fills; it aborts what it cannot deliver and still stops on
+    SIGTERM (a blocking send would hang it there for good)."""
+    logs = tmp_path_factory.mktemp("chaos-router-gone")
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, log_dir=logs,
+                worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16",
+                             "--router-queue-limit", "20"]).start()
+    try:
+        results = asyncio.run(storm(c, model_id(c), [Job(p, 480, None) for p in PROMPTS * 2], "router"))
+        assert all(isinstance(res, openai.APIError) for res in results), results
+        log = logs / "decode-1.log"
+        deadline = time.monotonic() + 120
+        while "output could not reach the router; aborting" not in log.read_text():
+            assert time.monotonic() < deadline, "the decode worker never gave up on the unreachable router"
+            time.sleep(0.2)
+        for name in ("decode-1", "prefill-0"):
+            c.procs[name].send_signal(signal.SIGTERM)
+            assert c.procs[name].wait(60) == 0, f"{name} did not stop cleanly"
+    finally:
+        c.stop()
+
+
+def complete_alone(c: Cluster, model: str, prompt: str, max_tokens: int) -> str:
+    alone = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return alone.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text

@@ -77,6 +77,7 @@ class WorkerCore:
         self.router = self.ctx.socket(zmq.DEALER)
         self.router.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.SNDHWM, cfg.router_queue_limit)
         self.router.connect(cfg.router_addr)
         self.peer = self.ctx.socket(zmq.ROUTER)
         self.peer.setsockopt(zmq.LINGER, 0)
@@ -92,6 +93,9 @@ class WorkerCore:
         self.draining = False
         self.stopping = False
         self._last_hb = 0.0
+        self._orphaned: set[str] = set()
+        """Requests whose output could not be queued for the router: aborted here on the next loop."""
+        self._router_backlogged = False
         engine.kv.record_cache_events()
         self.on(AbortReq, self._on_abort)
         self.on(Drain, lambda _p, _m: self.start_drain())
@@ -106,8 +110,37 @@ class WorkerCore:
     def own(self, request_id: str, owner: OutputOwner) -> None:
         self.owners[request_id] = owner
 
-    def send_router(self, msg: Message) -> None:
-        self.router.send(encode(msg))
+    def send_router(self, msg: Message) -> bool:
+        """Queue ``msg`` for the router without ever blocking the loop; ``False`` when it was dropped.
+
+        The queue holds ``cfg.router_queue_limit`` messages while the router is slow or away (a restarted router gets
+        them). Once it is full the router is taken as gone: a request whose output is dropped can no longer be
+        streamed to anyone, so it is aborted here (next loop turn), which frees its pages.
+        """
+        try:
+            self.router.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self._on_router_backlog(msg)
+            return False
+        if self._router_backlogged:
+            logger.info("worker %s: router reachable again", self.worker_id)
+            self._router_backlogged = False
+        return True
+
+    def _on_router_backlog(self, msg: Message) -> None:
+        if not self._router_backlogged:
+            logger.warning("worker %s: router unreachable (%d messages queued): dropping output, aborting the "
+                           "affected requests here", self.worker_id, self.cfg.router_queue_limit)
+            self._router_backlogged = True
+        rid = getattr(msg, "request_id", None)
+        if rid is not None and rid not in self._orphaned and rid in self.owners:
+            logger.warning("request %s: output could not reach the router; aborting", rid)
+            self._orphaned.add(rid)
+
+    def _abort_orphans(self) -> None:
+        for rid in sorted(self._orphaned):
+            self._on_abort(None, AbortReq(request_id=rid, reason="the router is unreachable"))
+        self._orphaned.clear()
 
     def send_token_out(self, out: TokenOut) -> None:
         self.send_router(out)
@@ -178,6 +211,8 @@ class WorkerCore:
         logger.info("worker %s stopped", self.worker_id)
 
     def loop_once(self) -> None:
+        if self._orphaned:
+            self._abort_orphans()
         self.read_messages(timeout_ms=0 if self.engine.has_unfinished() else 5)
         for poll in self.pollers:
             poll()
