@@ -126,19 +126,22 @@ async def _stream(request: web.Request, fmt: Formatter, gen: AsyncIterator[Delta
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
-        for body in fmt.start_chunks():
-            await _sse(resp, body)
-        if first is not None:
-            await _send_delta(resp, fmt, first, proc)
-            async for delta in gen:
-                await _send_delta(resp, fmt, delta, proc)
-        if include_usage:
-            await _sse(resp, fmt.usage_chunk(proc))
-    except APIError as exc:
-        logger.warning("request %s: stream ended with error: %s", proc.request_id, exc.message)
-        await _sse(resp, exc.body())
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+        try:
+            for body in fmt.start_chunks():
+                await _sse(resp, body)
+            if first is not None:
+                await _send_delta(resp, fmt, first, proc)
+                async for delta in gen:
+                    await _send_delta(resp, fmt, delta, proc)
+            if include_usage:
+                await _sse(resp, fmt.usage_chunk(proc))
+        except APIError as exc:
+            logger.warning("request %s: stream ended with error: %s", proc.request_id, exc.message)
+            await _sse(resp, exc.body())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:  # the caller closes ``gen``, which aborts the request on its workers
+        logger.info("request %s: client disconnected mid-stream", proc.request_id)
     return resp
 
 

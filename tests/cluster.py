@@ -110,6 +110,12 @@ class Cluster:
             time.sleep(0.25)
         return used
 
+    def tracebacks(self) -> list[str]:
+        """Names of the processes whose log holds a Python traceback (a failure handled nowhere)."""
+        if self.log_dir is None:
+            return []
+        return sorted(f.stem for f in self.log_dir.glob("*.log") if "Traceback" in f.read_text(errors="replace"))
+
     def restart_router(self) -> None:
         """Kill the router and start a new one on the same ports (workers keep running)."""
         self.kill("router")

@@ -100,6 +100,7 @@ def test_disconnects_and_a_killed_prefill_worker_lose_no_request_and_leak_no_pag
         assert sum(c.worker_gauge("transfers_failed_total").values()) >= 1
         used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
         assert set(used) == {"prefill-1", "decode-2", "decode-3"} and not any(used.values()), used
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
@@ -118,6 +119,7 @@ def test_a_killed_decode_worker_fails_only_its_requests_clearly(tmp_path_factory
         check_alone(c, m, done[:8])
         used = c.wait_pages_free(ignore=frozenset({"decode-1"}))
         assert set(used) == {"prefill-0", "decode-2"} and not any(used.values()), used
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
@@ -140,6 +142,7 @@ def test_requests_orphaned_by_a_router_restart_are_aborted_on_the_workers(tmp_pa
         generated = sum(c.worker_gauge("decode_tokens_total").values())
         assert generated < len(jobs) * 480 * 0.9, generated
         assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
@@ -162,6 +165,7 @@ def test_a_router_gone_for_good_never_blocks_a_worker(tmp_path_factory):
         for name in ("decode-1", "prefill-0"):
             c.procs[name].send_signal(signal.SIGTERM)
             assert c.procs[name].wait(60) == 0, f"{name} did not stop cleanly"
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
@@ -169,3 +173,37 @@ def test_a_router_gone_for_good_never_blocks_a_worker(tmp_path_factory):
 def complete_alone(c: Cluster, model: str, prompt: str, max_tokens: int) -> str:
     alone = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
     return alone.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
+    """Clients give up 5-300 ms in: before routing, while pages are reserved, mid-transfer, mid-decode."""
+    c = start(tmp_path_factory, "chaos-timeouts", prefill=1, decode=1)
+    try:
+        m = model_id(c)
+        rng = random.Random(11)
+        long_prompt = " ".join(PROMPTS * 8)
+
+        async def one(client: openai.AsyncOpenAI, i: int) -> str:
+            try:
+                out = await client.with_options(timeout=rng.uniform(0.005, 0.3)).completions.create(
+                    model=m, prompt=long_prompt if i % 2 else PROMPTS[i % len(PROMPTS)], max_tokens=64,
+                    temperature=0, extra_body={"ignore_eos": True})
+                return out.choices[0].finish_reason
+            except openai.APITimeoutError:
+                return "timeout"
+
+        async def run() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0)
+            try:
+                return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(40))), 120)
+            finally:
+                await client.close()
+
+        outcomes = asyncio.run(run())
+        assert set(outcomes) <= {"length", "timeout"} and "timeout" in outcomes, outcomes
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    finally:
+        c.stop()
