@@ -52,6 +52,9 @@ class _WorkerCollector(Collector):
             "transfers_failed": CounterMetricFamily("splitserve_worker_transfers_failed",
                                                     "KV transfers into this worker that failed (recomputed or "
                                                     "failed per the failure policy)", labels=["worker", "role"]),
+            "preemptions": CounterMetricFamily("splitserve_worker_preemptions",
+                                               "requests that lost their KV pages to make room (recomputed)",
+                                               labels=["worker", "role"]),
             "prefill_tokens": CounterMetricFamily("splitserve_worker_prefill_tokens",
                                                   "prompt tokens this worker prefilled", labels=["worker", "role"]),
             "decode_tokens": CounterMetricFamily("splitserve_worker_decode_tokens",
@@ -72,6 +75,7 @@ class _WorkerCollector(Collector):
             counters["transfer_bytes"].add_metric(labels, hb.transfer_bytes_total if hb else 0)
             counters["transfer_seconds"].add_metric(labels, hb.transfer_seconds_total if hb else 0.0)
             counters["transfers_failed"].add_metric(labels, hb.transfers_failed_total if hb else 0)
+            counters["preemptions"].add_metric(labels, hb.preemptions_total if hb else 0)
             counters["prefill_tokens"].add_metric(labels, hb.prefill_tokens_total if hb else 0)
             counters["decode_tokens"].add_metric(labels, hb.decode_tokens_total if hb else 0)
         yield from gauges.values()

@@ -58,13 +58,15 @@ async def run_job(client: openai.AsyncOpenAI, model: str, job: Job, progress: as
     return "".join(text), finish
 
 
-async def storm(cluster: Cluster, model: str, jobs: list[Job], victim: str) -> list:
-    """Run ``jobs`` concurrently and SIGKILL ``victim`` once streams flow; results or exceptions, in job order."""
+async def storm(cluster: Cluster, model: str, jobs: list[Job], victim: str | None) -> list:
+    """Run ``jobs`` concurrently and SIGKILL ``victim`` (if any) once streams flow; results or exceptions, in job
+    order."""
     client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=90)
     progress = asyncio.Event()
     tasks = [asyncio.create_task(run_job(client, model, job, progress)) for job in jobs]
     await asyncio.wait_for(progress.wait(), 60)  # streams are flowing: now the victim dies
-    await asyncio.to_thread(cluster.kill, victim)
+    if victim is not None:
+        await asyncio.to_thread(cluster.kill, victim)
     try:  # nothing hangs
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 240)
     finally:
@@ -204,6 +206,26 @@ def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
         used = c.wait_pages_free()
         assert used and not any(used.values()), used
         assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    finally:
+        c.stop()
+
+
+def test_tiny_kv_pools_under_load_still_give_every_request_its_solo_text(tmp_path_factory):
+    """Pools far smaller than the load on both sides: requests wait for pages, decode preempts and recomputes."""
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
+                worker_args=["--page-size", "8", "--num-pages", "48", "--max-num-seqs", "16"],
+                log_dir=tmp_path_factory.mktemp("chaos-pools")).start()
+    try:
+        m = model_id(c)
+        rng = random.Random(5)
+        jobs = [Job(" ".join(rng.sample(PROMPTS, 3)), rng.randint(40, 120), None) for _ in range(24)]
+        results = asyncio.run(storm(c, m, jobs, victim=None))
+        assert all(isinstance(res, tuple) and res[1] == "length" for res in results), results
+        check_alone(c, m, [(job, res[0]) for job, res in zip(jobs, results)])
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        assert c.worker_gauge("preemptions_total").get("decode-1", 0) >= 1  # the pools really ran out
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()

@@ -4,6 +4,11 @@ Each step spends a token budget: running requests first (decode tokens and unfin
 oldest first), then waiting requests (prefix-cache hits skip their cached pages). When the page pool is
 full, the newest running request is preempted: its pages are freed and it waits again at the front of
 the queue, to be recomputed from its prompt plus the tokens it already generated.
+
+Waiting requests can hold pages too: a decode worker's request whose KV arrived from a prefill worker
+(``LLMEngine.add_prefilled``) waits with its reserved pages. When nothing runs and the head of the queue
+cannot get pages, those holders would block it for ever, so the newest of them gives its pages up and will be
+recomputed, like a preempted request; a head that cannot fit in the whole pool finishes as out of memory.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        """Times a request lost its pages to make room (it is recomputed); a counter for metrics."""
         self.out_of_memory: list[Request] = []
         """Requests that cannot grow even with the whole pool to themselves; the engine finishes them ("length")."""
 
@@ -104,30 +111,56 @@ class Scheduler:
         return max(0, min(req.num_tokens - req.num_computed_tokens, self.limits.chunk_size, budget))
 
     def _allocate_or_preempt(self, req: Request, n: int) -> bool:
-        """Pages for ``n`` more tokens of a running request, preempting newer requests; False if ``req`` itself was."""
-        while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+        """Pages for ``n`` more tokens of a running request, preempting newer requests; False if ``req`` does not
+        run this step (preempted, waiting for pages, or given up)."""
+        total = req.num_computed_tokens + n
+        while self.kv.allocate_slots(req.request_id, total) is None:
             victim = self.running[-1]
-            if victim is req and len(self.running) == 1:
-                logger.warning("request %s: KV pool exhausted by this request alone; finishing it", req.request_id)
+            if victim is not req or len(self.running) > 1:
+                self._preempt(victim)
+                if victim is req:
+                    return False
+                continue
+            room = self._room_for(req, total)  # req runs alone
+            if room is None:
                 self.running.remove(req)
                 self.out_of_memory.append(req)
-                return False
-            self._preempt(victim)
-            if victim is req:
+            if not room:
                 return False
         return True
 
     def _preempt(self, req: Request) -> None:
-        logger.info("request %s: preempted (pool full), will recompute %d tokens", req.request_id, req.num_tokens)
         self.running.remove(req)
+        self._drop_pages(req)
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _drop_pages(self, req: Request) -> None:
+        """Free ``req``'s pages; it will be recomputed from its prompt plus the tokens it already generated."""
+        logger.info("request %s: preempted (pool full), will recompute %d tokens", req.request_id, req.num_tokens)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_cached_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         if not req.output_token_ids:
             req.prompt_logprobs.clear()  # recomputed from the start
-        req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+
+    def _room_for(self, req: Request, num_tokens: int) -> bool | None:
+        """Nothing else can run and ``req`` cannot get pages for ``num_tokens``.
+
+        ``True``: the newest waiting request holding pages gave them up, try again. ``False``: wait, the pages are
+        reserved for transfers in flight (their requests become waiting holders). ``None``: the whole pool is too
+        small for ``req``; the caller gives it up.
+        """
+        holders = [r for r in self.waiting if r is not req and self.kv.has(r.request_id)]
+        if holders:
+            self._drop_pages(holders[-1])
+            return True
+        if self.kv.num_pages_for(num_tokens) <= self.kv.num_pages:
+            return False
+        logger.warning("request %s: does not fit in the whole KV pool; finishing it", req.request_id)
+        return None
 
     def _admit_waiting(self, work: list[SeqWork], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
@@ -138,7 +171,14 @@ class Scheduler:
             if self.kv.allocate_slots(req.request_id, total, computed) is None:
                 if computed is not None:
                     req.num_computed_tokens = req.num_cached_tokens = 0
-                break
+                if self.running or work:
+                    break  # running requests free pages as they finish
+                room = self._room_for(req, total)
+                if room is None:
+                    self.out_of_memory.append(self.waiting.popleft())
+                elif not room:
+                    break  # pages reserved for transfers in flight come back as waiting holders
+                continue
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -297,6 +297,7 @@ class WorkerCore:
                 transfer_bytes_total=c.transfer_bytes,
                 transfer_seconds_total=c.transfer_seconds,
                 transfers_failed_total=c.transfers_failed,
+                preemptions_total=sched.num_preemptions,
                 cache_events=tuple(self.engine.kv.take_cache_events()),
             )
         )

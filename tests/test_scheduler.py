@@ -1,0 +1,105 @@
+"""Scheduler with a real KVCacheManager, pure Python (no torch): admission, preemption, and requests that wait
+while holding pages (a decode worker's requests whose KV arrived from a prefill worker)."""
+
+from __future__ import annotations
+
+from splitserve.core.cache.manager import KVCacheManager
+from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
+from splitserve.core.messages import SamplingParams
+from splitserve.core.request import Request, RequestStatus
+
+PAGE = 4
+PARAMS = SamplingParams(max_tokens=64, temperature=0)
+
+
+def make(num_pages: int, max_num_seqs: int = 4) -> Scheduler:
+    return Scheduler(KVCacheManager(num_pages=num_pages, page_size=PAGE),
+                     SchedulerLimits(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, chunk_size=64,
+                                     enable_prefix_caching=False))
+
+
+def fresh(rid: str, n: int) -> Request:
+    return Request(rid, list(range(100, 100 + n)), PARAMS)
+
+
+def prefilled(sched: Scheduler, rid: str, n: int) -> Request:
+    """What ``LLMEngine.add_prefilled`` queues: pages reserved and filled by a transfer, first token known."""
+    req = fresh(rid, n)
+    assert sched.kv.reserve(rid, n) is not None
+    req.output_token_ids.append(7)
+    req.num_computed_tokens = n
+    return req
+
+
+def test_prefilled_request_runs_its_first_decode_step_in_its_reserved_pages():
+    sched = make(num_pages=4)
+    sched.add(prefilled(sched, "a", 6))
+    batch = sched.schedule()
+    assert [(s.request_id, s.token_ids, s.start_pos, s.page_table) for s in batch.seqs] == [("a", (7,), 6, (0, 1))]
+
+
+def test_waiting_page_holders_give_way_when_nothing_can_run():
+    # c (a preempted request, 12 tokens = 3 pages) is at the head; a and b wait behind it holding 2 pages each,
+    # so only 2 of 6 pages are free and nothing runs. Before the fix, schedule() returned empty batches for ever.
+    sched = make(num_pages=6)
+    a, b = prefilled(sched, "a", 8), prefilled(sched, "b", 8)
+    assert (sched.kv.page_table("a"), sched.kv.page_table("b")) == ([0, 1], [2, 3])
+    sched.add(fresh("c", 12))
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    # b, the newest holder, gave its pages up (to be recomputed); c took them; a still fits beside it
+    assert not sched.kv.has("b") and (b.num_computed_tokens, b.num_preemptions) == (0, 1)
+    assert [(s.request_id, s.start_pos, s.page_table) for s in batch.seqs] == [("c", 0, (4, 5, 3)), ("a", 8, (0, 1, 2))]
+    assert [r.request_id for r in sched.running] == ["c", "a"] and list(sched.waiting) == [b]
+    assert b.status is RequestStatus.WAITING and sched.kv.usage().free == 0
+
+
+def test_head_that_cannot_fit_the_whole_pool_is_given_up_instead_of_blocking():
+    sched = make(num_pages=2)
+    sched.add(fresh("big", 12))  # 3 pages > pool
+    sched.add(fresh("small", 3))
+    batch = sched.schedule()
+    assert [r.request_id for r in sched.out_of_memory] == ["big"]
+    assert [(s.request_id, s.page_table) for s in batch.seqs] == [("small", (0,))]
+
+
+def test_running_requests_are_preempted_newest_first_before_waiting_holders():
+    sched = make(num_pages=3)
+    sched.add(fresh("old", 4))
+    sched.add(fresh("new", 4))
+    sched.schedule()
+    for r in sched.running:  # both prompts computed, a first token sampled: each now needs a second page
+        r.num_computed_tokens = 4
+        r.output_token_ids.append(9)
+    holder = prefilled(sched, "held", 4)
+    sched.add(holder)
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["old"] and sched.kv.page_table("old") == [0, 1]  # new's page
+    assert [r.request_id for r in sched.waiting] == ["new", "held"] and sched.kv.has("held")
+
+
+def test_head_waits_while_pages_are_reserved_for_transfers_in_flight():
+    sched = make(num_pages=4)
+    assert sched.kv.reserve("in-flight", 12) is not None  # a transfer still filling 3 pages: not in the scheduler
+    sched.add(fresh("c", 8))
+    for _ in range(3):
+        assert sched.schedule().is_empty
+    assert list(sched.waiting)[0].request_id == "c" and not sched.out_of_memory
+    sched.kv.free("in-flight")  # the transfer failed; its pages are back
+    assert [(s.request_id, len(s.page_table)) for s in sched.schedule().seqs] == [("c", 2)]
+
+
+def test_a_request_running_alone_takes_pages_from_waiting_holders_rather_than_giving_up():
+    sched = make(num_pages=4)
+    sched.add(fresh("r", 4))
+    sched.schedule()
+    r = sched.running[0]
+    r.num_computed_tokens = 4
+    r.output_token_ids.append(9)  # needs a second page now
+    held = [prefilled(sched, "h1", 4), prefilled(sched, "h2", 4), prefilled(sched, "h3", 4)]  # pool full
+    for h in held:
+        sched.add(h)
+    batch = sched.schedule()
+    assert [(s.request_id, s.page_table) for s in batch.seqs] == [("r", (0, 3))]  # h3's page
+    assert not sched.out_of_memory and not sched.kv.has("h3") and sched.kv.has("h1") and sched.kv.has("h2")
