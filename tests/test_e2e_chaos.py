@@ -212,14 +212,17 @@ def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
 
 
 def test_tiny_kv_pools_under_load_still_give_every_request_its_solo_text(tmp_path_factory):
-    """Pools far smaller than the load on both sides: requests wait for pages, decode preempts and recomputes."""
+    """Pools far smaller than the load on both sides, and prompts prefilled (and streamed) in 16-token chunks:
+    requests wait for pages, the decode worker preempts and recomputes."""
     c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
-                worker_args=["--page-size", "8", "--num-pages", "48", "--max-num-seqs", "16"],
+                worker_args=["--page-size", "8", "--num-pages", "48", "--max-num-seqs", "16", "--chunk-size", "16",
+                             "--max-num-batched-tokens", "64"],
                 log_dir=tmp_path_factory.mktemp("chaos-pools")).start()
     try:
         m = model_id(c)
         rng = random.Random(5)
-        jobs = [Job(" ".join(rng.sample(PROMPTS, 3)), rng.randint(40, 120), None) for _ in range(24)]
+        prompts = [" ".join(rng.sample(PROMPTS * 3, rng.randint(2, 9))) for _ in range(24)]  # 8-70 tokens
+        jobs = [Job(prompt, rng.randint(40, 120), None) for prompt in prompts]
         results = asyncio.run(storm(c, m, jobs, victim=None))
         assert all(isinstance(res, tuple) and res[1] == "length" for res in results), results
         check_alone(c, m, [(job, res[0]) for job, res in zip(jobs, results)])
