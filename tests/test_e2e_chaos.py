@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import openai
+import pytest
 
 from cluster import Cluster
 from conftest import shared_model_path
@@ -229,6 +230,29 @@ def test_tiny_kv_pools_under_load_still_give_every_request_its_solo_text(tmp_pat
         used = c.wait_pages_free()
         assert used and not any(used.values()), used
         assert c.worker_gauge("preemptions_total").get("decode-1", 0) >= 1  # the pools really ran out
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    finally:
+        c.stop()
+
+
+def test_ucx_transfer_end_to_end_with_a_killed_prefill_worker(tmp_path_factory):
+    """The same disaggregated serving with KV over UCX (host memory on CPU): solo texts, recovery, no leaks."""
+    from test_transfer import _ucx_available
+
+    if _ucx_available() is not None:
+        pytest.skip(f"ucx: {_ucx_available()}")
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=2, decode=1,
+                worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--transfer", "ucx"],
+                router_args=["--heartbeat-timeout-s", "2"], log_dir=tmp_path_factory.mktemp("chaos-ucx")).start()
+    try:
+        m = model_id(c)
+        jobs = [Job(job.prompt, job.max_tokens, None) for job in make_jobs(random.Random(3))][:16]
+        results = asyncio.run(storm(c, m, jobs, "prefill-0"))
+        assert all(isinstance(res, tuple) and res[1] == "length" for res in results), results
+        check_alone(c, m, [(job, res[0]) for job, res in zip(jobs, results)])
+        used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
+        assert set(used) == {"prefill-1", "decode-2"} and not any(used.values()), used
+        assert sum(c.worker_gauge("transfer_bytes_total").values()) > 0
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
