@@ -124,6 +124,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     sender = make_sender(cfg.transfer, engine.kv_cache, layout)
     receiver = make_receiver(cfg.transfer, engine.kv_cache, layout)
     core = WorkerCore(cfg, engine)
+    logger.info("worker %s: KV transfer over %s, receiving at %s", core.worker_id, cfg.transfer.backend, receiver.address)
     prefill = PrefillService(core, sender, layout.token_bytes())
     decode = DecodeService(core, receiver, layout, cfg.transfer)
     engine.runner.layer_hook = prefill.layer_hook

@@ -253,6 +253,7 @@ def test_ucx_transfer_end_to_end_with_a_killed_prefill_worker(tmp_path_factory):
         used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
         assert set(used) == {"prefill-1", "decode-2"} and not any(used.values()), used
         assert sum(c.worker_gauge("transfer_bytes_total").values()) > 0
+        assert "KV transfer over ucx, receiving at ucx://" in (c.log_dir / "decode-2.log").read_text()
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
