@@ -257,3 +257,97 @@ def test_ucx_transfer_end_to_end_with_a_killed_prefill_worker(tmp_path_factory):
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
+
+
+def test_garbage_on_every_socket_is_dropped_and_service_goes_on(tmp_path_factory):
+    """Junk, wrong-shaped and out-of-place messages on the router's control socket and the workers' peer sockets."""
+    import json
+    import urllib.request
+
+    import zmq
+
+    from splitserve.core import messages as msgs
+
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, router_args=["--admin-token", "t"],
+                worker_args=["--page-size", "8", "--num-pages", "128", "--lease-s", "2"],
+                log_dir=tmp_path_factory.mktemp("chaos-garbage")).start()
+    ctx = zmq.Context()
+    try:
+        req = urllib.request.Request(f"{c.url}/admin/workers", headers={"Authorization": "Bearer t"})
+        with urllib.request.urlopen(req) as r:
+            peers = [w["peer_addr"] for w in json.load(r)["workers"]]
+        bogus_dst = msgs.KVDescriptor("t-1", "tcp://127.0.0.1:9", "other-model", "float32", 1, 1, 1, 8, (0,), 4, 1.0)
+        junk = [[b"\x00\xffnot msgpack"], [b"a", b"b", b"c"], [b""],
+                [msgs.encode(msgs.Heartbeat(worker_id="ghost", role="both", running=0, waiting=0, queued_tokens=0,
+                                            kv_pages_used=0, kv_pages_free=0, kv_pages_cached=0))],
+                [msgs.encode(msgs.TokenOut(request_id="nobody", token_ids=(5,)))],
+                [msgs.encode(msgs.PrefillReq(request_id="p-1", prompt_token_ids=(1, 2, 3, 4),
+                                             params=msgs.SamplingParams(), dst=bogus_dst, reply_to="ghost"))],
+                [msgs.encode(msgs.PrefillReq(request_id="p-2", prompt_token_ids=(10**9,),
+                                             params=msgs.SamplingParams(), dst=bogus_dst, reply_to="ghost"))]]
+        for addr in [f"tcp://127.0.0.1:{c.control_port}", *peers]:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+            for frames in junk:
+                sock.send_multipart(frames)
+            time.sleep(0.5)
+            sock.close()
+        m = model_id(c)
+        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert all(p.poll() is None for p in c.procs.values())
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    finally:
+        ctx.term()
+        c.stop()
+
+
+def test_roles_switched_back_and_forth_under_load_lose_nothing(tmp_path_factory):
+    """While a storm runs, both workers are switched between prefill, decode and colocated through the admin API."""
+    import json
+    import urllib.request
+
+    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, router_args=["--admin-token", "t"],
+                worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"],
+                log_dir=tmp_path_factory.mktemp("chaos-roles")).start()
+
+    def set_role(worker: str, role: str) -> None:
+        req = urllib.request.Request(f"{c.url}/admin/workers/{worker}/role", data=json.dumps({"role": role}).encode(),
+                                     headers={"Authorization": "Bearer t"}, method="POST")
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 200
+
+    async def switching(jobs: list[Job]) -> list[tuple[Job, object]]:
+        client = openai.AsyncOpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=90)
+        progress = asyncio.Event()
+        tasks: list[tuple[Job, asyncio.Task]] = []
+
+        def launch(batch: list[Job]) -> None:
+            tasks.extend((job, asyncio.create_task(run_job(client, m, job, progress))) for job in batch)
+
+        try:
+            launch(jobs[:12])
+            await asyncio.wait_for(progress.wait(), 60)
+            for i, roles in enumerate((("both", "both"), ("decode", "prefill"), ("prefill", "decode"))):
+                await asyncio.to_thread(set_role, "prefill-0", roles[0])
+                await asyncio.to_thread(set_role, "decode-1", roles[1])
+                launch(jobs[12 + 4 * i : 16 + 4 * i])
+                await asyncio.sleep(0.3)
+            results = await asyncio.wait_for(asyncio.gather(*(t for _, t in tasks), return_exceptions=True), 240)
+            return [(job, res) for (job, _), res in zip(tasks, results)]
+        finally:
+            await client.close()
+
+    try:
+        m = model_id(c)
+        jobs = [Job(job.prompt, job.max_tokens, None) for job in make_jobs(random.Random(13))][:24]
+        done = asyncio.run(switching(jobs))
+        assert len(done) == 24 and all(isinstance(res, tuple) and res[1] == "length" for _, res in done), done
+        check_alone(c, m, [(job, res[0]) for job, res in done])
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    finally:
+        c.stop()
