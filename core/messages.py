@@ -117,9 +117,9 @@ class Heartbeat(_Msg, frozen=True):
     transfer_bytes_total: int = 0
     transfer_seconds_total: float = 0.0
     transfers_failed_total: int = 0
+    """KV transfers into this worker that failed (then recomputed or failed per ``failure_policy``)."""
     preemptions_total: int = 0
     """Times a request here lost its KV pages to make room and was recomputed."""
-    """KV transfers into this worker that failed (then recomputed or failed per ``failure_policy``)."""
     cache_events: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Prefix-cache events since the last heartbeat: ("stored" | "removed", page hashes)."""
     role_epoch: int = 0

@@ -25,6 +25,17 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+_WORKER_COUNTERS = (
+    ("transfer_bytes", "KV bytes transferred"),
+    ("transfer_seconds", "seconds spent transferring KV"),
+    ("transfers_failed", "KV transfers into this worker that failed (recomputed or failed per the failure policy)"),
+    ("preemptions", "requests that lost their KV pages to make room (recomputed)"),
+    ("prefill_tokens", "prompt tokens this worker prefilled"),
+    ("decode_tokens", "tokens this worker generated"),
+)
+"""Cumulative worker counters: ``splitserve_worker_<name>_total`` from ``Heartbeat.<name>_total``."""
+
+
 class _WorkerCollector(Collector):
     def __init__(self, workers: WorkerRegistry) -> None:
         self._workers = workers
@@ -45,20 +56,8 @@ class _WorkerCollector(Collector):
             )
         }
         counters = {
-            "transfer_bytes": CounterMetricFamily("splitserve_worker_transfer_bytes", "KV bytes transferred",
-                                                  labels=["worker", "role"]),
-            "transfer_seconds": CounterMetricFamily("splitserve_worker_transfer_seconds",
-                                                    "seconds spent transferring KV", labels=["worker", "role"]),
-            "transfers_failed": CounterMetricFamily("splitserve_worker_transfers_failed",
-                                                    "KV transfers into this worker that failed (recomputed or "
-                                                    "failed per the failure policy)", labels=["worker", "role"]),
-            "preemptions": CounterMetricFamily("splitserve_worker_preemptions",
-                                               "requests that lost their KV pages to make room (recomputed)",
-                                               labels=["worker", "role"]),
-            "prefill_tokens": CounterMetricFamily("splitserve_worker_prefill_tokens",
-                                                  "prompt tokens this worker prefilled", labels=["worker", "role"]),
-            "decode_tokens": CounterMetricFamily("splitserve_worker_decode_tokens",
-                                                 "tokens this worker generated", labels=["worker", "role"]),
+            name: CounterMetricFamily(f"splitserve_worker_{name}", doc, labels=["worker", "role"])
+            for name, doc in _WORKER_COUNTERS
         }
         for w in self._workers.all():
             labels = [w.worker_id, w.role]
@@ -72,12 +71,8 @@ class _WorkerCollector(Collector):
             }
             for name, value in values.items():
                 gauges[name].add_metric(labels, value)
-            counters["transfer_bytes"].add_metric(labels, hb.transfer_bytes_total if hb else 0)
-            counters["transfer_seconds"].add_metric(labels, hb.transfer_seconds_total if hb else 0.0)
-            counters["transfers_failed"].add_metric(labels, hb.transfers_failed_total if hb else 0)
-            counters["preemptions"].add_metric(labels, hb.preemptions_total if hb else 0)
-            counters["prefill_tokens"].add_metric(labels, hb.prefill_tokens_total if hb else 0)
-            counters["decode_tokens"].add_metric(labels, hb.decode_tokens_total if hb else 0)
+            for name, family in counters.items():
+                family.add_metric(labels, getattr(hb, f"{name}_total") if hb else 0)
         yield from gauges.values()
         yield from counters.values()
 

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 Pool = Literal["prefill", "decode"]
 
-_CAPABLE: Mapping[Pool, tuple[str, ...]] = MappingProxyType({"prefill": ("prefill", "both"), "decode": ("decode", "both")})
+_CAPABLE: Mapping[Pool, tuple[str, ...]] = MappingProxyType(
+    {"prefill": ("prefill", "both"), "decode": ("decode", "both")}
+)
 
 
 @dataclass(eq=False)

@@ -301,4 +301,3 @@ class WorkerCore:
                 cache_events=tuple(self.engine.kv.take_cache_events()),
             )
         )
-
