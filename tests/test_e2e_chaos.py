@@ -1,12 +1,15 @@
-"""Correctness under failure, end to end: many concurrent streams with client disconnects, and a worker
-SIGKILLed in the middle, against real processes on loopback with the official (async) openai client.
+"""Correctness under failure, end to end: real router and worker processes on loopback, driven by the official
+(async) openai client while things go wrong.
 
-* A prefill worker dies: every request that was not abandoned still finishes with all its tokens (decode workers
-  recompute prompts whose transfer died).
-* A decode worker dies: its requests fail with an error naming it; the others finish.
+* A prefill worker is SIGKILLed mid-storm: every request not abandoned by its client still finishes (decode workers
+  recompute prompts whose transfer died); the same over the UCX backend.
+* A decode worker is SIGKILLed: its requests fail with an error naming it; the others finish.
+* The router restarts (its orphaned requests are aborted on the workers) or is gone for good (workers never block).
+* Clients time out at random moments; KV pools far smaller than the load; garbage on every socket; roles switched
+  back and forth under load.
 
-In both, finished texts equal the same requests served alone afterwards, nothing hangs, and every surviving
-worker's KV pages are free at the end (read from the router's /metrics).
+Finished texts equal the same requests served alone afterwards, nothing hangs, every surviving worker's KV pages
+are free at the end (read from the router's /metrics), and no process logs a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import pytest
 
 from cluster import Cluster
 from conftest import shared_model_path
-from test_e2e import PROMPTS, model_id
+from test_e2e import PROMPTS, complete, model_id, start_cluster
+from test_e2e_ops import TOKEN, admin, wait_for
 
 N_REQUESTS = 36
 
@@ -74,19 +78,38 @@ async def storm(cluster: Cluster, model: str, jobs: list[Job], victim: str | Non
         await client.close()
 
 
+def alone_client(c: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def check_alone(cluster: Cluster, model: str, done: list[tuple[Job, str]]) -> None:
     """Each text equals the same request served alone, after the storm."""
-    alone = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    alone = alone_client(cluster)
     for job, text in done:
-        ref = alone.completions.create(model=model, prompt=job.prompt, max_tokens=job.max_tokens, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text
-        assert text == ref, f"{job}: text under failure differs from the request served alone"
+        ref = complete(alone, model, job.prompt, max_tokens=job.max_tokens, extra_body={"ignore_eos": True})
+        assert text == ref.choices[0].text, f"{job}: text under failure differs from the request served alone"
 
 
-def start(tmp_path_factory, name: str, prefill: int, decode: int) -> Cluster:
-    return Cluster(model=str(shared_model_path("stories260K")), prefill=prefill, decode=decode,
-                   worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--max-num-seqs", "16"],
-                   router_args=["--heartbeat-timeout-s", "2"], log_dir=tmp_path_factory.mktemp(name)).start()
+def still_serves(c: Cluster, model: str) -> bool:
+    """A fresh greedy request gives stories260K's reference start."""
+    return complete(alone_client(c), model, "Once upon a time", max_tokens=8).choices[0].text.startswith(
+        ", there was a little")
+
+
+def assert_clean(c: Cluster, dead: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Every worker but ``dead`` ends with no KV page in use, and no process logged a traceback."""
+    used = c.wait_pages_free(ignore=dead)
+    assert used and not any(used.values()), used
+    assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+    return used
+
+
+def start(tmp_path_factory, name: str, prefill: int, decode: int, **kw) -> Cluster:
+    """stories260K with a 2 s lease and heartbeat timeout unless ``kw`` says otherwise."""
+    kw.setdefault("worker_args", ["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--max-num-seqs", "16"])
+    kw.setdefault("router_args", ["--heartbeat-timeout-s", "2"])
+    return start_cluster(tmp_path_factory, name, model=str(shared_model_path("stories260K")), prefill=prefill,
+                         decode=decode, **kw)
 
 
 def test_disconnects_and_a_killed_prefill_worker_lose_no_request_and_leak_no_page(tmp_path_factory):
@@ -101,9 +124,7 @@ def test_disconnects_and_a_killed_prefill_worker_lose_no_request_and_leak_no_pag
         check_alone(c, m, [(job, res[0]) for job, res in kept])
         # the kill really hit transfers in flight: decode workers recomputed their prompts
         assert sum(c.worker_gauge("transfers_failed_total").values()) >= 1
-        used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
-        assert set(used) == {"prefill-1", "decode-2", "decode-3"} and not any(used.values()), used
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+        assert set(assert_clean(c, dead=frozenset({"prefill-0"}))) == {"prefill-1", "decode-2", "decode-3"}
     finally:
         c.stop()
 
@@ -120,17 +141,14 @@ def test_a_killed_decode_worker_fails_only_its_requests_clearly(tmp_path_factory
         assert all(isinstance(e, openai.APIError) and "decode-1" in str(e) for e in failed), failed
         assert all(res[1] == "length" for res in results if not isinstance(res, BaseException))
         check_alone(c, m, done[:8])
-        used = c.wait_pages_free(ignore=frozenset({"decode-1"}))
-        assert set(used) == {"prefill-0", "decode-2"} and not any(used.values()), used
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+        assert set(assert_clean(c, dead=frozenset({"decode-1"}))) == {"prefill-0", "decode-2"}
     finally:
         c.stop()
 
 
 def test_requests_orphaned_by_a_router_restart_are_aborted_on_the_workers(tmp_path_factory):
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
-                worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16", "--heartbeat-s", "0.3"],
-                log_dir=tmp_path_factory.mktemp("chaos-router")).start()
+    c = start(tmp_path_factory, "chaos-router", prefill=1, decode=1, router_args=[],
+              worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16", "--heartbeat-s", "0.3"])
     try:
         m = model_id(c)
         jobs = [Job(p, 480, None) for p in PROMPTS * 2]
@@ -140,11 +158,10 @@ def test_requests_orphaned_by_a_router_restart_are_aborted_on_the_workers(tmp_pa
         c.wait_workers(2, timeout_s=60)
         # The new router aborts outputs it has no stream for, so the workers stop generating for nobody: without
         # that, every request would run to its 480 tokens.
-        used = c.wait_pages_free()
-        assert used and not any(used.values()), used
+        assert_clean(c)
         generated = sum(c.worker_gauge("decode_tokens_total").values())
         assert generated < len(jobs) * 480 * 0.9, generated
-        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert still_serves(c, m)
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
@@ -153,29 +170,21 @@ def test_requests_orphaned_by_a_router_restart_are_aborted_on_the_workers(tmp_pa
 def test_a_router_gone_for_good_never_blocks_a_worker(tmp_path_factory):
     """With the router dead, a worker's output queue fills; it aborts what it cannot deliver and still stops on
     SIGTERM (a blocking send would hang it there for good)."""
-    logs = tmp_path_factory.mktemp("chaos-router-gone")
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, log_dir=logs,
-                worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16",
-                             "--router-queue-limit", "20"]).start()
+    c = start(tmp_path_factory, "chaos-router-gone", prefill=1, decode=1, router_args=[],
+              worker_args=["--page-size", "8", "--num-pages", "512", "--max-num-seqs", "16",
+                           "--router-queue-limit", "20"])
     try:
         results = asyncio.run(storm(c, model_id(c), [Job(p, 480, None) for p in PROMPTS * 2], "router"))
         assert all(isinstance(res, openai.APIError) for res in results), results
-        log = logs / "decode-1.log"
-        deadline = time.monotonic() + 120
-        while "output could not reach the router; aborting" not in log.read_text():
-            assert time.monotonic() < deadline, "the decode worker never gave up on the unreachable router"
-            time.sleep(0.2)
+        log = c.log_dir / "decode-1.log"
+        assert wait_for(lambda: "output could not reach the router; aborting" in log.read_text(), timeout_s=120), \
+            "the decode worker never gave up on the unreachable router"
         for name in ("decode-1", "prefill-0"):
             c.procs[name].send_signal(signal.SIGTERM)
             assert c.procs[name].wait(60) == 0, f"{name} did not stop cleanly"
         assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
-
-
-def complete_alone(c: Cluster, model: str, prompt: str, max_tokens: int) -> str:
-    alone = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    return alone.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
 
 
 def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
@@ -204,10 +213,8 @@ def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
 
         outcomes = asyncio.run(run())
         assert set(outcomes) <= {"length", "timeout"} and "timeout" in outcomes, outcomes
-        used = c.wait_pages_free()
-        assert used and not any(used.values()), used
-        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+        assert still_serves(c, m)
+        assert_clean(c)
     finally:
         c.stop()
 
@@ -215,10 +222,9 @@ def test_clients_timing_out_at_random_moments_leak_no_page(tmp_path_factory):
 def test_tiny_kv_pools_under_load_still_give_every_request_its_solo_text(tmp_path_factory):
     """Pools far smaller than the load on both sides, and prompts prefilled (and streamed) in 16-token chunks:
     requests wait for pages, the decode worker preempts and recomputes."""
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1,
-                worker_args=["--page-size", "8", "--num-pages", "48", "--max-num-seqs", "16", "--chunk-size", "16",
-                             "--max-num-batched-tokens", "64"],
-                log_dir=tmp_path_factory.mktemp("chaos-pools")).start()
+    c = start(tmp_path_factory, "chaos-pools", prefill=1, decode=1, router_args=[],
+              worker_args=["--page-size", "8", "--num-pages", "48", "--max-num-seqs", "16", "--chunk-size", "16",
+                           "--max-num-batched-tokens", "64"])
     try:
         m = model_id(c)
         rng = random.Random(5)
@@ -227,10 +233,8 @@ def test_tiny_kv_pools_under_load_still_give_every_request_its_solo_text(tmp_pat
         results = asyncio.run(storm(c, m, jobs, victim=None))
         assert all(isinstance(res, tuple) and res[1] == "length" for res in results), results
         check_alone(c, m, [(job, res[0]) for job, res in zip(jobs, results)])
-        used = c.wait_pages_free()
-        assert used and not any(used.values()), used
+        assert_clean(c)
         assert c.worker_gauge("preemptions_total").get("decode-1", 0) >= 1  # the pools really ran out
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
@@ -241,41 +245,34 @@ def test_ucx_transfer_end_to_end_with_a_killed_prefill_worker(tmp_path_factory):
 
     if _ucx_available() is not None:
         pytest.skip(f"ucx: {_ucx_available()}")
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=2, decode=1,
-                worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--transfer", "ucx"],
-                router_args=["--heartbeat-timeout-s", "2"], log_dir=tmp_path_factory.mktemp("chaos-ucx")).start()
+    c = start(tmp_path_factory, "chaos-ucx", prefill=2, decode=1,
+              worker_args=["--page-size", "8", "--num-pages", "256", "--lease-s", "2", "--transfer", "ucx"])
     try:
         m = model_id(c)
         jobs = [Job(job.prompt, job.max_tokens, None) for job in make_jobs(random.Random(3))][:16]
         results = asyncio.run(storm(c, m, jobs, "prefill-0"))
         assert all(isinstance(res, tuple) and res[1] == "length" for res in results), results
         check_alone(c, m, [(job, res[0]) for job, res in zip(jobs, results)])
-        used = c.wait_pages_free(ignore=frozenset({"prefill-0"}))
-        assert set(used) == {"prefill-1", "decode-2"} and not any(used.values()), used
+        assert set(assert_clean(c, dead=frozenset({"prefill-0"}))) == {"prefill-1", "decode-2"}
         assert sum(c.worker_gauge("transfer_bytes_total").values()) > 0
         assert "KV transfer over ucx, receiving at ucx://" in (c.log_dir / "decode-2.log").read_text()
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
     finally:
         c.stop()
 
 
 def test_garbage_on_every_socket_is_dropped_and_service_goes_on(tmp_path_factory):
     """Junk, wrong-shaped and out-of-place messages on the router's control socket and the workers' peer sockets."""
-    import json
-    import urllib.request
-
     import zmq
 
     from splitserve.core import messages as msgs
 
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, router_args=["--admin-token", "t"],
-                worker_args=["--page-size", "8", "--num-pages", "128", "--lease-s", "2"],
-                log_dir=tmp_path_factory.mktemp("chaos-garbage")).start()
+    c = start(tmp_path_factory, "chaos-garbage", prefill=1, decode=1, router_args=["--admin-token", TOKEN],
+              worker_args=["--page-size", "8", "--num-pages", "128", "--lease-s", "2"])
     ctx = zmq.Context()
     try:
-        req = urllib.request.Request(f"{c.url}/admin/workers", headers={"Authorization": "Bearer t"})
-        with urllib.request.urlopen(req) as r:
-            peers = [w["peer_addr"] for w in json.load(r)["workers"]]
+        status, listing = admin(c, "GET", "/admin/workers")
+        assert status == 200
+        peers = [w["peer_addr"] for w in listing["workers"]]
         bogus_dst = msgs.KVDescriptor("t-1", "tcp://127.0.0.1:9", "other-model", "float32", 1, 1, 1, 8, (0,), 4, 1.0)
         junk = [[b"\x00\xffnot msgpack"], [b"a", b"b", b"c"], [b""],
                 [msgs.encode(msgs.Heartbeat(worker_id="ghost", role="both", running=0, waiting=0, queued_tokens=0,
@@ -294,11 +291,9 @@ def test_garbage_on_every_socket_is_dropped_and_service_goes_on(tmp_path_factory
             time.sleep(0.5)
             sock.close()
         m = model_id(c)
-        assert complete_alone(c, m, "Once upon a time", 8).startswith(", there was a little")
+        assert still_serves(c, m)
         assert all(p.poll() is None for p in c.procs.values())
-        used = c.wait_pages_free()
-        assert used and not any(used.values()), used
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+        assert_clean(c)
     finally:
         ctx.term()
         c.stop()
@@ -306,18 +301,11 @@ def test_garbage_on_every_socket_is_dropped_and_service_goes_on(tmp_path_factory
 
 def test_roles_switched_back_and_forth_under_load_lose_nothing(tmp_path_factory):
     """While a storm runs, both workers are switched between prefill, decode and colocated through the admin API."""
-    import json
-    import urllib.request
-
-    c = Cluster(model=str(shared_model_path("stories260K")), prefill=1, decode=1, router_args=["--admin-token", "t"],
-                worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"],
-                log_dir=tmp_path_factory.mktemp("chaos-roles")).start()
+    c = start(tmp_path_factory, "chaos-roles", prefill=1, decode=1, router_args=["--admin-token", TOKEN],
+              worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"])
 
     def set_role(worker: str, role: str) -> None:
-        req = urllib.request.Request(f"{c.url}/admin/workers/{worker}/role", data=json.dumps({"role": role}).encode(),
-                                     headers={"Authorization": "Bearer t"}, method="POST")
-        with urllib.request.urlopen(req) as r:
-            assert r.status == 200
+        assert admin(c, "POST", f"/admin/workers/{worker}/role", {"role": role})[0] == 200
 
     async def switching(jobs: list[Job]) -> list[tuple[Job, object]]:
         client = openai.AsyncOpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=90)
@@ -346,8 +334,6 @@ def test_roles_switched_back_and_forth_under_load_lose_nothing(tmp_path_factory)
         done = asyncio.run(switching(jobs))
         assert len(done) == 24 and all(isinstance(res, tuple) and res[1] == "length" for _, res in done), done
         check_alone(c, m, [(job, res[0]) for job, res in done])
-        used = c.wait_pages_free()
-        assert used and not any(used.values()), used
-        assert not c.tracebacks(), f"unhandled errors logged by {c.tracebacks()}"
+        assert_clean(c)
     finally:
         c.stop()
