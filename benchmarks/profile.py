@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _measure(cfg: RunConfig, spec: DatasetSpec, vocab: int, seed: int) -> list[RequestResult]:
     """Send one dataset's prompts; raises when any request failed (a profile must not hide errors)."""
     prompts = build_dataset(spec, random.Random(seed), vocab)
-    _, results, _ = await run_requests(cfg, prompts)
+    _, results, _, _ = await run_requests(cfg, prompts)
     failed = [r for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} profiling requests failed; first: {failed[0].error}")

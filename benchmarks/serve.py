@@ -247,8 +247,12 @@ def summarize(
     *,
     slo_ttft_s: float | None = None,
     slo_tpot_s: float | None = None,
+    tpot_sweep_s: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Aggregate per-request results of a run that lasted ``duration_s`` seconds."""
+    """Aggregate per-request results of a run that lasted ``duration_s`` seconds.
+
+    ``tpot_sweep_s``: other TPOT bounds to report SLO attainment at (same TTFT bound), as ``attainment_by_tpot_ms``.
+    """
     if duration_s <= 0:
         raise ValueError(f"duration must be > 0, got {duration_s}")
     done = [r for r in results if r.ok]
@@ -277,6 +281,10 @@ def summarize(
         },
         "goodput": None if good is None else good / duration_s,
         "slo_attainment": None if good is None or not results else good / len(results),
+        "attainment_by_tpot_ms": {
+            f"{t * 1000.0:g}": sum(meets_slo(r, slo_ttft_s, t) for r in done) / len(results) if results else None
+            for t in tpot_sweep_s
+        },
         "errors": dict(errors.most_common(MAX_ERROR_KINDS)),
     }
 
@@ -400,8 +408,46 @@ class RunConfig:
     seed: int = 0
 
 
-async def run_requests(cfg: RunConfig, prompts: Sequence[Prompt]) -> tuple[str, list[RequestResult], float]:
-    """Send every prompt on the arrival schedule; returns (model, results, wall duration in seconds)."""
+BREAKDOWN_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "kv_join")
+"""SplitServe's per-request time breakdown (``splitserve_<stage>_seconds`` histograms in ``/metrics``)."""
+
+
+async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float, float]] | None:
+    """``{stage: (sum_s, count)}`` from the server's ``/metrics``; ``None`` when it does not expose the breakdown."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with session.get(f"{base_url}/metrics") as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (OSError, asyncio.TimeoutError):
+        return None
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        stage = family.name.removeprefix("splitserve_").removesuffix("_seconds")
+        if stage in BREAKDOWN_STAGES:
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    found.setdefault(stage, [0.0, 0.0])[sample.name.endswith("_count")] = sample.value
+    return {k: (v[0], v[1]) for k, v in found.items()} or None
+
+
+def breakdown_ms(before: dict | None, after: dict | None) -> dict[str, float | None] | None:
+    """Mean milliseconds per stage over the requests observed between two scrapes."""
+    if before is None or after is None:
+        return None
+    out: dict[str, float | None] = {}
+    for stage in BREAKDOWN_STAGES:
+        s0, n0 = before.get(stage, (0.0, 0.0))
+        s1, n1 = after.get(stage, (0.0, 0.0))
+        out[stage] = 1000.0 * (s1 - s0) / (n1 - n0) if n1 > n0 else None
+    return out
+
+
+async def run_requests(cfg: RunConfig, prompts: Sequence[Prompt]) -> tuple[str, list[RequestResult], float, Any]:
+    """Send every prompt on the arrival schedule; returns (model, results, wall duration in seconds, the server's
+    mean time breakdown per stage in ms, or None when it exposes none)."""
     import aiohttp
 
     offsets = arrival_offsets(
@@ -418,10 +464,12 @@ async def run_requests(cfg: RunConfig, prompts: Sequence[Prompt]) -> tuple[str, 
             async with limit or contextlib.nullcontext():
                 return await send_completion(session, cfg.base_url, model, prompt, f"bench-{cfg.seed}-{i}")
 
+        before = await scrape_breakdown(session, cfg.base_url)
         start = time.perf_counter()
         results = await asyncio.gather(*(one(i, p, start) for i, p in enumerate(prompts)))
         duration = time.perf_counter() - start
-    return model, list(results), duration
+        after = await scrape_breakdown(session, cfg.base_url)
+    return model, list(results), duration, breakdown_ms(before, after)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -440,6 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
+    parser.add_argument("--slo-tpot-sweep-ms", default="",
+                        help="comma-separated TPOT bounds to also report SLO attainment at (with the same TTFT bound)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir or builtin:... to send text prompts")
     parser.add_argument("--vocab-size", type=int, default=256, help="id range of token-id prompts without --tokenizer")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
@@ -481,6 +531,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{key[:-3]:<8}{cells}")
     if report["goodput"] is not None:
         lines.append(f"goodput {report['goodput']:.3f} req/s  SLO attainment {report['slo_attainment']:.1%}")
+    for bound, share in report.get("attainment_by_tpot_ms", {}).items():
+        lines.append(f"SLO attainment with TPOT <= {bound} ms: {share:.1%}")
+    if report.get("server_breakdown_ms"):
+        parts = [f"{k} {'-' if v is None else format(v, '.1f')}" for k, v in report["server_breakdown_ms"].items()]
+        lines.append("server time breakdown, mean ms per request: " + ", ".join(parts))
     lines.extend(f"error x{n}: {msg}" for msg, n in report["errors"].items())
     return "\n".join(lines)
 
@@ -501,12 +556,14 @@ def main(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         seed=args.seed,
     )
-    model, results, duration = asyncio.run(run_requests(cfg, prompts))
+    model, results, duration, breakdown = asyncio.run(run_requests(cfg, prompts))
     slo_ttft = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000.0
     slo_tpot = None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000.0
     report = {"model": model, "dataset": args.dataset, "request_rate": args.request_rate,
               "num_prompts": len(prompts), "max_concurrency": args.max_concurrency}
-    report.update(summarize(results, duration, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot))
+    sweep = [float(x) / 1000.0 for x in args.slo_tpot_sweep_ms.split(",") if x.strip()]
+    report.update(summarize(results, duration, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, tpot_sweep_s=sweep))
+    report["server_breakdown_ms"] = breakdown
     if args.json:
         # json.dumps writes inf as Infinity (not JSON); report rate inf as null
         report["request_rate"] = None if math.isinf(args.request_rate) else args.request_rate

@@ -5,9 +5,11 @@ This process is the receiver (decode side); a spawned child is the sender (prefi
 this process hashes what landed in its pages (token-major, so differing page sizes compare equal).
 
 Baseline, measured in the same run over the same transport: one contiguous buffer of the same size sent by the
-same child (ZeroMQ: one zero-copy message, acked; UCX: one tag send). On GPU, with two GPUs, also an in-process
-torch peer copy ``cuda:0 -> cuda:1``. With ``--device cuda`` the sender uses ``cuda:0`` and the receiver
-``cuda:1`` when there are two GPUs.
+same child (ZeroMQ: one zero-copy message, acked; UCX: one tag send). The one-sided backends (``cuda_ipc``,
+``shm``; ``auto`` picks one) write straight into this process's pages, so their baseline is one in-process copy of
+a contiguous buffer of the same size (``cuda:0 -> cuda:1`` peer copy on two GPUs, a host memcpy on CPU). On GPU,
+with two GPUs, the torch peer copy is reported for every backend. With ``--device cuda`` the sender uses
+``cuda:0`` and the receiver ``cuda:1`` when there are two GPUs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ MODEL_SHAPES: Mapping[str, dict[str, int]] = MappingProxyType({
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("zmq", "ucx"), default="zmq")
+    parser.add_argument("--backend", choices=("auto", "zmq", "ucx", "cuda_ipc", "shm"), default="auto",
+                        help="auto: cuda_ipc on GPUs, shm on CPUs (one-sided writes into the receiver's pages)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama3-8b")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens of the request (default 2048)")
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src-page-size", type=int, default=16)
     parser.add_argument("--dst-page-size", type=int, default=16)
     parser.add_argument("--chunk-tokens", type=int, default=0, help="tokens per send_layer call (0: whole prompt)")
+    parser.add_argument("--layers-per-call", type=int, default=1,
+                        help="layers per send call (1: one per layer, as a prefill step sends them; the one-sided "
+                             "backends copy a range in one launch)")
     parser.add_argument("--ipc", action="store_true", help="ZeroMQ over ipc:// instead of tcp://")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (best is reported)")
@@ -139,6 +145,29 @@ def _peer_copy_gbps(nbytes: int, repeat: int) -> float | None:
     return nbytes / best / 1e9
 
 
+def _local_copy_gbps(nbytes: int, device: str, repeat: int) -> float:
+    """One in-process copy of a contiguous buffer (the one-sided backends' ceiling when there is no peer GPU)."""
+    import torch
+
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if dst.is_cuda:
+            torch.cuda.synchronize(dst.device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def _transport(args: argparse.Namespace) -> str:
+    if args.backend == "zmq":
+        return "ipc" if args.ipc else "tcp"
+    return args.backend
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
 
@@ -157,19 +186,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from splitserve.transfer.loopback import RawSpec, SenderProcess
 
+    from splitserve.transfer.registry import DIRECT_BACKENDS, resolve
+
     dtype, src_dev, dst_dev = _resolve(args)
+    args.backend = resolve(args.backend, args.device)
     shape = MODEL_SHAPES[args.model_shape]
     child = SenderProcess(mp.get_context("spawn"))
     try:
         kv = _measure_kv(args, child, dtype, shape, src_dev, dst_dev)
         nbytes = kv["bytes"]
-        raw = _RawReceiver(args, nbytes, dst_dev)
-        seconds = child.raw(RawSpec(args.backend, raw.address, nbytes, src_dev, args.repeat))
-        raw.close()
+        peer = _peer_copy_gbps(nbytes, args.repeat) if args.device == "cuda" else None
+        if args.backend in DIRECT_BACKENDS:
+            baseline = peer if peer is not None else _local_copy_gbps(nbytes, src_dev, args.repeat)
+        else:
+            raw = _RawReceiver(args, nbytes, dst_dev)
+            seconds = child.raw(RawSpec(args.backend, raw.address, nbytes, src_dev, args.repeat))
+            raw.close()
+            baseline = nbytes / min(seconds) / 1e9
     finally:
         child.stop()
-    baseline = nbytes / min(seconds) / 1e9
-    peer = _peer_copy_gbps(nbytes, args.repeat) if args.device == "cuda" else None
     return {
         **kv,
         "baseline_gbps": baseline,  # full precision: round when printing (tiny CPU transfers are well below 1 GB/s)
@@ -177,7 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peer_copy_gbps": peer,
         "ratio_to_peer_copy": None if peer is None else kv["gbps"] / peer,
         "backend": args.backend,
-        "transport": "ipc" if args.ipc and args.backend == "zmq" else ("tcp" if args.backend == "zmq" else "ucx"),
+        "transport": _transport(args),
+        "descriptors": kv["descriptors"],
         "device": args.device,
         "src_device": src_dev,
         "dst_device": dst_dev,
@@ -185,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": dtype,
         "tokens": args.tokens,
         "page_sizes": [args.src_page_size, args.dst_page_size],
+        "layers_per_call": args.layers_per_call,
         "card": _card(args.device),
         "date": datetime.date.today().isoformat(),
     }
@@ -195,15 +232,18 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
     import torch
 
     from splitserve.core.config import TransferConfig
-    from splitserve.transfer.base import KVLayout, TransferComplete, make_receiver
+    from splitserve.transfer.base import KVLayout, TransferComplete
+    from splitserve.transfer.registry import make_copy_engine, make_receiver, resolve
     from splitserve.transfer.loopback import token_checksum
 
     dst_layout = KVLayout(args.model_shape, dtype, **shape, page_size=args.dst_page_size)
     cfg = TransferConfig(backend=args.backend, host=args.host, use_ipc=args.ipc)
     dst_pages = 2 * -(-args.tokens // args.dst_page_size) + 2
-    kv = torch.zeros(shape["num_layers"], 2, dst_pages, args.dst_page_size, shape["num_kv_heads"], shape["head_dim"],
-                     dtype=dst_layout.torch_dtype, device=dst_dev)
-    rx = make_receiver(cfg, kv, dst_layout)
+    pool_shape = (shape["num_layers"], 2, dst_pages, args.dst_page_size, shape["num_kv_heads"], shape["head_dim"])
+    copy = make_copy_engine(resolve(args.backend, torch.device(dst_dev).type), torch.device(dst_dev))
+    kv = (copy.allocate(pool_shape, dst_layout.torch_dtype, torch.device(dst_dev)) if copy is not None
+          else torch.zeros(pool_shape, dtype=dst_layout.torch_dtype, device=dst_dev))
+    rx = make_receiver(cfg, kv, dst_layout, copy)
     best, verified = float("inf"), True
     try:
         for i in range(args.repeat):
@@ -220,7 +260,14 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
         rx.close()
     nbytes = dst_layout.token_bytes() * args.tokens * shape["num_layers"]
     return {"bytes": nbytes, "seconds": best, "gbps": nbytes / best / 1e9, "verified": verified,
-            "ucx_gpu_over_tcp": gpu_over_tcp}
+            "ucx_gpu_over_tcp": gpu_over_tcp, "descriptors": _descriptor_count(args, shape)}
+
+
+def _descriptor_count(args: argparse.Namespace, shape: dict[str, int]) -> int:
+    """Copies (one-sided: kernel launches) or messages one request's KV takes: per layer range and chunk."""
+    chunk = args.chunk_tokens or args.tokens
+    per_chunk = -(-shape["num_layers"] // args.layers_per_call) if args.backend in ("cuda_ipc", "shm") else shape["num_layers"]
+    return per_chunk * -(-args.tokens // chunk)
 
 
 def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], device: str, descs: list[Any]) -> Any:
@@ -239,7 +286,7 @@ def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], de
         transfer_cfg={"backend": args.backend, "host": args.host, "use_ipc": args.ipc},
         layout={"model_id": args.model_shape, "dtype": dtype, **shape, "page_size": args.src_page_size},
         num_pages=src_pages, seed=1234, jobs=(job(descs[1]),), device=device, wait_s=300.0,
-        warmup=job(descs[0]), checksums=True,
+        warmup=job(descs[0]), checksums=True, layers_per_call=args.layers_per_call,
     )
 
 
@@ -250,7 +297,7 @@ def _reserve(rx: Any, layout: Any, tid: str, num_tokens: int, num_pages: int) ->
     n = -(-num_tokens // layout.page_size)
     pages = tuple(range(num_pages - 1, num_pages - 1 - n, -1)) if tid.startswith("kv") else tuple(range(n))
     desc = KVDescriptor(tid, rx.address, layout.model_id, layout.dtype, layout.num_layers, layout.num_kv_heads,
-                        layout.head_dim, layout.page_size, pages, num_tokens, 120.0)
+                        layout.head_dim, layout.page_size, pages, num_tokens, 120.0, pool=rx.pool_export)
     rx.expect(desc)
     return desc
 
@@ -283,7 +330,8 @@ def _print_table(r: dict[str, Any]) -> None:
           f"tokens={r['tokens']} pages {r['page_sizes'][0]}->{r['page_sizes'][1]} ({r['bytes'] / 2**20:.1f} MiB)")
     print(f"{'path':<28}{'GB/s':>10}")
     print(f"{'KV pages (this backend)':<28}{r['gbps']:>10.3f}")
-    print(f"{'raw contiguous buffer':<28}{r['baseline_gbps']:>10.3f}")
+    base_name = "contiguous copy (in-proc)" if r["transport"] in ("cuda_ipc", "shm") else "raw contiguous buffer"
+    print(f"{base_name:<28}{r['baseline_gbps']:>10.3f}")
     if r["peer_copy_gbps"] is not None:
         print(f"{'torch peer copy (in-proc)':<28}{r['peer_copy_gbps']:>10.3f}")
     print(f"ratio to raw baseline: {r['ratio']:.3f}   verified: {r['verified']}")

@@ -54,6 +54,9 @@ class EngineConfig(FrozenConfig):
     """Token budget of one step (prefill chunks + decode tokens)."""
     chunk_size: int = Field(default=512, ge=1)
     """Longest piece of one prompt computed in one step (chunked prefill)."""
+    prefill_token_budget: int = Field(default=8192, ge=1)
+    """Prefill role: token budget of one step, filled with whole prompts first come first served (a prompt is cut
+    only where it exceeds the budget): no decode steps to keep short there, so no small chunks."""
     max_model_len: int | None = Field(default=None, ge=1)
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
@@ -66,7 +69,9 @@ class EngineConfig(FrozenConfig):
 class TransferConfig(FrozenConfig):
     """KV data plane between prefill and decode workers."""
 
-    backend: Literal["zmq", "ucx"] = "zmq"
+    backend: Literal["auto", "zmq", "ucx", "cuda_ipc", "shm"] = "auto"
+    """``auto``: one-sided writes into the decode worker's pool where both share a host (``cuda_ipc`` between GPUs,
+    ``shm`` between CPU processes), inline ZeroMQ frames otherwise (transfer/registry.py)."""
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     """0: pick a free port."""

@@ -64,6 +64,37 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     top: tuple[tuple[int, float], ...] = ()
 
 
+class KVPoolExport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a sender on the same host opens a decode worker's whole KV pool to write into it (one-sided path).
+
+    Made once per pool by the receiver's copy engine (transfer/cuda_ipc.py, transfer/shm.py). It grants write access
+    to every page of the pool, so it only travels to authenticated peers, inside :class:`KVDescriptor`.
+    """
+
+    kind: Literal["cuda_ipc", "shm"]
+    pool_id: str
+    """Unique per pool allocation: senders open a pool once and cache it under this id."""
+    host_id: str
+    """Hostname and kernel boot id: both paths work only between processes of one host."""
+    pid: int
+    shape: tuple[int, ...]
+    """``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``."""
+    dtype: str
+    fd: int = -1
+    """shm: the pool's memfd in process ``pid``."""
+    handle: bytes = b""
+    """cuda_ipc: the CUDA IPC handle of the allocation that holds the pool."""
+    storage_size: int = 0
+    storage_offset: int = 0
+    """cuda_ipc: bytes from the allocation's start to the storage."""
+    tensor_offset: int = 0
+    """cuda_ipc: elements from the storage's start to the pool."""
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+
+
 class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a prefill worker must write one request's KV (reserved by the decode worker).
 
@@ -82,6 +113,8 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     page_ids: tuple[int, ...]
     num_tokens: int
     lease_s: float
+    pool: KVPoolExport | None = None
+    """Set when the receiver accepts one-sided writes into its pool (same host); the sender may still send inline."""
 
 
 # --- worker <-> router ---------------------------------------------------------------------------
@@ -154,6 +187,22 @@ class Reregister(_Msg, frozen=True):
     """The router does not know the sender of a heartbeat (it restarted): send ``Register`` again."""
 
 
+class RequestTiming(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where one disaggregated request's time went (seconds; ``None``: not measured on this message).
+
+    The first ``TokenOut`` carries the prefill side (``prefill_queue_s``, ``prefill_compute_s``) and the transfer
+    (``transfer_s``: from the end of the prefill compute until the decode worker had the KV, i.e. the part of the
+    transfer that was not hidden behind compute; ``transfer_bytes``); the second carries ``join_s``, from the KV
+    landing to the request's first decode step.
+    """
+
+    prefill_queue_s: float | None = None
+    prefill_compute_s: float | None = None
+    transfer_s: float | None = None
+    transfer_bytes: int | None = None
+    join_s: float | None = None
+
+
 class TokenOut(_Msg, frozen=True):
     """New tokens of one request (decode worker -> router); the last one has ``finish_reason``."""
 
@@ -165,6 +214,7 @@ class TokenOut(_Msg, frozen=True):
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    timing: RequestTiming | None = None
 
 
 # --- decode <-> prefill --------------------------------------------------------------------------
@@ -188,12 +238,18 @@ class PrefillDone(_Msg, frozen=True):
     first_logprob: TokenLogprob | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     num_cached_tokens: int = 0
+    queue_s: float = 0.0
+    """From ``PrefillReq`` arriving at the prefill worker to its first step."""
+    compute_s: float = 0.0
+    """From its first step to the first token (the writes of the last step may still be in flight)."""
 
 
 class PrefillFailed(_Msg, frozen=True):
     request_id: str
     transfer_id: str
     error: str
+    retryable: bool = True
+    """False when the request itself is at fault (its step raised): the decode worker fails it instead of recomputing."""
 
 
 Message = Union[

@@ -10,6 +10,8 @@ Flow for one request (see docs/architecture.md):
    first token: the request joins the continuous batch, and its tokens stream to the router.
 4. Finish, abort, or failure frees the pages. A failed transfer (lease expired, prefill worker gone or
    refusing) either fails the request with a clear error or recomputes the prompt here (``failure_policy``).
+   An aborted request whose prefill worker may still be writing into its pages (one-sided path) keeps them,
+   under ``<id>#settling``, until the receiver reports that the writes stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import zmq
 from splitserve.core.config import TransferConfig
 from splitserve.core.engine.engine import StepOutput
 from splitserve.core.engine.service import WorkerCore
-from splitserve.core.messages import AbortReq, GenerateReq, KVDescriptor, PrefillReq, TokenOut, encode
+from splitserve.core.messages import (
+    AbortReq, GenerateReq, KVDescriptor, PrefillDone, PrefillReq, RequestTiming, TokenOut, encode,
+)
 from splitserve.transfer.base import KVLayout, KVReceiver, LayerArrived, TransferComplete, TransferError, TransferFailed
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,10 @@ class DecodeService:
         self.incoming: dict[str, _Incoming] = {}
         self.by_transfer: dict[str, str] = {}
         self.pending: OrderedDict[str, GenerateReq] = OrderedDict()
+        self.landed: dict[str, float] = {}
+        """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
+        self.settling: dict[str, str] = {}
+        """transfer id -> page owner key of an aborted request whose pages may still be written (one-sided path)."""
         self.peers: dict[str, zmq.Socket] = {}
         self._seq = itertools.count()
         core.transfer_addr = receiver.address
@@ -108,6 +116,7 @@ class DecodeService:
             page_ids=tuple(pages),
             num_tokens=len(msg.prompt_token_ids),
             lease_s=self.tcfg.lease_s,
+            pool=self.receiver.pool_export,
         )
         try:
             self.receiver.expect(desc, request_id=rid)
@@ -138,6 +147,10 @@ class DecodeService:
         for ev in self.receiver.poll(0):
             if isinstance(ev, LayerArrived):
                 continue
+            key = self.settling.pop(ev.transfer_id, None)
+            if key is not None:  # the sender stopped writing: the aborted request's pages are free to reuse
+                self.core.engine.release(key)
+                continue
             rid = self.by_transfer.pop(ev.transfer_id, None)
             if rid is None:
                 continue
@@ -145,13 +158,15 @@ class DecodeService:
             if isinstance(ev, TransferComplete):
                 self._on_complete(inc, ev)
             elif isinstance(ev, TransferFailed):
-                self._on_failed(inc, ev.reason)
+                self._on_failed(inc, ev.reason, ev.retryable)
         self._start_pending()
 
     def _on_complete(self, inc: _Incoming, ev: TransferComplete) -> None:
         rid, done = inc.req.request_id, ev.done
-        self.core.counters.transfer_seconds += time.monotonic() - inc.started
-        self.core.counters.transfer_bytes += len(inc.req.prompt_token_ids) * self.layout.token_bytes() * self.layout.num_layers
+        timing = self._timing(inc, done)
+        self.core.counters.transfer_seconds += timing.transfer_s or 0.0
+        self.core.counters.transfer_bytes += timing.transfer_bytes or 0
+        self.landed[rid] = time.monotonic()
         first = TokenOut(
             request_id=rid,
             token_ids=(done.first_token,),
@@ -159,6 +174,7 @@ class DecodeService:
             prompt_logprobs=done.prompt_logprobs,
             num_prompt_tokens=len(inc.req.prompt_token_ids),
             num_cached_tokens=done.num_cached_tokens,
+            timing=timing,
         )
         try:
             finished = self.core.engine.add_prefilled(
@@ -173,9 +189,22 @@ class DecodeService:
         self.core.send_token_out(first)
         logger.info("request %s: KV arrived, first token in", rid)
 
-    def _on_failed(self, inc: _Incoming, reason: str) -> None:
+    def _timing(self, inc: _Incoming, done: PrefillDone) -> RequestTiming:
+        """The prefill worker's queue and compute time, and what is left of the wait: the transfer not hidden."""
+        waited = time.monotonic() - inc.started
+        nbytes = len(inc.req.prompt_token_ids) * self.layout.token_bytes() * self.layout.num_layers
+        timing = RequestTiming(prefill_queue_s=done.queue_s, prefill_compute_s=done.compute_s,
+                               transfer_s=max(0.0, waited - done.queue_s - done.compute_s), transfer_bytes=nbytes)
+        logger.debug("request %s: prefill queue %.1f ms, compute %.1f ms, transfer %.1f ms after compute, %.1f MB "
+                     "(%.1f GB/s over compute + transfer)", inc.req.request_id, 1e3 * done.queue_s, 1e3 * done.compute_s,
+                     1e3 * timing.transfer_s, nbytes / 1e6, nbytes / 1e9 / max(done.compute_s + timing.transfer_s, 1e-9))
+        return timing
+
+    def _on_failed(self, inc: _Incoming, reason: str, retryable: bool = True) -> None:
         rid = inc.req.request_id
         self.core.engine.release(rid)
+        if not retryable:  # the request's own fault, not the transfer's: fail it alone, never recompute
+            return self.core.fail_request(rid, reason)
         self.core.counters.transfers_failed += 1
         if self.tcfg.failure_policy == "recompute":
             logger.warning("request %s: transfer failed (%s); recomputing the prompt here", rid, reason)
@@ -186,6 +215,7 @@ class DecodeService:
 
     def _on_output(self, so: StepOutput) -> None:
         self.core.counters.decode_tokens += len(so.new_token_ids)
+        landed = self.landed.pop(so.request_id, None)
         if so.finished:
             self.core.owners.pop(so.request_id, None)
         self.core.send_token_out(
@@ -195,19 +225,26 @@ class DecodeService:
                 logprobs=tuple(so.logprobs) if so.logprobs else None,
                 prompt_logprobs=tuple(so.prompt_logprobs) if so.prompt_logprobs is not None else None,
                 finish_reason=so.finish_reason,  # type: ignore[arg-type]
+                error=so.error,
                 num_prompt_tokens=so.num_prompt_tokens,
                 num_cached_tokens=so.num_cached_tokens,
+                timing=None if landed is None else RequestTiming(join_s=time.monotonic() - landed),
             )
         )
 
     def _on_abort(self, msg: AbortReq) -> None:
         rid = msg.request_id
         self.pending.pop(rid, None)
+        self.landed.pop(rid, None)
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)
-            self.receiver.cancel(inc.transfer_id)
-            self.core.engine.release(rid)
+            if self.receiver.cancel(inc.transfer_id):
+                self.core.engine.release(rid)
+            elif self.core.engine.kv.has(rid):
+                key = f"{rid}#settling"
+                self.core.engine.kv.rename(rid, key)
+                self.settling[inc.transfer_id] = key
             self._peer(inc.prefill_addr).send(encode(AbortReq(request_id=rid, reason=msg.reason)))
         self.core.engine.abort(rid)
         if self.core.owners.pop(rid, None) is not None:

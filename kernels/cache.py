@@ -195,7 +195,92 @@ def ref_scatter_tokens(src: torch.Tensor, kv_layer: torch.Tensor, page_ids: torc
     ref_scatter_tokens_layers(src.unsqueeze(0), kv_layer.unsqueeze(0), page_ids, token_start)
 
 
+# ----------------------------------------------------------------------------------------------
+# pool -> pool copy (the one-sided KV path: a prefill worker's pages straight into a decode worker's pages)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_copy_slots(src_pool: torch.Tensor, dst_pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> int:
+    if src_pool.dim() != 6 or dst_pool.dim() != 6 or src_pool.shape[1] != 2 or dst_pool.shape[1] != 2:
+        raise ValueError(f"pools must be [L, 2, P, S, Hkv, D], got {tuple(src_pool.shape)} and {tuple(dst_pool.shape)}")
+    if src_pool.shape[4:] != dst_pool.shape[4:] or src_pool.dtype != dst_pool.dtype:
+        raise ValueError("source and destination need the same [Hkv, D] rows and dtype")
+    if not (src_pool.is_contiguous() and dst_pool.is_contiguous()):
+        raise ValueError("source and destination pools must be contiguous")
+    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
+        raise ValueError(f"slot vectors must be 1-D and equal, got {tuple(src_slots.shape)}, {tuple(dst_slots.shape)}")
+    return src_pool.shape[4] * src_pool.shape[5]
+
+
+def ref_copy_slots_layers(
+    src_pool: torch.Tensor, dst_pool: torch.Tensor, layer_start: int, layer_end: int,
+    src_slots: torch.Tensor, dst_slots: torch.Tensor,
+) -> None:
+    """Reference: for layers ``[layer_start, layer_end)``, token rows ``src_slots`` (K and V) of ``src_pool`` into
+    rows ``dst_slots`` of ``dst_pool``.
+
+    Args:
+        src_pool: ``[L, 2, Ps, Ss, Hkv, D]``; dst_pool: ``[L, 2, Pd, Sd, Hkv, D]``, same dtype, written in place (page
+            sizes may differ). src_slots, dst_slots: int64 ``[T]`` on the pools' device.
+    """
+    row = _check_copy_slots(src_pool, dst_pool, src_slots, dst_slots)
+    n = layer_end - layer_start
+    src = src_pool[layer_start:layer_end].reshape(n, 2, -1, row)
+    dst_pool[layer_start:layer_end].view(n, 2, -1, row)[:, :, dst_slots] = src[:, :, src_slots]
+
+
+def ref_copy_slots(src_layer: torch.Tensor, dst_layer: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """One layer of :func:`ref_copy_slots_layers`: ``[2, P, S, Hkv, D]`` layers."""
+    ref_copy_slots_layers(src_layer.unsqueeze(0), dst_layer.unsqueeze(0), 0, 1, src_slots, dst_slots)
+
+
+@triton.jit
+def _copy_slots_kernel(
+    src_ptr, dst_ptr, src_slot_ptr, dst_slot_ptr, s_layer_src, s_layer_dst, s_kv_src, s_kv_dst,
+    ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    lk = tl.program_id(1).to(tl.int64)
+    layer = lk // 2
+    kv = lk % 2
+    src_row = src_ptr + layer * s_layer_src + kv * s_kv_src + tl.load(src_slot_ptr + t).to(tl.int64) * ROW
+    dst_row = dst_ptr + layer * s_layer_dst + kv * s_kv_dst + tl.load(dst_slot_ptr + t).to(tl.int64) * ROW
+    for start in range(0, ROW, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < ROW
+        tl.store(dst_row + offs, tl.load(src_row + offs, mask=mask), mask=mask)
+
+
+def copy_slots_layers(
+    src_pool: torch.Tensor, dst_pool: torch.Tensor, layer_start: int, layer_end: int,
+    src_slots: torch.Tensor, dst_slots: torch.Tensor, check: bool = True,
+) -> None:
+    """Triton version of :func:`ref_copy_slots_layers` (same arguments), one launch for every layer of the range.
+
+    ``dst_pool`` may live on a peer GPU (a CUDA IPC mapping opened on this device). Each program copies one token's
+    K or V row of one layer with 16-byte accesses. ``check=False`` skips the argument checks (a hot path whose
+    arguments were checked once already).
+    """
+    row = _check_copy_slots(src_pool, dst_pool, src_slots, dst_slots) if check else src_pool.shape[4] * src_pool.shape[5]
+    if src_slots.numel() == 0 or layer_end <= layer_start:
+        return
+    _copy_slots_kernel[(src_slots.numel(), 2 * (layer_end - layer_start))](
+        src_pool[layer_start], dst_pool[layer_start], src_slots, dst_slots,
+        src_pool.stride(0), dst_pool.stride(0), src_pool.stride(1), dst_pool.stride(1),
+        ROW=row, BLOCK=min(2048, triton.next_power_of_2(row)), num_warps=4,
+    )
+
+
+def copy_slots(src_layer: torch.Tensor, dst_layer: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """One layer of :func:`copy_slots_layers`: ``[2, P, S, Hkv, D]`` layers."""
+    copy_slots_layers(src_layer.unsqueeze(0), dst_layer.unsqueeze(0), 0, 1, src_slots, dst_slots)
+
+
 __all__ = [
+    "copy_slots",
+    "copy_slots_layers",
+    "ref_copy_slots",
+    "ref_copy_slots_layers",
     "gather_tokens",
     "gather_tokens_layers",
     "ref_gather_tokens",

@@ -4,10 +4,13 @@ Flow for one request (see docs/architecture.md):
 1. A decode worker sends ``PrefillReq`` with a ``KVDescriptor`` of pages it reserved.
 2. The request joins this worker's engine as ``prefill_only`` (batched with other prompts up to the token
    budget, chunked, reusing this worker's prefix cache).
-3. After every layer of every step, the layer hook sends the tokens computed so far (on the first chunk,
-   the prefix-cache hit too) to the decode worker: pages fill there while later layers compute here.
-4. When the first token is sampled, ``PrefillDone`` follows the data; the engine then frees (or
-   prefix-caches) this worker's pages -- all data was copied out by then.
+3. After every layer of every step, the layer hook hands the sender one list of what this step computed
+   for every outgoing request (on the first chunk, the prefix-cache hit too), built once per step: the
+   sender writes it into the decode workers' pages (one-sided, on the same host) or streams it, while later
+   layers compute here. Nothing in the hook waits for the device.
+4. When the first token is sampled, ``PrefillDone`` follows the data (on the one-sided path, once the writes
+   completed); the engine then frees (or prefix-caches) this worker's pages -- the sender has copied them out,
+   or ordered their reuse after its writes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from splitserve.core.engine.batch import ScheduledBatch
 from splitserve.core.engine.engine import StepOutput
 from splitserve.core.engine.service import WorkerCore
 from splitserve.core.messages import AbortReq, PrefillDone, PrefillReq
-from splitserve.transfer.base import KVSender, TransferError, TransferFailed
+from splitserve.transfer.base import KVSender, LayerSend, TransferError, TransferFailed
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,9 @@ class _Outgoing:
     request_id: str
     sent_upto: int = 0
     started: float = 0.0
-    bytes_per_token: int = 0
+    """When the ``PrefillReq`` arrived (monotonic)."""
+    first_step: float | None = None
+    """When its first step computed (monotonic)."""
 
 
 class PrefillService:
@@ -41,6 +46,8 @@ class PrefillService:
         self.bytes_per_token_layer = bytes_per_token_layer
         self.num_layers = core.engine.model_config.num_layers
         self.outgoing: dict[str, _Outgoing] = {}
+        self._step: tuple[ScheduledBatch, list[LayerSend]] | None = None
+        """The step being computed and what it sends (built at its first layer)."""
         core.on(PrefillReq, self._on_prefill_req)
         core.abort_handlers.append(self._on_abort)
         core.pollers.append(self._poll_sender)
@@ -62,15 +69,15 @@ class PrefillService:
             return self._refuse(tid, rid, f"worker {self.core.worker_id} is not accepting prefill work")
         try:
             self.core.engine.add_request(rid, msg.prompt_token_ids, msg.params, prefill_only=True)
-        except ValueError as exc:
-            return self._refuse(tid, rid, str(exc))
+        except ValueError as exc:  # a request this engine can never serve: recomputing it would fail too
+            return self._refuse(tid, rid, str(exc), retryable=False)
         self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic())
         self.core.own(rid, self._on_output)
         logger.info("request %s: prefill of %d tokens for transfer %s", rid, len(msg.prompt_token_ids), tid)
 
-    def _refuse(self, tid: str, rid: str, error: str) -> None:
+    def _refuse(self, tid: str, rid: str, error: str, retryable: bool = True) -> None:
         try:
-            self.sender.fail(tid, rid, error)
+            self.sender.fail(tid, rid, error, retryable)
         except TransferError as exc:
             logger.warning("request %s: could not report failure to the decode worker: %s", rid, exc)
 
@@ -87,22 +94,37 @@ class PrefillService:
 
     def layer_hook(self, layer: int, batch: ScheduledBatch) -> None:
         """Runner hook: send what this step computed of ``layer`` for every outgoing request in the batch."""
+        if self._step is None or self._step[0] is not batch:
+            self._step = (batch, self._step_sends(batch))
+        items = self._step[1]
+        self.sender.send_step_layer(layer, items)
+        if layer < self.num_layers - 1:
+            return
         for seq in batch.seqs:
             out = self.outgoing.get(seq.request_id)
-            if out is None:
-                continue
-            end = seq.start_pos + seq.num_tokens
-            self.sender.send_layer(out.transfer_id, layer, seq.page_table, out.sent_upto, end)
-            if layer == self.num_layers - 1:
+            if out is not None:
+                end = seq.start_pos + seq.num_tokens
                 self.core.counters.transfer_bytes += (end - out.sent_upto) * self.bytes_per_token_layer * self.num_layers
                 self.core.counters.prefill_tokens += seq.num_tokens
                 out.sent_upto = end
+        self._step = None
+
+    def _step_sends(self, batch: ScheduledBatch) -> list[LayerSend]:
+        now, sends = time.monotonic(), []
+        for s in batch.seqs:
+            out = self.outgoing.get(s.request_id)
+            if out is not None:
+                out.first_step = out.first_step or now
+                sends.append(LayerSend(out.transfer_id, s.page_table, out.sent_upto, s.start_pos + s.num_tokens))
+        return sends
 
     def _on_output(self, so: StepOutput) -> None:
         out = self.outgoing.pop(so.request_id, None)
         self.core.owners.pop(so.request_id, None)
         if out is None:
             return
+        if so.finish_reason == "error":  # the request's own fault: the decode worker must not recompute it
+            return self._refuse(out.transfer_id, out.request_id, so.error or "the request failed", retryable=False)
         if not so.new_token_ids:
             return self._refuse(out.transfer_id, out.request_id, f"prefill ended without a token ({so.finish_reason})")
         done = PrefillDone(
@@ -112,9 +134,10 @@ class PrefillService:
             first_logprob=so.logprobs[0] if so.logprobs else None,
             prompt_logprobs=tuple(so.prompt_logprobs) if so.prompt_logprobs is not None else None,
             num_cached_tokens=so.num_cached_tokens,
+            queue_s=(out.first_step or out.started) - out.started,
+            compute_s=time.monotonic() - (out.first_step or out.started),
         )
         self.sender.finish(out.transfer_id, done)
-        self.core.counters.transfer_seconds += time.monotonic() - out.started
         logger.info("request %s: prefill done, first token sent with transfer %s", so.request_id, out.transfer_id)
 
     def _poll_sender(self) -> None:

@@ -27,8 +27,8 @@ from splitserve.router import admin
 from splitserve.router.autoscale import AutoRatio
 from splitserve.router.formatting import ChatFormatter, CompletionFormatter, Formatter
 from splitserve.router.openai_api import (
-    APIError, ChatCompletionRequest, CompletionRequest, bad_request, models_body, new_id, parse_json_body,
-    parse_request, to_sampling_params,
+    APIError, ChatCompletionRequest, CompletionRequest, bad_request, check_token_ids, models_body, new_id,
+    parse_json_body, parse_request, to_sampling_params,
 )
 from splitserve.router.output import Delta, OutputProcessor
 from splitserve.router.planner import Slo
@@ -94,9 +94,7 @@ async def _serve(request: web.Request, svc: RouterService, req: Any, fmt: Format
     max_len = svc.max_model_len()
     if max_len is None:
         raise APIError(503, "no healthy workers are available", type="service_unavailable", code="no_workers")
-    vocab = svc.vocab_size()
-    if vocab is not None and prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab):
-        raise bad_request(f"invalid field '{prompt_field}': token ids must be in [0, {vocab})", param=prompt_field)
+    check_token_ids(req, prompt_ids, prompt_field, svc.vocab_size())
     params = to_sampling_params(req, len(prompt_ids), max_len, prompt_field)
     params = _with_router_stops(svc, params)
     proc = svc.processor(new_id("req"), prompt_ids, req.stop_strings)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from splitserve.core.messages import RequestTiming
 from splitserve.router.pools import WorkerRegistry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -77,6 +78,15 @@ class _WorkerCollector(Collector):
         yield from counters.values()
 
 
+_BREAKDOWN = (
+    ("prefill_queue", "disaggregated requests: waiting on the prefill worker before its first step"),
+    ("prefill_compute", "disaggregated requests: prefill compute up to the first token"),
+    ("kv_transfer", "disaggregated requests: KV transfer time left after the prefill compute (not hidden)"),
+    ("kv_join", "disaggregated requests: from the KV landing to the first decode step"),
+)
+"""``splitserve_<name>_seconds`` histograms from ``TokenOut.timing`` (``<name>_s`` fields; kv_transfer: transfer_s)."""
+
+
 class RouterMetrics:
     """All metrics of one router; ``render()`` gives the Prometheus text exposition."""
 
@@ -91,6 +101,12 @@ class RouterMetrics:
                              buckets=_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("splitserve_e2e_seconds", "end-to-end request latency", buckets=_LATENCY_BUCKETS,
                              registry=r)
+        self.breakdown = {
+            name: Histogram(f"splitserve_{name}_seconds", doc, buckets=_LATENCY_BUCKETS, registry=r)
+            for name, doc in _BREAKDOWN
+        }
+        self.transfer_bytes = Histogram("splitserve_kv_transfer_bytes", "KV bytes of one request's transfer",
+                                        buckets=tuple(2.0 ** k for k in range(16, 36, 2)), registry=r)
         self.inflight = Gauge("splitserve_requests_inflight", "requests in flight in the router", registry=r)
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("splitserve_generation_tokens", "generated tokens", registry=r)
@@ -108,6 +124,15 @@ class RouterMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.history.append({"t": time.time(), "ttft": ttft, "tpot": tpot})
+
+    def observe_timing(self, timing: RequestTiming) -> None:
+        """One request's time breakdown (core/messages.py ``RequestTiming``), as the workers measured it."""
+        values = (timing.prefill_queue_s, timing.prefill_compute_s, timing.transfer_s, timing.join_s)
+        for (name, _doc), value in zip(_BREAKDOWN, values):
+            if value is not None:
+                self.breakdown[name].observe(value)
+        if timing.transfer_bytes is not None:
+            self.transfer_bytes.observe(timing.transfer_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

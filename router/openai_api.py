@@ -1,9 +1,16 @@
 """OpenAI-compatible request models, validation, error bodies and response shapes.
 
-Requests are pydantic models (unknown fields ignored, like OpenAI's own server does for fields it does
-not use); any validation failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name
-the offending field. Responses are plain dicts in OpenAI's shapes (``text_completion``,
-``chat.completion`` and their streaming chunks).
+Flow for one request body:
+1. :func:`parse_json_body`: JSON object or 400.
+2. :func:`parse_request`: the pydantic model (unknown fields ignored, like OpenAI's own server does for fields it
+   does not use). Every sampling and scheduling number is strict (a JSON string such as ``"0.5"`` is refused),
+   finite (``NaN`` and ``Infinity`` are refused) and inside the ranges below; the first failure becomes
+   :class:`APIError` (HTTP 400) whose message and ``param`` name the offending field.
+3. :func:`check_token_ids`: prompt and stop token ids inside the workers' vocabulary, once it is known.
+4. :func:`to_sampling_params`: the context-length and ``min_tokens <= max_tokens`` checks, then the worker's
+   :class:`SamplingParams`.
+
+Responses are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion`` and their streaming chunks).
 """
 
 from __future__ import annotations
@@ -11,13 +18,31 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError,
+    field_validator,
+)
 
 from splitserve.core.messages import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 1e4
+"""OpenAI allows [0, 2] and vLLM any value >= 0. Logits span tens of units, so far below 1e4 sampling is already
+uniform over the kept tokens; a finite bound keeps every value representable in float32 (1e39 is not)."""
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
+"""vLLM allows any value > 0. The penalty divides positive logits and multiplies negative ones, so x and 1/x are
+equally strong; beyond 1e4 (or below 1e-4) every seen token is already forced out (or in) for real logits, and
+values like 1e-300 only overflow."""
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids and top_k fit in 32 bits (ids are also checked against the workers' vocabulary once it is known)."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""A 64-bit seed, signed or unsigned (what the wire format carries)."""
+
+FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+"""A JSON number (an int is accepted), never a string, NaN or infinity."""
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class APIError(Exception):
@@ -68,18 +93,20 @@ class _CommonRequest(BaseModel):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: Optional[StrictInt] = None
+    temperature: FiniteFloat = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: FiniteFloat = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(default=0, ge=-1, le=MAX_TOKEN_ID)
+    """-1 or 0: disabled; any value above the vocabulary size keeps every token."""
+    min_p: FiniteFloat = Field(default=0.0, ge=0.0, le=1.0)
+    seed: Optional[StrictInt] = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    stop_token_ids: Optional[list[StrictInt]] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(default=0, ge=0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    """At most the request's max_tokens (checked in :func:`to_sampling_params`)."""
+    presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: FiniteFloat = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     n: StrictInt = 1
     user: Optional[StrictStr] = None
 
@@ -125,8 +152,8 @@ class CompletionRequest(_CommonRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt_ok(cls, v: str | list[int]) -> str | list[int]:
-        if isinstance(v, list) and (not v or any(t < 0 for t in v)):
-            raise ValueError("a token-id prompt must be a non-empty list of non-negative ints")
+        if isinstance(v, list) and (not v or any(not 0 <= t <= MAX_TOKEN_ID for t in v)):
+            raise ValueError(f"a token-id prompt must be a non-empty list of ints in [0, {MAX_TOKEN_ID}]")
         return v
 
 
@@ -185,6 +212,17 @@ def _is_type_tag(part: str) -> bool:
 # --- requests -> sampling parameters -------------------------------------------------------------
 
 
+def check_token_ids(req: _CommonRequest, prompt_ids: Sequence[int], prompt_field: str,
+                    vocab_size: int | None) -> None:
+    """400 naming the field when a prompt or stop token id is outside ``[0, vocab_size)`` (``None``: unknown)."""
+    if vocab_size is None:
+        return
+    for name, ids in ((prompt_field, prompt_ids), ("stop_token_ids", req.stop_token_ids or ())):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"invalid field '{name}': token ids must be in [0, {vocab_size}), got {bad}", param=name)
+
+
 def requested_max_tokens(req: _CommonRequest) -> tuple[int | None, str]:
     """(max tokens asked for or None, the field it came from)."""
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
@@ -209,13 +247,17 @@ def to_sampling_params(req: _CommonRequest, num_prompt_tokens: int, max_model_le
             f"this model's maximum context length is {max_model_len} tokens; the prompt has "
             f"{num_prompt_tokens} and {field_name} asks for {max_tokens}", param=field_name,
             code="context_length_exceeded")
+    if req.min_tokens > max_tokens:
+        default = ", the default" if asked is None else ""
+        raise bad_request(f"invalid field 'min_tokens': {req.min_tokens} is more than {field_name} "
+                          f"({max_tokens}{default})", param="min_tokens")
     logprobs, prompt_logprobs = _logprob_counts(req)
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         min_p=req.min_p, seed=req.seed, repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        min_tokens=min(req.min_tokens, max_tokens), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def _logprob_counts(req: _CommonRequest) -> tuple[int | None, int | None]:

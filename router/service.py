@@ -160,6 +160,9 @@ class RouterService:
                                self.config.request_timeout_s)
                 raise APIError(504, f"request timed out after {self.config.request_timeout_s} s",
                                type="timeout", code="timeout") from None
+            if out.timing is not None:
+                self.metrics.observe_timing(out.timing)
+                logger.debug("request %s: timing %s", stream.request_id, out.timing)
             try:
                 delta = proc.process(out)
             except WorkerFailed as exc:

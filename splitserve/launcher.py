@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from splitserve.core.config import BUILTIN_MODEL
+from splitserve.transfer.registry import BACKENDS as TRANSFER_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colocated", type=int, default=0, help="colocated (prefill+decode) workers")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs to spread workers over (default: all visible)")
-    p.add_argument("--transfer", choices=["zmq", "ucx"], default="zmq")
+    p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default="auto",
+                   help="KV transfer backend (auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
     p.add_argument("--control-port", type=int, default=0, help="router control port (0: any free port)")

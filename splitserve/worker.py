@@ -14,13 +14,14 @@ from types import MappingProxyType
 from typing import Mapping
 
 from splitserve.core.config import BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides
+from splitserve.transfer.registry import BACKENDS as TRANSFER_BACKENDS
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_FLAGS = MappingProxyType({
     "model": str, "load_format": str, "dtype": str, "device": str, "device_index": int, "seed": int,
     "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
-    "chunk_size": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
+    "chunk_size": int, "prefill_token_budget": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
     "kv_cache_memory_fraction": float,
 })
 _TRANSFER_FLAGS = MappingProxyType(
@@ -56,11 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None, help="decode/colocated role: longest prompt piece per step")
+    p.add_argument("--prefill-token-budget", type=int, default=None,
+                   help="prefill role: tokens per step, whole prompts first come first served (default 8192)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None)
-    p.add_argument("--transfer", choices=["zmq", "ucx"], default=None, help="KV transfer backend")
+    p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,
+                   help="KV transfer backend (default auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
     p.add_argument("--transfer-host", default=None)
     p.add_argument("--transfer-port", type=int, default=None)
     p.add_argument("--lease-s", type=float, default=None)
@@ -87,7 +91,7 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
     if args.extra_stop_token_id:
         eng["extra_stop_token_ids"] = tuple(args.extra_stop_token_id)
     tr = _pick(args, env, _TRANSFER_FLAGS)
-    tr_cfg = {"backend": tr.pop("transfer", "zmq"), **{k.replace("transfer_", ""): v for k, v in tr.items()}}
+    tr_cfg = {"backend": tr.pop("transfer", "auto"), **{k.replace("transfer_", ""): v for k, v in tr.items()}}
     wk = _pick(args, env, _WORKER_FLAGS)
     if "host" in wk:
         tr_cfg.setdefault("host", wk["host"])  # peers reach the KV receiver where they reach the worker
@@ -105,12 +109,20 @@ def run_worker(cfg: WorkerConfig) -> int:
     from splitserve.core.engine.service import WorkerCore
     from splitserve.decode.worker import DecodeService
     from splitserve.prefill.worker import PrefillService
-    from splitserve.transfer.base import KVLayout, make_receiver, make_sender
+    import torch
+
+    from splitserve.transfer.base import KVLayout
+    from splitserve.transfer.registry import make_copy_engine, make_receiver, make_sender, resolve
 
     # ZeroMQ and UCX bind and advertise addresses, not names (compose service names, pod hostnames): resolve here.
     transfer = cfg.transfer.model_copy(update={"host": socket.gethostbyname(cfg.transfer.host)})
     cfg = cfg.model_copy(update={"transfer": transfer})
-    engine = LLMEngine(cfg.engine)
+    device = torch.device(cfg.engine.device, cfg.engine.device_index if cfg.engine.device == "cuda" else None)
+    backend = resolve(cfg.transfer.backend, device.type)
+    copy_engine = make_copy_engine(backend, device)
+    engine = LLMEngine(cfg.engine, allocate=copy_engine.allocate if copy_engine is not None else None)
+    if cfg.engine.device == "cuda":  # before registering: no compile or graph capture inside a request
+        logger.info("worker warm-up: %s", engine.warmup())
     info = engine.info
     mc = engine.model_config
     layout = KVLayout(
@@ -121,10 +133,13 @@ def run_worker(cfg: WorkerConfig) -> int:
         head_dim=mc.head_dim,
         page_size=info.page_size,
     )
-    sender = make_sender(cfg.transfer, engine.kv_cache, layout)
-    receiver = make_receiver(cfg.transfer, engine.kv_cache, layout)
+    sender = make_sender(cfg.transfer, engine.kv_cache, layout, copy_engine)
+    receiver = make_receiver(cfg.transfer, engine.kv_cache, layout, copy_engine)
     core = WorkerCore(cfg, engine)
-    logger.info("worker %s: KV transfer over %s, receiving at %s", core.worker_id, cfg.transfer.backend, receiver.address)
+    how = backend + (" (auto)" if cfg.transfer.backend == "auto" else "")
+    if receiver.pool_export is not None:
+        how += ", same-host peers write into this pool directly"
+    logger.info("worker %s: KV transfer over %s, receiving at %s", core.worker_id, how, receiver.address)
     prefill = PrefillService(core, sender, layout.token_bytes())
     decode = DecodeService(core, receiver, layout, cfg.transfer)
     engine.runner.layer_hook = prefill.layer_hook

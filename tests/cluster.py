@@ -30,6 +30,8 @@ class Cluster:
     colocated: int = 0
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
+    role_args: dict[str, list[str]] = field(default_factory=dict)
+    """Extra flags for the workers of one role (``prefill``, ``decode``, ``both``), after ``worker_args``."""
     log_dir: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -57,7 +59,8 @@ class Cluster:
     def start_worker(self, worker_id: str, role: str) -> None:
         cmd = "worker" if role == "both" else role
         self._spawn(worker_id, [cmd, "--role", role, "--worker-id", worker_id, "--model", self.model,
-                                "--router-addr", f"tcp://127.0.0.1:{self.control_port}", *self.worker_args])
+                                "--router-addr", f"tcp://127.0.0.1:{self.control_port}", *self.worker_args,
+                                *self.role_args.get(role, [])])
 
     def wait_workers(self, n: int, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

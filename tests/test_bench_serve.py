@@ -164,6 +164,8 @@ def test_summarize_throughput_percentiles_goodput_and_failures():
     assert s["itl_ms"]["p99"] > 100.0  # the uneven request shows in ITL, not in TPOT
     assert s["goodput"] == pytest.approx(5 / 4.0)  # TTFT 0.1 .. 0.5 meet the 0.5 s SLO
     assert s["slo_attainment"] == pytest.approx(5 / 11)
+    swept = summarize(results, 4.0, slo_ttft_s=0.5, slo_tpot_s=0.1, tpot_sweep_s=(0.05, 0.1))
+    assert swept["attainment_by_tpot_ms"] == {"50": 0.0, "100": pytest.approx(5 / 11)}  # every TPOT is 0.1 s
     no_slo = summarize(results, 4.0)
     assert no_slo["goodput"] is None and no_slo["slo"] == {"ttft_ms": None, "tpot_ms": None}
     assert latency_stats_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None}

@@ -58,6 +58,10 @@ def test_greedy_1p1d_matches_reference(pd, client):
     assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 32
     ids = complete(client, model_id(pd), [1, 403, 407, 261, 378], max_tokens=32, logprobs=1)
     assert ids.choices[0].text == REF_TEXT
+    # the default transfer (auto) on one host: the prefill worker wrote straight into the decode worker's pages
+    assert "KV transfer over shm (auto), same-host peers write into this pool directly" in (pd.log_dir / "decode-1.log").read_text()
+    prefill_log = (pd.log_dir / "prefill-0.log").read_text()
+    assert "for direct writes" in prefill_log and "sending inline" not in prefill_log
     assert len(ids.choices[0].logprobs.tokens) == 32
 
 
@@ -117,7 +121,8 @@ def test_client_disconnect_aborts_and_frees_pages(pd, client):
     assert used and not any(used.values())
     time.sleep(1.5)  # a heartbeat carries the final count
     generated = sum(pd.worker_gauge("decode_tokens_total").values()) - before
-    assert 3 <= generated < 300, f"the request was not aborted: {generated} of 399 tokens generated"
+    # 3 chunks read: the first token came with the prefill, so at least 2 were decoded
+    assert 2 <= generated < 300, f"the request was not aborted: {generated} of 399 tokens generated"
 
 
 def test_bad_input_is_a_400_naming_the_field(pd, client):
@@ -234,3 +239,20 @@ def test_one_token_requests_finish_at_the_prefill_token(pd, client):
     # like vLLM: a non-special stop token stays in the text; generation ends on it with "stop"
     assert stopped.choices[0].text == "," and stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == 1
+
+
+def test_time_breakdown_reaches_metrics_and_bench_serve(pd, client):
+    """Where each disaggregated request's time went: prefill queue and compute, transfer, join, per request."""
+    import asyncio
+
+    from splitserve.benchmarks.serve import BREAKDOWN_STAGES, Prompt, RunConfig, run_requests
+
+    prompts = [Prompt(prompt=[1, 403, 407, 261, 378 + i], prompt_len=5, output_len=6) for i in range(3)]
+    cfg = RunConfig(base_url=pd.url, model=None, request_rate=float("inf"))
+    _model, results, _duration, breakdown = asyncio.run(run_requests(cfg, prompts))
+    assert all(r.ok for r in results)
+    assert set(breakdown) == set(BREAKDOWN_STAGES)
+    assert all(v is not None and v >= 0 for v in breakdown.values()), breakdown
+    assert breakdown["prefill_compute"] > 0
+    metrics = pd.metrics()
+    assert "splitserve_kv_transfer_bytes_count" in metrics and "splitserve_prefill_queue_seconds_bucket" in metrics

@@ -1,19 +1,28 @@
-"""The single-process engine: batching, chunking, prefix caching and preemption never change tokens."""
+"""The single-process engine: batching, chunking, prefix caching and preemption never change tokens; a request whose
+step raises fails alone."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.engine import LLMEngine
 from splitserve.core.engine.offline import generate_text
 from splitserve.core.messages import SamplingParams
+from splitserve.core.request import Request
+
+from test_sampler import extreme_params  # a sibling test module (tests/ is on sys.path)
 
 REF_PROMPT = [1, 403, 407, 261, 378]
 REF_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292,
@@ -189,5 +198,108 @@ def test_agent_session_pins_pages_between_turns(s260k):
         engine.step()
     assert second.num_cached_tokens >= (len(first.all_token_ids) - 1) // 4 * 4 - 4
     engine.release_session("agent-7")
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0
+
+
+# --- requests fail alone (issue 12) ---------------------------------------------------------------------------
+
+SAMPLES_VALID_IDS = {  # extreme values the sampler handles: they produce tokens
+    "rep-1e-300": SamplingParams(max_tokens=6, repetition_penalty=1e-300, seed=1),
+    "rep-subnormal": SamplingParams(max_tokens=6, temperature=0, repetition_penalty=5e-324),
+    "temp-1e39": SamplingParams(max_tokens=6, min_tokens=1, temperature=1e39, seed=2),
+    "stop-out-of-vocab": SamplingParams(max_tokens=6, min_tokens=1, stop_token_ids=(100000, -1)),
+    "huge-top-k-and-logprobs": SamplingParams(max_tokens=6, top_k=2**62, logprobs=10**9, prompt_logprobs=10**9, seed=3),
+}
+FAILS = {  # the request fails with this in its error; the engine refuses the first four when they are added
+    "temp-nan": (SamplingParams(max_tokens=6, temperature=math.nan), "temperature"),
+    "top-p-inf": (SamplingParams(max_tokens=6, top_p=math.inf), "top_p"),
+    "freq-nan": (SamplingParams(max_tokens=6, temperature=0, frequency_penalty=math.nan), "frequency_penalty"),
+    "rep-inf": (SamplingParams(max_tokens=6, repetition_penalty=math.inf), "repetition_penalty"),
+    "ban-every-token": (SamplingParams(max_tokens=6, min_tokens=3, stop_token_ids=tuple(range(512))), "no token"),
+    "forward-fault": (SamplingParams(max_tokens=6, temperature=0), "injected"),
+    "forward-fault-late": (SamplingParams(max_tokens=9, temperature=0, ignore_eos=True), "injected"),
+}
+SHORT = SamplingParams(max_tokens=10, temperature=0.0)
+
+
+def add_unchecked(engine: LLMEngine, request_id: str, prompt, params: SamplingParams) -> Request:
+    """Add a request the way ``add_request`` does, minus its checks (as if the API edge and admission were bypassed)."""
+    req = Request(request_id, list(prompt), params, engine.eos_token_ids, engine.info.max_model_len)
+    engine.scheduler.add(req)
+    return req
+
+
+def inject_forward_faults(engine: LLMEngine, monkeypatch) -> None:
+    """The runner raises for any batch holding a ``forward-fault*`` request (the late one after 3 tokens)."""
+    real = engine.runner.execute
+
+    def execute(batch):
+        for s in batch.seqs:
+            if s.request_id == "forward-fault" or (s.request_id == "forward-fault-late" and len(s.output_token_ids) >= 3):
+                raise RuntimeError(f"injected fault for {s.request_id}")
+        return real(batch)
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+
+
+def run_all(engine: LLMEngine) -> dict[str, list]:
+    """Step until idle; every request's StepOutputs by id."""
+    outs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for so in engine.step():
+            outs.setdefault(so.request_id, []).append(so)
+    return outs
+
+
+def test_poison_requests_fail_alone_and_20_others_keep_their_tokens(s260k, monkeypatch, caplog):
+    prompts = random_prompts(20, seed=12, lo=3, hi=16)
+    alone = outputs(make_engine(s260k), prompts, SHORT)
+    engine = make_engine(s260k)
+    inject_forward_faults(engine, monkeypatch)
+    for name, (params, field) in list(FAILS.items())[:4]:
+        with pytest.raises(ValueError, match=field):
+            engine.add_request(name, REF_PROMPT, params)
+    normal = [engine.add_request(f"normal-{i}", p, SHORT) for i, p in enumerate(prompts[:10])]
+    poison = {name: add_unchecked(engine, name, REF_PROMPT, p) for name, p in SAMPLES_VALID_IDS.items()}
+    poison |= {name: add_unchecked(engine, name, REF_PROMPT, p) for name, (p, _) in FAILS.items()}
+    normal += [engine.add_request(f"normal-{i}", p, SHORT) for i, p in enumerate(prompts[10:], start=10)]
+    with caplog.at_level(logging.WARNING, logger="splitserve.core.engine.engine"):
+        outs = run_all(engine)
+    assert [r.output_token_ids for r in normal] == alone
+    for name, (_, field) in FAILS.items():
+        last = outs[name][-1]
+        assert (last.finish_reason, poison[name].finish_reason) == ("error", "error") and field in last.error
+        assert sum(f"request {name}:" in rec.getMessage() for rec in caplog.records) == 1  # one WARNING line
+    assert len(poison["forward-fault-late"].output_token_ids) == 3  # tokens made before the fault stay
+    for name in SAMPLES_VALID_IDS:
+        req = poison[name]
+        assert req.finish_reason in ("stop", "length") and all(0 <= t < 512 for t in req.output_token_ids)
+    assert len(poison["huge-top-k-and-logprobs"].output_logprobs[0].top) == 512
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0
+
+
+@pytest.fixture(scope="module")
+def shared_engine(s260k):
+    """One engine for the hypothesis examples (they must leave it idle with every page free)."""
+    prompts = random_prompts(3, seed=13, lo=3, hi=12)
+    engine = make_engine(s260k)
+    return engine, prompts, outputs(engine, prompts, SHORT)
+
+
+@settings(max_examples=25, deadline=None)
+@given(params=extreme_params(max_tokens=st.integers(-3, 5)), at=st.integers(0, 3))
+def test_engine_steps_with_an_extreme_request_among_normal_ones(shared_engine, params, at):
+    engine, prompts, alone = shared_engine
+    rid = f"extreme-{uuid.uuid4().hex}"
+    normal = [engine.add_request(f"{rid}-normal-{i}", p, SHORT) for i, p in enumerate(prompts)]
+    extreme = add_unchecked(engine, rid, prompts[at % len(prompts)][::-1], params)
+    outs = run_all(engine)
+    assert [r.output_token_ids for r in normal] == alone
+    if extreme.finish_reason == "error":
+        assert outs[rid][-1].error
+    else:
+        assert extreme.finish_reason in ("stop", "length") and all(0 <= t < 512 for t in extreme.output_token_ids)
     engine.kv.check_integrity()
     assert engine.kv.usage().used == 0

@@ -133,6 +133,39 @@ def test_single_layer_gather_scatter():
     assert torch.equal(dst, expected)
 
 
+@pytest.mark.parametrize("dtype,src_page,dst_page", [(torch.bfloat16, 4, 4), (torch.float32, 4, 8), (torch.float16, 16, 2)])
+def test_copy_slots_matches_reference(dtype, src_page, dst_page):
+    """Pool -> pool copy (one-sided KV path): random pages, differing page sizes, the untouched rows stay."""
+    tokens = 13
+    src = torch.randn(2, 9, src_page, 2, 8, device=DEVICE).to(dtype)
+    n_dst = (tokens + dst_page - 1) // dst_page + 3
+    dst = torch.randn(2, n_dst, dst_page, 2, 8, device=DEVICE).to(dtype)
+    src_slots = torch.randperm(9 * src_page, device=DEVICE)[:tokens]
+    dst_slots = torch.randperm(n_dst * dst_page, device=DEVICE)[:tokens]
+    before = dst.clone()
+    expected = dst.clone()
+    cache.ref_copy_slots(src, expected, src_slots, dst_slots)
+    cache.copy_slots(src, dst, src_slots, dst_slots)
+    assert torch.equal(dst, expected)
+    assert not torch.equal(expected, before)  # the copy changed rows, so equality above says something
+    with pytest.raises(ValueError, match="rows and dtype"):
+        cache.copy_slots(src, dst.to(torch.float64), src_slots, dst_slots)
+
+
+def test_copy_slots_layers_copies_exactly_the_layer_range():
+    src = torch.randn(5, 2, 6, 4, 2, 8, device=DEVICE)
+    dst = torch.randn(5, 2, 7, 8, 2, 8, device=DEVICE)
+    src_slots = torch.randperm(24, device=DEVICE)[:11]
+    dst_slots = torch.randperm(56, device=DEVICE)[:11]
+    expected = dst.clone()
+    cache.ref_copy_slots_layers(src, expected, 1, 4, src_slots, dst_slots)
+    before = dst.clone()
+    cache.copy_slots_layers(src, dst, 1, 4, src_slots, dst_slots)
+    assert torch.equal(dst, expected)
+    assert torch.equal(dst[0], before[0]) and torch.equal(dst[4], before[4])  # layers outside the range untouched
+    assert not torch.equal(dst[1:4], before[1:4])
+
+
 @pytest.mark.parametrize("dtype,hidden,with_res", [(torch.float32, 48, True), (torch.bfloat16, 64, True), (torch.float16, 40, False)])
 def test_rms_norm_matches_reference(dtype, hidden, with_res):
     x = torch.randn(5, hidden, device=DEVICE).to(dtype)

@@ -61,6 +61,24 @@ def test_allocation_returns_none_when_full_and_changes_nothing():
     mgr.check_integrity()
 
 
+def test_rename_moves_exact_pages_and_frees_them_under_the_new_id():
+    """A cancelled one-sided transfer's pages are held under another id until the sender stops writing."""
+    mgr = KVCacheManager(num_pages=6, page_size=PAGE)
+    assert mgr.reserve("a", 9) == KVCacheBlocks((0, 1, 2))
+    mgr.allocate_slots("b", 2)
+    mgr.rename("a", "a#settling")
+    assert not mgr.has("a") and mgr.page_table("a#settling") == [0, 1, 2]
+    assert mgr.reserve("a", 4) == KVCacheBlocks((4,))  # the old id is free for a new request
+    with pytest.raises(ValueError):
+        mgr.rename("a", "b")  # taken
+    with pytest.raises(ValueError):
+        mgr.rename("nope", "c")
+    mgr.check_integrity()
+    mgr.free("a#settling")
+    assert mgr.usage().used == 2  # only a (page 4) and b (page 3) left
+    mgr.check_integrity()
+
+
 def test_misuse_raises_value_error():
     mgr = KVCacheManager(num_pages=4, page_size=PAGE)
     with pytest.raises(ValueError):

@@ -10,7 +10,8 @@ import pytest
 from splitserve.core.messages import TokenLogprob, TokenOut
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, load_tokenizer
 from splitserve.router.openai_api import (
-    APIError, ChatCompletionRequest, CompletionRequest, parse_json_body, parse_request, to_sampling_params,
+    APIError, ChatCompletionRequest, CompletionRequest, check_token_ids, parse_json_body, parse_request,
+    to_sampling_params,
 )
 from splitserve.router.output import CompletionLogprobs, OutputProcessor, WorkerFailed, chat_logprobs
 
@@ -29,6 +30,14 @@ def _err(cls, body) -> APIError:
     ("max_tokens", -1), ("max_tokens", "ten"), ("temperature", -0.5), ("top_p", 0), ("top_k", -2),
     ("min_p", 1.5), ("seed", 1.5), ("stop", 3), ("stop", [""]), ("stop_token_ids", ["a"]), ("n", 3),
     ("logprobs", 21), ("echo", "yes"), ("presence_penalty", 3), ("stream", "true"), ("best_of", 2),
+    # strict, finite, bounded: strings, NaN and infinities are refused for every number (issue 12)
+    ("temperature", "0.5"), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", 1e39),
+    ("top_p", "0.5"), ("top_p", float("nan")), ("min_p", float("-inf")), ("min_p", True), ("top_k", 2**40),
+    ("repetition_penalty", 1e-300), ("repetition_penalty", 0), ("repetition_penalty", float("inf")),
+    ("repetition_penalty", "1.1"), ("presence_penalty", float("nan")), ("frequency_penalty", "1"),
+    ("frequency_penalty", -2.5), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1e30), ("min_tokens", -1),
+    ("min_tokens", 1.0), ("max_tokens", float("inf")), ("logprobs", -1), ("stop_token_ids", [-1]),
+    ("stop_token_ids", [2**31]), ("prompt", [1, 2**31]),
 ])
 def test_completion_field_errors_name_the_field(field, value):
     err = _err(CompletionRequest, {"model": "m", "prompt": "x", field: value})
@@ -77,6 +86,29 @@ def test_sampling_params_mapping_and_context_checks():
                                                 "top_logprobs": 3})
     with pytest.raises(APIError, match="top_logprobs"):
         to_sampling_params(bad, 10, 100, "messages")
+
+
+def test_extremes_inside_the_ranges_pass_and_min_tokens_is_checked_against_max_tokens():
+    req = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "temperature": 10000, "top_k": 2**31 - 1,
+                                            "repetition_penalty": 1e-4, "seed": 2**64 - 1, "min_tokens": 16})
+    p = to_sampling_params(req, 10, 100, "prompt")
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.seed, p.min_tokens) == (1e4, 2**31 - 1, 1e-4, 2**64 - 1, 16)
+    for body, message in (({"min_tokens": 17}, "max_tokens (16, the default)"),
+                          ({"min_tokens": 5, "max_tokens": 4}, "max_tokens (4)")):
+        req = parse_request(CompletionRequest, {"model": "m", "prompt": "x", **body})
+        with pytest.raises(APIError) as exc:
+            to_sampling_params(req, 10, 100, "prompt")
+        assert exc.value.param == "min_tokens" and message in exc.value.message
+
+
+def test_token_ids_inside_the_vocabulary():
+    req = parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2], "stop_token_ids": [258]})
+    check_token_ids(req, [1, 2], "prompt", None)  # vocabulary unknown: only the parse-time bounds apply
+    check_token_ids(req, [1, 2], "prompt", 259)
+    for prompt, vocab, param in (([1, 2], 258, "stop_token_ids"), ([1, 300], 259, "prompt")):
+        with pytest.raises(APIError) as exc:
+            check_token_ids(req, prompt, "prompt", vocab)
+        assert exc.value.status == 400 and exc.value.param == param and f"[0, {vocab})" in exc.value.message
 
 
 def _proc(stops=(), prompt=(1,)) -> OutputProcessor:

@@ -22,13 +22,14 @@ TOK = load_tokenizer("builtin:tiny-random-llama")
 TEXT = " Hello world! Stop here. More text follows."
 SCRIPT = TOK.encode(TEXT, add_special_tokens=False)
 MODEL = "builtin:tiny-random-llama"
+VOCAB = TOK.vocab_size
 TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
     h = RouterHarness(tmp_path_factory.mktemp("r1"), admin_token=TOKEN)
-    h.add_worker("w1", SCRIPT)
+    h.add_worker("w1", SCRIPT, vocab_size=VOCAB)
     yield h
     h.stop()
 
@@ -139,6 +140,43 @@ def _error(router, path, body=None, raw=None):
 def test_bad_completion_requests_name_the_field(router, body, param):
     status, err = _error(router, "/v1/completions", body=body)
     assert status == 400 and err["param"] == param and param in err["message"]
+
+
+NAN, INF = float("nan"), float("inf")
+POISON = [({"repetition_penalty": 1e-300}, "repetition_penalty"),
+          ({"min_tokens": 1, "stop_token_ids": [100000]}, "stop_token_ids"),
+          ({"min_tokens": 1, "temperature": 1e39}, "temperature")]
+"""Requests that once killed a worker (issue 12)."""
+
+
+@pytest.mark.parametrize("fields, param", POISON + [
+    ({"temperature": NAN}, "temperature"), ({"top_p": INF}, "top_p"), ({"min_p": -INF}, "min_p"),
+    ({"presence_penalty": NAN}, "presence_penalty"), ({"frequency_penalty": "0.5"}, "frequency_penalty"),
+    ({"temperature": "0.5"}, "temperature"), ({"repetition_penalty": INF}, "repetition_penalty"),
+    ({"max_tokens": NAN}, "max_tokens"), ({"seed": 2**64}, "seed"), ({"top_k": 2**40}, "top_k"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop_token_ids": [VOCAB]}, "stop_token_ids"),
+    ({"prompt": [1, VOCAB]}, "prompt"), ({"logprobs": 21}, "logprobs"),
+])
+def test_bad_sampling_values_get_400_and_never_reach_the_worker(router, fields, param):
+    """NaN and Infinity go out as JSON's non-standard literals, which Python's json (and so the router) parses."""
+    before = len(router.events("w1"))
+    status, err = _error(router, "/v1/completions", body={"model": MODEL, "prompt": "x", **fields})
+    assert status == 400 and err["type"] == "invalid_request_error"
+    assert err["param"].split(".")[0] == param and param in err["message"]
+    assert not [e for e in router.events("w1")[before:] if e["type"] == "GenerateReq"]
+
+
+@pytest.mark.parametrize("fields, param", POISON)
+def test_poison_requests_get_400_from_the_openai_client(router, fields, param):
+    c = router.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=fields)
+    assert exc.value.param == param and param in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                  extra_body=fields)
+    assert exc.value.param == param
+    assert c.completions.create(model=MODEL, prompt="x", max_tokens=3).choices[0].text == _expected(3)
 
 
 def test_invalid_json_and_bad_chat(router):

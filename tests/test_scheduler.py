@@ -103,3 +103,16 @@ def test_a_request_running_alone_takes_pages_from_waiting_holders_rather_than_gi
     batch = sched.schedule()
     assert [(s.request_id, s.page_table) for s in batch.seqs] == [("r", (0, 3))]  # h3's page
     assert not sched.out_of_memory and not sched.kv.has("h3") and sched.kv.has("h1") and sched.kv.has("h2")
+
+
+def test_prefill_role_takes_whole_prompts_up_to_its_budget_first_come_first_served():
+    from splitserve.core.config import EngineConfig
+    from splitserve.core.engine.engine import limits_for_role
+
+    cfg = EngineConfig(chunk_size=8, max_num_batched_tokens=16, prefill_token_budget=40, enable_prefix_caching=False)
+    assert limits_for_role(cfg, "decode") == SchedulerLimits(64, 16, 8, False)
+    sched = Scheduler(KVCacheManager(num_pages=32, page_size=PAGE), limits_for_role(cfg, "prefill"))
+    for rid, n in (("a", 22), ("b", 13), ("c", 9)):
+        sched.add(fresh(rid, n))
+    batch = sched.schedule()  # a and b whole, then c cut where the budget ends
+    assert [(s.request_id, s.start_pos, s.num_tokens) for s in batch.seqs] == [("a", 0, 22), ("b", 0, 13), ("c", 0, 5)]

@@ -25,10 +25,9 @@ from splitserve.transfer.base import (
     TransferError,
     TransferFailed,
     gather_tokens,
-    make_receiver,
-    make_sender,
     token_slots,
 )
+from splitserve.transfer.registry import make_copy_engine, make_receiver, make_sender
 from splitserve.transfer.loopback import SenderJob, SenderProcess, SenderSpec, random_kv, recv_msg, send_msg
 
 CTX = mp.get_context("spawn")
@@ -47,6 +46,7 @@ def _ucx_available() -> str | None:
 
 BACKENDS = [
     "zmq",
+    "shm",
     pytest.param("ucx", marks=pytest.mark.skipif(_ucx_available() is not None, reason=f"ucx: {_ucx_available()}")),
 ]
 
@@ -60,9 +60,11 @@ class Receiver:
 
     def __init__(self, backend: str, page_size: int, **cfg) -> None:
         self.layout = layout(page_size)
-        self.kv = torch.zeros(SHAPE["num_layers"], 2, DST_PAGES, page_size, SHAPE["num_kv_heads"], SHAPE["head_dim"])
+        shape = (SHAPE["num_layers"], 2, DST_PAGES, page_size, SHAPE["num_kv_heads"], SHAPE["head_dim"])
+        copy = make_copy_engine(backend, torch.device("cpu"))  # shm: the pool lives in shared memory
+        self.kv = copy.allocate(shape, torch.float32, torch.device("cpu")) if copy else torch.zeros(shape)
         self.cfg = TransferConfig(backend=backend, **cfg)
-        self.rx = make_receiver(self.cfg, self.kv, self.layout)
+        self.rx = make_receiver(self.cfg, self.kv, self.layout, copy)
         self.free = list(range(DST_PAGES))
         random.Random(0).shuffle(self.free)
 
@@ -72,7 +74,7 @@ class Receiver:
         lay = self.layout
         desc = KVDescriptor(
             tid, self.rx.address, lay.model_id, lay.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim,
-            lay.page_size, pages, num_tokens, lease_s,
+            lay.page_size, pages, num_tokens, lease_s, pool=self.rx.pool_export,
         )
         self.rx.expect(desc)
         return desc

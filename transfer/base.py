@@ -38,6 +38,33 @@ Roles and page ownership, step by step (push model):
 Leases: the receiver's lease on a transfer is renewed by every valid frame of that transfer; a
 transfer whose lease runs out is failed so the decode worker reclaims its pages. The sender's
 equivalent is the acknowledgement timeout above.
+
+**The one-sided path** (transfer/direct.py; same host: CUDA IPC between GPUs, shared memory between CPU
+processes). Steps 1-6 hold with these differences:
+
+1'. The descriptor also carries ``pool`` (:class:`~splitserve.core.messages.KVPoolExport`, from
+    :attr:`KVReceiver.pool_export`): what the sender needs to open the receiver's whole pool, once per pool.
+2'. If the sender can open it, its ``Begin`` names the path and the sender's copy engine writes each step's
+    tokens from its own pages straight into the reserved destination pages (on GPU: a Triton kernel on a side
+    stream, ordered after the layer's compute by an event; the host never waits). No staging, and the receiver
+    does nothing on the data path. The sender's pages are read by writes still in flight after
+    :meth:`KVSender.send_layer` returns; the copy engine orders every later use of them (the engine's next
+    kernels) after those writes, so the prefill engine may free them as usual.
+3'. ``Landed`` frames, sent only after the writes completed, mark tokens covered. ``Finish`` and ``Abort``
+    are sent only after the sender's last write completed: they also promise that nothing more is written.
+4'. **Write window.** The sender writes into a transfer's pages only until ``lease_s / 2`` after the send time
+    of its latest acknowledged frame (before the first ack: after its ``Begin``), and sends ``Ping`` frames to
+    keep the window open. The receiver renews its lease on receipt of each frame, so the window always closes
+    inside the receiver's lease: after a lease expires nothing writes to those pages, even a frozen sender
+    that wakes up (it checks its window before each step's writes).
+5'. **Settling.** A transfer that ends early while the sender may still write (receiver :meth:`KVReceiver.cancel`,
+    a rejected frame) keeps its pages reserved: :meth:`KVReceiver.cancel` returns ``False`` and the receiver
+    nacks the sender, which stops writing and sends ``Abort`` after its last write completed. The receiver
+    then reports :class:`TransferFailed` for it (on that ``Abort`` or at the lease deadline, whichever comes
+    first); only then may the decode worker free or reuse the pages. A lease that expires while the transfer is
+    active is reported at once (the window already closed).
+6'. A dead sender's process takes its CUDA context with it: nothing writes after it is gone. A dead receiver's
+    pool stays mapped in the sender until the sender drops the connection (no ack within ``lease_s``).
 """
 
 from __future__ import annotations
@@ -46,13 +73,11 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from splitserve.core.messages import KVDescriptor, PrefillDone
+from splitserve.core.messages import KVDescriptor, KVPoolExport, PrefillDone
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from splitserve.core.config import TransferConfig
 
 MAX_COALESCED_RUNS = 8
 """Token ranges split into at most this many contiguous slot runs are copied run by run (slices);
@@ -142,6 +167,8 @@ class TransferFailed:
     transfer_id: str
     request_id: str
     reason: str
+    retryable: bool = True
+    """False when the sender says the request itself failed (recomputing it would fail again)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +180,17 @@ class LayerArrived:
 
 
 TransferEvent = TransferComplete | TransferFailed | LayerArrived
+
+
+@dataclass(frozen=True)
+class LayerSend:
+    """One request's share of a prefill step, for :meth:`KVSender.send_step_layer`."""
+
+    transfer_id: str
+    src_page_ids: tuple[int, ...]
+    """The request's block table in the sender's pool."""
+    token_start: int
+    token_end: int
 
 
 # --- token <-> slot mapping ------------------------------------------------------------------------
@@ -267,8 +305,15 @@ class KVReceiver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cancel(self, transfer_id: str) -> None:
-        """Forget a transfer; after this returns no data for it lands in the pages (late frames are dropped)."""
+    def cancel(self, transfer_id: str) -> bool:
+        """Stop a transfer. ``True``: nothing lands in its pages any more, reuse them now (late frames are
+        dropped). ``False`` (one-sided path): the sender may still be writing; the receiver reports
+        :class:`TransferFailed` for it once the pages are safe to reuse (step 5')."""
+
+    @property
+    def pool_export(self) -> KVPoolExport | None:
+        """What a same-host sender needs to write into this pool directly (``None``: inline data only)."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -300,13 +345,32 @@ class KVSender(abc.ABC):
         this returns; the sender's pages are not read afterwards.
         """
 
+    def send_layers(
+        self, transfer_id: str, layer_start: int, layer_end: int, src_page_ids: Sequence[int], token_start: int,
+        token_end: int,
+    ) -> None:
+        """:meth:`send_layer` for every layer of ``[layer_start, layer_end)`` (computed already); the one-sided
+        backends move them in one copy."""
+        for layer in range(layer_start, layer_end):
+            self.send_layer(transfer_id, layer, src_page_ids, token_start, token_end)
+
+    def send_step_layer(self, layer: int, items: Sequence[LayerSend]) -> None:
+        """Send ``layer`` of every request in one engine step.
+
+        Called for layers ``0 .. num_layers - 1`` in order, with the same ``items`` object each time (one step's
+        batch), right after the layer's K/V were written. Backends that batch writes across requests override it.
+        """
+        for it in items:
+            self.send_layer(it.transfer_id, layer, it.src_page_ids, it.token_start, it.token_end)
+
     @abc.abstractmethod
     def finish(self, transfer_id: str, done: PrefillDone) -> None:
         """Send ``done`` after all data. The source pages may be freed or cached once this returns."""
 
     @abc.abstractmethod
-    def fail(self, transfer_id: str, request_id: str, error: str) -> None:
-        """Tell the receiver this transfer will not complete; source pages may be freed once this returns."""
+    def fail(self, transfer_id: str, request_id: str, error: str, retryable: bool = True) -> None:
+        """Tell the receiver this transfer will not complete; source pages may be freed once this returns.
+        ``retryable=False``: the request itself failed, and the receiver reports so (no recompute)."""
 
     @abc.abstractmethod
     def poll(self) -> list[TransferEvent]:
@@ -315,29 +379,3 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Drop connections and any queued data."""
-
-
-def make_sender(cfg: "TransferConfig", kv_cache: "torch.Tensor", layout: KVLayout) -> KVSender:
-    """The sender of ``cfg.backend`` (``zmq`` or ``ucx``)."""
-    if cfg.backend == "zmq":
-        from splitserve.transfer.zmq_backend import ZmqKVSender
-
-        return ZmqKVSender(cfg, kv_cache, layout)
-    if cfg.backend == "ucx":
-        from splitserve.transfer.ucx_backend import UcxKVSender
-
-        return UcxKVSender(cfg, kv_cache, layout)
-    raise ValueError(f"unknown transfer backend {cfg.backend!r} (expected zmq or ucx)")
-
-
-def make_receiver(cfg: "TransferConfig", kv_cache: "torch.Tensor", layout: KVLayout) -> KVReceiver:
-    """The receiver of ``cfg.backend`` (``zmq`` or ``ucx``)."""
-    if cfg.backend == "zmq":
-        from splitserve.transfer.zmq_backend import ZmqKVReceiver
-
-        return ZmqKVReceiver(cfg, kv_cache, layout)
-    if cfg.backend == "ucx":
-        from splitserve.transfer.ucx_backend import UcxKVReceiver
-
-        return UcxKVReceiver(cfg, kv_cache, layout)
-    raise ValueError(f"unknown transfer backend {cfg.backend!r} (expected zmq or ucx)")

@@ -44,6 +44,8 @@ class SenderSpec(msgspec.Struct, frozen=True):
     """Sent and confirmed before the clock starts (connection set-up is not timed)."""
     checksums: bool = False
     """Report a sha256 of every job's source tokens (token-major, all layers) after timing."""
+    layers_per_call: int = 1
+    """Above 1: send that many consecutive layers per call (``send_layers``), ignoring ``layer_order``."""
 
 
 class SenderReport(msgspec.Struct, frozen=True):
@@ -167,6 +169,8 @@ def _send_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn:
     """Send every job's layers (interleaved across jobs), chunk by chunk."""
     sent = 0
     num_layers = spec.layout["num_layers"]
+    if spec.layers_per_call > 1:
+        return _send_layer_ranges(sender, spec, jobs, num_layers)
     for step in range(num_layers):
         for job in jobs:
             layer = job.layer_order[step]
@@ -177,6 +181,15 @@ def _send_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn:
                 end = min(start + job.chunk_tokens, job.desc.num_tokens)
                 sender.send_layer(job.desc.transfer_id, layer, job.src_page_ids, start, end)
                 sent += 1
+
+
+def _send_layer_ranges(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], num_layers: int) -> None:
+    for job in jobs:
+        for start in range(0, job.desc.num_tokens, job.chunk_tokens):
+            end = min(start + job.chunk_tokens, job.desc.num_tokens)
+            for l0 in range(0, num_layers, spec.layers_per_call):
+                l1 = min(l0 + spec.layers_per_call, num_layers)
+                sender.send_layers(job.desc.transfer_id, l0, l1, job.src_page_ids, start, end)
 
 
 def _wait_events(sender: Any, ids: set[str], wait_s: float) -> list[TransferEvent]:
@@ -222,7 +235,7 @@ def _run_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn: 
 
 def _run_spec(spec: SenderSpec, conn: "Connection") -> SenderReport:
     from splitserve.core.config import TransferConfig
-    from splitserve.transfer.base import make_sender
+    from splitserve.transfer.registry import make_sender
 
     layout = KVLayout(**spec.layout)
     kv = random_kv(layout, spec.num_pages, spec.seed, spec.device)

@@ -30,7 +30,7 @@ import torch
 from splitserve.core.messages import KVDescriptor
 from splitserve.transfer import wire
 from splitserve.transfer.base import KVLayout, TransferError, TransferEvent, TransferFailed
-from splitserve.transfer.zmq_backend import StagingPool, ZmqKVReceiver, ZmqKVSender, _Inbound, _Outbound, _Reject
+from splitserve.transfer.zmq_backend import StagingPool, ZmqKVReceiver, ZmqKVSender, Inbound, Outbound, Reject
 
 if TYPE_CHECKING:
     from splitserve.core.config import TransferConfig
@@ -177,7 +177,7 @@ class UcxKVReceiver(ZmqKVReceiver):
         """True when the KV cache is on a GPU but UCX has no CUDA transport (GPU pages bounce over tcp)."""
         return self._ucx.gpu_over_tcp
 
-    def _accept_remote_payload(self, inb: _Inbound, chunk: wire.Chunk) -> None:
+    def _accept_remote_payload(self, inb: Inbound, chunk: wire.Chunk) -> None:
         staging = self._pool.take((chunk.nbytes,), torch.uint8, device=self._kv.device)
         request = self._ucx.worker.tag_recv(self._ucx.array(staging), self._ucx.tag(chunk.ucx_tag))
         inb.pending.append(_PendingRecv(request, staging, chunk))
@@ -190,13 +190,13 @@ class UcxKVReceiver(ZmqKVReceiver):
         for inb in [t for t in self._transfers.values() if t.pending]:
             self._guarded(inb, inb.finish_seq, events, self._land_completed, inb, events)
 
-    def _land_completed(self, inb: _Inbound, events: list[TransferEvent]) -> None:
+    def _land_completed(self, inb: Inbound, events: list[TransferEvent]) -> None:
         while inb.pending and inb.pending[0].request.completed:
             p = inb.pending.pop(0)
             try:
                 p.request.check_error()
             except Exception as exc:  # noqa: BLE001 - any UCX error fails just this transfer
-                raise _Reject(f"UCX receive failed: {type(exc).__name__}: {exc}") from exc
+                raise Reject(f"UCX receive failed: {type(exc).__name__}: {exc}") from exc
             lay = self._layout
             n = p.chunk.token_end - p.chunk.token_start
             data = p.staging.view(lay.torch_dtype).view(2, n, lay.num_kv_heads, lay.head_dim)
@@ -206,7 +206,7 @@ class UcxKVReceiver(ZmqKVReceiver):
             self._pool.track(p.staging, None)
         self._try_complete(inb, events)
 
-    def _drop_pending(self, inb: _Inbound) -> None:
+    def _drop_pending(self, inb: Inbound) -> None:
         # posted receives may still write their staging buffers (never the pages): recycle only once done
         for p in inb.pending:
             self._pool.track(p.staging, _RequestDone(p.request))
@@ -265,7 +265,7 @@ class UcxKVSender(ZmqKVSender):
         return buf
 
     def _send_payload(
-        self, out: _Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
+        self, out: Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
     ) -> None:
         tid = out.desc.transfer_id
         _, host, port = wire.split_ucx_address(out.desc.receiver_addr)

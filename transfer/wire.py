@@ -6,7 +6,11 @@ Sender -> receiver, one multipart message each (ZeroMQ DEALER -> ROUTER):
 * ``[Chunk, payload]``: tokens ``[token_start, token_end)`` of one layer, payload = ``nbytes`` raw bytes of a
   token-major ``[2, tokens, num_kv_heads, head_dim]`` tensor in the layout dtype. With the UCX backend the
   payload travels over UCX under ``ucx_tag`` instead, and the message has no payload frame.
-* ``[Finish]`` (wraps ``PrefillDone``) or ``[Abort]`` (wraps ``PrefillFailed``).
+* ``[Landed]``: one-sided path (transfer/direct.py): tokens ``[token_start, token_end)`` of layers
+  ``[layer_start, layer_end)`` were written straight into the receiver's pages, and the writes have completed.
+* ``[Ping]``: one-sided path: keeps the receiver's lease (and so the sender's write window) open while nothing lands.
+* ``[Finish]`` (wraps ``PrefillDone``) or ``[Abort]`` (wraps ``PrefillFailed``). On the one-sided path both are
+  sent only after the sender's last write into the pages completed: they are also its promise to write no more.
 
 Receiver -> sender: ``[Ack]`` for every frame (``ok=False`` + ``error`` when the transfer was refused or failed).
 Every sender frame carries a per-connection sequence number ``seq`` that the ack echoes.
@@ -33,6 +37,8 @@ class Begin(_Frame, frozen=True):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    path: str = "inline"
+    """``inline`` (payload frames or UCX), or the kind of the receiver's pool export (``cuda_ipc``, ``shm``)."""
 
 
 class Chunk(_Frame, frozen=True):
@@ -43,6 +49,20 @@ class Chunk(_Frame, frozen=True):
     token_end: int
     nbytes: int
     ucx_tag: int | None = None
+
+
+class Landed(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
+    layer_start: int
+    layer_end: int
+    token_start: int
+    token_end: int
+
+
+class Ping(_Frame, frozen=True):
+    transfer_id: str
+    seq: int
 
 
 class Finish(_Frame, frozen=True):
@@ -66,7 +86,7 @@ class Ack(_Frame, frozen=True):
     """True on the ack of a :class:`Finish` whose data all landed."""
 
 
-SenderFrame = Union[Begin, Chunk, Finish, Abort]
+SenderFrame = Union[Begin, Chunk, Landed, Ping, Finish, Abort]
 
 _ENCODER = msgspec.msgpack.Encoder()
 _SENDER_DECODER = msgspec.msgpack.Decoder(SenderFrame)

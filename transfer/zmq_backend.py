@@ -51,8 +51,12 @@ REMEMBER_ENDED = 65536
 """How many ended transfer ids the receiver remembers (late frames for them are dropped quietly)."""
 
 
-class _Reject(Exception):
+class Reject(Exception):
     """A frame ends its transfer (message is the user-facing reason)."""
+
+    def __init__(self, reason: str, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
 
 
 def _key(value: str | bytes) -> bytes:
@@ -106,7 +110,7 @@ def payload_view(buf: memoryview | bytes, layout: KVLayout, num_tokens: int) -> 
 
 
 @dataclass
-class _Inbound:
+class Inbound:
     """Receiver-side state of one expected transfer."""
 
     desc: KVDescriptor
@@ -121,6 +125,12 @@ class _Inbound:
     finish_seq: int = 0
     pending: list[Any] = field(default_factory=list)
     """Backend-specific payloads still in flight (UCX)."""
+    path: str | None = None
+    """The data path the sender's ``Begin`` named (``None`` until it arrived)."""
+    settling: str | None = None
+    """One-sided path: the transfer ended early for this reason, but the sender may still be writing (direct.py)."""
+    fenced: bool = False
+    """One-sided path: the sender sent ``Finish`` or ``Abort``, so it writes nothing more."""
 
 
 class ZmqKVReceiver(KVReceiver):
@@ -137,7 +147,7 @@ class ZmqKVReceiver(KVReceiver):
         self._sock.setsockopt(zmq.SNDHWM, 0)
         _curve_server(self._sock, cfg)
         self._control_addr = bind_endpoint(self._sock, cfg, "kv")
-        self._transfers: dict[str, _Inbound] = {}
+        self._transfers: dict[str, Inbound] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
 
     @property
@@ -163,7 +173,7 @@ class ZmqKVReceiver(KVReceiver):
         except ValueError as exc:
             raise TransferError(f"transfer {desc.transfer_id}: {exc}") from exc
         covered = np.zeros((self._layout.num_layers, desc.num_tokens), dtype=bool)
-        self._transfers[desc.transfer_id] = _Inbound(
+        self._transfers[desc.transfer_id] = Inbound(
             desc, request_id, slots, covered, time.monotonic() + desc.lease_s
         )
         self._ended.pop(desc.transfer_id, None)
@@ -192,11 +202,12 @@ class ZmqKVReceiver(KVReceiver):
                 return
             self._on_message(frames, events)
 
-    def cancel(self, transfer_id: str) -> None:
+    def cancel(self, transfer_id: str) -> bool:
         inb = self._transfers.get(transfer_id)
         if inb is not None:
             logger.info("request %s: transfer %s cancelled by receiver", inb.request_id, transfer_id)
             self._end(inb, ok=False, error="cancelled by the receiver", seq=-1)
+        return True
 
     def close(self) -> None:
         for inb in list(self._transfers.values()):
@@ -224,65 +235,75 @@ class ZmqKVReceiver(KVReceiver):
             self._reply(peer, wire.Ack(frame.transfer_id, frame.seq, ok=False, error="unknown or ended transfer"))
             return
         inb.peer = peer
+        if inb.settling is not None:
+            return self._on_settling_frame(inb, frame, events)
         inb.deadline = time.monotonic() + inb.desc.lease_s
         self._guarded(inb, frame.seq, events, self._dispatch, inb, frame, frames[2:], events)
 
-    def _guarded(self, inb: _Inbound, seq: int, events: list[TransferEvent], fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)``; a :class:`_Reject` fails ``inb`` (event + nack) instead of propagating."""
+    def _guarded(self, inb: Inbound, seq: int, events: list[TransferEvent], fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)``; a :class:`Reject` fails ``inb`` (event + nack) instead of propagating."""
         try:
             fn(*args)
-        except _Reject as exc:
+        except Reject as exc:
             logger.warning("request %s: transfer %s failed: %s", inb.request_id, inb.desc.transfer_id, exc)
-            events.append(TransferFailed(inb.desc.transfer_id, inb.request_id, str(exc)))
-            self._end(inb, ok=False, error=str(exc), seq=seq)
+            self._fail(inb, str(exc), seq, events, exc.retryable)
+
+    def _fail(self, inb: Inbound, reason: str, seq: int, events: list[TransferEvent], retryable: bool = True) -> None:
+        """End ``inb`` unsuccessfully: report :class:`TransferFailed` and nack its sender."""
+        events.append(TransferFailed(inb.desc.transfer_id, inb.request_id, reason, retryable))
+        self._end(inb, ok=False, error=reason, seq=seq)
 
     def _dispatch(
-        self, inb: _Inbound, frame: wire.SenderFrame, payload: list[zmq.Frame], events: list[TransferEvent]
+        self, inb: Inbound, frame: wire.SenderFrame, payload: list[zmq.Frame], events: list[TransferEvent]
     ) -> None:
         if isinstance(frame, wire.Begin):
+            self._accept_path(inb, frame.path)
+            inb.path = frame.path
             layout = KVLayout(
                 frame.model_id, frame.dtype, frame.num_layers, frame.num_kv_heads, frame.head_dim, inb.desc.page_size
             )
             try:
                 layout.check_compatible(inb.desc)
             except TransferError as exc:
-                raise _Reject(str(exc)) from exc
+                raise Reject(str(exc)) from exc
             self._reply(inb.peer, wire.Ack(frame.transfer_id, frame.seq))
         elif isinstance(frame, wire.Chunk):
             self._on_chunk(inb, frame, payload, events)
             self._reply(inb.peer, wire.Ack(frame.transfer_id, frame.seq))
         elif isinstance(frame, wire.Finish):
             if frame.done.transfer_id != inb.desc.transfer_id:
-                raise _Reject(f"PrefillDone names transfer {frame.done.transfer_id}")
+                raise Reject(f"PrefillDone names transfer {frame.done.transfer_id}")
             inb.done, inb.finish_seq = frame.done, frame.seq
             inb.request_id = inb.request_id or frame.done.request_id
             self._try_complete(inb, events)
-        else:  # wire.Abort
+        elif isinstance(frame, wire.Abort):
             inb.request_id = inb.request_id or frame.failed.request_id
-            raise _Reject(f"prefill failed: {frame.failed.error}")
+            raise Reject(f"prefill failed: {frame.failed.error}", retryable=frame.failed.retryable)
+        else:
+            self._on_direct_frame(inb, frame, events)
 
-    def _on_chunk(self, inb: _Inbound, chunk: wire.Chunk, payload: list[zmq.Frame], events: list[TransferEvent]) -> None:
+    def _on_chunk(self, inb: Inbound, chunk: wire.Chunk, payload: list[zmq.Frame], events: list[TransferEvent]) -> None:
         s, e = chunk.token_start, chunk.token_end
         if not 0 <= chunk.layer < self._layout.num_layers:
-            raise _Reject(f"layer {chunk.layer} out of range [0, {self._layout.num_layers})")
+            raise Reject(f"layer {chunk.layer} out of range [0, {self._layout.num_layers})")
         if not 0 <= s < e <= inb.desc.num_tokens:
-            raise _Reject(f"token range [{s}, {e}) outside the reservation of {inb.desc.num_tokens} tokens")
+            raise Reject(f"token range [{s}, {e}) outside the reservation of {inb.desc.num_tokens} tokens")
         if chunk.nbytes != (e - s) * self._token_bytes:
-            raise _Reject(f"chunk declares {chunk.nbytes} bytes, expected {(e - s) * self._token_bytes}")
+            raise Reject(f"chunk declares {chunk.nbytes} bytes, expected {(e - s) * self._token_bytes}")
         if inb.covered[chunk.layer, s:e].any():
-            raise _Reject(f"layer {chunk.layer} tokens [{s}, {e}) sent twice")
+            raise Reject(f"layer {chunk.layer} tokens [{s}, {e}) sent twice")
         if chunk.ucx_tag is not None:
             if payload:
-                raise _Reject("UCX chunk carries an inline payload frame")
+                raise Reject("UCX chunk carries an inline payload frame")
             self._accept_remote_payload(inb, chunk)
             return
         if len(payload) != 1 or len(payload[0].buffer) != chunk.nbytes:
             got = [len(p.buffer) for p in payload]
-            raise _Reject(f"payload frames {got} do not match the declared {chunk.nbytes} bytes (truncated?)")
+            raise Reject(f"payload frames {got} do not match the declared {chunk.nbytes} bytes (truncated?)")
         data = payload_view(payload[0].buffer, self._layout, e - s)
         self._land(inb, chunk, data, events)
 
-    def _land(self, inb: _Inbound, chunk: wire.Chunk, data: torch.Tensor, events: list[TransferEvent]) -> None:
+    def _land(self, inb: Inbound, chunk: wire.Chunk, data: torch.Tensor, events: list[TransferEvent]) -> None:
         """Scatter ``data`` ``[2, T, H, D]`` into the reserved pages and mark it covered."""
         s, e = chunk.token_start, chunk.token_end
         scatter_tokens(self._kv, chunk.layer, inb.slots[s:e], data)
@@ -290,17 +311,17 @@ class ZmqKVReceiver(KVReceiver):
         if inb.covered[chunk.layer].all():
             events.append(LayerArrived(inb.desc.transfer_id, chunk.layer))
 
-    def _try_complete(self, inb: _Inbound, events: list[TransferEvent]) -> None:
+    def _try_complete(self, inb: Inbound, events: list[TransferEvent]) -> None:
         if inb.done is None or inb.pending:
             return
         missing = np.flatnonzero(~inb.covered.all(axis=1))
         if len(missing):
-            raise _Reject(f"finished with layers {missing.tolist()[:8]} incomplete")
+            raise Reject(f"finished with layers {missing.tolist()[:8]} incomplete")
         events.append(TransferComplete(inb.desc.transfer_id, inb.done))
         logger.debug("request %s: transfer %s complete", inb.request_id, inb.desc.transfer_id)
         self._end(inb, ok=True, error=None, seq=inb.finish_seq)
 
-    def _end(self, inb: _Inbound, ok: bool, error: str | None, seq: int) -> None:
+    def _end(self, inb: Inbound, ok: bool, error: str | None, seq: int) -> None:
         tid = inb.desc.transfer_id
         self._transfers.pop(tid, None)
         self._drop_pending(inb)
@@ -313,6 +334,9 @@ class ZmqKVReceiver(KVReceiver):
     def _expire_leases(self, events: list[TransferEvent]) -> None:
         now = time.monotonic()
         for inb in [t for t in self._transfers.values() if t.deadline < now]:
+            if inb.settling is not None:  # the sender's write window ended inside this lease: the pages are safe
+                self._settle(inb, events)
+                continue
             reason = f"KV transfer lease of {inb.desc.lease_s:g}s expired without data from the prefill worker"
             logger.warning("request %s: transfer %s: %s", inb.request_id, inb.desc.transfer_id, reason)
             events.append(TransferFailed(inb.desc.transfer_id, inb.request_id, reason))
@@ -326,10 +350,26 @@ class ZmqKVReceiver(KVReceiver):
         except zmq.ZMQError as exc:
             logger.warning("could not ack transfer %s: %s", ack.transfer_id, exc)
 
+    # -- hooks for the one-sided path (direct.py) --
+
+    def _accept_path(self, inb: Inbound, path: str) -> None:
+        """Refuse a ``Begin`` whose data path this receiver does not take."""
+        if path != "inline":
+            raise Reject(f"this receiver takes inline KV data only, not {path!r}")
+
+    def _on_direct_frame(self, inb: Inbound, frame: wire.SenderFrame, events: list[TransferEvent]) -> None:
+        raise Reject(f"{type(frame).__name__} frames belong to the one-sided path, which this receiver does not take")
+
+    def _on_settling_frame(self, inb: Inbound, frame: wire.SenderFrame, events: list[TransferEvent]) -> None:
+        """A frame for a transfer that ended early but may still be written to (never happens inline)."""
+
+    def _settle(self, inb: Inbound, events: list[TransferEvent]) -> None:
+        """A settling transfer's pages may be reused now (never happens inline)."""
+
     # -- hooks for backends whose payload travels elsewhere (UCX) --
 
-    def _accept_remote_payload(self, inb: _Inbound, chunk: wire.Chunk) -> None:
-        raise _Reject("this receiver takes inline payloads only (sender uses another backend?)")
+    def _accept_remote_payload(self, inb: Inbound, chunk: wire.Chunk) -> None:
+        raise Reject("this receiver takes inline payloads only (sender uses another backend?)")
 
     def _has_pending(self) -> bool:
         return False
@@ -337,7 +377,7 @@ class ZmqKVReceiver(KVReceiver):
     def _progress_pending(self, events: list[TransferEvent]) -> None:
         """Land finished remote payloads (UCX)."""
 
-    def _drop_pending(self, inb: _Inbound) -> None:
+    def _drop_pending(self, inb: Inbound) -> None:
         """Forget a transfer's in-flight remote payloads; they never touch the pages."""
         inb.pending.clear()
 
@@ -413,7 +453,7 @@ class _Conn:
 
 
 @dataclass
-class _Outbound:
+class Outbound:
     desc: KVDescriptor
     request_id: str
     done: PrefillDone | None = None
@@ -427,7 +467,7 @@ class ZmqKVSender(KVSender):
         self._cfg, self._kv, self._layout = cfg, kv_cache, layout
         self._ctx = zmq.Context()
         self._conns: dict[str, _Conn] = {}
-        self._out: dict[str, _Outbound] = {}
+        self._out: dict[str, Outbound] = {}
         self._staging = StagingPool()
 
     def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
@@ -435,12 +475,19 @@ class ZmqKVSender(KVSender):
         self._layout.check_compatible(desc)
         if desc.transfer_id in self._out:
             raise TransferError(f"transfer {desc.transfer_id} already begun")
-        self._out[desc.transfer_id] = _Outbound(desc, request_id)
+        self._out[desc.transfer_id] = Outbound(desc, request_id)
         lay = self._layout
+        path = self._choose_path(desc)
         self._send(
             desc.transfer_id,
-            lambda seq: wire.Begin(desc.transfer_id, seq, lay.model_id, lay.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim),
+            lambda seq: wire.Begin(
+                desc.transfer_id, seq, lay.model_id, lay.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim, path
+            ),
         )
+
+    def _choose_path(self, desc: KVDescriptor) -> str:
+        """The data path of a new transfer (the one-sided sender picks ``cuda_ipc``/``shm`` where it can)."""
+        return "inline"
 
     def send_layer(
         self, transfer_id: str, layer: int, src_page_ids: Sequence[int], token_start: int, token_end: int
@@ -461,9 +508,9 @@ class ZmqKVSender(KVSender):
         out.request_id = out.request_id or done.request_id
         self._send(transfer_id, lambda seq: wire.Finish(transfer_id, seq, done))
 
-    def fail(self, transfer_id: str, request_id: str, error: str) -> None:
+    def fail(self, transfer_id: str, request_id: str, error: str, retryable: bool = True) -> None:
         self._outbound(transfer_id)
-        failed = PrefillFailed(request_id=request_id, transfer_id=transfer_id, error=error)
+        failed = PrefillFailed(request_id=request_id, transfer_id=transfer_id, error=error, retryable=retryable)
         self._send(transfer_id, lambda seq: wire.Abort(transfer_id, seq, failed))
         self._out.pop(transfer_id, None)
 
@@ -488,7 +535,7 @@ class ZmqKVSender(KVSender):
 
     # -- internals --
 
-    def _outbound(self, transfer_id: str) -> _Outbound:
+    def _outbound(self, transfer_id: str) -> Outbound:
         out = self._out.get(transfer_id)
         if out is None:
             raise TransferError(f"transfer {transfer_id} is not active (never begun, finished or failed)")
@@ -541,7 +588,7 @@ class ZmqKVSender(KVSender):
             self._staging.track(payload, tracker)
 
     def _send_payload(
-        self, out: _Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
+        self, out: Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
     ) -> None:
         tid = out.desc.transfer_id
         self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes), staging)
@@ -557,10 +604,11 @@ class ZmqKVSender(KVSender):
             except wire.FrameError as exc:
                 logger.warning("dropping bad ack: %s", exc)
                 continue
-            conn.unacked.pop(ack.seq, None)
-            self._on_ack(ack, events)
+            sent_at = conn.unacked.pop(ack.seq, None)
+            self._on_ack(ack, events, sent_at)
 
-    def _on_ack(self, ack: wire.Ack, events: list[TransferEvent]) -> None:
+    def _on_ack(self, ack: wire.Ack, events: list[TransferEvent], sent_at: float | None = None) -> None:
+        """``sent_at``: when the acknowledged frame was sent (``None`` if unknown)."""
         out = self._out.get(ack.transfer_id)
         if out is None:
             return

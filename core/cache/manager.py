@@ -270,6 +270,14 @@ class KVCacheManager:
         self._allocator.decref(reversed(state.page_ids))
         logger.debug("request %s: freed %d pages", request_id, len(state.page_ids))
 
+    def rename(self, request_id: str, new_id: str) -> None:
+        """Move the request's pages, unchanged, under ``new_id`` (e.g. to hold them until a transfer settles)."""
+        state = self._get(request_id)
+        if new_id in self._requests:
+            raise ValueError(f"request {new_id} already holds pages")
+        self._requests[new_id] = state
+        del self._requests[request_id]
+
     def pin(self, request_id: str, key: str) -> None:
         """Keep the request's current pages alive under ``key`` (one extra reference each).
 

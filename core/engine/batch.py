@@ -68,8 +68,16 @@ class SeqResult:
     logprob: TokenLogprob | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     """Logprobs of the prompt tokens predicted by this chunk, in order."""
+    error: str | None = None
+    """Why this sequence's step failed (the engine fails the request); None when it succeeded."""
 
 
 @dataclass(frozen=True)
 class RunnerOutput:
     results: tuple[SeqResult, ...]
+
+
+def error_text(stage: str, exc: BaseException, limit: int = 500) -> str:
+    """One line for the client and the log: ``"<stage> failed: <Type>: <message>"``, cut to ``limit`` characters."""
+    text = f"{stage} failed: {type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

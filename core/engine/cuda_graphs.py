@@ -23,11 +23,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def context_buckets(max_len: int) -> list[int]:
-    """1024, 4096, 16384, ... capped by (and ending at) ``max_len``."""
+    """1024, 2048, 4096, ... capped by (and ending at) ``max_len``: a context just past a bucket runs a decode grid
+    at most twice its need (x4 steps put 4096-token prompts plus their outputs on a grid for 16384)."""
     out, c = [], 1024
     while c < max_len:
         out.append(c)
-        c *= 4
+        c *= 2
     return out + [max_len]
 
 
@@ -118,6 +119,16 @@ class DecodeGraphs:
             out = self._forward(b, c)
         logger.info("captured decode CUDA graph: batch %d, context <= %d", b, c)
         return graph, out
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every (batch, context) bucket now, largest batch first so the shared pool is sized once;
+        returns how many graphs exist. Serving then never pays a capture (or a kernel compile) mid-request."""
+        for c in self.ctx_buckets:
+            for b in reversed(self.batch_buckets):
+                if (b, c) not in self.graphs:
+                    self.graphs[(b, c)] = self._capture(b, c)
+        return len(self.graphs)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, key: tuple[int, int]) -> torch.Tensor:

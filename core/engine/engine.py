@@ -1,5 +1,16 @@
 """The engine: one step is schedule -> run -> postprocess.
 
+Flow of :meth:`LLMEngine.step`:
+1. The scheduler picks this step's work (finishing as "length" the requests that cannot fit the pool).
+2. The runner computes it and samples. When the whole batch raises, its sequences run again one at a time
+   (a forward rewrites the same KV slots with the same values, so this is safe); a sequence that still
+   raises, or whose sampling raised, is that request's own fault.
+3. Postprocess: such a request is finished with ``finish_reason="error"`` and its ``error`` (pages freed,
+   one WARNING line); the others append their tokens and finish on EOS, stop ids or length.
+
+Requests are checked when they are added (:meth:`LLMEngine.make_request`): a prompt this engine can never
+serve, or sampling parameters the sampler cannot honour (NaN, infinite, impossible ranges), raise ``ValueError``.
+
 Used directly for offline generation (``splitserve generate``), and by every worker role: a prefill
 worker adds ``prefill_only`` requests and streams KV from the runner's layer hook; a decode worker reserves
 pages for incoming KV and then adds the request with its first token already known.
@@ -9,15 +20,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from splitserve.core.cache.manager import KVCacheManager
 from splitserve.core.config import EngineConfig
-from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch
+from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.runner import KVPoolSpec, LayerHook, ModelRunner
+from splitserve.core.engine.sampler import check_params
 from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
 from splitserve.core.messages import SamplingParams, TokenLogprob
 from splitserve.core.model.attention import make_backend
@@ -27,6 +40,8 @@ from splitserve.core.model.loader import load_model
 from splitserve.core.request import Request
 
 logger = logging.getLogger(__name__)
+
+PoolAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 
 @dataclass
@@ -40,6 +55,8 @@ class StepOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None
+    """With ``finish_reason="error"``: why the request failed (its own fault: it must not be recomputed)."""
 
     @property
     def finished(self) -> bool:
@@ -80,6 +97,15 @@ def size_pool(cfg: EngineConfig, spec_one_page: KVPoolSpec, device: torch.device
     return max(2, cfg.cpu_kv_cache_mb * (1 << 20) // per_page)
 
 
+def limits_for_role(cfg: EngineConfig, role: str) -> SchedulerLimits:
+    """Scheduler limits of a worker role: ``prefill`` computes whole prompts up to ``prefill_token_budget`` a step;
+    ``decode`` and ``both`` keep chunked prefill so decode steps stay short."""
+    if role == "prefill":
+        budget = cfg.prefill_token_budget
+        return SchedulerLimits(cfg.max_num_seqs, budget, budget, cfg.enable_prefix_caching)
+    return SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching)
+
+
 def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
     """Triton RMSNorm / RoPE / SwiGLU on CUDA (unless the torch backend is forced), torch references elsewhere."""
     if device.type != "cuda" or cfg.attention_backend == "torch":
@@ -92,7 +118,10 @@ def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, layer_hook: LayerHook | None = None) -> None:
+    def __init__(
+        self, cfg: EngineConfig, layer_hook: LayerHook | None = None, allocate: PoolAllocator | None = None
+    ) -> None:
+        """``allocate(shape, dtype, device)``: where the KV pool lives (a transfer backend may need it shared)."""
         self.cfg = cfg
         device = resolve_device(cfg)
         torch.manual_seed(cfg.seed)
@@ -102,14 +131,13 @@ class LLMEngine:
         one = KVPoolSpec(mcfg.num_layers, 1, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)
         num_pages = size_pool(cfg, one, device)
         spec = KVPoolSpec(mcfg.num_layers, num_pages, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)
-        self.kv_cache = spec.allocate(device)
+        self.kv_cache = spec.allocate(device) if allocate is None else allocate(spec.shape, dtype, device)
         max_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.info = RuntimeInfo(mcfg.model_id, str(device), dtype, num_pages, cfg.page_size, max_len, spec.bytes_per_page)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | frozenset(cfg.extra_stop_token_ids)
         self.kv = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self._offline_ids = itertools.count()
-        limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, limits)
+        self.scheduler = Scheduler(self.kv, limits_for_role(cfg, "both"))
         backend = make_backend(cfg.attention_backend, device.type)
         graphs = None
         if device.type == "cuda" and cfg.cuda_graphs and backend.name == "triton":
@@ -140,6 +168,10 @@ class LLMEngine:
 
     def make_request(self, request_id: str, prompt: Sequence[int], params: SamplingParams, prefill_only: bool = False) -> Request:
         self.check_prompt(request_id, prompt)
+        try:
+            check_params(params)
+        except ValueError as exc:
+            raise ValueError(f"request {request_id}: {exc}") from exc
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt),
@@ -207,6 +239,23 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000)) -> str:
+        """Compile every kernel variant and capture every CUDA graph before serving; returns a one-line report.
+
+        Runs real prefills (one prompt of each length that fits, then all of them batched) and a few decode
+        steps, then forgets their prefix-cache entries, so the pool is as it was.
+        """
+        t0 = time.perf_counter()
+        graphs = self.runner.graphs.capture_all() if self.runner.graphs is not None else 0
+        lens = [n for n in prompt_lens if self.kv.num_pages_for(n + 4) <= self.info.num_pages // 2
+                and n + 4 < self.info.max_model_len]
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        vocab = self.model_config.vocab_size
+        for group in [[n] for n in lens] + [lens]:
+            self.generate([[(7 * i + 3) % vocab for i in range(n)] for n in group], params)
+        self.kv.reset_prefix_cache()
+        return f"{graphs} CUDA graphs captured, prefill lengths {lens} compiled in {time.perf_counter() - t0:.1f}s"
+
     # --- one step -----------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
@@ -214,8 +263,28 @@ class LLMEngine:
         outputs = self._finish_out_of_memory()
         if batch.is_empty:
             return outputs
-        out = self.runner.execute(batch)
-        return outputs + self.postprocess(batch, out)
+        return outputs + self.postprocess(batch, self._execute(batch))
+
+    def _execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        """Run ``batch``; when it raises, run its sequences one at a time so that only those that raise fail."""
+        try:
+            return self.runner.execute(batch)
+        except Exception as exc:  # isolation boundary: one request's fault must not end the others (or the worker)
+            if len(batch.seqs) == 1:
+                return RunnerOutput(results=(self._failed_seq(batch.seqs[0], exc),))
+            logger.info("requests %s: the step raised %s; running them one at a time",
+                        ",".join(s.request_id for s in batch.seqs), type(exc).__name__)
+        results: list[SeqResult] = []
+        for seq in batch.seqs:
+            try:
+                results.extend(self.runner.execute(ScheduledBatch(seqs=(seq,), page_size=batch.page_size)).results)
+            except Exception as exc:  # this request's own fault: postprocess fails it and logs the error
+                results.append(self._failed_seq(seq, exc))
+        return RunnerOutput(results=tuple(results))
+
+    @staticmethod
+    def _failed_seq(seq: SeqWork, exc: Exception) -> SeqResult:
+        return SeqResult(request_id=seq.request_id, token_id=None, error=error_text("the model step", exc))
 
     def _finish_out_of_memory(self) -> list[StepOutput]:
         done = self.scheduler.out_of_memory
@@ -224,8 +293,9 @@ class LLMEngine:
         return [StepOutput(r.request_id, finish_reason="length", num_prompt_tokens=r.num_prompt_tokens) for r in done]
 
     def postprocess(self, batch: ScheduledBatch, out: RunnerOutput) -> list[StepOutput]:
+        outputs = self._fail_errors(out)  # before commit, which would publish a failed step's KV to the prefix cache
         self.scheduler.commit(batch)
-        outputs, done = [], []
+        done = []
         for res in out.results:
             req = self.scheduler.requests.get(res.request_id)
             if req is None:
@@ -248,6 +318,19 @@ class LLMEngine:
                     done.append((req, so.finish_reason))
                 outputs.append(so)
         self.scheduler.finish_many(done)
+        return outputs
+
+    def _fail_errors(self, out: RunnerOutput) -> list[StepOutput]:
+        """Finish with ``finish_reason="error"`` every request whose sequence failed; their pages are freed."""
+        outputs = []
+        for res in out.results:
+            req = self.scheduler.requests.get(res.request_id) if res.error is not None else None
+            if req is None:
+                continue
+            logger.warning("request %s: failed in the engine and removed: %s", req.request_id, res.error)
+            self.scheduler.finish_many([(req, "error")])
+            outputs.append(StepOutput(req.request_id, finish_reason="error", error=res.error,
+                                      num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens))
         return outputs
 
     # --- offline convenience --------------------------------------------------------------------------

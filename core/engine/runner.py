@@ -1,8 +1,14 @@
 """Model runner: turns a :class:`ScheduledBatch` into tensors, runs the model, samples.
 
+Flow of :meth:`ModelRunner.execute`:
+1. Build the input ids, positions and attention metadata from the batch (or replay a CUDA graph).
+2. Run the model; a ``layer_hook(layer_idx, batch)`` (prefill workers) runs after each layer's K/V are in the pages.
+3. Sample the sequences that caught up with their known tokens; when sampling the batch raises, sample row by
+   row and report the rows that still raise in :attr:`SeqResult.error` (the engine fails those requests).
+4. Add prompt logprobs where asked.
+
 It reads nothing but the batch it is handed; the KV pool, the model and the attention backend are
-collaborators given at construction. A ``layer_hook(layer_idx, batch)`` (prefill workers) runs after
-each layer's K/V are in the pages.
+collaborators given at construction.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork
+from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.sampler import SampleInput, sample_batch, top_logprobs
+from splitserve.core.messages import TokenLogprob
 from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
@@ -23,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LayerHook = Callable[[int, ScheduledBatch], None]
+SampledRow = tuple[int | None, TokenLogprob | None, str | None]
+"""(token id, its logprob, error) of one sampled row; an error leaves the other two None."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,14 @@ class KVPoolSpec:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return self.num_layers * 2 * self.page_size * self.num_kv_heads * self.head_dim * elem
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``."""
+        return (self.num_layers, 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+
     def allocate(self, device: torch.device) -> torch.Tensor:
-        """The pool: ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`` of ``dtype``."""
-        shape = (self.num_layers, 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=device)
+        """The pool: :attr:`shape` of ``dtype``, zeroed."""
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
 
 class ModelRunner:
@@ -127,18 +140,35 @@ class ModelRunner:
             off += s.num_tokens
             ends.append(off - 1)
         sampling = [i for i, s in enumerate(batch.seqs) if s.sample]
-        tokens: dict[int, tuple[int, object]] = {}
+        tokens: dict[int, SampledRow] = {}
         if sampling:
             logits = self.model.compute_logits(hidden[[ends[i] for i in sampling]])
-            inputs = [self._sample_input(batch.seqs[i]) for i in sampling]
-            toks, lps = sample_batch(logits, inputs)
-            tokens = {i: (t, lp) for i, t, lp in zip(sampling, toks, lps)}
+            tokens = dict(zip(sampling, self._sample(logits, [batch.seqs[i] for i in sampling])))
         results = []
         for i, s in enumerate(batch.seqs):
-            tok, lp = tokens.get(i, (None, None))
-            plp = self._prompt_logprobs(s, hidden[starts[i] : ends[i] + 1]) if s.prompt_logprobs else ()
-            results.append(SeqResult(request_id=s.request_id, token_id=tok, logprob=lp, prompt_logprobs=plp))
+            tok, lp, err = tokens.get(i, (None, None, None))
+            plp = self._prompt_logprobs(s, hidden[starts[i] : ends[i] + 1]) if s.prompt_logprobs and not err else ()
+            results.append(SeqResult(request_id=s.request_id, token_id=tok, logprob=lp, prompt_logprobs=plp, error=err))
         return RunnerOutput(results=tuple(results))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SeqWork]) -> list[SampledRow]:
+        """(token, logprob, error) per row: the whole batch at once, or row by row when that raises, so that
+        only the rows that raise fail (their requests fail; the others get the tokens they would have had)."""
+        inputs = [self._sample_input(s) for s in seqs]
+        try:
+            toks, lps = sample_batch(logits, inputs)
+            return [(t, lp, None) for t, lp in zip(toks, lps)]
+        except Exception as exc:  # isolation boundary: the rows are retried one by one below, the failures reported
+            logger.info("requests %s: sampling the batch raised %s; sampling row by row",
+                        ",".join(s.request_id for s in seqs), type(exc).__name__)
+        rows: list[SampledRow] = []
+        for r, inp in enumerate(inputs):
+            try:
+                toks, lps = sample_batch(logits[r : r + 1], [inp])
+                rows.append((toks[0], lps[0], None))
+            except Exception as exc:  # this request's own fault: the engine fails it and logs the error
+                rows.append((None, None, error_text("sampling", exc)))
+        return rows
 
     def _sample_input(self, s: SeqWork) -> SampleInput:
         return SampleInput(

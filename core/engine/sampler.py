@@ -1,5 +1,20 @@
 """Token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs.
 
+Flow for one row of logits (:func:`sample_one`; :func:`sample_batch` takes one batched argmax instead when every
+row is plain greedy):
+
+1. Check the parameters (:func:`check_params`; :func:`sample_batch` checks every row, whichever path it then
+   takes): NaN, infinite or impossible values raise ``ValueError``.
+2. In float64, apply the repetition / presence / frequency penalties, then forbid EOS and stop ids until
+   ``min_tokens`` (ids outside the vocabulary can never be drawn, so they are ignored).
+3. Greedy requests take the argmax; the others divide by the temperature and apply top-k, top-p and min-p.
+4. After every operation that can overflow, NaN becomes -inf (never drawn) and +inf the largest finite value,
+   so extreme but finite values (a repetition penalty of 1e-300, a temperature of 1e39) never yield NaN
+   probabilities. A row with no token left (every logit -inf) raises ``ValueError``.
+5. Draw from the softmax with the request's generator.
+
+The caller (the model runner) turns an exception of one row into an error for that request only.
+
 Seeded requests are reproducible and stateless: the n-th output token of a request with seed ``s`` is
 drawn from a generator seeded with ``(s, n)``, so a prefill worker (n = 0) and a decode worker (n >= 1)
 together draw exactly what one colocated worker draws, and a preempted request redraws the same tokens.
@@ -7,7 +22,9 @@ together draw exactly what one colocated worker draws, and a preempted request r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -15,6 +32,20 @@ from splitserve.core.messages import SamplingParams, TokenLogprob
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
+
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_RANGES = (
+    ("temperature", lambda p: p.temperature >= 0, "must be >= 0"),
+    ("top_p", lambda p: 0 < p.top_p <= 1, "must be in (0, 1]"),
+    ("min_p", lambda p: 0 <= p.min_p <= 1, "must be in [0, 1]"),
+    ("repetition_penalty", lambda p: p.repetition_penalty > 0, "must be > 0"),
+    ("top_k", lambda p: p.top_k >= -1, "must be -1, 0 (disabled) or >= 1"),
+    ("max_tokens", lambda p: p.max_tokens >= 0, "must be >= 0"),
+    ("min_tokens", lambda p: p.min_tokens >= 0, "must be >= 0"),
+    ("logprobs", lambda p: p.logprobs is None or p.logprobs >= 0, "must be >= 0"),
+    ("prompt_logprobs", lambda p: p.prompt_logprobs is None or p.prompt_logprobs >= 0, "must be >= 0"),
+)
+"""What the sampler cannot honour at all; the router's API edge applies the tighter ranges that clients see."""
 
 
 @dataclass(frozen=True)
@@ -27,24 +58,53 @@ class SampleInput:
     eos_token_ids: frozenset[int] = frozenset()
 
 
+def check_params(params: SamplingParams) -> None:
+    """Raise ``ValueError`` naming the first parameter that is NaN, infinite or out of its possible range."""
+    for name in _FLOAT_PARAMS:
+        value = getattr(params, name)
+        if not _is_finite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    for name, ok, rule in _RANGES:
+        if not ok(params):
+            raise ValueError(f"{name} {rule}, got {getattr(params, name)!r}")
+
+
+def _is_finite(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except (TypeError, OverflowError):  # not a number, or an int too large for a float
+        return False
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never drawn); +inf -> the largest finite value (the limit of an overflowing logit)."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
+
+
+def _id_tensor(ids: Iterable[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Sorted distinct ids inside ``[0, vocab)`` as a long tensor (an id outside the vocabulary is never drawn)."""
+    return torch.tensor(sorted({i for i in ids if 0 <= i < vocab}), dtype=torch.long, device=device)
+
+
 def apply_penalties(logits: torch.Tensor, inp: SampleInput) -> torch.Tensor:
     """Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output) penalties.
 
     Args:
-        logits: float32 ``[V]``; returns a new tensor.
+        logits: float ``[V]`` (the sampler passes float64); returns a new tensor with no NaN or +inf.
     """
     p = inp.params
     out = logits.clone()
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(inp.prompt_token_ids) | set(inp.output_token_ids)), dtype=torch.long)
+        seen = _id_tensor(list(inp.prompt_token_ids) + list(inp.output_token_ids), out.numel(), out.device)
         if seen.numel():
-            vals = out[seen.to(out.device)]
-            out[seen.to(out.device)] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and inp.output_token_ids:
-        ids = torch.tensor(inp.output_token_ids, dtype=torch.long, device=out.device)
+            vals = out[seen]
+            out[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    outputs = [i for i in inp.output_token_ids if 0 <= i < out.numel()]
+    if (p.presence_penalty or p.frequency_penalty) and outputs:
+        ids = torch.tensor(outputs, dtype=torch.long, device=out.device)
         counts = torch.zeros_like(out).index_add_(0, ids, torch.ones_like(ids, dtype=out.dtype))
         out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
-    return out
+    return _finite(out)
 
 
 def _min_tokens_mask(logits: torch.Tensor, inp: SampleInput) -> torch.Tensor:
@@ -53,15 +113,16 @@ def _min_tokens_mask(logits: torch.Tensor, inp: SampleInput) -> torch.Tensor:
     if len(inp.output_token_ids) >= p.min_tokens:
         return logits
     banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(inp.eos_token_ids))
-    if banned:
+    ids = _id_tensor(banned, logits.numel(), logits.device)
+    if ids.numel():
         logits = logits.clone()
-        logits[torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+        logits[ids] = float("-inf")
     return logits
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: non-kept entries become -inf. ``logits``: float32 ``[V]``."""
-    x = logits / max(params.temperature, 1e-5)
+    """Temperature, then top-k, top-p and min-p: non-kept entries become -inf. ``logits``: float ``[V]``."""
+    x = _finite(logits / max(params.temperature, 1e-5))
     if params.top_k > 0 and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -86,11 +147,22 @@ def _generator(params: SamplingParams, step: int, device: torch.device) -> torch
 
 
 def sample_one(logits: torch.Tensor, inp: SampleInput) -> int:
-    """Pick one token from float32 ``[V]`` logits (greedy when temperature is 0 or top_k is 1)."""
-    x = _min_tokens_mask(apply_penalties(logits, inp), inp)
+    """Pick one token from float ``[V]`` logits (greedy when temperature is 0 or top_k is 1).
+
+    Raises ``ValueError`` for parameters :func:`check_params` rejects, or when no token is left to draw.
+    """
+    check_params(inp.params)
+    return _sample_checked(logits, inp)
+
+
+def _sample_checked(logits: torch.Tensor, inp: SampleInput) -> int:
+    x = _min_tokens_mask(apply_penalties(logits.double(), inp), inp)
+    if not inp.params.greedy:
+        x = filter_logits(x, inp.params)
+    if not bool(torch.isfinite(x).any()):
+        raise ValueError("no token is left to sample: penalties, min_tokens and filters ruled out every token")
     if inp.params.greedy:
         return int(torch.argmax(x))
-    x = filter_logits(x, inp.params)
     probs = torch.softmax(x, dim=-1)
     gen = _generator(inp.params, len(inp.output_token_ids), probs.device)
     return int(torch.multinomial(probs, 1, generator=gen))
@@ -113,11 +185,15 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
     Returns:
         token ids and, for requests that asked for logprobs, the model's logprobs (before penalties and
         temperature, as OpenAI reports them).
+    Raises:
+        ValueError: a row cannot be sampled (see :func:`sample_one`); the runner then samples row by row.
     """
+    for inp in inputs:  # every row, so that whether a row fails never depends on the rows batched with it
+        check_params(inp.params)
     if all(i.params.greedy and _plain(i.params) for i in inputs):
         tokens = torch.argmax(logits, dim=-1).tolist()
     else:
-        tokens = [sample_one(logits[r], inp) for r, inp in enumerate(inputs)]
+        tokens = [_sample_checked(logits[r], inp) for r, inp in enumerate(inputs)]
     lps: list[TokenLogprob | None] = [None] * len(inputs)
     want = [r for r, inp in enumerate(inputs) if inp.params.logprobs is not None]
     if want:

@@ -19,7 +19,7 @@ from typing import Callable
 import zmq
 
 from splitserve.core.config import WorkerConfig
-from splitserve.core.engine.engine import LLMEngine, StepOutput
+from splitserve.core.engine.engine import LLMEngine, StepOutput, limits_for_role
 from splitserve.core.messages import (
     AbortReq,
     Drain,
@@ -97,6 +97,7 @@ class WorkerCore:
         """Requests whose output could not be queued for the router: aborted here on the next loop."""
         self._router_backlogged = False
         engine.kv.record_cache_events()
+        engine.scheduler.limits = limits_for_role(cfg.engine, self.role)
         self.on(AbortReq, self._on_abort)
         self.on(Drain, lambda _p, _m: self.start_drain())
         self.on(SetRole, self._on_set_role)
@@ -221,6 +222,8 @@ class WorkerCore:
                 owner = self.owners.get(out.request_id)
                 if owner is not None:
                     owner(out)
+            for poll in self.pollers:  # what the step finished (KV written, first tokens) leaves now, not after a wait
+                poll()
         self.heartbeat()
 
     def close(self) -> None:
@@ -268,6 +271,7 @@ class WorkerCore:
     def _on_set_role(self, _peer: bytes | None, msg: SetRole) -> None:
         logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)
         self.role, self.role_epoch = msg.role, msg.epoch
+        self.engine.scheduler.limits = limits_for_role(self.cfg.engine, msg.role)
         self._last_hb = 0.0  # the next heartbeat carries the new role
 
     # --- heartbeats ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Which kernel runs (measured on an H100, benchmarks/RESULTS.md "Kernels (issue 5)
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
 from splitserve.core.model.attention import AttentionMetadata
@@ -65,8 +66,18 @@ class TritonAttentionBackend:
         )
 
 
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+"""Not cuDNN: it builds an execution plan for every new sequence length (a first prompt of a new length paid
+about a second on an H200 in a serving run), and prompts come in every length."""
+
+
 def _sdpa_prefill(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Per sequence: gather its K/V ``[2, ctx, Hkv, D]`` from the pages, then causal SDPA (GQA inside SDPA)."""
+    with sdpa_kernel(list(SDPA_BACKENDS)):
+        return _sdpa_prefill_seqs(q, kv_layer, meta, scale)
+
+
+def _sdpa_prefill_seqs(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for b, (q_len, ctx) in enumerate(zip(meta.q_lens, meta.ctx_lens_host)):

@@ -64,11 +64,11 @@ class RouterHarness:
             return False
 
     def add_worker(self, worker_id: str, tokens: list[int], role: str = "both", delay: float = 0.0,
-                   die_after: int = 0, max_model_len: int = 256) -> Path:
+                   die_after: int = 0, max_model_len: int = 256, vocab_size: int = 0) -> Path:
         log = self.tmp / f"{worker_id}.jsonl"
         cmd = [sys.executable, str(WORKER_SCRIPT), "--router", self.control, "--worker-id", worker_id, "--role", role,
                "--tokens", ",".join(map(str, tokens)), "--log", str(log), "--token-delay", str(delay),
-               "--die-after", str(die_after), "--max-model-len", str(max_model_len)]
+               "--die-after", str(die_after), "--max-model-len", str(max_model_len), "--vocab-size", str(vocab_size)]
         self.procs[worker_id] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
                                                  stderr=open(self.tmp / f"{worker_id}.err", "w"))
         wait_for(lambda: any(w["worker_id"] == worker_id and w["healthy"] for w in self.status()["workers"]),

@@ -49,7 +49,7 @@ class ScriptedWorker:
         a = self.args
         await self.send(m.Register(worker_id=a.worker_id, role=a.role, model_id="scripted", peer_addr=f"peer-{a.worker_id}",
                                    transfer_addr=f"xfer-{a.worker_id}", num_pages=a.num_pages, page_size=4,
-                                   max_model_len=a.max_model_len))
+                                   max_model_len=a.max_model_len, vocab_size=a.vocab_size))
         self.log({"type": "started"})
         hb = asyncio.create_task(self.heartbeats())
         try:
@@ -123,6 +123,7 @@ def main() -> int:
     p.add_argument("--die-after", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--num-pages", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=0, help="reported in Register (0: unknown)")
     args = p.parse_args()
     try:
         asyncio.run(ScriptedWorker(args).run())
