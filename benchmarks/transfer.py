@@ -31,8 +31,9 @@ MODEL_SHAPES: Mapping[str, dict[str, int]] = MappingProxyType({
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("auto", "zmq", "ucx", "cuda_ipc", "shm"), default="auto",
-                        help="auto: cuda_ipc on GPUs, shm on CPUs (one-sided writes into the receiver's pages)")
+    parser.add_argument("--backend", choices=("auto", "zmq", "ucx", "cuda_ipc", "shm", "nixl"), default="auto",
+                        help="auto: cuda_ipc on GPUs, shm on CPUs (one-sided writes into the receiver's pages); "
+                             "nixl: one-sided over NIXL/UCX")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama3-8b")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens of the request (default 2048)")
@@ -41,9 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src-page-size", type=int, default=16)
     parser.add_argument("--dst-page-size", type=int, default=16)
     parser.add_argument("--chunk-tokens", type=int, default=0, help="tokens per send_layer call (0: whole prompt)")
+    parser.add_argument("--requests", type=int, default=1,
+                        help="requests transferred at once (1: one request's latency; more: the KV path's throughput "
+                             "with transfers in flight together, as under load)")
     parser.add_argument("--layers-per-call", type=int, default=1,
-                        help="layers per send call (1: one per layer, as a prefill step sends them; the one-sided "
-                             "backends copy a range in one launch)")
+                        help="layers per send call (1: layer by layer, as a prefill step sends them, every request of "
+                             "the round in one send_step_layer call; more: send_layers ranges, which the one-sided "
+                             "backends copy in one launch)")
     parser.add_argument("--ipc", action="store_true", help="ZeroMQ over ipc:// instead of tcp://")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (best is reported)")
@@ -145,6 +150,41 @@ def _peer_copy_gbps(nbytes: int, repeat: int) -> float | None:
     return nbytes / best / 1e9
 
 
+def _kernel_gbps(args: argparse.Namespace, shape: dict[str, int], dtype: str) -> dict[str, float] | None:
+    """The one-sided path's copy kernel alone, in this process, cuda:0 pages -> cuda:1 pages (peer access), for
+    several tokens-per-program settings: what the kernel reaches without any messaging. ``None`` without 2 GPUs."""
+    import torch
+
+    from splitserve.kernels.cache import copy_slots_layers
+    from splitserve.transfer.base import token_slots
+
+    if args.device != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    n_pages = -(-args.tokens // args.src_page_size) + 2
+    dims = (shape["num_layers"], 2, n_pages, args.src_page_size, shape["num_kv_heads"], shape["head_dim"])
+    src = torch.randn(dims, device="cuda:0").to(getattr(torch, dtype))
+    dst = torch.empty(dims, dtype=src.dtype, device="cuda:1")
+    pages = list(range(n_pages - 1, 1, -1))  # scattered (reversed) pages, as the transfer above uses
+    slots = torch.from_numpy(token_slots(pages, args.src_page_size, 0, args.tokens)).to("cuda:0")
+    nbytes = src[:, :, 0, 0].numel() * src.element_size() * args.tokens
+    out = {}
+    for t in (1, 2, 4, 8, 16):
+        run = lambda: copy_slots_layers(src, dst, 0, shape["num_layers"], slots, slots, tokens_per_program=t)  # noqa: E731
+        run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(max(3, args.repeat)):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        out[str(t)] = nbytes / min(times) / 1e9
+    if not torch.equal(dst.flatten(2, 3)[:, :, slots.to("cuda:1")].cpu(), src.flatten(2, 3)[:, :, slots].cpu()):
+        raise RuntimeError("copy kernel check failed: destination rows differ from the source rows")
+    return out
+
+
 def _local_copy_gbps(nbytes: int, device: str, repeat: int) -> float:
     """One in-process copy of a contiguous buffer (the one-sided backends' ceiling when there is no peer GPU)."""
     import torch
@@ -196,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kv = _measure_kv(args, child, dtype, shape, src_dev, dst_dev)
         nbytes = kv["bytes"]
         peer = _peer_copy_gbps(nbytes, args.repeat) if args.device == "cuda" else None
+        kernel = _kernel_gbps(args, shape, dtype) if args.backend == "cuda_ipc" else None
         if args.backend in DIRECT_BACKENDS:
             baseline = peer if peer is not None else _local_copy_gbps(nbytes, src_dev, args.repeat)
         else:
@@ -211,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": kv["gbps"] / baseline,
         "peer_copy_gbps": peer,
         "ratio_to_peer_copy": None if peer is None else kv["gbps"] / peer,
+        "copy_kernel_gbps_by_tokens_per_program": kernel,
         "backend": args.backend,
         "transport": _transport(args),
         "descriptors": kv["descriptors"],
@@ -222,13 +264,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "page_sizes": [args.src_page_size, args.dst_page_size],
         "layers_per_call": args.layers_per_call,
+        "requests": args.requests,
         "card": _card(args.device),
         "date": datetime.date.today().isoformat(),
     }
 
 
 def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[str, int], src_dev: str, dst_dev: str) -> dict[str, Any]:
-    """Best of ``args.repeat`` timed transfers of one request (each after a warm-up); verifies every byte."""
+    """Best of ``args.repeat`` timed rounds of ``args.requests`` transfers (each round after a warm-up transfer);
+    verifies every byte of every request."""
     import torch
 
     from splitserve.core.config import TransferConfig
@@ -238,7 +282,8 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
 
     dst_layout = KVLayout(args.model_shape, dtype, **shape, page_size=args.dst_page_size)
     cfg = TransferConfig(backend=args.backend, host=args.host, use_ipc=args.ipc)
-    dst_pages = 2 * -(-args.tokens // args.dst_page_size) + 2
+    per = -(-args.tokens // args.dst_page_size)
+    dst_pages = (args.requests + 1) * per + 2
     pool_shape = (shape["num_layers"], 2, dst_pages, args.dst_page_size, shape["num_kv_heads"], shape["head_dim"])
     copy = make_copy_engine(resolve(args.backend, torch.device(dst_dev).type), torch.device(dst_dev))
     kv = (copy.allocate(pool_shape, dst_layout.torch_dtype, torch.device(dst_dev)) if copy is not None
@@ -247,55 +292,73 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
     best, verified = float("inf"), True
     try:
         for i in range(args.repeat):
-            descs = [_reserve(rx, dst_layout, f"{tag}{i}", n, dst_pages) for tag, n in (("warm", 16), ("kv", args.tokens))]
+            scattered = list(range(dst_pages - 1, per, -1))  # reversed page order: every request's pages scattered
+            descs = [_reserve(rx, dst_layout, f"warm{i}", 16, tuple(range(-(-16 // args.dst_page_size))))] + [
+                _reserve(rx, dst_layout, f"kv{i}.{j}", args.tokens, tuple(scattered[j * per:(j + 1) * per]))
+                for j in range(args.requests)
+            ]
             child.start(_sender_spec(args, dtype, shape, src_dev, descs))
             events = _pump(rx, {d.transfer_id for d in descs}, timeout_s=300)
             report = child.report()
             ok = all(isinstance(events.get(d.transfer_id), TransferComplete) for d in descs)
-            landed = token_checksum(kv, descs[1].page_ids, args.tokens)
-            verified = verified and ok and report.checksums == (landed,)
+            landed = tuple(token_checksum(kv, d.page_ids, args.tokens) for d in descs[1:])
+            verified = verified and ok and report.checksums == landed
             best = min(best, report.seconds)
         gpu_over_tcp = bool(getattr(rx, "gpu_over_tcp", False))
     finally:
         rx.close()
-    nbytes = dst_layout.token_bytes() * args.tokens * shape["num_layers"]
+    nbytes = dst_layout.token_bytes() * args.tokens * shape["num_layers"] * args.requests
     return {"bytes": nbytes, "seconds": best, "gbps": nbytes / best / 1e9, "verified": verified,
-            "ucx_gpu_over_tcp": gpu_over_tcp, "descriptors": _descriptor_count(args, shape)}
+            "ucx_gpu_over_tcp": gpu_over_tcp, "descriptors": _descriptor_count(args, shape, descs[1:])}
 
 
-def _descriptor_count(args: argparse.Namespace, shape: dict[str, int]) -> int:
-    """Copies (one-sided: kernel launches) or messages one request's KV takes: per layer range and chunk."""
-    chunk = args.chunk_tokens or args.tokens
-    per_chunk = -(-shape["num_layers"] // args.layers_per_call) if args.backend in ("cuda_ipc", "shm") else shape["num_layers"]
-    return per_chunk * -(-args.tokens // chunk)
+def _descriptor_count(args: argparse.Namespace, shape: dict[str, int], descs: list[Any]) -> int:
+    """What one round moves in: copies (cuda_ipc/shm: kernel launches), NIXL descriptors (one per run of rows
+    contiguous in both pools, per layer plane), or messages (zmq/ucx: one per layer and chunk)."""
+    per_request = -(-args.tokens // (args.chunk_tokens or args.tokens))
+    chunks = per_request * args.requests
+    if args.backend == "nixl":
+        from splitserve.transfer.base import token_slots
+        from splitserve.transfer.nixl import coalesce_runs
+
+        src = token_slots(_src_pages(args, args.tokens), args.src_page_size, 0, args.tokens)
+        runs = sum(len(coalesce_runs(src, token_slots(d.page_ids, args.dst_page_size, 0, args.tokens))) for d in descs)
+        return runs * 2 * shape["num_layers"]
+    if args.backend in ("cuda_ipc", "shm"):  # layer by layer, one launch covers every request of the step
+        return shape["num_layers"] * per_request if args.layers_per_call == 1 else -(-shape["num_layers"] // args.layers_per_call) * chunks
+    return shape["num_layers"] * chunks
+
+
+def _src_pages(args: argparse.Namespace, num_tokens: int) -> tuple[int, ...]:
+    """The sender's pages of a request of ``num_tokens``: reversed from the top of its pool, so they are scattered."""
+    top = -(-args.tokens // args.src_page_size) + 1
+    return tuple(range(top, top - -(-num_tokens // args.src_page_size), -1))
 
 
 def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], device: str, descs: list[Any]) -> Any:
-    """Spec for the child: ``descs[0]`` is the warm-up, ``descs[1]`` the timed request; source pages reversed."""
+    """Spec for the child: ``descs[0]`` is the warm-up, ``descs[1:]`` the timed requests (all read the same
+    source pages, reversed)."""
     from splitserve.transfer.loopback import SenderJob, SenderSpec
 
     src_pages = -(-args.tokens // args.src_page_size) + 2
     order = tuple(range(shape["num_layers"]))
 
     def job(desc: Any) -> SenderJob:
-        n = -(-desc.num_tokens // args.src_page_size)
         chunk = args.chunk_tokens or desc.num_tokens
-        return SenderJob(desc, f"req-{desc.transfer_id}", tuple(range(src_pages - 1, src_pages - 1 - n, -1)), order, chunk)
+        return SenderJob(desc, f"req-{desc.transfer_id}", _src_pages(args, desc.num_tokens), order, chunk)
 
     return SenderSpec(
         transfer_cfg={"backend": args.backend, "host": args.host, "use_ipc": args.ipc},
         layout={"model_id": args.model_shape, "dtype": dtype, **shape, "page_size": args.src_page_size},
-        num_pages=src_pages, seed=1234, jobs=(job(descs[1]),), device=device, wait_s=300.0,
-        warmup=job(descs[0]), checksums=True, layers_per_call=args.layers_per_call,
+        num_pages=src_pages, seed=1234, jobs=tuple(job(d) for d in descs[1:]), device=device, wait_s=300.0,
+        warmup=job(descs[0]), checksums=True, layers_per_call=args.layers_per_call, step_layers=True,
     )
 
 
-def _reserve(rx: Any, layout: Any, tid: str, num_tokens: int, num_pages: int) -> Any:
-    """Reserve pages for ``num_tokens`` (reversed page order, so pages are scattered) and expect the transfer."""
+def _reserve(rx: Any, layout: Any, tid: str, num_tokens: int, pages: tuple[int, ...]) -> Any:
+    """Expect a transfer of ``num_tokens`` into ``pages``."""
     from splitserve.core.messages import KVDescriptor
 
-    n = -(-num_tokens // layout.page_size)
-    pages = tuple(range(num_pages - 1, num_pages - 1 - n, -1)) if tid.startswith("kv") else tuple(range(n))
     desc = KVDescriptor(tid, rx.address, layout.model_id, layout.dtype, layout.num_layers, layout.num_kv_heads,
                         layout.head_dim, layout.page_size, pages, num_tokens, 120.0, pool=rx.pool_export)
     rx.expect(desc)
@@ -327,11 +390,14 @@ def _card(device: str) -> str:
 def _print_table(r: dict[str, Any]) -> None:
     print(f"# bench transfer  {r['date']}  card: {r['card']}")
     print(f"backend={r['backend']} transport={r['transport']} shape={r['model_shape']} dtype={r['dtype']} "
-          f"tokens={r['tokens']} pages {r['page_sizes'][0]}->{r['page_sizes'][1]} ({r['bytes'] / 2**20:.1f} MiB)")
+          f"tokens={r['tokens']} x {r['requests']} requests, pages {r['page_sizes'][0]}->{r['page_sizes'][1]} "
+          f"({r['bytes'] / 2**20:.1f} MiB), {r['layers_per_call']} layers per call")
     print(f"{'path':<28}{'GB/s':>10}")
     print(f"{'KV pages (this backend)':<28}{r['gbps']:>10.3f}")
     base_name = "contiguous copy (in-proc)" if r["transport"] in ("cuda_ipc", "shm") else "raw contiguous buffer"
     print(f"{base_name:<28}{r['baseline_gbps']:>10.3f}")
     if r["peer_copy_gbps"] is not None:
         print(f"{'torch peer copy (in-proc)':<28}{r['peer_copy_gbps']:>10.3f}")
+    for t, gbps in (r.get("copy_kernel_gbps_by_tokens_per_program") or {}).items():
+        print(f"{f'copy kernel alone, {t} tok/prog':<28}{gbps:>10.3f}")
     print(f"ratio to raw baseline: {r['ratio']:.3f}   verified: {r['verified']}")

@@ -69,9 +69,10 @@ class EngineConfig(FrozenConfig):
 class TransferConfig(FrozenConfig):
     """KV data plane between prefill and decode workers."""
 
-    backend: Literal["auto", "zmq", "ucx", "cuda_ipc", "shm"] = "auto"
+    backend: Literal["auto", "zmq", "ucx", "cuda_ipc", "shm", "nixl"] = "auto"
     """``auto``: one-sided writes into the decode worker's pool where both share a host (``cuda_ipc`` between GPUs,
-    ``shm`` between CPU processes), inline ZeroMQ frames otherwise (transfer/registry.py)."""
+    ``shm`` between CPU processes), inline ZeroMQ frames otherwise (transfer/registry.py). ``nixl``: one-sided
+    writes over NIXL/UCX, also across hosts (``pip install -e '.[nixl]'``)."""
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     """0: pick a free port."""

@@ -71,7 +71,7 @@ class KVPoolExport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     to every page of the pool, so it only travels to authenticated peers, inside :class:`KVDescriptor`.
     """
 
-    kind: Literal["cuda_ipc", "shm"]
+    kind: Literal["cuda_ipc", "shm", "nixl"]
     pool_id: str
     """Unique per pool allocation: senders open a pool once and cache it under this id."""
     host_id: str
@@ -93,6 +93,12 @@ class KVPoolExport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ref_counter_offset: int = 0
     event_handle: bytes = b""
     event_sync_required: bool = False
+    addr: int = 0
+    """nixl: address of the pool's first byte in process ``pid`` (``handle`` holds the agent metadata that grants it)."""
+    device_id: int = 0
+    """nixl: the pool's CUDA device index (0 for host memory)."""
+    mem_type: str = ""
+    """nixl: ``"DRAM"`` (host memory) or ``"VRAM"`` (GPU memory)."""
 
 
 class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -227,6 +233,9 @@ class PrefillReq(_Msg, frozen=True):
     dst: KVDescriptor
     reply_to: str
     """Worker id of the decode worker."""
+    sent_at: float = 0.0
+    """Wall-clock time (``time.time()``) the decode worker sent this: the prefill worker's queue time then counts
+    the time it sat unread while a step ran (exact on one host; across hosts as good as their clock sync)."""
 
 
 class PrefillDone(_Msg, frozen=True):
@@ -239,7 +248,7 @@ class PrefillDone(_Msg, frozen=True):
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     num_cached_tokens: int = 0
     queue_s: float = 0.0
-    """From ``PrefillReq`` arriving at the prefill worker to its first step."""
+    """From ``PrefillReq`` being sent (``sent_at``; else from its arrival) to the request's first prefill step."""
     compute_s: float = 0.0
     """From its first step to the first token (the writes of the last step may still be in flight)."""
 

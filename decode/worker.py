@@ -126,7 +126,8 @@ class DecodeService:
         self.incoming[rid] = _Incoming(msg, tid, msg.prefill_addr or "", time.monotonic())
         self.by_transfer[tid] = rid
         req = PrefillReq(
-            request_id=rid, prompt_token_ids=msg.prompt_token_ids, params=msg.params, dst=desc, reply_to=self.core.worker_id
+            request_id=rid, prompt_token_ids=msg.prompt_token_ids, params=msg.params, dst=desc, reply_to=self.core.worker_id,
+            sent_at=time.time(),
         )
         self._peer(msg.prefill_addr or "").send(encode(req))
         logger.info("request %s: %d pages reserved, prefill asked of %s", rid, len(pages), msg.prefill_worker)

@@ -236,38 +236,43 @@ def ref_copy_slots(src_layer: torch.Tensor, dst_layer: torch.Tensor, src_slots: 
 
 @triton.jit
 def _copy_slots_kernel(
-    src_ptr, dst_ptr, src_slot_ptr, dst_slot_ptr, s_layer_src, s_layer_dst, s_kv_src, s_kv_dst,
-    ROW: tl.constexpr, BLOCK: tl.constexpr,
+    src_ptr, dst_ptr, src_slot_ptr, dst_slot_ptr, num_tokens, s_layer_src, s_layer_dst, s_kv_src, s_kv_dst,
+    ROW: tl.constexpr, BLOCK: tl.constexpr, TOKENS: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """Program (i, lk): token rows ``[i * TOKENS, (i + 1) * TOKENS)`` of plane ``lk % 2`` of layer ``lk // 2``."""
     lk = tl.program_id(1).to(tl.int64)
-    layer = lk // 2
-    kv = lk % 2
-    src_row = src_ptr + layer * s_layer_src + kv * s_kv_src + tl.load(src_slot_ptr + t).to(tl.int64) * ROW
-    dst_row = dst_ptr + layer * s_layer_dst + kv * s_kv_dst + tl.load(dst_slot_ptr + t).to(tl.int64) * ROW
+    src_plane = src_ptr + (lk // 2) * s_layer_src + (lk % 2) * s_kv_src
+    dst_plane = dst_ptr + (lk // 2) * s_layer_dst + (lk % 2) * s_kv_dst
+    toks = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    live = toks < num_tokens
+    src_rows = tl.load(src_slot_ptr + toks, mask=live, other=0).to(tl.int64) * ROW
+    dst_rows = tl.load(dst_slot_ptr + toks, mask=live, other=0).to(tl.int64) * ROW
     for start in range(0, ROW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < ROW
-        tl.store(dst_row + offs, tl.load(src_row + offs, mask=mask), mask=mask)
+        mask = live[:, None] & (offs < ROW)[None, :]
+        vals = tl.load(src_plane + src_rows[:, None] + offs[None, :], mask=mask)
+        tl.store(dst_plane + dst_rows[:, None] + offs[None, :], vals, mask=mask)
 
 
 def copy_slots_layers(
     src_pool: torch.Tensor, dst_pool: torch.Tensor, layer_start: int, layer_end: int,
-    src_slots: torch.Tensor, dst_slots: torch.Tensor, check: bool = True,
+    src_slots: torch.Tensor, dst_slots: torch.Tensor, check: bool = True, tokens_per_program: int = 4,
 ) -> None:
     """Triton version of :func:`ref_copy_slots_layers` (same arguments), one launch for every layer of the range.
 
-    ``dst_pool`` may live on a peer GPU (a CUDA IPC mapping opened on this device). Each program copies one token's
-    K or V row of one layer with 16-byte accesses. ``check=False`` skips the argument checks (a hot path whose
-    arguments were checked once already).
+    ``dst_pool`` may live on a peer GPU (a CUDA IPC mapping opened on this device). Each program copies
+    ``tokens_per_program`` (a power of 2) token rows of K or V of one layer, 16-byte accesses. ``check=False``
+    skips the argument checks (a hot path whose arguments were checked once already).
     """
     row = _check_copy_slots(src_pool, dst_pool, src_slots, dst_slots) if check else src_pool.shape[4] * src_pool.shape[5]
-    if src_slots.numel() == 0 or layer_end <= layer_start:
+    n = src_slots.numel()
+    if n == 0 or layer_end <= layer_start:
         return
-    _copy_slots_kernel[(src_slots.numel(), 2 * (layer_end - layer_start))](
-        src_pool[layer_start], dst_pool[layer_start], src_slots, dst_slots,
+    block = min(triton.next_power_of_2(row), max(16, 4096 // tokens_per_program))
+    _copy_slots_kernel[(triton.cdiv(n, tokens_per_program), 2 * (layer_end - layer_start))](
+        src_pool[layer_start], dst_pool[layer_start], src_slots, dst_slots, n,
         src_pool.stride(0), dst_pool.stride(0), src_pool.stride(1), dst_pool.stride(1),
-        ROW=row, BLOCK=min(2048, triton.next_power_of_2(row)), num_warps=4,
+        ROW=row, BLOCK=block, TOKENS=tokens_per_program, num_warps=4,
     )
 
 

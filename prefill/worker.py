@@ -37,6 +37,9 @@ class _Outgoing:
     """When the ``PrefillReq`` arrived (monotonic)."""
     first_step: float | None = None
     """When its first step computed (monotonic)."""
+    queue_s: float = 0.0
+    """From the decode worker sending ``PrefillReq`` (wall clock; else from its arrival) to the first step."""
+    sent_at: float = 0.0
 
 
 class PrefillService:
@@ -71,7 +74,7 @@ class PrefillService:
             self.core.engine.add_request(rid, msg.prompt_token_ids, msg.params, prefill_only=True)
         except ValueError as exc:  # a request this engine can never serve: recomputing it would fail too
             return self._refuse(tid, rid, str(exc), retryable=False)
-        self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic())
+        self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic(), sent_at=msg.sent_at)
         self.core.own(rid, self._on_output)
         logger.info("request %s: prefill of %d tokens for transfer %s", rid, len(msg.prompt_token_ids), tid)
 
@@ -114,7 +117,9 @@ class PrefillService:
         for s in batch.seqs:
             out = self.outgoing.get(s.request_id)
             if out is not None:
-                out.first_step = out.first_step or now
+                if out.first_step is None:
+                    out.first_step = now
+                    out.queue_s = max(0.0, time.time() - out.sent_at) if out.sent_at else now - out.started
                 sends.append(LayerSend(out.transfer_id, s.page_table, out.sent_upto, s.start_pos + s.num_tokens))
         return sends
 
@@ -134,7 +139,7 @@ class PrefillService:
             first_logprob=so.logprobs[0] if so.logprobs else None,
             prompt_logprobs=tuple(so.prompt_logprobs) if so.prompt_logprobs is not None else None,
             num_cached_tokens=so.num_cached_tokens,
-            queue_s=(out.first_step or out.started) - out.started,
+            queue_s=out.queue_s,
             compute_s=time.monotonic() - (out.first_step or out.started),
         )
         self.sender.finish(out.transfer_id, done)

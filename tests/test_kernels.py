@@ -152,7 +152,8 @@ def test_copy_slots_matches_reference(dtype, src_page, dst_page):
         cache.copy_slots(src, dst.to(torch.float64), src_slots, dst_slots)
 
 
-def test_copy_slots_layers_copies_exactly_the_layer_range():
+@pytest.mark.parametrize("tokens_per_program", [1, 4, 8])
+def test_copy_slots_layers_copies_exactly_the_layer_range(tokens_per_program):
     src = torch.randn(5, 2, 6, 4, 2, 8, device=DEVICE)
     dst = torch.randn(5, 2, 7, 8, 2, 8, device=DEVICE)
     src_slots = torch.randperm(24, device=DEVICE)[:11]
@@ -160,7 +161,7 @@ def test_copy_slots_layers_copies_exactly_the_layer_range():
     expected = dst.clone()
     cache.ref_copy_slots_layers(src, expected, 1, 4, src_slots, dst_slots)
     before = dst.clone()
-    cache.copy_slots_layers(src, dst, 1, 4, src_slots, dst_slots)
+    cache.copy_slots_layers(src, dst, 1, 4, src_slots, dst_slots, tokens_per_program=tokens_per_program)
     assert torch.equal(dst, expected)
     assert torch.equal(dst[0], before[0]) and torch.equal(dst[4], before[4])  # layers outside the range untouched
     assert not torch.equal(dst[1:4], before[1:4])

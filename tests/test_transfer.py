@@ -44,9 +44,20 @@ def _ucx_available() -> str | None:
     return ucx_unavailable_reason()
 
 
+def _nixl_available() -> str | None:
+    try:
+        from splitserve.transfer.nixl import load_nixl
+
+        load_nixl()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here", reported as the skip reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 BACKENDS = [
     "zmq",
     "shm",
+    pytest.param("nixl", marks=pytest.mark.skipif(_nixl_available() is not None, reason=f"nixl: {_nixl_available()}")),
     pytest.param("ucx", marks=pytest.mark.skipif(_ucx_available() is not None, reason=f"ucx: {_ucx_available()}")),
 ]
 

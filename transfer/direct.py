@@ -7,7 +7,8 @@ GPUs, transfer/shm.py on CPUs). Flow of one transfer:
 1. Receiver: the copy engine exports the pool once (:attr:`DirectKVReceiver.pool_export`); the decode worker puts
    the export in every descriptor.
 2. Sender ``begin``: opens the pool (cached by ``pool_id``) when the export's kind is its engine's and the host is
-   this one; ``Begin(path=kind)`` tells the receiver. Anything else falls back to inline frames, per transfer.
+   this one (any host for a ``cross_host`` engine: transfer/nixl.py); ``Begin(path=kind)`` tells the receiver.
+   Anything else falls back to inline frames, per transfer.
 3. Sender ``send_step_layer``: at layer 0 it plans the step (slot vectors per destination pool, write windows
    checked); each layer is one copy per destination pool; after the last layer one fence covers the step.
 4. Sender ``poll``: ``Landed`` for every write whose fence completed, in order; ``Finish``/``Abort`` once the last
@@ -81,6 +82,8 @@ class CopyEngine(abc.ABC):
 
     kind: str
     """The ``KVPoolExport.kind`` this engine opens and exports."""
+    cross_host: bool = False
+    """True when :meth:`open` also works for a pool on another host (NIXL); otherwise such pools go inline."""
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed KV pool that :meth:`export` can share (the worker allocates its pool through this)."""
@@ -162,7 +165,7 @@ class DirectKVSender(ZmqKVSender):
         why = None
         if pool.kind != self._engine.kind:
             why = f"pool kind {pool.kind!r} is not this sender's {self._engine.kind!r}"
-        elif pool.host_id != host_id():
+        elif pool.host_id != host_id() and not self._engine.cross_host:
             why = "the receiver runs on another host"
         elif tuple(pool.shape[:2]) != (self._layout.num_layers, 2) or tuple(pool.shape[4:]) != (
             self._layout.num_kv_heads, self._layout.head_dim,

@@ -46,6 +46,8 @@ class SenderSpec(msgspec.Struct, frozen=True):
     """Report a sha256 of every job's source tokens (token-major, all layers) after timing."""
     layers_per_call: int = 1
     """Above 1: send that many consecutive layers per call (``send_layers``), ignoring ``layer_order``."""
+    step_layers: bool = False
+    """Send as a prefill step does: per chunk, one ``send_step_layer`` per layer (in order) carrying every job."""
 
 
 class SenderReport(msgspec.Struct, frozen=True):
@@ -171,6 +173,8 @@ def _send_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn:
     num_layers = spec.layout["num_layers"]
     if spec.layers_per_call > 1:
         return _send_layer_ranges(sender, spec, jobs, num_layers)
+    if spec.step_layers:
+        return _send_steps(sender, jobs, num_layers)
     for step in range(num_layers):
         for job in jobs:
             layer = job.layer_order[step]
@@ -181,6 +185,18 @@ def _send_jobs(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], conn:
                 end = min(start + job.chunk_tokens, job.desc.num_tokens)
                 sender.send_layer(job.desc.transfer_id, layer, job.src_page_ids, start, end)
                 sent += 1
+
+
+def _send_steps(sender: Any, jobs: tuple[SenderJob, ...], num_layers: int) -> None:
+    from splitserve.transfer.base import LayerSend
+
+    longest = max(j.desc.num_tokens for j in jobs)
+    chunk = min(j.chunk_tokens for j in jobs)
+    for start in range(0, longest, chunk):
+        items = [LayerSend(j.desc.transfer_id, j.src_page_ids, start, min(start + chunk, j.desc.num_tokens))
+                 for j in jobs if start < j.desc.num_tokens]
+        for layer in range(num_layers):
+            sender.send_step_layer(layer, items)
 
 
 def _send_layer_ranges(sender: Any, spec: SenderSpec, jobs: tuple[SenderJob, ...], num_layers: int) -> None:

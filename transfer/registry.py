@@ -2,7 +2,8 @@
 
 1. :func:`resolve`: ``auto`` (the default) becomes ``cuda_ipc`` for a GPU pool and ``shm`` for a CPU pool where the
    OS has memfd; otherwise ``zmq``. Either one-sided backend still sends inline (ZeroMQ frames), per transfer,
-   to a peer it cannot reach directly (another host or container): the worker logs which it uses.
+   to a peer it cannot reach directly (another host or container): the worker logs which it uses. ``nixl``
+   (transfer/nixl.py, chosen explicitly, never by ``auto``) writes one-sided across hosts too.
 2. :func:`make_copy_engine`: the one-sided backends' copy engine. The worker allocates its KV pool through it
    (``shm`` needs the pool in shared memory) and hands the same engine to its receiver and sender.
 3. :func:`make_sender` / :func:`make_receiver`: the backend's two ends.
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from splitserve.core.config import TransferConfig
     from splitserve.transfer.direct import CopyEngine
 
-BACKENDS = ("auto", "zmq", "ucx", "cuda_ipc", "shm")
-DIRECT_BACKENDS = ("cuda_ipc", "shm")
+BACKENDS = ("auto", "zmq", "ucx", "cuda_ipc", "shm", "nixl")
+DIRECT_BACKENDS = ("cuda_ipc", "shm", "nixl")
 
 
 def resolve(backend: str, device_type: str) -> str:
@@ -51,6 +52,10 @@ def make_copy_engine(backend: str, device: "torch.device") -> "CopyEngine | None
         from splitserve.transfer.shm import ShmCopyEngine
 
         return ShmCopyEngine()
+    if backend == "nixl":  # needs the nixl extra; raises TransferError naming it
+        from splitserve.transfer.nixl import NixlCopyEngine
+
+        return NixlCopyEngine()
     return None
 
 

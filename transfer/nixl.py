@@ -1,0 +1,396 @@
+"""NIXL: the one-sided KV path across hosts (UCX one-sided RDMA WRITE; host memory on CPUs, GPU memory on GPUs).
+
+1. One NIXL agent per :class:`NixlCopyEngine`: a unique name, the UCX backend, no listen thread (agent metadata
+   travels inside our own :class:`~splitserve.core.messages.KVDescriptor`, never over NIXL's socket).
+2. Receiver :meth:`NixlCopyEngine.export`: the whole pool is registered once (at :meth:`NixlCopyEngine.allocate`,
+   else here); the export carries the agent's metadata for that one registration (plus its connection info), the
+   pool's address, memory type and device. It grants writes into that pool only.
+3. Sender :meth:`NixlCopyEngine.open`: loads the receiver agent's metadata once per pool and returns a ``meta``
+   placeholder of the pool's shape (no memory); the engine keeps the peer pool's address under ``id()`` of that
+   placeholder. The sender's own pool is registered once (at allocate, else at its first write).
+4. :meth:`NixlCopyEngine.write`: descriptor pairs for the token rows of layers ``[l0, l1)``, K and V planes; rows
+   contiguous in *both* pools merge into one descriptor (:func:`coalesce_runs`: a page is one run, adjacent pages in
+   both pools one longer run). One WRITE request per call, posted at once (GPU source: once the event recorded
+   after the layer's kernels has completed, since NIXL reads the source when the request is posted).
+5. :meth:`NixlCopyEngine.fence`: NIXL reads the source pages asynchronously and nothing orders the engine's next
+   kernels after it, so the fence waits (at most ``fence_wait_s``) until every request issued since the previous
+   fence is final: later computation on the source pool (pages freed and reused) then cannot race the reads.
+   ``done()`` is True once all of them reported ``DONE``; handles are released as they finish.
+6. Failure: a request that cannot be created or posted, reports ``ERR``, or is not final within ``fence_wait_s`` is
+   logged and makes its fence never done. :class:`~splitserve.transfer.direct.DirectKVSender` then sends no
+   ``Landed``/``Finish`` for the transfers behind that fence (their pages may hold partial data nobody reads); the
+   receiver fails them when their lease expires and the decode worker applies its ``failure_policy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from splitserve.core.messages import KVPoolExport
+from splitserve.transfer.base import TransferError
+from splitserve.transfer.direct import CopyEngine, host_id
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -e '.[nixl]'"
+FENCE_POLL_S = 50e-6
+"""Sleep between two completion checks while a fence waits (NIXL's progress thread moves the data)."""
+
+
+class _Nixl(NamedTuple):
+    """The parts of the NIXL API this module uses (imported on first use: nixl is an optional extra)."""
+
+    agent: Any
+    """``nixl._api.nixl_agent``."""
+    config: Any
+    """``nixl._api.nixl_agent_config``."""
+    errors: tuple[type[Exception], ...]
+    """The exceptions NIXL's bindings raise (``nixlNotFoundError``, ``nixlBackendError``, ...)."""
+
+
+def load_nixl() -> _Nixl:
+    """Import NIXL; raises :class:`TransferError` naming the install command when it is missing."""
+    try:
+        import nixl
+        from nixl._api import nixl_agent, nixl_agent_config
+    except (ImportError, OSError) as exc:
+        raise TransferError(f"the nixl transfer backend needs NIXL: {INSTALL_HINT} ({exc})") from exc
+    bindings = nixl._bindings
+    errors = tuple(getattr(bindings, n) for n in dir(bindings) if n.startswith("nixl") and n.endswith("Error"))
+    return _Nixl(nixl_agent, nixl_agent_config, errors)
+
+
+def coalesce_runs(src_slots: np.ndarray, dst_slots: np.ndarray) -> np.ndarray:
+    """Maximal runs where both slot vectors step by one: int64 ``[runs, 3]`` rows ``(src_start, dst_start, length)``.
+
+    Args:
+        src_slots: int64 ``[T]`` source slots.
+        dst_slots: int64 ``[T]`` destination slots (token ``i`` goes from ``src_slots[i]`` to ``dst_slots[i]``).
+    """
+    src = np.asarray(src_slots, dtype=np.int64)
+    dst = np.asarray(dst_slots, dtype=np.int64)
+    if src.ndim != 1 or src.shape != dst.shape:
+        raise ValueError(f"slot vectors of shapes {src.shape} and {dst.shape}: need two 1-d ones of one length")
+    if len(src) == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.append(starts, len(src)))
+    return np.stack((src[starts], dst[starts], lengths), axis=1)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Where a contiguous ``[L, 2, P, S, H, D]`` pool lives, as NIXL addresses it."""
+
+    addr: int
+    mem_type: str
+    """``DRAM`` or ``VRAM``."""
+    device_id: int
+    plane_rows: int
+    """Rows (token slots) of one layer's K or V: ``P * S``."""
+    row_bytes: int
+    """One token's K (or V) of one layer: ``H * D * element_size``."""
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], dtype: torch.dtype, addr: int, mem_type: str, device_id: int) -> "_Region":
+        _, _, pages, page_size, heads, dim = shape
+        row_bytes = heads * dim * torch.empty((), dtype=dtype).element_size()
+        return cls(addr, mem_type, device_id, pages * page_size, row_bytes)
+
+    def descs(self, planes: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """uint64 ``[planes * runs, 3]`` (address, bytes, device) of rows ``[starts[r], starts[r] + lengths[r])``.
+
+        Args:
+            planes: int64 ``[planes]`` plane numbers ``layer * 2 + kv``.
+            starts: int64 ``[runs]`` first slot of each run; ``lengths``: int64 ``[runs]`` its slots.
+        """
+        rows = planes[:, None] * self.plane_rows + starts[None, :]
+        out = np.empty((rows.size, 3), dtype=np.uint64)
+        out[:, 0] = (self.addr + rows * self.row_bytes).ravel()
+        out[:, 1] = np.broadcast_to(lengths * self.row_bytes, rows.shape).ravel()
+        out[:, 2] = self.device_id
+        return out
+
+
+def _region_of(pool: torch.Tensor) -> _Region:
+    device_id = pool.get_device()
+    mem_type = "DRAM" if device_id < 0 else "VRAM"
+    return _Region.of(tuple(pool.shape), pool.dtype, pool.data_ptr(), mem_type, max(device_id, 0))
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A peer's pool opened for writing."""
+
+    pool_id: str
+    agent: str
+    """The peer's NIXL agent name."""
+    target: torch.Tensor
+    """The ``meta`` placeholder :meth:`NixlCopyEngine.open` returned (``[L, 2, P, S, H, D]``)."""
+    region: _Region
+
+
+@dataclass
+class _Xfer:
+    """One WRITE request."""
+
+    handle: Any
+    """``nixl_xfer_handle``; ``None`` when the request could not be created."""
+    pool_id: str
+    ready: Any = None
+    """``torch.cuda.Event`` after the source's kernels (GPU source): the request is posted once it completed."""
+    posted: bool = False
+    state: str = "PROC"
+    """``PROC``, then ``DONE`` or ``ERR`` (final)."""
+    error: str = ""
+
+
+class _NixlFence:
+    """See :class:`~splitserve.transfer.direct.Fence`: the WRITE requests issued since the previous fence."""
+
+    def __init__(self, engine: "NixlCopyEngine", xfers: list[_Xfer]) -> None:
+        self._engine = engine
+        self._pending = xfers
+        self.error: str | None = None
+        """Why this fence will never be done (a request failed or was abandoned); ``None`` otherwise."""
+
+    def settled(self) -> bool:
+        """Advance every pending request; True once each is final (``DONE`` or ``ERR``)."""
+        still = []
+        for x in self._pending:
+            if not self._engine.advance(x):
+                still.append(x)
+            elif x.state == "ERR" and self.error is None:
+                self.error = x.error
+        self._pending = still
+        return not still
+
+    def done(self) -> bool:
+        return self.settled() and self.error is None
+
+    def abandon(self, reason: str) -> None:
+        """Never report done (requests still in flight may read source pages the engine reuses)."""
+        self.error = self.error or reason
+
+
+class NixlCopyEngine(CopyEngine):
+    """See :class:`~splitserve.transfer.direct.CopyEngine`; opens pools of any host.
+
+    Args:
+        name: the NIXL agent's name (unique among the agents that talk; default: host, pid and a random suffix).
+        fence_wait_s: how long :meth:`fence` waits for the writes it covers (0: it does not wait, so the caller must
+            not touch the source pages before ``done()``; for benchmarks).
+    """
+
+    kind = "nixl"
+    cross_host = True
+
+    def __init__(self, name: str | None = None, fence_wait_s: float = 5.0) -> None:
+        api = load_nixl()
+        self._errors = api.errors
+        self.name = name or f"splitserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.fence_wait_s = fence_wait_s
+        config = api.config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
+        try:
+            self._agent = api.agent(self.name, config)
+        except (RuntimeError, *self._errors) as exc:
+            raise TransferError(f"cannot create NIXL agent {self.name}: {exc}") from exc
+        if "UCX" not in self._agent.backends:
+            raise TransferError(f"NIXL agent {self.name}: the UCX backend plugin is not available here")
+        self._registered: dict[int, tuple[torch.Tensor, Any]] = {}
+        """data_ptr of a local pool -> (the pool, its NIXL registration)."""
+        self._exports: dict[int, KVPoolExport] = {}
+        self._remote: dict[int, _Remote] = {}
+        """``id()`` of a placeholder returned by :meth:`open` -> the peer pool."""
+        self._opened: dict[str, _Remote] = {}
+        """pool_id -> the peer pool."""
+        self._issued: list[_Xfer] = []
+        """Requests issued since the last fence."""
+        self.last_descriptor_count = 0
+        """Descriptors of the last :meth:`write` (after coalescing; both sides have this many)."""
+
+    # -- local pools --
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        pool = super().allocate(shape, dtype, device)
+        self._register(pool)  # at start-up: pinning a large pool takes a while
+        return pool
+
+    def _register(self, pool: torch.Tensor) -> _Region:
+        if not pool.is_contiguous():
+            raise TransferError(f"NIXL agent {self.name}: the KV pool must be contiguous")
+        if pool.data_ptr() not in self._registered:
+            try:
+                reg = self._agent.register_memory(pool)
+            except self._errors as exc:
+                raise TransferError(f"NIXL agent {self.name}: cannot register the KV pool: {exc}") from exc
+            self._registered[pool.data_ptr()] = (pool, reg)
+            logger.info("NIXL agent %s registered a KV pool of %.1f MiB on %s", self.name,
+                        pool.numel() * pool.element_size() / 2**20, pool.device)
+        return _region_of(pool)
+
+    def export(self, kv_cache: torch.Tensor) -> KVPoolExport | None:
+        found = self._exports.get(kv_cache.data_ptr())
+        if found is not None:
+            return found
+        try:
+            region = self._register(kv_cache)
+            reg = self._registered[kv_cache.data_ptr()][1]
+            metadata = self._agent.get_partial_agent_metadata(reg, inc_conn_info=True, backends=["UCX"])
+        except (TransferError, *self._errors) as exc:
+            logger.warning("NIXL agent %s: KV pool not exported (%s); peers will send inline", self.name, exc)
+            return None
+        export = KVPoolExport(
+            kind="nixl", pool_id=uuid.uuid4().hex, host_id=host_id(), pid=os.getpid(), shape=tuple(kv_cache.shape),
+            dtype=str(kv_cache.dtype).removeprefix("torch."), handle=bytes(metadata), addr=region.addr,
+            device_id=region.device_id, mem_type=region.mem_type,
+        )
+        self._exports[kv_cache.data_ptr()] = export
+        logger.info("NIXL agent %s exports KV pool %s (%s, %d bytes of metadata)", self.name, export.pool_id,
+                    region.mem_type, len(export.handle))
+        return export
+
+    # -- peer pools --
+
+    def open(self, export: KVPoolExport) -> torch.Tensor:
+        """A ``meta`` tensor ``[L, 2, P, S, H, D]`` standing for the peer's pool: pass it to :meth:`write` only."""
+        known = self._opened.get(export.pool_id)
+        if known is not None:
+            return known.target
+        dtype = getattr(torch, export.dtype, None)
+        if (export.kind != self.kind or not isinstance(dtype, torch.dtype) or export.mem_type not in ("DRAM", "VRAM")
+                or not export.handle or len(export.shape) != 6):
+            raise TransferError(f"bad NIXL pool export {export.pool_id} ({export.kind}, {export.dtype}, "
+                                f"{export.mem_type or 'no memory type'}, shape {export.shape})")
+        try:
+            agent = self._agent.add_remote_agent(export.handle)
+        except self._errors as exc:
+            raise TransferError(f"NIXL agent {self.name}: cannot load the metadata of pool {export.pool_id} "
+                                f"(pid {export.pid} on {export.host_id}): {exc}") from exc
+        agent = agent.decode() if isinstance(agent, bytes) else str(agent)
+        target = torch.empty(tuple(export.shape), dtype=dtype, device="meta")
+        region = _Region.of(tuple(export.shape), dtype, export.addr, export.mem_type, export.device_id)
+        remote = _Remote(export.pool_id, agent, target, region)
+        self._remote[id(target)] = remote
+        self._opened[export.pool_id] = remote
+        logger.info("NIXL agent %s opened pool %s of agent %s (pid %d on %s) for writes", self.name,
+                    export.pool_id, agent, export.pid, export.host_id)
+        return target
+
+    # -- writing --
+
+    def slots(self, values: np.ndarray) -> torch.Tensor:
+        """int64 ``[T]`` -> an int64 CPU tensor ``[T]`` (NIXL addresses rows from the host)."""
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+
+    def write(
+        self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
+        dst_slots: torch.Tensor,
+    ) -> None:
+        """See :meth:`CopyEngine.write`; ``dst`` is a placeholder from :meth:`open`, slots are int64 CPU ``[T]``."""
+        remote = self._remote.get(id(dst))
+        if remote is None or remote.target is not dst:
+            raise TransferError(f"NIXL agent {self.name}: write into a pool this engine did not open")
+        local = self._register(src)
+        if local.row_bytes != remote.region.row_bytes:
+            raise ValueError(f"token rows of {local.row_bytes} bytes here, {remote.region.row_bytes} in pool "
+                             f"{remote.pool_id}")
+        runs = coalesce_runs(src_slots.numpy(), dst_slots.numpy())
+        planes = np.arange(2 * layers[0], 2 * layers[1], dtype=np.int64)
+        src_descs = local.descs(planes, runs[:, 0], runs[:, 2])
+        dst_descs = remote.region.descs(planes, runs[:, 1], runs[:, 2])
+        self.last_descriptor_count = len(src_descs)
+        for x in self._issued:  # post earlier requests whose source became ready (in stream order)
+            if x.state == "PROC" and not x.posted and not self.advance(x) and not x.posted:
+                break
+        if len(src_descs):
+            self._issued.append(self._start(remote, local, src, src_descs, dst_descs))
+
+    def _start(self, remote: _Remote, local: _Region, src: torch.Tensor, src_descs: np.ndarray,
+               dst_descs: np.ndarray) -> _Xfer:
+        try:
+            handle = self._agent.initialize_xfer(
+                "WRITE", self._agent.get_xfer_descs(src_descs, local.mem_type),
+                self._agent.get_xfer_descs(dst_descs, remote.region.mem_type), remote.agent,
+            )
+        except self._errors as exc:
+            reason = f"cannot create a WRITE request of {len(src_descs)} descriptors: {exc}"
+            logger.error("NIXL agent %s -> %s, pool %s: %s", self.name, remote.agent, remote.pool_id, reason)
+            return _Xfer(None, remote.pool_id, state="ERR", error=reason)
+        xfer = _Xfer(handle, remote.pool_id)
+        if src.is_cuda:  # NIXL reads the source when the request is posted: after the layer's kernels
+            xfer.ready = torch.cuda.Event()
+            xfer.ready.record(torch.cuda.current_stream(src.device))
+        self.advance(xfer)
+        return xfer
+
+    def advance(self, x: _Xfer) -> bool:
+        """Post ``x`` once its source is ready, check it; True once it is final (its handle is then released)."""
+        if x.state != "PROC":
+            return True
+        try:
+            if x.posted:
+                status = self._agent.check_xfer_state(x.handle)
+            elif x.ready is not None and not x.ready.query():
+                return False
+            else:
+                status = self._agent.transfer(x.handle)
+                x.posted = True
+        except self._errors as exc:
+            status = f"ERR ({exc})"
+        if status == "PROC":
+            return False
+        x.state = "DONE" if status == "DONE" else "ERR"
+        if x.state == "ERR":
+            x.error = f"NIXL WRITE into pool {x.pool_id} failed: {status}"
+            logger.error("NIXL agent %s: %s", self.name, x.error)
+        self._release(x)
+        return True
+
+    def _release(self, x: _Xfer) -> None:
+        try:
+            x.handle.release()
+        except self._errors as exc:  # NIXL keeps such a handle and retries when the agent goes
+            logger.warning("NIXL agent %s: WRITE request into pool %s not released: %s", self.name, x.pool_id, exc)
+
+    def fence(self) -> _NixlFence:
+        """A fence after every write issued so far; waits up to ``fence_wait_s`` for them (see the module doc)."""
+        fence = _NixlFence(self, self._issued)
+        self._issued = []
+        deadline = time.monotonic() + self.fence_wait_s
+        while self.fence_wait_s > 0 and not fence.settled():
+            if time.monotonic() >= deadline:
+                reason = f"WRITE requests not completed within {self.fence_wait_s:g}s"
+                logger.error("NIXL agent %s: %s; the transfers behind them will not complete", self.name, reason)
+                fence.abandon(reason)
+                break
+            time.sleep(FENCE_POLL_S)
+        return fence
+
+    def close(self) -> None:
+        """Forget peers and registrations (call once nothing writes any more; the agent goes with the object)."""
+        for x in self._issued:
+            if x.state == "PROC" and x.handle is not None:
+                self._release(x)
+        self._issued.clear()
+        try:
+            for agent in {r.agent for r in self._opened.values()}:
+                self._agent.remove_remote_agent(agent)
+            for _pool, reg in self._registered.values():
+                self._agent.deregister_memory(reg)
+        except self._errors as exc:
+            logger.warning("NIXL agent %s: incomplete clean-up at close: %s", self.name, exc)
+        self._remote.clear()
+        self._opened.clear()
+        self._registered.clear()
+        self._exports.clear()
