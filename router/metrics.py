@@ -60,6 +60,8 @@ class _WorkerCollector(Collector):
             name: CounterMetricFamily(f"splitserve_worker_{name}", doc, labels=["worker", "role"])
             for name, doc in _WORKER_COUNTERS
         }
+        restarts = CounterMetricFamily("splitserve_worker_restarts", "times this worker id registered again (a "
+                                       "restarted process, e.g. by the splitserve up supervisor)", labels=["worker", "role"])
         for w in self._workers.all():
             labels = [w.worker_id, w.role]
             hb = w.heartbeat
@@ -74,8 +76,10 @@ class _WorkerCollector(Collector):
                 gauges[name].add_metric(labels, value)
             for name, family in counters.items():
                 family.add_metric(labels, getattr(hb, f"{name}_total") if hb else 0)
+            restarts.add_metric(labels, w.restarts)
         yield from gauges.values()
         yield from counters.values()
+        yield restarts
 
 
 _BREAKDOWN = (

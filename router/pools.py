@@ -56,6 +56,8 @@ class WorkerState:
     """Registered through the admin API rather than by the worker itself."""
     role_epoch: int = 0
     """Role switches sent to this worker; a heartbeat from before the latest one does not reset ``role``."""
+    restarts: int = 0
+    """Times a worker registered again under this id (a restarted process: its in-flight work was lost)."""
 
     def capable(self, pool: Pool) -> bool:
         return self.role in _CAPABLE[pool]
@@ -153,6 +155,7 @@ class WorkerRegistry:
             vocab_size=msg.vocab_size,
             last_heartbeat=self._clock(),
             external=external,
+            restarts=0 if old is None else old.restarts + 1,
         )
         logger.info("worker %s registered: role=%s model=%s%s", msg.worker_id, msg.role, msg.model_id,
                     " (replaces previous entry)" if old else "")

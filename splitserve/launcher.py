@@ -1,7 +1,15 @@
 """``splitserve up``: a router plus prefill, decode and colocated workers as child processes on this machine.
 
-The commands it runs are exactly the ones the compose files run (``splitserve router ...``,
-``splitserve prefill ...``); :func:`plan_commands` builds them and the tests check both agree.
+1. :func:`plan_commands` builds the command lines, exactly the ones the compose files run (``splitserve router
+   ...``, ``splitserve prefill ...``; the tests check both agree), and the children start.
+2. Start-up: once the router answers ``/health`` the stack is up; a child that exits before that is a
+   configuration error and stops everything.
+3. Supervision (:class:`Supervisor`): a child that exits later is restarted with the same command after a backoff
+   that doubles with each recent exit, while the rest keep serving (a restarted worker registers again and the
+   router counts it in ``splitserve_worker_restarts_total``; a restarted router relearns the workers from their
+   heartbeats). More than ``--max-restarts`` exits of one child within ``--restart-window-s`` is a crash loop: the
+   stack stops with a message naming the child and its exit code.
+4. SIGTERM / SIGINT: every child gets SIGTERM (workers drain), and SIGKILL after a timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
 from splitserve.core.config import BUILTIN_MODEL
 from splitserve.transfer.registry import BACKENDS as TRANSFER_BACKENDS
@@ -36,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
     p.add_argument("--control-port", type=int, default=0, help="router control port (0: any free port)")
     p.add_argument("--extra-arg", action="append", default=[], help="extra flag passed to every worker (repeatable)")
-    p.add_argument("--ready-timeout-s", type=float, default=300.0)
+    p.add_argument("--ready-timeout-s", type=float, default=300.0, help="start-up deadline (default 300)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="exits of one child within --restart-window-s that make a crash loop (default 5)")
+    p.add_argument("--restart-window-s", type=float, default=60.0, help="crash-loop window in seconds (default 60)")
+    p.add_argument("--restart-backoff-s", type=float, default=1.0,
+                   help="delay before the first restart of a child, doubled for each recent exit (default 1)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,69 @@ def plan_commands(args: argparse.Namespace, control_port: int) -> list[Child]:
     return children
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+
+@dataclass
+class _Supervised:
+    child: Child
+    proc: subprocess.Popen | None = None
+    exits: deque[float] = field(default_factory=deque)
+    """Exit times within the crash-loop window."""
+    restart_at: float | None = None
+
+
+class Supervisor:
+    """Keeps every child running (step 3 of the module's flow). ``spawn`` starts one; ``clock`` is injectable."""
+
+    def __init__(self, children: list[Child], spawn: Callable[[Child], subprocess.Popen], policy: RestartPolicy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.items = [_Supervised(c) for c in children]
+        self.spawn, self.policy, self.clock = spawn, policy, clock
+
+    def start_all(self) -> None:
+        for s in self.items:
+            logger.info("starting %s: %s", s.child.name, " ".join(s.child.argv))
+            s.proc = self.spawn(s.child)
+
+    def procs(self) -> list[subprocess.Popen]:
+        return [s.proc for s in self.items if s.proc is not None]
+
+    def check(self) -> str | None:
+        """Restart what exited (after its backoff); returns why the stack must stop (a crash loop), else ``None``."""
+        now = self.clock()
+        for s in self.items:
+            if s.proc is not None and s.proc.poll() is not None:
+                error = self._on_exit(s, now)
+                if error is not None:
+                    return error
+            if s.proc is None and s.restart_at is not None and now >= s.restart_at:
+                s.proc, s.restart_at = self.spawn(s.child), None
+                logger.warning("restarted %s (pid %d, restart %d within %.0f s)", s.child.name, s.proc.pid,
+                               len(s.exits), self.policy.window_s)
+        return None
+
+    def _on_exit(self, s: _Supervised, now: float) -> str | None:
+        code = s.proc.returncode if s.proc is not None else None
+        s.proc = None
+        s.exits.append(now)
+        while s.exits and now - s.exits[0] > self.policy.window_s:
+            s.exits.popleft()
+        if len(s.exits) > self.policy.max_restarts:
+            return (f"{s.child.name} exited {len(s.exits)} times within {self.policy.window_s:g} s (last exit code "
+                    f"{code}): crash loop, stopping SplitServe")
+        delay = min(self.policy.backoff_s * 2 ** (len(s.exits) - 1), self.policy.max_backoff_s)
+        s.restart_at = now + delay
+        logger.warning("%s exited with code %s; restarting it in %.1f s while the rest keep serving", s.child.name,
+                       code, delay)
+        return None
+
+
 def _spawn(child: Child) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitserve.cli", *child.argv[1:]]
     return subprocess.Popen(argv, env={**os.environ, **child.env}, start_new_session=True)
@@ -119,8 +197,8 @@ def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
 
 def main(args: argparse.Namespace) -> int:
     control_port = args.control_port or free_port(args.host)
-    children = plan_commands(args, control_port)
-    procs: list[subprocess.Popen] = []
+    policy = RestartPolicy(args.max_restarts, args.restart_window_s, args.restart_backoff_s)
+    sup = Supervisor(plan_commands(args, control_port), _spawn, policy)
     stop = {"now": False}
 
     def on_signal(*_: object) -> None:
@@ -129,12 +207,12 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        for child in children:
-            logger.info("starting %s: %s", child.name, " ".join(child.argv))
-            procs.append(_spawn(child))
+        sup.start_all()
         url = f"http://{args.host}:{args.port}"
-        if not wait_healthy(url, procs, args.ready_timeout_s):
-            logger.error("SplitServe did not become healthy; stopping")
+        if not wait_healthy(url, sup.procs(), args.ready_timeout_s):
+            dead = [s.child.name for s in sup.items if s.proc is not None and s.proc.poll() is not None]
+            logger.error("SplitServe did not become healthy%s; stopping",
+                         f" ({', '.join(dead)} exited during start-up)" if dead else "")
             return 1
         print(f"SplitServe is up at {url}/v1  (status page: {url}/status)", flush=True)
         print(
@@ -143,11 +221,11 @@ def main(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop["now"]:
-            dead = [c.name for c, p in zip(children, procs) if p.poll() is not None]
-            if dead:
-                logger.error("child process(es) exited: %s; stopping", ", ".join(dead))
+            error = sup.check()
+            if error is not None:
+                logger.error("%s", error)
                 return 1
-            time.sleep(0.5)
+            time.sleep(0.2)
         return 0
     finally:
-        stop_all(procs)
+        stop_all(sup.procs())

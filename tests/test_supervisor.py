@@ -1,0 +1,136 @@
+"""`splitserve up` keeps serving when a worker dies (issue 12): the supervisor alone, then the real stack."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+
+from cluster import free_port
+from splitserve.launcher import Child, RestartPolicy, Supervisor
+
+
+class FakeProc:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_supervisor_restarts_with_doubling_backoff_and_stops_a_crash_loop():
+    clock, spawned = Clock(), []
+
+    def spawn(child: Child) -> FakeProc:
+        spawned.append(FakeProc(len(spawned) + 1))
+        return spawned[-1]
+
+    sup = Supervisor([Child("router", [], {}), Child("decode-1", [], {})], spawn,
+                     RestartPolicy(max_restarts=2, window_s=60.0, backoff_s=1.0), clock)
+    sup.start_all()
+    router, decode = spawned
+    decode.returncode = -9
+    assert sup.check() is None and len(spawned) == 2  # exited: restart scheduled in 1 s, the router untouched
+    clock.t += 0.5
+    assert sup.check() is None and len(spawned) == 2
+    clock.t += 0.6
+    assert sup.check() is None and len(spawned) == 3 and sup.procs() == [router, spawned[2]]
+    spawned[2].returncode = 1
+    sup.check()
+    clock.t += 1.9  # second exit within the window: backoff doubled to 2 s
+    assert sup.check() is None and len(spawned) == 3
+    clock.t += 0.2
+    assert sup.check() is None and len(spawned) == 4
+    spawned[3].returncode = 1  # third exit within 60 s > max_restarts: a crash loop
+    error = sup.check()
+    assert error is not None and "decode-1 exited 3 times" in error and "exit code 1" in error
+
+
+def test_supervisor_forgets_exits_older_than_the_window():
+    clock = Clock()
+    procs: list[FakeProc] = []
+    sup = Supervisor([Child("w", [], {})], lambda c: procs.append(FakeProc(len(procs))) or procs[-1],
+                     RestartPolicy(max_restarts=1, window_s=10.0, backoff_s=0.1), clock)
+    sup.start_all()
+    for _ in range(4):  # one exit every 20 s never makes a loop, and the backoff stays at its base
+        procs[-1].returncode = 1
+        assert sup.check() is None
+        clock.t += 0.11
+        assert sup.check() is None
+        clock.t += 20
+    assert len(procs) == 5
+
+
+def _pid_of(pattern: str) -> int:
+    out = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()
+    assert len(out) == 1, f"expected one process for {pattern!r}, got {out}"
+    return int(out[0])
+
+
+def _metric(url: str, name: str, worker: str) -> float | None:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{") and f'worker="{worker}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_path):
+    port, ctrl = free_port(), free_port()
+    log = open(tmp_path / "up.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "up", "--port", str(port), "--control-port",
+                             str(ctrl), "--restart-backoff-s", "0.2", "--max-restarts", "2",
+                             "--extra-arg=--heartbeat-s=0.3"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while "is up at" not in (tmp_path / "up.log").read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.2)
+        model = client.models.list().data[0].id
+        assert client.completions.create(model=model, prompt="Hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
+        router_pid = _pid_of(f"router .*--control-port {ctrl}")
+        decode = f"--worker-id decode-1 --router-addr tcp://127.0.0.1:{ctrl}"
+        old = _pid_of(decode)
+        subprocess.run(["kill", "-9", str(old)], check=True)
+        served, deadline = None, time.monotonic() + 90
+        while served is None and time.monotonic() < deadline:  # the router fails over once the worker is back
+            try:
+                served = client.completions.create(model=model, prompt="Hi", max_tokens=4, temperature=0)
+            except (openai.APIStatusError, openai.APIConnectionError):
+                time.sleep(0.3)
+        assert served is not None and served.usage.completion_tokens == 4
+        assert proc.poll() is None and _pid_of(f"router .*--control-port {ctrl}") == router_pid
+        assert _pid_of(decode) != old
+        assert _metric(url, "splitserve_worker_restarts_total", "decode-1") == 1.0
+        text = (tmp_path / "up.log").read_text()
+        assert "decode-1 exited with code -9; restarting it" in text and "restarted decode-1" in text
+        for _ in range(2):  # two more exits: more than --max-restarts (2) within the window is a crash loop
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                out = subprocess.run(["pgrep", "-f", "--", decode], capture_output=True, text=True).stdout.split()
+                if out:
+                    subprocess.run(["kill", "-9", *out], check=False)
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)
+        assert proc.wait(60) == 1
+        assert "decode-1 exited 3 times within 60 s" in (tmp_path / "up.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
