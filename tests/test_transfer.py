@@ -250,6 +250,7 @@ def test_receiver_killed_sender_reports_failure(backend):
         tx.send_layer("orphan", 0, list(range(4)), 0, 50)
         time.sleep(0.3)
         assert tx.poll() == []  # acks of a live receiver: no failure
+        assert getattr(tx, "mapped_pools", 1) == 1  # one-sided backends mapped the receiver's pool
         proc.kill()
         proc.join(10)
         tx.send_layer("orphan", 1, list(range(4)), 0, 50)
@@ -262,6 +263,8 @@ def test_receiver_killed_sender_reports_failure(backend):
         assert events[0].request_id == "req-orphan" and re.search("did not acknowledge|unreachable|UCX send failed", events[0].reason)
         with pytest.raises(TransferError, match="not active"):
             tx.send_layer("orphan", 2, list(range(4)), 0, 50)  # the sender forgot it (its side is freed)
+        if backend in ("shm", "nixl"):  # and let go of the dead receiver's pool
+            assert tx.mapped_pools == 0
     finally:
         tx.close()
 

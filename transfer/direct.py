@@ -149,11 +149,18 @@ class DirectKVSender(ZmqKVSender):
         super().__init__(cfg, kv_cache, layout)
         self._engine = engine
         self._pools: dict[str, torch.Tensor] = {}
+        self._pool_addrs: dict[str, str] = {}
+        """pool id -> the receiver's control address: a pool is unmapped when that receiver is dropped."""
         self._refused: set[str] = set()
         """Pool ids that could not be opened here (logged once; their transfers go inline)."""
         self._direct: dict[str, _Direct] = {}
         self._plan: _StepPlan | None = None
         self._events: list[TransferEvent] = []
+
+    @property
+    def mapped_pools(self) -> int:
+        """Receivers' pools this sender holds open (each pins its receiver's memory while mapped)."""
+        return len(self._pools)
 
     # -- opening pools --
 
@@ -186,6 +193,7 @@ class DirectKVSender(ZmqKVSender):
         target = self._open(desc.pool) if desc.pool is not None else None
         if target is None:
             return "inline"
+        self._pool_addrs[desc.pool.pool_id] = self._control_addr(desc)
         if any(not 0 <= p < target.shape[2] for p in desc.page_ids):  # never write outside the receiver's pool
             raise TransferError(f"transfer {desc.transfer_id}: page id outside the receiver's pool of {target.shape[2]}")
         now = time.monotonic()
@@ -341,6 +349,13 @@ class DirectKVSender(ZmqKVSender):
         if d is not None and ack.ok and sent_at is not None:
             d.window_end = max(d.window_end, sent_at + WINDOW_FRACTION * d.lease_s)
         super()._on_ack(ack, events, sent_at)
+
+    def _drop_connection(self, addr: str, reason: str, events: list[TransferEvent]) -> None:
+        super()._drop_connection(addr, reason, events)
+        for pool_id in [p for p, a in self._pool_addrs.items() if a == addr]:  # a dead receiver's pool: unmap it
+            del self._pool_addrs[pool_id]
+            self._pools.pop(pool_id, None)
+            logger.info("KV pool %s of the dropped receiver %s unmapped", pool_id, addr)
 
     def _forget(self, transfer_id: str) -> None:
         d = self._direct.get(transfer_id)
