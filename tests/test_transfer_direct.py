@@ -258,3 +258,18 @@ def test_landed_marks_exactly_the_written_tokens_and_twice_is_refused(pair):
     pair.pump()
     failed = [e for e in pair.rx_events if isinstance(e, TransferFailed)]  # nacked, fenced by Abort, settled
     assert [e.transfer_id for e in failed] == ["o"] and "landed twice" in failed[0].reason
+
+
+def test_sender_keeps_a_bounded_number_of_pools_mapped(pair, monkeypatch):
+    """Receivers that restart leave old pools behind: the least recently used idle ones are unmapped."""
+    from splitserve.transfer import direct
+
+    monkeypatch.setattr(direct, "MAX_MAPPED_POOLS", 2)
+    exports = [ShmCopyEngine() for _ in range(3)]
+    pools = [e.allocate(SHAPE, torch.float32, CPU) for e in exports]
+    for i, (engine, pool) in enumerate(zip(exports, pools)):
+        export = engine.export(pool)
+        pair.tx.begin(pair.desc(f"p{i}", 4, (1,), pool=export), f"req-p{i}")
+        pair.tx.fail(f"p{i}", f"req-p{i}", "done with it")
+        pair.pump(3)
+    assert pair.tx.mapped_pools == 2

@@ -24,7 +24,7 @@ import abc
 import logging
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 WINDOW_FRACTION = 0.5
 """The sender writes until this fraction of ``lease_s`` after its latest acknowledged frame was sent."""
+MAX_MAPPED_POOLS = 32
+"""Receivers' pools a sender keeps open; past this the least recently used idle one is unmapped (a receiver that
+restarted quietly leaves its old pool behind, and a mapping pins the memory)."""
 PING_FRACTION = 0.25
 """A direct transfer with nothing else to send pings once this fraction of ``lease_s`` passed since its last frame."""
 
@@ -148,7 +151,7 @@ class DirectKVSender(ZmqKVSender):
     def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout, engine: CopyEngine) -> None:
         super().__init__(cfg, kv_cache, layout)
         self._engine = engine
-        self._pools: dict[str, torch.Tensor] = {}
+        self._pools: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._pool_addrs: dict[str, str] = {}
         """pool id -> the receiver's control address: a pool is unmapped when that receiver is dropped."""
         self._refused: set[str] = set()
@@ -166,6 +169,7 @@ class DirectKVSender(ZmqKVSender):
 
     def _open(self, pool: KVPoolExport) -> torch.Tensor | None:
         if pool.pool_id in self._pools:
+            self._pools.move_to_end(pool.pool_id)
             return self._pools[pool.pool_id]
         if pool.pool_id in self._refused:
             return None
@@ -182,6 +186,7 @@ class DirectKVSender(ZmqKVSender):
             try:
                 self._pools[pool.pool_id] = self._engine.open(pool)
                 logger.info("opened KV pool %s of pid %d over %s for direct writes", pool.pool_id, pool.pid, pool.kind)
+                self._unmap_idle()
                 return self._pools[pool.pool_id]
             except TransferError as exc:
                 why = str(exc)
@@ -349,6 +354,14 @@ class DirectKVSender(ZmqKVSender):
         if d is not None and ack.ok and sent_at is not None:
             d.window_end = max(d.window_end, sent_at + WINDOW_FRACTION * d.lease_s)
         super()._on_ack(ack, events, sent_at)
+
+    def _unmap_idle(self) -> None:
+        """Keep at most ``MAX_MAPPED_POOLS`` pools mapped, unmapping the least recently used idle ones."""
+        busy = {id(d.target) for d in self._direct.values()}
+        for pool_id in [p for p, t in self._pools.items() if id(t) not in busy][: max(0, len(self._pools) - MAX_MAPPED_POOLS)]:
+            del self._pools[pool_id]
+            self._pool_addrs.pop(pool_id, None)
+            logger.info("KV pool %s unmapped (least recently used of %d)", pool_id, MAX_MAPPED_POOLS + 1)
 
     def _drop_connection(self, addr: str, reason: str, events: list[TransferEvent]) -> None:
         super()._drop_connection(addr, reason, events)
