@@ -1,15 +1,18 @@
-"""PageAllocator and prefix hashing: exact page ids, ref counts, FIFO/LRU order, integrity.
+"""PageAllocator and prefix hashing: exact page ids, ref counts, FIFO/LRU order, contiguous runs, integrity.
 
 Pure Python (no torch): these run in milliseconds.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from splitserve.core.cache.allocator import CacheIntegrityError, PageAllocator
 from splitserve.core.cache.prefix import hash_page, page_hashes
@@ -132,6 +135,150 @@ def test_misuse_raises_value_error_and_changes_nothing():
     with pytest.raises(ValueError):
         PageAllocator(0)
     alloc.check_integrity({})
+
+
+# ---- contiguous allocation (transfer destinations) ----------------------------------------------
+
+
+def count_runs(pages) -> int:
+    """Runs of consecutive ascending ids in ``pages`` as listed (one transfer descriptor each)."""
+    return sum(1 for i, page in enumerate(pages) if i == 0 or page != pages[i - 1] + 1)
+
+
+def fewest_runs(free_ids, n: int) -> int:
+    """The fewest runs of consecutive ids in the set ``free_ids`` that can hold ``n`` pages."""
+    ids = sorted(free_ids)
+    lengths = sorted(collections.Counter(page - i for i, page in enumerate(ids)).values(), reverse=True)
+    total = 0
+    for k, length in enumerate(lengths):
+        if total >= n:
+            return k
+        total += length
+    return len(lengths)
+
+
+def _fragmented() -> PageAllocator:
+    """16 pages with runs of free ids [2, 3], [5, 6, 7], [9], [12, 13, 14, 15].
+
+    All allocated, then released so the free queue is 9, 2, 3, 12, 13, 14, 15, 5, 6, 7.
+    """
+    alloc = PageAllocator(16)
+    alloc.allocate(16)
+    for pages in ([9], [2, 3], [12, 13, 14, 15], [5, 6, 7]):
+        alloc.decref(pages)
+    return alloc
+
+
+def test_contiguous_on_a_fresh_pool_is_one_run_and_leaves_queue_order_alone():
+    alloc = PageAllocator(8)
+    assert alloc.allocate_contiguous(5) == [0, 1, 2, 3, 4]
+    assert alloc.allocate(2) == [5, 6]
+    alloc.decref([1, 0])
+    assert alloc.allocate_contiguous(0) == []
+    assert alloc.allocate_contiguous(4) is None and alloc.num_free == 3  # all or nothing
+    assert alloc.allocate_contiguous(2) == [0, 1]  # free queue 7, 1, 0: the run [0, 1], not 7 and 1
+    assert alloc.allocate(1) == [7]
+    with pytest.raises(ValueError):
+        alloc.allocate_contiguous(-1)
+    alloc.check_integrity({p: 1 for p in range(8)})
+
+
+def test_contiguous_takes_the_fewest_runs_best_fit_last():
+    alloc = _fragmented()
+    assert alloc.allocate(3) == [9, 2, 3]  # queue order: three pages in two runs
+    alloc = _fragmented()
+    assert alloc.allocate_contiguous(3) == [5, 6, 7]  # the run that fits exactly; 12..15 stays whole
+    assert alloc.allocate_contiguous(5) == [9, 12, 13, 14, 15]  # longest run, then the shortest run for 1 more
+    assert alloc.allocate(2) == [2, 3]  # untaken free pages kept their queue order
+    alloc.check_integrity({p: 1 for p in range(16)})
+
+
+def test_contiguous_longest_runs_first_and_ties_to_the_lowest_id():
+    alloc = _fragmented()
+    assert alloc.allocate_contiguous(6) == [2, 3, 12, 13, 14, 15]  # 4-run, then the 2-run (not the 3-run)
+    assert alloc.allocate_contiguous(1) == [9]  # best fit: the 1-run
+    alloc.decref([13])  # runs [5, 6, 7] and [13]
+    assert alloc.allocate_contiguous(2) == [5, 6]  # only 5..7 holds 2; 7 stays free
+    assert alloc.allocate_contiguous(2) == [7, 13]  # no run holds 2: two 1-runs, lowest id first
+    alloc = _fragmented()
+    alloc.decref([1])  # runs [1, 2, 3], [5, 6, 7], [9], [12..15]
+    assert alloc.allocate_contiguous(3) == [1, 2, 3]  # two 3-runs fit: the lower id wins
+
+
+def test_contiguous_evicts_lru_only_after_every_free_page():
+    alloc = PageAllocator(6)
+    assert alloc.allocate(6) == [0, 1, 2, 3, 4, 5]
+    for page in (0, 1, 2, 4):
+        alloc.register(page, 100 + page)
+    alloc.decref([2, 1, 0])  # LRU: 2, 1, 0
+    alloc.decref([5])
+    alloc.decref([3])  # free queue: 5, 3
+    alloc.decref([4])  # LRU: 2, 1, 0, 4 (page 4 sits next to free pages 3 and 5: no matter)
+    alloc.record_events()
+    assert alloc.allocate_contiguous(1) == [3]  # a free page, never an evictable one
+    alloc.decref([3])
+    twin = PageAllocator(6)  # the same state, through allocate
+    twin.allocate(6)
+    for page in (0, 1, 2, 4):
+        twin.register(page, 100 + page)
+    for pages in ([2, 1, 0], [5], [3], [4]):
+        twin.decref(pages)
+    twin.record_events()
+    assert alloc.allocate_contiguous(4) == [3, 5, 2, 1]  # every free page ascending, then LRU order
+    assert twin.allocate(4) == [5, 3, 2, 1]  # the same pages and evictions
+    assert alloc.take_events() == twin.take_events() == [("removed", (102, 101))]
+    assert alloc.lookup(100) == 0 and alloc.lookup(104) == 4 and alloc.hash_of(2) is None
+    alloc.check_integrity({1: 1, 2: 1, 3: 1, 5: 1})
+
+
+# Weighted so that pools fill up, fragment and hold evictable cached pages.
+_OPS = st.lists(st.tuples(st.sampled_from(["allocate"] * 3 + ["contiguous"] * 3 + ["decref"] * 4 + ["register"] * 3
+                                          + ["touch"]), st.integers(0, 40)), min_size=20, max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_OPS)
+def test_contiguous_random_operations(ops):
+    """Random allocate/contiguous/decref/register/touch sequences on 12 pages: contiguous allocation
+    succeeds exactly when allocate would, takes only unowned pages, free ones first in the fewest runs,
+    evicts in LRU order, and leaves integrity intact."""
+    alloc = PageAllocator(12)
+    owned: list[int] = []  # one entry per reference held
+    for op, k in ops:
+        if op == "contiguous":
+            owned.extend(_check_contiguous(alloc, k % 14))
+        elif op == "allocate":
+            owned.extend(alloc.allocate(k % 6) or [])
+        elif op == "decref" and owned:
+            alloc.decref([owned.pop(k % len(owned))])
+        elif op == "register" and owned and alloc.hash_of(owned[k % len(owned)]) is None:
+            alloc.register(owned[k % len(owned)], 1000 + k % 12)  # few hashes: duplicates happen
+        elif op == "touch" and alloc.lookup(1000 + k % 12) is not None:
+            alloc.touch([alloc.lookup(1000 + k % 12)])
+            owned.append(alloc.lookup(1000 + k % 12))
+        alloc.check_integrity(collections.Counter(owned))
+
+
+def _check_contiguous(alloc: PageAllocator, n: int) -> list[int]:
+    """``alloc.allocate_contiguous(n)``, checked against the state before; the pages taken."""
+    free_queue, lru = list(alloc._free), list(alloc._evictable)
+    in_use = {p for p in range(alloc.num_pages) if alloc.ref_count(p) > 0}
+    pages = alloc.allocate_contiguous(n)
+    kind = "evicts" if n > len(free_queue) else "one run" if count_runs(pages or []) <= 1 else "several runs"
+    event("refused" if pages is None else kind)  # pytest --hypothesis-show-statistics
+    if n > len(free_queue) + len(lru):
+        assert pages is None and list(alloc._free) == free_queue and list(alloc._evictable) == lru
+        return []
+    assert pages is not None and len(pages) == len(set(pages)) == n and not set(pages) & in_use
+    assert all(alloc.ref_count(p) == 1 for p in pages)
+    if n <= len(free_queue):
+        assert pages == sorted(pages) and set(pages) <= set(free_queue)
+        assert count_runs(pages) == fewest_runs(free_queue, n)
+        assert list(alloc._free) == [p for p in free_queue if p not in pages] and list(alloc._evictable) == lru
+    else:
+        assert pages == sorted(free_queue) + lru[: n - len(free_queue)] and not alloc._free
+        assert all(alloc.hash_of(p) is None for p in pages)
+    return pages
 
 
 # ---- prefix cache -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Pure Python (no torch).
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 from hypothesis import event, settings
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from splitserve.core.cache.manager import CacheUsage, KVCacheBlocks, KVCacheManager
+from splitserve.core.cache.prefix import page_hashes
+from test_allocator import count_runs, fewest_runs
 
 PAGE = 4
 
@@ -275,6 +278,62 @@ def test_reserve_and_export():
     receiver.check_integrity()
 
 
+def test_reserve_on_a_fresh_pool_is_one_run_and_grows_contiguously():
+    mgr = KVCacheManager(num_pages=16, page_size=PAGE)
+    assert mgr.reserve("r", 37) == KVCacheBlocks(tuple(range(10)))
+    assert mgr.reserve("r", 44) == KVCacheBlocks((10,))  # growing an existing request: same contract
+    assert mgr.allocate_slots("s", 8) == KVCacheBlocks((11, 12))  # allocation order is unchanged
+    assert mgr.usage().used == 13
+    mgr.check_integrity()
+
+
+def test_reserve_prefers_contiguous_runs_where_allocate_slots_scatters():
+    mgr = KVCacheManager(num_pages=12, page_size=PAGE)
+    for rid in "abcdef":
+        mgr.allocate_slots(rid, 8)  # a: 0, 1  b: 2, 3  ...  f: 10, 11
+    for rid in "bde":
+        mgr.free(rid)  # free queue 3, 2, 7, 6, 9, 8: runs [2, 3] and [6, 7, 8, 9]
+    twin = copy.deepcopy(mgr)
+    assert twin.allocate_slots("x", 8) == KVCacheBlocks((3, 2))  # queue order
+    assert twin.allocate_slots("y", 16) == KVCacheBlocks((7, 6, 9, 8))  # 4 runs: 4 descriptors a layer
+    assert mgr.reserve("x", 8) == KVCacheBlocks((2, 3))  # best fit: 6..9 stays whole
+    assert mgr.reserve("y", 16) == KVCacheBlocks((6, 7, 8, 9))  # one run
+    mgr.check_integrity()
+
+
+def test_reserve_takes_the_longest_runs_when_no_run_fits():
+    mgr = KVCacheManager(num_pages=12, page_size=PAGE)
+    for i in range(12):
+        mgr.allocate_slots(f"p{i}", PAGE)  # p<i> holds page i
+    for i in (1, 3, 4, 6, 7, 8, 10):
+        mgr.free(f"p{i}")  # free runs [1], [3, 4], [6, 7, 8], [10]
+    twin = copy.deepcopy(mgr)
+    assert twin.allocate_slots("x", 20) == KVCacheBlocks((1, 3, 4, 6, 7))  # 3 runs
+    assert mgr.reserve("x", 20) == KVCacheBlocks((3, 4, 6, 7, 8))  # 3-run, then the 2-run: 2 runs
+    assert mgr.reserve("y", 8) == KVCacheBlocks((1, 10))  # two 1-runs left: lowest id first
+    assert mgr.reserve("z", 4) is None and mgr.allocate_slots("z", 4) is None and not mgr.has("z")
+    mgr.check_integrity()
+
+
+def test_reserve_evicts_cached_pages_in_lru_order_like_allocate_slots():
+    mgr = KVCacheManager(num_pages=6, page_size=PAGE)
+    _prefill(mgr, "a", list(range(12)) + [99])  # pages 0, 1, 2 cached, 3 partial
+    mgr.allocate_slots("b", 8)  # pages 4, 5
+    mgr.free("a")  # freed 3, 2, 1, 0: page 3 (unhashed) -> free queue; LRU 2, 1, 0
+    mgr.free("b")  # free queue 3, 5, 4
+    mgr.record_cache_events()
+    twin = copy.deepcopy(mgr)
+    assert mgr.reserve("x", 8) == KVCacheBlocks((3, 4))  # free pages (run 3..5) while there are enough
+    assert mgr.take_cache_events() == []
+    assert mgr.reserve("y", 8) == KVCacheBlocks((5, 2))  # the last free page, then the LRU head
+    assert twin.allocate_slots("x", 16) == KVCacheBlocks((3, 5, 4, 2))  # the same eviction
+    evicted = (page_hashes(list(range(12)), PAGE)[2],)
+    assert mgr.take_cache_events() == twin.take_cache_events() == [("removed", evicted)]
+    computed, num_cached = mgr.get_computed_pages(list(range(12)) + [99])
+    assert computed.page_ids == (0, 1) and num_cached == 8  # the prefix head survives, as with allocate_slots
+    mgr.check_integrity()
+
+
 # ---- random operation sequences -----------------------------------------------------------------
 
 
@@ -282,7 +341,7 @@ _BASES = ((0, 1, 2, 0, 1, 2, 0, 1), (0, 1, 2, 2, 1, 0, 2, 2), (2, 2, 2, 2, 1, 1,
 
 
 class KVCacheMachine(RuleBasedStateMachine):
-    """Random admit/extend/compute/free/pin/release sequences on a tiny pool.
+    """Random admit/reserve/extend/compute/free/pin/release sequences on a tiny pool.
 
     Alongside the manager it simulates the KV contents: each page records which token was
     written into each slot. A prefix hit must find exactly the prompt's tokens in the hit
@@ -327,6 +386,42 @@ class KVCacheMachine(RuleBasedStateMachine):
             return
         self._new_pages(blocks)
         self.tokens[rid], self.computed[rid] = list(prompt), num_cached
+
+    @rule(
+        base=st.sampled_from(_BASES),
+        keep=st.integers(0, 8),
+        suffix=st.lists(st.integers(0, 2), max_size=4),
+    )
+    def reserve(self, base, keep, suffix):
+        """A transfer's destination: pages reserved without prefix hits, then filled in one go.
+
+        Succeeds exactly when allocate_slots would (checked on a copy), never hands out a page
+        in use, and takes free pages in the fewest runs, then the same evictions as allocate_slots.
+        """
+        prompt = list(base[:keep]) + suffix or [0]
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        alloc = self.mgr._allocator
+        free = {p for p in range(self.mgr.num_pages) if alloc.ref_count(p) == 0 and not alloc.is_evictable(p)}
+        in_use = {p for p in range(self.mgr.num_pages) if alloc.ref_count(p) > 0}
+        twin = copy.deepcopy(self.mgr)
+        expected = twin.allocate_slots(rid, len(prompt))
+        blocks = self.mgr.reserve(rid, len(prompt))
+        assert (blocks is None) == (expected is None)
+        if blocks is None:
+            event("reserved: none")
+            assert not self.mgr.has(rid)
+            return
+        pages = blocks.page_ids
+        event(f"reserved: {'evicts' if len(pages) > len(free) else f'runs: {count_runs(pages)}'}")
+        assert len(set(pages)) == len(pages) == self.mgr.num_pages_for(len(prompt)) and not set(pages) & in_use
+        if len(pages) <= len(free):
+            assert set(pages) <= free and count_runs(pages) == fewest_runs(free, len(pages))
+        else:
+            assert set(pages) == set(expected.page_ids)  # every free page, then the same LRU evictions
+        self._new_pages(blocks)
+        self.tokens[rid], self.computed[rid] = list(prompt), 0
+        self._write(rid, len(prompt))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), extra=st.lists(st.integers(0, 2), min_size=1, max_size=3))

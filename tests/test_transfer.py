@@ -260,11 +260,14 @@ def test_receiver_killed_sender_reports_failure(backend):
             events = tx.poll()
             time.sleep(0.05)
         assert len(events) == 1 and isinstance(events[0], TransferFailed), events
-        assert events[0].request_id == "req-orphan" and re.search("did not acknowledge|unreachable|UCX send failed", events[0].reason)
+        assert events[0].request_id == "req-orphan" and re.search("did not acknowledge|unreachable|UCX send failed|one-sided write failed", events[0].reason)
         with pytest.raises(TransferError, match="not active"):
             tx.send_layer("orphan", 2, list(range(4)), 0, 50)  # the sender forgot it (its side is freed)
-        if backend in ("shm", "nixl"):  # and let go of the dead receiver's pool
-            assert tx.mapped_pools == 0
+        deadline = time.monotonic() + 20
+        while getattr(tx, "mapped_pools", 0) and time.monotonic() < deadline:  # and lets go of the dead receiver's pool
+            tx.poll()
+            time.sleep(0.05)
+        assert getattr(tx, "mapped_pools", 0) == 0
     finally:
         tx.close()
 

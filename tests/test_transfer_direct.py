@@ -31,9 +31,13 @@ CPU = torch.device("cpu")
 @dataclass
 class _Gate:
     open: bool = False
+    error: str | None = None
 
     def done(self) -> bool:
         return self.open
+
+    def failed(self) -> str | None:
+        return self.error
 
 
 @dataclass
@@ -273,3 +277,16 @@ def test_sender_keeps_a_bounded_number_of_pools_mapped(pair, monkeypatch):
         pair.tx.fail(f"p{i}", f"req-p{i}", "done with it")
         pair.pump(3)
     assert pair.tx.mapped_pools == 2
+
+
+def test_a_failed_write_fails_its_transfer_at_once_and_fences_with_abort(pair):
+    d = pair.desc("f", 8, (4, 5))
+    pair.tx.begin(d, "req-f")
+    pair.step([LayerSend("f", (0, 1), 0, 8)])
+    pair.copies.gates[-1].error = "link down"  # every write behind the fence is final, and one failed
+    pair.pump()
+    sender_failed = [e for e in pair.tx_events if isinstance(e, TransferFailed)]
+    assert [e.transfer_id for e in sender_failed] == ["f"] and "link down" in sender_failed[0].reason
+    settled = [e for e in pair.rx_events if isinstance(e, TransferFailed)]  # Abort reached the receiver: no lease wait
+    assert [e.transfer_id for e in settled] == ["f"] and "link down" in settled[0].reason
+    assert not pair.rx._transfers and not [e for e in pair.rx_events if isinstance(e, TransferComplete)]

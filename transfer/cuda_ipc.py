@@ -38,6 +38,10 @@ class _EventFence:
     def done(self) -> bool:
         return self._event.query()
 
+    def failed(self) -> str | None:
+        """Never: a failed device copy is a sticky CUDA error that ends the process (and its writes)."""
+        return None
+
 
 class CudaIpcCopyEngine(CopyEngine):
     """See :class:`~splitserve.transfer.direct.CopyEngine`. ``device``: this worker's GPU."""

@@ -76,6 +76,9 @@ class Fence(Protocol):
     def done(self) -> bool:
         """True once all those writes completed (never blocks)."""
 
+    def failed(self) -> str | None:
+        """Why those writes will never all land, once none of them can still write; ``None`` otherwise."""
+
 
 class CopyEngine(abc.ABC):
     """Moves K/V rows from this process's pool into a peer's pool on the same host.
@@ -291,6 +294,16 @@ class DirectKVSender(ZmqKVSender):
         self._events.append(TransferFailed(transfer_id, out.request_id, reason))
         self._stop_writing(transfer_id, d, reason)
 
+    def _write_failed(self, transfer_id: str, d: _Direct, why: str) -> None:
+        out = self._out[transfer_id]
+        reason = f"a one-sided write failed: {why}"
+        logger.warning("request %s: transfer %s: %s", out.request_id, transfer_id, reason)
+        if not d.failed:
+            self._events.append(TransferFailed(transfer_id, out.request_id, reason))
+        self._stop_writing(transfer_id, d, reason)
+        d.landed.clear()
+        d.last_fence = None
+
     def _stop_writing(self, transfer_id: str, d: _Direct, reason: str) -> None:
         d.failed = True
         if d.closing is None:
@@ -338,6 +351,9 @@ class DirectKVSender(ZmqKVSender):
             l0, l1, s, e, _ = d.landed.popleft()
             self._send(tid, lambda seq: wire.Landed(tid, seq, l0, l1, s, e))
             d.last_frame = now
+        why = d.landed[0][4].failed() if d.landed else None
+        if why is not None:  # a write failed for good (e.g. the receiver is gone): fail now, fence with Abort
+            self._write_failed(tid, d, why)
         if d.landed or (d.last_fence is not None and not d.last_fence.done()):
             return
         if d.closing is not None:  # every write completed: the closing frame is also the fence

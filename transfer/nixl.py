@@ -17,9 +17,10 @@
    fence is final: later computation on the source pool (pages freed and reused) then cannot race the reads.
    ``done()`` is True once all of them reported ``DONE``; handles are released as they finish.
 6. Failure: a request that cannot be created or posted, reports ``ERR``, or is not final within ``fence_wait_s`` is
-   logged and makes its fence never done. :class:`~splitserve.transfer.direct.DirectKVSender` then sends no
-   ``Landed``/``Finish`` for the transfers behind that fence (their pages may hold partial data nobody reads); the
-   receiver fails them when their lease expires and the decode worker applies its ``failure_policy``.
+   logged and makes its fence never done. Once every request behind it is final, the fence reports the error
+   (``failed()``): :class:`~splitserve.transfer.direct.DirectKVSender` fails those transfers at once and sends
+   ``Abort`` (nothing writes any more). An abandoned fence (requests still in flight) reports nothing: the
+   receiver fails its transfers when their lease expires. Either way the decode worker applies its ``failure_policy``.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class _NixlFence:
         self._pending = xfers
         self.error: str | None = None
         """Why this fence will never be done (a request failed or was abandoned); ``None`` otherwise."""
+        self._abandoned = False
 
     def settled(self) -> bool:
         """Advance every pending request; True once each is final (``DONE`` or ``ERR``)."""
@@ -178,9 +180,14 @@ class _NixlFence:
     def done(self) -> bool:
         return self.settled() and self.error is None
 
+    def failed(self) -> str | None:
+        """The error once every request is final (an abandoned fence may still write: never)."""
+        return None if self._abandoned or not self.settled() else self.error
+
     def abandon(self, reason: str) -> None:
         """Never report done (requests still in flight may read source pages the engine reuses)."""
         self.error = self.error or reason
+        self._abandoned = True
 
 
 class NixlCopyEngine(CopyEngine):

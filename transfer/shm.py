@@ -30,6 +30,9 @@ class _Done:
     def done(self) -> bool:
         return True
 
+    def failed(self) -> str | None:
+        return None
+
 
 class ShmCopyEngine(CopyEngine):
     """See :class:`~splitserve.transfer.direct.CopyEngine`; pools that this engine allocated can be exported."""

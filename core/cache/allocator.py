@@ -11,6 +11,17 @@ Every page id in ``0..num_pages-1`` is in exactly one of three states:
   also have a hash, in which case other requests may share it read-only. An in-use page is
   never handed out by :meth:`PageAllocator.allocate`, so a page being written is never reused.
 
+Handing pages out, step by step (both paths are all or nothing and give each page ref count 1):
+
+1. :meth:`PageAllocator.allocate` (requests computing their own KV) takes free pages in queue
+   order: a fresh pool gives ``0, 1, 2, ...``, released unhashed pages join the back.
+2. :meth:`PageAllocator.allocate_contiguous` (pages an incoming KV transfer will fill) takes
+   free pages as the fewest maximal runs of consecutive ids that cover the request, returned
+   ascending, so a transfer needs one descriptor per run instead of one per page. The free
+   pages it leaves keep their queue order, so step 1 is unaffected.
+3. Either path evicts cached-evictable pages, least recently released first, only once every
+   free page is taken; an evicted page loses its hash (a ``removed`` cache event).
+
 Pure Python: no torch, no numpy.
 """
 
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from typing import Iterable, Mapping
 
 logger = logging.getLogger(__name__)
@@ -27,12 +39,38 @@ class CacheIntegrityError(RuntimeError):
     """The allocator's bookkeeping disagrees with itself or with the owners' page tables."""
 
 
+def _fewest_runs(runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """``(start, count)`` pieces of ``runs`` (``(start, length)``, ascending starts) covering ``n`` pages.
+
+    The fewest runs that can: the longest first (lower start on ties) until one run holds the
+    remainder, which then comes from the shortest run that holds it (lower start on ties).
+    Needs ``n <= sum of lengths``. Sorting only the distinct lengths (at most about
+    ``sqrt(2 * pages)`` of them) keeps this linear in the number of runs.
+    """
+    by_length: dict[int, list[int]] = collections.defaultdict(list)
+    for start, length in runs:
+        by_length[length].append(start)
+    longest_first = [(start, length) for length in sorted(by_length, reverse=True) for start in by_length[length]]
+    picked: list[tuple[int, int]] = []
+    remaining = n
+    for i, (start, length) in enumerate(longest_first):
+        if length >= remaining:
+            best_start, _ = min((run for run in longest_first[i:] if run[1] >= remaining),
+                                key=lambda run: (run[1], run[0]))
+            picked.append((best_start, remaining))
+            return picked
+        picked.append((start, length))
+        remaining -= length
+    raise ValueError(f"{n} pages asked of runs holding {n - remaining}")
+
+
 class PageAllocator:
     """Hands out page ids with reference counts and keeps the prefix cache (hash <-> page).
 
     Allocation order is deterministic: a fresh pool hands out ``0, 1, 2, ...``; freed unhashed
     pages go to the back of the free queue; evictable cached pages are evicted least recently
-    released first, and only once the free queue is empty.
+    released first, and only once the free queue is empty. :meth:`allocate_contiguous` picks
+    free pages by runs of consecutive ids instead of queue order (see the module docstring).
     """
 
     def __init__(self, num_pages: int) -> None:
@@ -105,13 +143,56 @@ class PageAllocator:
         return pages
 
     def _take_one(self) -> int:
-        if self._free:
-            page = self._free.popleft()
-        else:
-            page, _ = self._evictable.popitem(last=False)
-            self._drop_hash(page)
+        page = self._free.popleft() if self._free else self._evict_lru()
         self._refs[page] = 1
         return page
+
+    def _evict_lru(self) -> int:
+        """Remove the least recently released evictable page from the LRU, dropping its hash."""
+        page, _ = self._evictable.popitem(last=False)
+        self._drop_hash(page)
+        return page
+
+    def allocate_contiguous(self, n: int) -> list[int] | None:
+        """Take ``n`` pages like :meth:`allocate`, as few runs of consecutive page ids as possible.
+
+        For KV transfers, which post one descriptor per contiguous run. Which pages:
+
+        1. Free pages only while there are enough: among the maximal runs of consecutive free
+           ids, the fewest that cover ``n``. If one run holds all ``n``, the shortest such run
+           (best fit, so long runs stay whole for later transfers); otherwise the longest runs
+           first, then the shortest run that holds the remainder. Ties go to the lower id and
+           each run is taken from its lowest id. The pages come back in ascending id order.
+        2. Fewer than ``n`` free pages: all of them (ascending), then evictable cached pages,
+           least recently released first, exactly as :meth:`allocate` would evict them.
+
+        Free pages not taken keep their queue order. All or nothing: ``None`` and no change
+        when fewer than ``n`` pages are available. O(num_pages).
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of pages: {n}")
+        if n > self.num_free:
+            return None
+        pages = self._take_free_runs(min(n, len(self._free)))
+        pages += [self._evict_lru() for _ in range(n - len(pages))]
+        for page in pages:
+            self._refs[page] = 1
+        self._num_used += n
+        return pages
+
+    def _take_free_runs(self, n: int) -> list[int]:
+        """Remove ``n`` free pages, chosen as :meth:`allocate_contiguous` step 1 says, from the queue."""
+        if n == 0:
+            return []
+        is_free = bytearray(self.num_pages)
+        for page in self._free:
+            is_free[page] = 1
+        runs = [(m.start(), m.end() - m.start()) for m in re.finditer(rb"\x01+", is_free)]
+        pages = [p for start, count in sorted(_fewest_runs(runs, n)) for p in range(start, start + count)]
+        for page in pages:
+            is_free[page] = 0
+        self._free = collections.deque(page for page in self._free if is_free[page])
+        return pages
 
     def incref(self, ids: Iterable[int]) -> None:
         """Add one reference per listed id (ids may repeat); the caller becomes a co-owner.

@@ -20,8 +20,12 @@ Page ownership, step by step (every reference is held by exactly one of these ow
 
 Transfer: the decode side calls :meth:`KVCacheManager.reserve`; the reserving request owns the
 destination pages (nobody else can be handed them) until it is freed, so an incoming transfer
-never writes into a reused page. The prefill side reads :meth:`KVCacheManager.export_pages`
-while its request is live and frees the request only after the send completed or failed.
+never writes into a reused page. Unlike :meth:`KVCacheManager.allocate_slots`, reserve takes its
+pages as few ascending runs of consecutive ids as possible
+(:meth:`PageAllocator.allocate_contiguous`), so the transfer needs few descriptors; it succeeds
+exactly when allocate_slots would, and evicts cached pages in the same LRU order. The prefill
+side reads :meth:`KVCacheManager.export_pages` while its request is live and frees the request
+only after the send completed or failed.
 
 Pure Python: no torch, no numpy.
 """
@@ -31,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .allocator import CacheIntegrityError, PageAllocator
 from .prefix import hash_page
@@ -154,16 +158,23 @@ class KVCacheManager:
         call allocated (the request owns them alone, ref 1), possibly none; or ``None`` when the
         pool is short, in which case nothing changed and no reference was taken.
         """
+        return self._grow(request_id, num_tokens, computed, self._allocator.allocate)
+
+    def _grow(
+        self, request_id: str, num_tokens: int, computed: KVCacheBlocks | None,
+        take: Callable[[int], list[int] | None],
+    ) -> KVCacheBlocks | None:
+        """:meth:`allocate_slots` with fresh pages from ``take`` (an allocator method, all or nothing)."""
         num_pages = self.num_pages_for(num_tokens)
         state = self._requests.get(request_id)
         if state is None:
-            return self._allocate_first(request_id, num_pages, computed or _EMPTY)
+            return self._allocate_first(request_id, num_pages, computed or _EMPTY, take)
         if computed is not None and computed.page_ids:
             raise ValueError(f"request {request_id}: prefix hits can only be adopted on the first allocation")
         need = num_pages - len(state.page_ids)
         if need <= 0:
             return _EMPTY
-        fresh = self._allocator.allocate(need)
+        fresh = take(need)
         if fresh is None:
             logger.debug("request %s: %d more pages needed, %d free", request_id, need, self.num_free_pages)
             return None
@@ -171,7 +182,7 @@ class KVCacheManager:
         return KVCacheBlocks(tuple(fresh))
 
     def _allocate_first(
-        self, request_id: str, num_pages: int, computed: KVCacheBlocks
+        self, request_id: str, num_pages: int, computed: KVCacheBlocks, take: Callable[[int], list[int] | None]
     ) -> KVCacheBlocks | None:
         """Adopt ``computed`` and allocate the rest for a new request, all or nothing."""
         hashes = self._validated_hashes(request_id, computed)
@@ -185,7 +196,7 @@ class KVCacheManager:
                          self.num_free_pages)
             return None
         self._allocator.touch(computed.page_ids)
-        fresh = self._allocator.allocate(need)
+        fresh = take(need)
         if fresh is None:  # unreachable: capacity was checked above
             self._allocator.decref(computed.page_ids)
             raise CacheIntegrityError(f"request {request_id}: allocator refused {need} pages it had free")
@@ -206,9 +217,12 @@ class KVCacheManager:
         """Decode side of a transfer: pages an incoming transfer will fill, without prefix reuse.
 
         Same contract as :meth:`allocate_slots` without hits: for a new request the result is
-        its whole page table, which it owns alone until :meth:`free`; ``None`` when short.
+        its whole page table, which it owns alone until :meth:`free`; ``None`` when short (exactly
+        when allocate_slots would be). Only which pages differs: the fewest runs of consecutive
+        free ids, ascending, then evictable cached pages in LRU order once free pages run out
+        (see :meth:`PageAllocator.allocate_contiguous`), so the transfer needs few descriptors.
         """
-        return self.allocate_slots(request_id, num_tokens)
+        return self._grow(request_id, num_tokens, None, self._allocator.allocate_contiguous)
 
     def export_pages(self, request_id: str) -> KVCacheBlocks:
         """Sender side of a transfer: the request's page table (and known full-page hashes).
