@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src-page-size", type=int, default=16)
     parser.add_argument("--dst-page-size", type=int, default=16)
     parser.add_argument("--chunk-tokens", type=int, default=0, help="tokens per send_layer call (0: whole prompt)")
+    parser.add_argument("--page-order", choices=("scattered", "contiguous"), default="scattered",
+                        help="scattered: every request's pages in reverse order on both sides (no two adjacent); "
+                             "contiguous: ascending runs, as a fresh pool or reserve() hands them out")
     parser.add_argument("--requests", type=int, default=1,
                         help="requests transferred at once (1: one request's latency; more: the KV path's throughput "
                              "with transfers in flight together, as under load)")
@@ -265,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "page_sizes": [args.src_page_size, args.dst_page_size],
         "layers_per_call": args.layers_per_call,
         "requests": args.requests,
+        "page_order": args.page_order,
         "card": _card(args.device),
         "date": datetime.date.today().isoformat(),
     }
@@ -292,9 +296,11 @@ def _measure_kv(args: argparse.Namespace, child: Any, dtype: str, shape: dict[st
     best, verified = float("inf"), True
     try:
         for i in range(args.repeat):
-            scattered = list(range(dst_pages - 1, per, -1))  # reversed page order: every request's pages scattered
+            order = list(range(dst_pages - 1, per, -1))  # reversed: every request's pages scattered
+            if args.page_order == "contiguous":
+                order.reverse()
             descs = [_reserve(rx, dst_layout, f"warm{i}", 16, tuple(range(-(-16 // args.dst_page_size))))] + [
-                _reserve(rx, dst_layout, f"kv{i}.{j}", args.tokens, tuple(scattered[j * per:(j + 1) * per]))
+                _reserve(rx, dst_layout, f"kv{i}.{j}", args.tokens, tuple(order[j * per:(j + 1) * per]))
                 for j in range(args.requests)
             ]
             child.start(_sender_spec(args, dtype, shape, src_dev, descs))
@@ -330,9 +336,13 @@ def _descriptor_count(args: argparse.Namespace, shape: dict[str, int], descs: li
 
 
 def _src_pages(args: argparse.Namespace, num_tokens: int) -> tuple[int, ...]:
-    """The sender's pages of a request of ``num_tokens``: reversed from the top of its pool, so they are scattered."""
+    """The sender's pages of a request of ``num_tokens``: reversed from the top of its pool (scattered), or ascending
+    from page 1 (``--page-order contiguous``)."""
+    n = -(-num_tokens // args.src_page_size)
+    if args.page_order == "contiguous":
+        return tuple(range(1, 1 + n))
     top = -(-args.tokens // args.src_page_size) + 1
-    return tuple(range(top, top - -(-num_tokens // args.src_page_size), -1))
+    return tuple(range(top, top - n, -1))
 
 
 def _sender_spec(args: argparse.Namespace, dtype: str, shape: dict[str, int], device: str, descs: list[Any]) -> Any:

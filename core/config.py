@@ -114,7 +114,9 @@ class RouterConfig(FrozenConfig):
     """The HTTP front end and worker registry."""
 
     model: str = BUILTIN_MODEL
-    served_model_name: str | None = None
+    served_model_name: tuple[str, ...] = ()
+    """Names clients may use for the model (the first is the one responses carry); empty: ``model``. Entries are
+    split at commas (``SPLITSERVE_SERVED_MODEL_NAME=a,b``), so a name cannot contain one."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     control_host: str = "127.0.0.1"
@@ -134,11 +136,16 @@ class RouterConfig(FrozenConfig):
     auto_ratio_interval_s: float = Field(default=5.0, gt=0)
     auto_ratio_cooldown_s: float = Field(default=30.0, ge=0)
 
-    @field_validator("served_model_name")
+    @field_validator("served_model_name", mode="before")
     @classmethod
-    def _non_empty(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("served_model_name must not be empty")
+    def _names(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):  # each entry may itself be a comma-separated list
+            names = tuple(dict.fromkeys(part.strip() for n in v for part in str(n).split(",")))
+            if any(not n for n in names):
+                raise ValueError("served_model_name must not contain an empty name")
+            return names
         return v
 
 

@@ -50,6 +50,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Top-N logprobs for every generated token (0: only the sampled token's)."""
     prompt_logprobs: int | None = None
     """Top-N logprobs for every prompt token (the first has none)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before penalties; -100 bans a token, +100 forces it."""
 
     @property
     def greedy(self) -> bool:

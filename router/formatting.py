@@ -1,12 +1,16 @@
 """Deltas -> OpenAI response bodies, for completions and chat, streamed or not.
 
 Both formatters build a non-streamed response from the *same* deltas a stream would send (text
-concatenated), so streamed chunks always concatenate to the non-streamed text.
+concatenated), so streamed chunks always concatenate to the non-streamed text. A response with several
+choices (several prompts, ``n`` copies) has one formatter per choice, all with the response's id and
+``created``; each formatter writes its choice's ``index`` and ``stop_reason`` (see
+:mod:`splitserve.router.choices`, which merges them and sums the usage).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from splitserve.core.messages import TokenLogprob
@@ -15,27 +19,44 @@ from splitserve.router.openai_api import ChatCompletionRequest, CompletionReques
 from splitserve.router.output import CompletionLogprobs, Delta, OutputProcessor, chat_logprobs
 
 
+@dataclass(frozen=True)
+class ResponseHead:
+    """The id and creation time every choice of one response shares."""
+
+    id: str
+    created: int
+
+    @classmethod
+    def new(cls, id_prefix: str) -> ResponseHead:
+        return cls(new_id(id_prefix), int(time.time()))
+
+
 class Formatter:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, tokenizer: Tokenizer, model: str, id_prefix: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int = 0) -> None:
         self.tokenizer = tokenizer
         self.model = model
-        self.id = new_id(id_prefix)
-        self.created = int(time.time())
+        self.id = head.id
+        self.created = head.created
+        self.index = index
 
     def body(self, choice: dict[str, Any] | None, chunk: bool, usage_: dict[str, Any] | None) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
                 "created": self.created, "model": self.model, "choices": [choice] if choice else [],
                 "usage": usage_}
 
-    def usage_chunk(self, proc: OutputProcessor) -> dict[str, Any]:
-        return self.body(None, True, self.usage(proc))
+    def usage_chunk(self, usage_: dict[str, Any]) -> dict[str, Any]:
+        return self.body(None, True, usage_)
 
     @staticmethod
     def usage(proc: OutputProcessor) -> dict[str, Any]:
         return usage(proc.num_prompt_tokens, proc.completion_tokens, proc.num_cached_tokens)
+
+    @staticmethod
+    def stop_reason(finish: str | None, proc: OutputProcessor) -> str | int | None:
+        return proc.stop_reason if finish is not None else None
 
     def start_chunks(self) -> list[dict[str, Any]]:
         return []
@@ -52,16 +73,17 @@ class CompletionFormatter(Formatter):
 
     object_name = chunk_object_name = "text_completion"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, req: CompletionRequest, prompt_ids: Sequence[int]) -> None:
-        super().__init__(tokenizer, model, "cmpl")
-        self.req = req
+    def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int, req: CompletionRequest,
+                 prompt: str | Sequence[int], prompt_ids: Sequence[int]) -> None:
+        super().__init__(tokenizer, model, head, index)
+        self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self._echo_pending = req.echo
         self._logprobs = CompletionLogprobs(tokenizer) if req.logprobs is not None else None
 
     def _prompt_text(self) -> str:
-        if isinstance(self.req.prompt, str):
-            return self.req.prompt
+        if isinstance(self.prompt, str):
+            return self.prompt
         return self.tokenizer.decode(self.prompt_ids)
 
     def _piece(self, deltas: Sequence[Delta], proc: OutputProcessor) -> tuple[str, dict[str, Any] | None]:
@@ -78,19 +100,21 @@ class CompletionFormatter(Formatter):
             return text, None
         return text, self._logprobs.format(ids, entries)
 
-    def _choice(self, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    def _choice(self, text: str, logprobs: dict[str, Any] | None, finish: str | None,
+                proc: OutputProcessor) -> dict[str, Any]:
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                "stop_reason": self.stop_reason(finish, proc)}
 
     def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
         text, logprobs = self._piece([delta], proc)
         if not text and not delta.finish_reason and not delta.token_ids:
             return None
-        return self.body(self._choice(text, logprobs, delta.finish_reason), True, None)
+        return self.body(self._choice(text, logprobs, delta.finish_reason, proc), True, None)
 
     def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
         text, logprobs = self._piece(deltas, proc)
         finish = deltas[-1].finish_reason if deltas else None
-        return self.body(self._choice(text, logprobs, finish), False, self.usage(proc))
+        return self.body(self._choice(text, logprobs, finish, proc), False, self.usage(proc))
 
 
 class ChatFormatter(Formatter):
@@ -99,8 +123,9 @@ class ChatFormatter(Formatter):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, req: ChatCompletionRequest) -> None:
-        super().__init__(tokenizer, model, "chatcmpl")
+    def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int,
+                 req: ChatCompletionRequest) -> None:
+        super().__init__(tokenizer, model, head, index)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
 
     def _logprobs(self, deltas: Sequence[Delta]) -> dict[str, Any] | None:
@@ -109,18 +134,21 @@ class ChatFormatter(Formatter):
         return chat_logprobs(self.tokenizer, [e for d in deltas for e in d.logprobs], self.top_n)
 
     def start_chunks(self) -> list[dict[str, Any]]:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        choice = {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
         return [self.body(choice, True, None)]
 
     def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
         if not delta.text and not delta.finish_reason and not delta.token_ids:
             return None
-        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                  "logprobs": self._logprobs([delta]), "finish_reason": delta.finish_reason}
+        choice = {"index": self.index, "delta": {"content": delta.text} if delta.text else {},
+                  "logprobs": self._logprobs([delta]), "finish_reason": delta.finish_reason,
+                  "stop_reason": self.stop_reason(delta.finish_reason, proc)}
         return self.body(choice, True, None)
 
     def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
-                  "logprobs": self._logprobs(deltas), "finish_reason": deltas[-1].finish_reason if deltas else None}
+        finish = deltas[-1].finish_reason if deltas else None
+        choice = {"index": self.index, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                  "logprobs": self._logprobs(deltas), "finish_reason": finish,
+                  "stop_reason": self.stop_reason(finish, proc)}
         return self.body(choice, False, self.usage(proc))

@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("model", str, "model directory or builtin:... (tokenizer and served name)"),
-    ("served_model_name", str, "name clients use in 'model' (default: --model)"),
     ("host", str, "HTTP bind host"),
     ("port", int, "HTTP port (0: any free port)"),
     ("control_host", str, "control socket bind host (workers connect here)"),
@@ -43,6 +42,9 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, typ, help_text in _FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    parser.add_argument("--served-model-name", dest="served_model_name", nargs="+", default=None, metavar="NAME",
+                        help="names clients may use in 'model', the first one in responses (several: aliases; "
+                             "default: --model)")
     parser.add_argument("--extra-stop-token-ids", dest="extra_stop_token_ids", default=None,
                         help="comma-separated token ids that end generation besides EOS")
     parser.add_argument("--auto-ratio", dest="auto_ratio", action="store_const", const=True, default=None,

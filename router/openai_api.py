@@ -2,13 +2,17 @@
 
 Flow for one request body:
 1. :func:`parse_json_body`: JSON object or 400.
-2. :func:`parse_request`: the pydantic model (unknown fields ignored, like OpenAI's own server does for fields it
-   does not use). Every sampling and scheduling number is strict (a JSON string such as ``"0.5"`` is refused),
-   finite (``NaN`` and ``Infinity`` are refused) and inside the ranges below; the first failure becomes
-   :class:`APIError` (HTTP 400) whose message and ``param`` name the offending field.
-3. :func:`check_token_ids`: prompt and stop token ids inside the workers' vocabulary, once it is known.
+2. :func:`parse_request`: parameters this server does not implement (``suffix``, ``tools``, ``guided_json``...,
+   see :data:`REFUSED`) are refused by name; then the pydantic model (other unknown fields ignored, like OpenAI's
+   own server does for fields it does not use). Every sampling and scheduling number is strict (a JSON string such
+   as ``"0.5"`` is refused), finite (``NaN`` and ``Infinity`` are refused) and inside the ranges below; then the
+   rules between fields (``stream_options`` needs ``stream``, ``best_of`` equals ``n``, ``max_tokens=0`` needs
+   ``echo``). The first failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name the field.
+3. :func:`check_token_ids`: prompt, stop and ``logit_bias`` token ids inside the workers' vocabulary, once known.
 4. :func:`to_sampling_params`: the context-length and ``min_tokens <= max_tokens`` checks, then the worker's
-   :class:`SamplingParams`.
+   :class:`SamplingParams` (``max_tokens=0`` with ``echo`` asks the worker for one token, which the router drops,
+   as vLLM does: the prompt and its logprobs come back, nothing generated). :func:`copy_params` gives copy ``j`` of
+   ``n`` its seed: ``seed + j`` (vLLM's rule), so seeded copies differ and each is reproducible.
 
 Responses are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion`` and their streaming chunks).
 """
@@ -18,8 +22,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Optional, Sequence, Union
+from typing import Annotated, Any, Optional, Sequence, TypeVar, Union
 
+import msgspec
 from pydantic import (
     AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError,
     field_validator,
@@ -39,6 +44,10 @@ MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k fit in 32 bits (ids are also checked against the workers' vocabulary once it is known)."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """A 64-bit seed, signed or unsigned (what the wire format carries)."""
+MAX_N = 128
+"""Copies of one prompt per request (``n``); each copy is a request on the workers."""
+MAX_LOGIT_BIAS = 100.0
+"""OpenAI's range: -100 bans a token, +100 forces it (several +100 tokens: one of them)."""
 
 FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 """A JSON number (an int is accepted), never a string, NaN or infinity."""
@@ -80,8 +89,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
+    """Send a last chunk with the usage of the whole request (its ``choices`` empty)."""
+    continuous_usage_stats: StrictBool = False
+    """vLLM extra, refused when true (usage on every chunk is not implemented)."""
 
 
 class _CommonRequest(BaseModel):
@@ -89,7 +101,8 @@ class _CommonRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: Optional[StrictStr] = None
+    """Optional: this server serves one model (under one or more names)."""
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[StrictInt] = Field(default=None, ge=0)
@@ -107,15 +120,27 @@ class _CommonRequest(BaseModel):
     presence_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: FiniteFloat = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
-    n: StrictInt = 1
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     user: Optional[StrictStr] = None
+    """Accepted (OpenAI's end-user id); neither used nor logged."""
+    logit_bias: Optional[dict[str, FiniteFloat]] = None
+    """Token id (a JSON key, so a string) -> bias in [-100, 100], added to the logits before penalties."""
+    include_stop_str_in_output: StrictBool = False
+    """vLLM extra: keep the stop string that ended the output at its end."""
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _bias_ok(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"keys must be token ids in [0, {MAX_TOKEN_ID}], got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return v
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -136,25 +161,42 @@ class _CommonRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+CommonRequest = _CommonRequest
+"""Either request kind (completions or chat)."""
+_R = TypeVar("_R", bound=_CommonRequest)
+
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
 class CompletionRequest(_CommonRequest):
-    prompt: Union[StrictStr, list[StrictInt]]
+    prompt: Any
+    """One of :data:`PROMPT_FORMS` (checked by ``_prompt_ok``; :meth:`prompts` gives one entry per prompt)."""
     logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
-    best_of: Optional[StrictInt] = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only best_of=1 is supported")
-        return v
+    best_of: Optional[StrictInt] = Field(default=None, ge=1)
+    """Only equal to ``n`` (each copy is returned; none is picked as best)."""
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_ok(cls, v: str | list[int]) -> str | list[int]:
-        if isinstance(v, list) and (not v or any(not 0 <= t <= MAX_TOKEN_ID for t in v)):
-            raise ValueError(f"a token-id prompt must be a non-empty list of ints in [0, {MAX_TOKEN_ID}]")
+    def _prompt_ok(cls, v: Any) -> Any:
+        items = v if isinstance(v, list) and v and not all(_is_token_id(t) for t in v) else [v]
+        if not (all(isinstance(p, str) for p in items) or all(_is_token_list(p) for p in items)):
+            raise ValueError(f"must be {PROMPT_FORMS} (token ids: ints in [0, {MAX_TOKEN_ID}], lists non-empty)")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str) or all(_is_token_id(t) for t in self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+def _is_token_id(t: Any) -> bool:
+    return type(t) is int and 0 <= t <= MAX_TOKEN_ID
+
+
+def _is_token_list(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(_is_token_id(t) for t in p)
 
 
 class ChatMessage(BaseModel):
@@ -192,8 +234,37 @@ class ChatCompletionRequest(_CommonRequest):
         return out
 
 
-def parse_request(cls: type[_CommonRequest], body: dict[str, Any]) -> _CommonRequest:
-    """Validate ``body`` as ``cls``; the first error becomes a 400 that names its field."""
+REFUSED: tuple[tuple[str, Any, str], ...] = (
+    ("suffix", lambda v: v is None, "suffix (fill-in-the-middle) is not supported"),
+    ("response_format", lambda v: v is None or v == {"type": "text"},
+     "structured output is not supported yet: only response_format {\"type\": \"text\"}"),
+    ("tools", lambda v: v is None or v == [], "tool calling is not supported yet"),
+    ("tool_choice", lambda v: v is None or v == "none", "tool calling is not supported yet"),
+    ("functions", lambda v: v is None or v == [], "function calling is not supported"),
+    ("function_call", lambda v: v is None or v == "none", "function calling is not supported"),
+    ("guided_json", lambda v: v is None, "guided decoding is not supported yet"),
+    ("guided_regex", lambda v: v is None, "guided decoding is not supported yet"),
+    ("guided_choice", lambda v: v is None, "guided decoding is not supported yet"),
+    ("guided_grammar", lambda v: v is None, "guided decoding is not supported yet"),
+)
+"""(field, accepted(value), why): parameters this server does not implement; any other value is a 400 naming them."""
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parse_request(cls: type[_R], body: dict[str, Any]) -> _R:
+    """Validate ``body`` as ``cls``; the first error becomes a 400 that names its field (module flow, step 2)."""
+    for name, accepted, why in REFUSED:
+        if name in body and not accepted(body[name]):
+            raise bad_request(f"unsupported field '{name}': {why}", param=name, code="unsupported_parameter")
+    req = validate_body(cls, body)
+    _check_rules(req)
+    return req
+
+
+def validate_body(cls: type[_M], body: dict[str, Any]) -> _M:
+    """``cls.model_validate(body)``; the first error becomes a 400 that names its field."""
     try:
         return cls.model_validate(body)
     except ValidationError as exc:
@@ -202,6 +273,22 @@ def parse_request(cls: type[_CommonRequest], body: dict[str, Any]) -> _CommonReq
         param = ".".join(loc) or None
         msg = err["msg"].removeprefix("Value error, ")
         raise bad_request(f"invalid field '{param}': {msg}", param=param) from exc
+
+
+def _check_rules(req: _CommonRequest) -> None:
+    """Rules between fields: stream_options needs stream, best_of equals n, max_tokens=0 needs echo."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("invalid field 'stream_options': only allowed with stream=true", param="stream_options")
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise bad_request("invalid field 'stream_options': continuous_usage_stats is not supported",
+                          param="stream_options")
+    if isinstance(req, CompletionRequest) and req.best_of is not None and req.best_of != req.n:
+        raise bad_request(f"invalid field 'best_of': only best_of equal to n ({req.n}) is supported "
+                          f"(got {req.best_of})", param="best_of")
+    asked, field_name = requested_max_tokens(req)
+    if asked == 0 and not (isinstance(req, CompletionRequest) and req.echo):
+        raise bad_request(f"invalid field '{field_name}': must be at least 1 (0 only with echo=true, which "
+                          "returns the prompt alone)", param=field_name)
 
 
 def _is_type_tag(part: str) -> bool:
@@ -214,10 +301,13 @@ def _is_type_tag(part: str) -> bool:
 
 def check_token_ids(req: _CommonRequest, prompt_ids: Sequence[int], prompt_field: str,
                     vocab_size: int | None) -> None:
-    """400 naming the field when a prompt or stop token id is outside ``[0, vocab_size)`` (``None``: unknown)."""
+    """400 naming the field when a prompt, stop or logit_bias token id is outside ``[0, vocab_size)``
+    (``None``: unknown)."""
     if vocab_size is None:
         return
-    for name, ids in ((prompt_field, prompt_ids), ("stop_token_ids", req.stop_token_ids or ())):
+    biased = [t for t, _ in req.logit_bias_pairs]
+    for name, ids in ((prompt_field, prompt_ids), ("stop_token_ids", req.stop_token_ids or ()),
+                      ("logit_bias", biased)):
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise bad_request(f"invalid field '{name}': token ids must be in [0, {vocab_size}), got {bad}", param=name)
@@ -241,7 +331,7 @@ def to_sampling_params(req: _CommonRequest, num_prompt_tokens: int, max_model_le
     room = max_model_len - num_prompt_tokens
     asked, field_name = requested_max_tokens(req)
     default = 16 if isinstance(req, CompletionRequest) else room
-    max_tokens = default if asked is None else asked
+    max_tokens = default if asked is None else max(asked, 1)  # 0: echo only (one token, dropped by the router)
     if max_tokens > room:
         raise bad_request(
             f"this model's maximum context length is {max_model_len} tokens; the prompt has "
@@ -257,7 +347,23 @@ def to_sampling_params(req: _CommonRequest, num_prompt_tokens: int, max_model_le
         min_p=req.min_p, seed=req.seed, repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        logit_bias=req.logit_bias_pairs)
+
+
+def copy_params(params: SamplingParams, copy: int) -> SamplingParams:
+    """Parameters of copy ``copy`` of ``n``: seed ``seed + copy`` (vLLM's rule; wrapped inside the 64-bit range)."""
+    if params.seed is None or copy == 0:
+        return params
+    seed = params.seed + copy
+    if seed > SEED_RANGE[1]:
+        seed -= 2**64
+    return msgspec.structs.replace(params, seed=seed)
+
+
+def echo_only(req: _CommonRequest) -> bool:
+    """``max_tokens=0`` with ``echo``: the prompt (and its logprobs) alone, no generated token."""
+    return isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0
 
 
 def _logprob_counts(req: _CommonRequest) -> tuple[int | None, int | None]:
@@ -287,9 +393,31 @@ def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict[str
     }
 
 
-def models_body(model: str, max_model_len: int | None) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "splitserve"}
-    if max_model_len is not None:
-        card["max_model_len"] = max_model_len
-    return {"object": "list", "data": [card]}
+def models_body(names: Sequence[str], max_model_len: int | None) -> dict[str, Any]:
+    """``/v1/models``: one card per served name (aliases of the one model, the first is the main name)."""
+    created = int(time.time())
+    cards = []
+    for name in names:
+        card: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": "splitserve",
+                                "root": names[0], "parent": None}
+        if max_model_len is not None:
+            card["max_model_len"] = max_model_len
+        cards.append(card)
+    return {"object": "list", "data": cards}
 
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` body (completions form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[StrictStr] = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[StrictStr] = None
+    tokens: list[TokenId]

@@ -4,7 +4,10 @@ strings, and logprob formatting for completions and chat.
 Workers stop on EOS, stop token ids and max_tokens. Stop *strings* are the router's job:
 :class:`~splitserve.core.tokenizer.StopChecker` holds back the tail of text that could still become a
 stop string, so a stop string spanning several tokens (or several messages) is trimmed exactly and
-never streamed to the client even partially.
+never streamed to the client even partially (unless ``include_stop_str_in_output``: then it ends the text).
+:attr:`OutputProcessor.stop_reason` says what ended the output: the stop string, or the requested stop token id
+(vLLM's ``stop_reason``; ``None`` for EOS and length). An echo-only request (``max_tokens=0`` with ``echo``)
+drops the one token its worker generated.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class OutputProcessor:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finished: bool = False
     stopped_by_string: bool = False
+    stop_token_ids: frozenset[int] = frozenset()
+    """The request's own stop token ids (for :attr:`stop_reason`)."""
+    include_stop_str: bool = False
+    echo_only: bool = False
+    stop_reason: str | int | None = None
 
     def process(self, out: TokenOut) -> Delta:
         """Apply one ``TokenOut``; raises :class:`WorkerFailed` on an error or abort from the worker."""
@@ -53,6 +61,9 @@ class OutputProcessor:
             self.prompt_logprobs = out.prompt_logprobs
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens or self.num_cached_tokens
+        if self.echo_only:
+            self.finished = out.finish_reason is not None
+            return Delta("", (), (), "length" if self.finished else None)
         self.completion_tokens += len(out.token_ids)
         final = out.finish_reason is not None
         new_text = self.detokenizer.push(out.token_ids) if out.token_ids else ""
@@ -62,9 +73,15 @@ class OutputProcessor:
         hit = self.stops.stopped
         if final and not hit:
             text += self.stops.flush()
+        if hit and self.include_stop_str:
+            text += self.stops.matched or ""
         finish = "stop" if hit else out.finish_reason
         self.finished = finish is not None
         self.stopped_by_string = hit
+        if hit:
+            self.stop_reason = self.stops.matched
+        elif finish == "stop" and out.token_ids and out.token_ids[-1] in self.stop_token_ids:
+            self.stop_reason = out.token_ids[-1]
         return Delta(text, out.token_ids, out.logprobs or (), finish)
 
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import zmq.asyncio
 from aiohttp import web
@@ -62,7 +62,10 @@ class RouterService:
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, ctx: zmq.asyncio.Context,
                  rng: random.Random | None = None) -> None:
         self.config = config
-        self.model_name = config.served_model_name or config.model
+        self.model_names = served_names(config)
+        """The names clients may use in ``model`` (``--served-model-name`` aliases, else ``--model``)."""
+        self.model_name = self.model_names[0]
+        """The name responses carry."""
         self.tokenizer = tokenizer
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
         self.metrics = RouterMetrics(self.registry)
@@ -79,10 +82,12 @@ class RouterService:
     def healthy(self) -> bool:
         return self.registry.has_healthy("prefill") and self.registry.has_healthy("decode")
 
-    def check_model(self, model: str) -> None:
-        if model not in (self.model_name, self.config.model):
-            raise APIError(400, f"model '{model}' does not exist; this server serves "
-                           f"'{self.model_name}'", param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> None:
+        """404 ``model_not_found`` unless ``model`` is omitted (one model is served), a served name or ``--model``."""
+        if model is not None and model not in self.model_names and model != self.config.model:
+            names = ", ".join(f"'{n}'" for n in self.model_names)
+            raise APIError(404, f"model '{model}' does not exist; this server serves {names}",
+                           param="model", code="model_not_found")
 
     def max_model_len(self) -> int | None:
         """The smallest context length among routable workers (``None`` without workers)."""
@@ -94,14 +99,15 @@ class RouterService:
         sizes = [w.vocab_size for w in self.registry.all() if w.routable and w.vocab_size]
         return min(sizes) if sizes else None
 
-    def admit(self) -> None:
-        """503 without routable workers or while shutting down; 429 when too many requests are in flight."""
+    def admit(self, count: int = 1) -> None:
+        """503 without routable workers or while shutting down; 429 when ``count`` more requests would put more
+        than ``max_queued_requests`` in flight."""
         if not self.accepting:
             raise APIError(503, "the router is shutting down", type="service_unavailable")
         if not self.registry.candidates("prefill") or not self.registry.candidates("decode"):
             raise APIError(503, "no healthy prefill-capable and decode-capable workers are available",
                            type="service_unavailable", code="no_workers")
-        if self.inflight + 1 > self.config.max_queued_requests:
+        if self.inflight + count > self.config.max_queued_requests:
             raise APIError(429, f"too many requests in flight (limit {self.config.max_queued_requests}); "
                            "retry later", type="rate_limit_exceeded", code="overloaded")
 
@@ -122,15 +128,19 @@ class RouterService:
 
     # --- the token stream ------------------------------------------------------------------------
 
-    def processor(self, request_id: str, prompt_ids: Sequence[int], stop_strings: Sequence[str]) -> OutputProcessor:
-        """Per-request output state (detokenizer, stop strings, counts) for :meth:`generate`."""
+    def processor(self, request_id: str, prompt_ids: Sequence[int], stop_strings: Sequence[str],
+                  **options: Any) -> OutputProcessor:
+        """Per-request output state (detokenizer, stop strings, counts) for :meth:`generate`; ``options`` are
+        :class:`OutputProcessor` fields (``stop_token_ids``, ``include_stop_str``, ``echo_only``)."""
         return OutputProcessor(request_id, IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                               StopChecker(stop_strings), num_prompt_tokens=len(prompt_ids))
+                               StopChecker(stop_strings), num_prompt_tokens=len(prompt_ids), **options)
 
-    async def generate(self, proc: OutputProcessor, prompt_ids: Sequence[int],
-                       params: SamplingParams) -> AsyncIterator[Delta]:
-        """Route and run one request, yielding deltas until it finishes (see module docstring)."""
-        self.admit()
+    async def generate(self, proc: OutputProcessor, prompt_ids: Sequence[int], params: SamplingParams,
+                       admitted: bool = False) -> AsyncIterator[Delta]:
+        """Route and run one request, yielding deltas until it finishes (see module docstring). ``admitted``: the
+        caller already checked :meth:`admit` for it (the choices of one API request are admitted together)."""
+        if not admitted:
+            self.admit()
         decode, prefill = self.pick(prompt_ids)
         request_id = proc.request_id
         stream = self.control.open_stream(request_id, decode, prefill, len(prompt_ids))
@@ -183,7 +193,12 @@ class RouterService:
             self.control.close_stream(stream)
             self.inflight -= 1
             self.metrics.inflight.dec()
-            logger.info("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)
+            logger.debug("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)
+
+
+def served_names(config: RouterConfig) -> tuple[str, ...]:
+    """The names clients may use for the model: ``served_model_name`` (aliases), else ``model``."""
+    return config.served_model_name or (config.model,)
 
 
 SERVICE = web.AppKey("service", RouterService)

@@ -13,6 +13,8 @@ import sys
 from types import MappingProxyType
 from typing import Mapping
 
+from splitserve.router.version import package_version
+
 COMMANDS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "up": ("splitserve.launcher", "start a router plus prefill and decode workers on this machine"),
     "generate": ("splitserve.generate", "offline generation in one process"),
@@ -30,6 +32,8 @@ def _global_parser(add_help: bool = True) -> argparse.ArgumentParser:
         prog="splitserve", description="Disaggregated prefill/decode LLM serving", add_help=add_help
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"splitserve {package_version()}",
+                        help="print the version and exit")
     return parser
 
 

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=BUILTIN_MODEL, help="HF model dir, dummy:<shape>, or the built-in random model")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients may use in 'model', the first one in responses (default: --model)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0, help="colocated (prefill+decode) workers")
@@ -82,10 +84,11 @@ def plan_commands(args: argparse.Namespace, control_port: int) -> list[Child]:
     if args.colocated == 0 and (args.prefill == 0 or args.decode == 0):
         raise ValueError("disaggregated serving needs at least one --prefill and one --decode worker")
     ctrl = f"tcp://{args.host}:{control_port}"
-    children = [
-        Child("router", ["splitserve", "router", "--model", args.model, "--host", args.host, "--port", str(args.port),
-                         "--control-host", args.host, "--control-port", str(control_port)], {})
-    ]
+    router = ["splitserve", "router", "--model", args.model, "--host", args.host, "--port", str(args.port),
+              "--control-host", args.host, "--control-port", str(control_port)]
+    if getattr(args, "served_model_name", None):
+        router += ["--served-model-name", *args.served_model_name]
+    children = [Child("router", router, {})]
     gpus = _num_gpus(args) if args.device == "cuda" else 0
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["both"] * args.colocated
     for i, role in enumerate(roles):

@@ -48,13 +48,30 @@ class Cluster:
         )
 
     def start(self, timeout_s: float = 120.0) -> "Cluster":
-        self._spawn("router", ["router", "--model", self.model, "--port", str(self.port),
-                               "--control-port", str(self.control_port), *self.router_args])
+        self._start_router()
         roles = ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * self.colocated
         for i, role in enumerate(roles):
             self.start_worker(f"{role}-{i}", role)
         self.wait_workers(len(roles), timeout_s)
         return self
+
+    def _start_router(self, attempts: int = 3) -> None:
+        """Start the router; a port picked free but taken meanwhile by another process: again on new ports."""
+        for attempt in range(attempts):
+            self._spawn("router", ["router", "--model", self.model, "--port", str(self.port),
+                                   "--control-port", str(self.control_port), *self.router_args])
+            deadline = time.monotonic() + 60
+            while self.procs["router"].poll() is None and time.monotonic() < deadline:
+                try:
+                    self.health()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+            log = (self.log_dir / "router.log").read_text().lower() if self.log_dir else ""
+            if attempt == attempts - 1 or "address already in use" not in log:
+                raise RuntimeError(f"router did not start (logs in {self.log_dir})")
+            self.port, self.control_port = free_port(), free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
 
     def start_worker(self, worker_id: str, role: str) -> None:
         cmd = "worker" if role == "both" else role

@@ -52,3 +52,15 @@ def test_transfer_host_follows_the_worker_host():
     args = parser.parse_args(["--host", "decode-1", "--transfer-host", "10.0.0.5"])
     args._command = "decode"
     assert build_config(args, environ={}).transfer.host == "10.0.0.5"
+
+
+def test_served_model_names_split_at_commas_and_refuse_empty_names():
+    import pydantic
+
+    from splitserve.core.config import RouterConfig
+
+    assert RouterConfig(served_model_name="a, b").served_model_name == ("a", "b")
+    assert RouterConfig(served_model_name=["a", "b,c", "a"]).served_model_name == ("a", "b", "c")
+    assert RouterConfig().served_model_name == ()
+    with pytest.raises(pydantic.ValidationError, match="empty name"):
+        RouterConfig(served_model_name="a,,b")

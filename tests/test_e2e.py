@@ -256,3 +256,46 @@ def test_time_breakdown_reaches_metrics_and_bench_serve(pd, client):
     assert breakdown["prefill_compute"] > 0
     metrics = pd.metrics()
     assert "splitserve_kv_transfer_bytes_count" in metrics and "splitserve_prefill_queue_seconds_bucket" in metrics
+
+
+def test_prompt_forms_and_n_copies_on_real_workers(pd, client):
+    """Every prompt form; greedy copies are identical, seeded copy j draws what seed + j draws alone (vLLM's rule)."""
+    m = model_id(pd)
+    ids = [1, 403, 407, 261, 378]  # "Once upon a time"
+    for prompt in (["Once upon a time", "The little dog"], [ids, ids[:3]]):
+        out = complete(client, m, prompt, max_tokens=8, n=2)
+        texts = [c.text for c in out.choices]
+        assert [c.index for c in out.choices] == [0, 1, 2, 3] and texts[0] == texts[1] and texts[2] == texts[3]
+        assert texts[0] == REF_TEXT[:len(texts[0])] and out.usage.completion_tokens == 32
+    seeded = complete(client, m, "Once upon a time", max_tokens=12, n=2, seed=7, temperature=1.0)
+    alone = [complete(client, m, "Once upon a time", max_tokens=12, seed=s, temperature=1.0).choices[0].text
+             for s in (7, 8)]
+    assert [c.text for c in seeded.choices] == alone
+    chunks = list(complete(client, m, [ids, ids], max_tokens=6, n=2, stream=True, seed=7, temperature=1.0))
+    streamed: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed[0] == streamed[2] == alone[0][:len(streamed[0])] and streamed[1] == streamed[3]
+
+
+def test_logit_bias_max_tokens_zero_and_tokenize_on_real_workers(pd, client):
+    m = model_id(pd)
+    banned = complete(client, m, "Once upon a time", max_tokens=4, logit_bias={"432": -100})  # 432 is ","
+    assert not banned.choices[0].text.startswith(",")
+    forced = complete(client, m, "Once upon a time", max_tokens=3, logit_bias={"376": 100}, temperature=0.8,
+                      extra_body={"ignore_eos": True})  # 376 is " little": sampled rows draw only it
+    assert forced.choices[0].text.split() == ["little"] * 3
+    full = complete(client, m, "Once upon a time", max_tokens=2, echo=True, logprobs=1)
+    only = complete(client, m, "Once upon a time", max_tokens=0, echo=True, logprobs=1)
+    assert only.choices[0].text == "Once upon a time" and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs == full.choices[0].logprobs.token_logprobs[:5]
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{pd.url}/tokenize", data=json.dumps({"model": m, "prompt": "Once upon a time"}).encode(),
+            headers={"Content-Type": "application/json"})) as r:
+        tok = json.load(r)
+    assert tok["tokens"] == [1, 403, 407, 261, 378] and tok["count"] == 5 and tok["max_model_len"] > 5
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{pd.url}/detokenize", data=json.dumps({"tokens": tok["tokens"]}).encode(),
+            headers={"Content-Type": "application/json"})) as r:
+        assert json.load(r)["prompt"].strip() == "Once upon a time"

@@ -10,8 +10,8 @@ import pytest
 from splitserve.core.messages import TokenLogprob, TokenOut
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, load_tokenizer
 from splitserve.router.openai_api import (
-    APIError, ChatCompletionRequest, CompletionRequest, check_token_ids, parse_json_body, parse_request,
-    to_sampling_params,
+    APIError, ChatCompletionRequest, CompletionRequest, check_token_ids, copy_params, echo_only, parse_json_body,
+    parse_request, to_sampling_params,
 )
 from splitserve.router.output import CompletionLogprobs, OutputProcessor, WorkerFailed, chat_logprobs
 
@@ -28,7 +28,7 @@ def _err(cls, body) -> APIError:
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", -1), ("max_tokens", "ten"), ("temperature", -0.5), ("top_p", 0), ("top_k", -2),
-    ("min_p", 1.5), ("seed", 1.5), ("stop", 3), ("stop", [""]), ("stop_token_ids", ["a"]), ("n", 3),
+    ("min_p", 1.5), ("seed", 1.5), ("stop", 3), ("stop", [""]), ("stop_token_ids", ["a"]), ("n", 0), ("n", 129), ("n", 1.0),
     ("logprobs", 21), ("echo", "yes"), ("presence_penalty", 3), ("stream", "true"), ("best_of", 2),
     # strict, finite, bounded: strings, NaN and infinities are refused for every number (issue 12)
     ("temperature", "0.5"), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", 1e39),
@@ -42,6 +42,53 @@ def _err(cls, body) -> APIError:
 def test_completion_field_errors_name_the_field(field, value):
     err = _err(CompletionRequest, {"model": "m", "prompt": "x", field: value})
     assert err.param.split(".")[0] == field and field in err.message
+
+
+@pytest.mark.parametrize("prompt, prompts", [
+    ("x", ["x"]), ("", [""]), ([1, 2], [[1, 2]]), (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]]),
+])
+def test_every_prompt_form_gives_one_entry_per_prompt(prompt, prompts):
+    assert parse_request(CompletionRequest, {"prompt": prompt}).prompts() == prompts
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], [1, -2], [1, "a"], ["a", [1]], [True], [[1, 2**31]], 5, None, [1.0]])
+def test_bad_prompt_forms_name_the_prompt_and_the_forms(prompt):
+    err = _err(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert err.param == "prompt" and "list of token-id lists" in err.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    ({"n": 2, "best_of": 3}, "best_of"), ({"best_of": 0}, "best_of"), ({"max_tokens": 0}, "max_tokens"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+    ({"suffix": "end"}, "suffix"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"guided_json": {}}, "guided_json"),
+    ({"guided_regex": "a+"}, "guided_regex"), ({"guided_choice": ["a"]}, "guided_choice"),
+    ({"guided_grammar": "root ::= x"}, "guided_grammar"),
+])
+def test_field_rules_and_refused_parameters_name_the_field(body, param):
+    err = _err(CompletionRequest, {"prompt": "x", **body})
+    assert err.param == param and param.split(".")[0] in err.message
+
+
+def test_accepted_extras_map_to_sampling_params_and_copies_get_their_seed():
+    req = parse_request(CompletionRequest, {"prompt": "x", "n": 3, "best_of": 3, "seed": 2**64 - 2, "user": "u",
+                                            "logit_bias": {"7": -100, "3": 2.5}, "include_stop_str_in_output": True,
+                                            "response_format": {"type": "text"}, "tool_choice": "none"})
+    p = to_sampling_params(req, 4, 100, "prompt")
+    assert p.logit_bias == ((3, 2.5), (7, -100.0)) and req.include_stop_str_in_output
+    assert [copy_params(p, j).seed for j in range(3)] == [2**64 - 2, 2**64 - 1, 0]  # seed + j, wrapped at 2**64
+    assert copy_params(to_sampling_params(parse_request(CompletionRequest, {"prompt": "x"}), 4, 100, "prompt"),
+                       2).seed is None
+    echo = parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 0, "echo": True})
+    assert echo_only(echo) and to_sampling_params(echo, 4, 100, "prompt").max_tokens == 1
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert _err(ChatCompletionRequest, {**chat, "max_completion_tokens": 0}).param == "max_completion_tokens"
+    assert _err(ChatCompletionRequest, {**chat, "tools": [{"type": "function"}]}).param == "tools"
 
 
 def test_prompt_forms_and_chat_fields():
@@ -102,10 +149,12 @@ def test_extremes_inside_the_ranges_pass_and_min_tokens_is_checked_against_max_t
 
 
 def test_token_ids_inside_the_vocabulary():
-    req = parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2], "stop_token_ids": [258]})
+    req = parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2], "stop_token_ids": [258],
+                                            "logit_bias": {"259": 1}})
     check_token_ids(req, [1, 2], "prompt", None)  # vocabulary unknown: only the parse-time bounds apply
-    check_token_ids(req, [1, 2], "prompt", 259)
-    for prompt, vocab, param in (([1, 2], 258, "stop_token_ids"), ([1, 300], 259, "prompt")):
+    check_token_ids(req, [1, 2], "prompt", 260)
+    for prompt, vocab, param in (([1, 2], 258, "stop_token_ids"), ([1, 300], 260, "prompt"),
+                                 ([1, 2], 259, "logit_bias")):
         with pytest.raises(APIError) as exc:
             check_token_ids(req, prompt, "prompt", vocab)
         assert exc.value.status == 400 and exc.value.param == param and f"[0, {vocab})" in exc.value.message

@@ -130,10 +130,9 @@ def _error(router, path, body=None, raw=None):
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
     ({"model": MODEL, "prompt": 5}, "prompt"),
     ({"model": MODEL}, "prompt"),
-    ({"model": "nope", "prompt": "x"}, "model"),
     ({"model": MODEL, "prompt": "x" * 300}, "prompt"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, "max_tokens"),
 ])
@@ -304,3 +303,221 @@ def test_sigterm_finishes_inflight_stream_then_exits(tmp_path):
         assert h.router.wait(timeout=20) == 0
     finally:
         h.stop()
+
+
+# --- issue 10: prompt forms, n, max_tokens=0, extras, model names, tokenize, access log ----------------------
+
+
+def _texts_by_index(chunks) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    return texts
+
+
+@pytest.mark.parametrize("prompt, lens", [
+    ("Hi there", [len(TOK.encode("Hi there"))]),
+    (["a", "bc d"], [len(TOK.encode("a")), len(TOK.encode("bc d"))]),
+    ([1, 40, 41], [3]),
+    ([[1, 40], [1, 41, 42], [5]], [2, 3, 1]),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_prompt_form_with_n_copies_is_a_choice_with_its_index(router, prompt, lens, stream):
+    """Prompt i with n copies gives choices i*n .. i*n+n-1; usage counts each prompt once and every output."""
+    c, n = router.client(), 2
+    before = len([e for e in router.events("w1") if e["type"] == "GenerateReq"])
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=3, n=n, temperature=0)
+    if stream:
+        chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        texts, usage = _texts_by_index(chunks), chunks[-1].usage
+        finishes = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks
+                    if ch.choices and ch.choices[0].finish_reason}
+        assert len({ch.id for ch in chunks}) == 1
+    else:
+        out = c.completions.create(**kwargs)
+        assert [ch.index for ch in out.choices] == list(range(len(lens) * n))
+        texts, usage = {ch.index: ch.text for ch in out.choices}, out.usage
+        finishes = {ch.index: ch.finish_reason for ch in out.choices}
+    assert texts == {i: _expected(3) for i in range(len(lens) * n)}
+    assert finishes == {i: "length" for i in range(len(lens) * n)}
+    assert (usage.prompt_tokens, usage.completion_tokens) == (sum(lens), 3 * n * len(lens))
+    gens = [e for e in router.events("w1") if e["type"] == "GenerateReq"][before:]
+    assert sorted(g["prompt_len"] for g in gens) == sorted(k for k in lens for _ in range(n))
+
+
+def test_n_copies_in_chat_and_best_of_must_equal_n(router):
+    c = router.client()
+    msgs = [{"role": "user", "content": "hello"}]
+    out = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=3)
+    assert [ch.index for ch in out.choices] == [0, 1, 2]
+    assert {ch.message.content for ch in out.choices} == {_expected(4)} and out.usage.completion_tokens == 12
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=2, stream=True))
+    roles = [ch.choices[0].index for ch in chunks if ch.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    texts: dict[int, str] = {}
+    for ch in chunks:
+        texts[ch.choices[0].index] = texts.get(ch.choices[0].index, "") + (ch.choices[0].delta.content or "")
+    assert texts == {0: _expected(4), 1: _expected(4)}
+    assert len(c.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2).choices) == 2
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=4)
+    assert exc.value.param == "best_of" and "best_of" in exc.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_zero_echo_gives_the_prompt_alone(router, stream):
+    c = router.client()
+    n_prompt = len(TOK.encode("ab cd"))
+    kwargs = dict(model=MODEL, prompt="ab cd", max_tokens=0, echo=True, logprobs=1)
+    if stream:
+        chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+        usage = chunks[-1].usage
+    else:
+        out = c.completions.create(**kwargs)
+        text, tokens, usage = out.choices[0].text, out.choices[0].logprobs.tokens, out.usage
+        assert out.choices[0].finish_reason == "length" and out.choices[0].logprobs.token_logprobs[1] == -1.0
+    assert text == "ab cd" and len(tokens) == n_prompt
+    assert (usage.prompt_tokens, usage.completion_tokens) == (n_prompt, 0)
+
+
+def test_max_tokens_zero_without_echo_is_refused(router):
+    c = router.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert exc.value.param == "max_tokens" and "max_tokens" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_completion_tokens=0)
+    assert exc.value.param == "max_completion_tokens"
+    assert c.completions.create(model=MODEL, prompt="x", max_tokens=0, echo=True).choices[0].text == "x"
+
+
+REFUSED = [
+    ("completions", {"suffix": " the end"}, "suffix"),
+    ("completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("completions", {"guided_regex": "[a-z]+"}, "guided_regex"),
+    ("completions", {"guided_choice": ["yes", "no"]}, "guided_choice"),
+    ("completions", {"guided_grammar": "root ::= \"a\""}, "guided_grammar"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("chat", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {"logit_bias": {"5": 150}}, "logit_bias"),
+    ("completions", {"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize("api, fields, param", REFUSED)
+def test_unsupported_parameters_are_refused_by_name(router, api, fields, param):
+    c = router.client()
+    before = len(router.events("w1"))
+    with pytest.raises(openai.BadRequestError) as exc:
+        if api == "chat":
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                      extra_body=fields)
+        else:
+            c.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=fields)
+    assert exc.value.param == param and param in exc.value.message
+    assert not [e for e in router.events("w1")[before:] if e["type"] == "GenerateReq"]
+
+
+def test_harmless_values_of_refused_parameters_and_user_are_accepted(router):
+    c = router.client()
+    out = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                    response_format={"type": "text"}, tool_choice="none", user="user-7f3a")
+    assert out.choices[0].message.content == _expected(2)
+    biased = c.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"5": -100, "7": 100})
+    assert biased.choices[0].text == _expected(2)  # scripted worker: the bias is applied by real workers only
+    assert "user-7f3a" not in router.router_log.read_text()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_and_include_stop_str_in_output(router, stream):
+    c = router.client()
+
+    def run(**kw):
+        kw = {"model": MODEL, "prompt": "x", "max_tokens": 40, **kw}
+        if not stream:
+            out = c.completions.create(**kw)
+            return out.choices[0].text, out.choices[0].finish_reason, out.choices[0].stop_reason
+        chunks = [ch for ch in c.completions.create(stream=True, **kw) if ch.choices]
+        last = chunks[-1].choices[0]
+        return "".join(ch.choices[0].text for ch in chunks), last.finish_reason, last.stop_reason
+
+    assert run(stop=["Stop h"]) == (" Hello world! ", "stop", "Stop h")
+    assert run(stop=["Stop h"], extra_body={"include_stop_str_in_output": True}) == (
+        " Hello world! Stop h", "stop", "Stop h")
+    stop_id = SCRIPT[2]
+    assert run(extra_body={"stop_token_ids": [stop_id]}) == (_expected(3), "stop", stop_id)
+    assert run(max_tokens=2) == (_expected(2), "length", None)
+
+
+def test_model_optional_and_unknown_model_is_404(router):
+    status, data = router.request("POST", "/v1/completions", body={"prompt": "x", "max_tokens": 2})
+    assert status == 200 and data["model"] == MODEL and data["choices"][0]["text"] == _expected(2)
+    with pytest.raises(openai.NotFoundError) as exc:
+        router.client().completions.create(model="nope", prompt="x", max_tokens=2)
+    assert exc.value.code == "model_not_found" and exc.value.param == "model" and "nope" in exc.value.message
+    with pytest.raises(openai.NotFoundError):
+        router.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_served_model_name_aliases(tmp_path):
+    h = RouterHarness(tmp_path, served_model_name="story,story-alias")  # the flag takes several names, comma-joined
+    try:
+        h.add_worker("w", SCRIPT)
+        c = h.client()
+        assert [m.id for m in c.models.list().data] == ["story", "story-alias"]
+        for name in ("story", "story-alias"):
+            out = c.completions.create(model=name, prompt="x", max_tokens=2)
+            assert out.model == "story" and out.choices[0].text == _expected(2)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="other", prompt="x", max_tokens=2)
+    finally:
+        h.stop()
+
+
+def test_tokenize_detokenize_and_version(router):
+    status, data = router.request("POST", "/tokenize", body={"model": MODEL, "prompt": "Hi there"})
+    ids = TOK.encode("Hi there")
+    assert status == 200 and data == {"tokens": ids, "count": len(ids), "max_model_len": 256}
+    status, data = router.request("POST", "/tokenize", body={"prompt": "Hi", "add_special_tokens": False})
+    assert data["tokens"] == TOK.encode("Hi", add_special_tokens=False)
+    status, data = router.request("POST", "/detokenize", body={"model": MODEL, "tokens": ids})
+    assert status == 200 and data == {"prompt": TOK.decode(ids)}
+    status, data = router.request("POST", "/detokenize", body={"tokens": [1, VOCAB]})
+    assert status == 400 and data["error"]["param"] == "tokens"
+    status, data = router.request("POST", "/tokenize", body={"model": "nope", "prompt": "x"})
+    assert status == 404 and data["error"]["code"] == "model_not_found"
+    status, data = router.request("POST", "/tokenize", body={"model": MODEL})
+    assert status == 400 and data["error"]["param"] == "prompt"
+    from splitserve.router.version import package_version
+
+    assert router.get("/version") == (200, {"version": package_version()})
+
+
+def test_one_access_log_line_per_request_without_the_prompt(router):
+    c = router.client()
+    secret = "zebra quokka"
+    out = c.completions.create(model=MODEL, prompt=secret, max_tokens=3, n=2)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt=secret, max_tokens=0)
+    n_prompt = len(TOK.encode(secret))
+
+    def lines():
+        return [ln for ln in router.router_log.read_text().splitlines() if " access " in ln]
+
+    ok = wait_for(lambda: [ln for ln in lines() if f"id={out.id} " in ln], what="the access-log line")
+    assert len(ok) == 1 and "INFO" in ok[0] and "route=POST /v1/completions status=200" in ok[0]
+    assert f"prompt_tokens={n_prompt} output_tokens=6" in ok[0] and "ttft_ms=" in ok[0] and "duration_ms=" in ok[0]
+    bad = wait_for(lambda: [ln for ln in lines() if "status=400" in ln and "max_tokens" in ln], what="the 400 line")
+    assert "reason=" in bad[-1] and "INFO" in bad[-1]
+    assert secret not in router.router_log.read_text()

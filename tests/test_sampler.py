@@ -128,3 +128,34 @@ def test_no_token_left_is_a_value_error():
     banned = SamplingParams(min_tokens=2, stop_token_ids=tuple(range(V)), seed=1)
     with pytest.raises(ValueError, match="no token is left"):
         sample_one(torch.zeros(V), SampleInput(banned, (1,), ()))
+
+
+def test_logit_bias_bans_forces_and_shifts_for_greedy_and_sampled_rows():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0] + [0.0] * (V - 4))
+    greedy = SamplingParams(temperature=0, logit_bias=((1, -100.0),))
+    assert sample_one(logits, SampleInput(greedy, (1,), ())) == 2  # the argmax is banned: the runner-up wins
+    shifted = SamplingParams(temperature=0, logit_bias=((3, 5.0),))
+    assert sample_one(logits, SampleInput(shifted, (1,), ())) == 3  # -1 + 5 beats 3
+    forced = [SampleInput(SamplingParams(temperature=1.0, seed=s, logit_bias=((7, 100.0), (9, 100.0))), (1,), ())
+              for s in range(40)]
+    assert {sample_one(logits, inp) for inp in forced} == {7, 9}  # only the +100 tokens are drawable
+    banned = [SampleInput(SamplingParams(temperature=1e4, seed=s, logit_bias=tuple((t, -100.0) for t in range(1, V))),
+                          (1,), ()) for s in range(5)]
+    assert {sample_one(logits, inp) for inp in banned} == {0}
+    outside = SamplingParams(temperature=0, logit_bias=((V + 5, 100.0), (-1, 100.0)))
+    assert sample_one(logits, SampleInput(outside, (1,), ())) == 1  # ids outside the vocabulary are ignored
+
+
+def test_a_biased_row_never_takes_the_batched_argmax():
+    logits = torch.tensor([[1.0, 3.0, 2.0] + [0.0] * (V - 3)] * 2)
+    plain, biased = SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias=((1, -100.0),))
+    tokens, _ = sample_batch(logits, _inputs([plain, biased], [[], []]))
+    assert tokens == [1, 2]
+    tokens, lps = sample_batch(logits, _inputs([biased, SamplingParams(temperature=0, logprobs=1)], [[], []]))
+    assert tokens == [2, 1] and lps[1].token_id == 1
+
+
+@pytest.mark.parametrize("bias", [NAN, INF, -INF])
+def test_check_params_refuses_non_finite_logit_bias(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        check_params(SamplingParams(logit_bias=((3, bias),)))

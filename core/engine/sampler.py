@@ -1,11 +1,12 @@
 """Token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs.
 
 Flow for one row of logits (:func:`sample_one`; :func:`sample_batch` takes one batched argmax instead when every
-row is plain greedy):
+row is plain greedy: no bias, penalty or min_tokens):
 
 1. Check the parameters (:func:`check_params`; :func:`sample_batch` checks every row, whichever path it then
    takes): NaN, infinite or impossible values raise ``ValueError``.
-2. In float64, apply the repetition / presence / frequency penalties, then forbid EOS and stop ids until
+2. In float64, add the ``logit_bias`` (a bias of -100 bans its token; if any bias is +100, only the tokens biased
+   +100 stay drawable), apply the repetition / presence / frequency penalties, then forbid EOS and stop ids until
    ``min_tokens`` (ids outside the vocabulary can never be drawn, so they are ignored).
 3. Greedy requests take the argmax; the others divide by the temperature and apply top-k, top-p and min-p.
 4. After every operation that can overflow, NaN becomes -inf (never drawn) and +inf the largest finite value,
@@ -64,6 +65,9 @@ def check_params(params: SamplingParams) -> None:
         value = getattr(params, name)
         if not _is_finite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+    for token_id, bias in params.logit_bias:
+        if not _is_finite(bias):
+            raise ValueError(f"logit_bias must be finite numbers, got {bias!r} for token {token_id}")
     for name, ok, rule in _RANGES:
         if not ok(params):
             raise ValueError(f"{name} {rule}, got {getattr(params, name)!r}")
@@ -84,6 +88,31 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 def _id_tensor(ids: Iterable[int], vocab: int, device: torch.device) -> torch.Tensor:
     """Sorted distinct ids inside ``[0, vocab)`` as a long tensor (an id outside the vocabulary is never drawn)."""
     return torch.tensor(sorted({i for i in ids if 0 <= i < vocab}), dtype=torch.long, device=device)
+
+
+BAN_BIAS, FORCE_BIAS = -100.0, 100.0
+
+
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Add each ``(token id, bias)`` of ``params.logit_bias`` to float ``[V]`` logits (ids outside ignored).
+
+    A bias of -100 (or less) makes its token -inf; if any bias is +100 (or more), every token without such a bias
+    becomes -inf, so the forced tokens are the only candidates. Returns a new tensor with no NaN or +inf.
+    """
+    pairs = [(t, b) for t, b in params.logit_bias if 0 <= t < logits.numel()]
+    if not pairs:
+        return logits
+    ids = torch.tensor([t for t, _ in pairs], dtype=torch.long, device=logits.device)
+    bias = torch.tensor([b for _, b in pairs], dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out.index_add_(0, ids, bias)
+    out[ids[bias <= BAN_BIAS]] = float("-inf")
+    forced = ids[bias >= FORCE_BIAS]
+    if forced.numel():
+        keep = torch.zeros_like(out, dtype=torch.bool)
+        keep[forced] = True
+        out = out.masked_fill(~keep, float("-inf"))
+    return _finite(out)
 
 
 def apply_penalties(logits: torch.Tensor, inp: SampleInput) -> torch.Tensor:
@@ -156,7 +185,7 @@ def sample_one(logits: torch.Tensor, inp: SampleInput) -> int:
 
 
 def _sample_checked(logits: torch.Tensor, inp: SampleInput) -> int:
-    x = _min_tokens_mask(apply_penalties(logits.double(), inp), inp)
+    x = _min_tokens_mask(apply_penalties(apply_logit_bias(logits.double(), inp.params), inp), inp)
     if not inp.params.greedy:
         x = filter_logits(x, inp.params)
     if not bool(torch.isfinite(x).any()):
@@ -204,5 +233,6 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
 
 
 def _plain(p: SamplingParams) -> bool:
-    """No penalties and no min_tokens: a batched argmax gives the same token."""
-    return p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.min_tokens == 0
+    """No logit bias, no penalties and no min_tokens: a batched argmax gives the same token."""
+    return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.min_tokens == 0
+            and not p.logit_bias)

@@ -36,23 +36,36 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condit
     raise AssertionError(f"timed out waiting for {what}")
 
 
+PORT_TAKEN = "address already in use"
+"""A port picked free can be taken by another process before the router binds it: start again on new ports."""
+
+
 class RouterHarness:
     def __init__(self, tmp: Path, model: str = BUILTIN, **flags: Any) -> None:
         self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.router_log = tmp / "router.log"
+        for attempt in range(3):
+            self._start_router(model, flags)
+            try:
+                wait_for(self._up, what="router to listen")
+                return
+            except AssertionError:
+                if attempt == 2 or PORT_TAKEN not in self.router_log.read_text().lower():
+                    raise
+
+    def _start_router(self, model: str, flags: dict[str, Any]) -> None:
         self.port = free_port()
         self.control_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.control = f"tcp://127.0.0.1:{self.control_port}"
-        self.procs: dict[str, subprocess.Popen] = {}
         cmd = [sys.executable, "-m", "splitserve.cli", "router", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--control-port", str(self.control_port)]
         for k, v in flags.items():
             cmd += ["--" + k.replace("_", "-"), str(v)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_")}
-        self.router_log = tmp / "router.log"
         self.router = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                        stderr=open(self.router_log, "w"))
-        wait_for(self._up, what="router to listen")
 
     def _up(self) -> bool:
         if self.router.poll() is not None:
