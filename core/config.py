@@ -135,17 +135,54 @@ class RouterConfig(FrozenConfig):
     slo_tpot_ms: float = Field(default=50.0, gt=0)
     auto_ratio_interval_s: float = Field(default=5.0, gt=0)
     auto_ratio_cooldown_s: float = Field(default=30.0, ge=0)
+    api_key: tuple[str, ...] = Field(default=(), repr=False)
+    """Keys accepted as ``Authorization: Bearer`` on ``/v1/*``, ``/tokenize`` and ``/detokenize`` (empty, with no
+    ``api_key_file``: no key needed). Split at commas like ``served_model_name``; empty entries are dropped."""
+    api_key_file: str | None = None
+    """A file with more keys, one a line (``#`` comments and blank lines ignored); read by the router at start."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins (``https://app.example``; ``*``: any) answered with CORS headers and preflights; empty: no
+    cross-origin browser access."""
+    max_body_mb: float = Field(default=8.0, gt=0)
+    """Request bodies above this many MB (of 1024 * 1024 bytes) get 413 (refused from ``Content-Length`` before any
+    byte is read)."""
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    """Text prompts / chat messages above this many characters get 400 before tokenizing; ``None``: 8 characters
+    per token of the workers' maximum context length."""
+    idle_timeout_s: float = Field(default=30.0, gt=0)
+    """A connection that has not sent a whole request head this long after connecting or after its last response
+    is closed (aiohttp's ``keepalive_timeout``: idle keep-alive and slow headers alike)."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """A request body not received whole within this many seconds gets 408 and the connection is closed."""
 
     @field_validator("served_model_name", mode="before")
     @classmethod
     def _names(cls, v: object) -> object:
+        names = cls._comma_list(v)
+        if isinstance(names, tuple) and any(not n for n in names):
+            raise ValueError("served_model_name must not contain an empty name")
+        return names
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _keys(cls, v: object) -> object:
+        items = cls._comma_list(v)
+        return tuple(x for x in items if x) if isinstance(items, tuple) else items
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: object) -> object:
+        """``https://a.example/`` and ``https://a.example`` are one origin (browsers send the latter)."""
+        items = cls._comma_list(v)
+        return tuple(dict.fromkeys(x.rstrip("/") for x in items if x)) if isinstance(items, tuple) else items
+
+    @staticmethod
+    def _comma_list(v: object) -> object:
+        """A string or a list of strings, each entry split at commas and stripped, duplicates dropped (order kept)."""
         if isinstance(v, str):
             v = [v]
-        if isinstance(v, (list, tuple)):  # each entry may itself be a comma-separated list
-            names = tuple(dict.fromkeys(part.strip() for n in v for part in str(n).split(",")))
-            if any(not n for n in names):
-                raise ValueError("served_model_name must not contain an empty name")
-            return names
+        if isinstance(v, (list, tuple)):
+            return tuple(dict.fromkeys(part.strip() for n in v for part in str(n).split(",")))
         return v
 
 

@@ -233,8 +233,10 @@ class DecodeService:
             )
         )
 
-    def _on_abort(self, msg: AbortReq) -> None:
+    def _on_abort(self, msg: AbortReq, peer: bytes | None = None) -> None:
         rid = msg.request_id
+        if peer is not None:  # decode requests belong to the router: a peer cannot abort them
+            return
         self.pending.pop(rid, None)
         self.landed.pop(rid, None)
         inc = self.incoming.pop(rid, None)

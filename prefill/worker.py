@@ -35,6 +35,8 @@ class _Outgoing:
     sent_upto: int = 0
     started: float = 0.0
     """When the ``PrefillReq`` arrived (monotonic)."""
+    peer: bytes | None = None
+    """The peer connection the ``PrefillReq`` came on: only it (or the router) may abort the request."""
     first_step: float | None = None
     """When its first step computed (monotonic)."""
     queue_s: float = 0.0
@@ -74,7 +76,7 @@ class PrefillService:
             self.core.engine.add_request(rid, msg.prompt_token_ids, msg.params, prefill_only=True)
         except ValueError as exc:  # a request this engine can never serve: recomputing it would fail too
             return self._refuse(tid, rid, str(exc), retryable=False)
-        self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic(), sent_at=msg.sent_at)
+        self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic(), sent_at=msg.sent_at, peer=_peer)
         self.core.own(rid, self._on_output)
         logger.info("request %s: prefill of %d tokens for transfer %s", rid, len(msg.prompt_token_ids), tid)
 
@@ -84,10 +86,14 @@ class PrefillService:
         except TransferError as exc:
             logger.warning("request %s: could not report failure to the decode worker: %s", rid, exc)
 
-    def _on_abort(self, msg: AbortReq) -> None:
-        out = self.outgoing.pop(msg.request_id, None)
+    def _on_abort(self, msg: AbortReq, peer: bytes | None = None) -> None:
+        out = self.outgoing.get(msg.request_id)
         if out is None:
             return
+        if peer is not None and peer != out.peer:  # only the decode worker that asked may take it back
+            logger.warning("request %s: abort from a peer that did not ask for this prefill; ignored", msg.request_id)
+            return
+        del self.outgoing[msg.request_id]
         self.core.engine.abort(msg.request_id)
         self.core.owners.pop(msg.request_id, None)
         self._refuse(out.transfer_id, out.request_id, f"aborted: {msg.reason}")

@@ -1,16 +1,31 @@
 """The router's aiohttp application: the OpenAI-compatible API, health, metrics, admin and status page.
 
 ``create_app(config)`` builds the app; its startup hook loads the tokenizer, creates the process's one
-ZeroMQ context and binds the control socket. A completions or chat request:
+ZeroMQ context and binds the control socket. Every request first passes two middlewares:
 
-1. is parsed and checked (router/openai_api.py: 400 naming the field, 404 for an unknown model);
-2. becomes one choice per prompt and copy (router/choices.py), each a request on the workers;
-3. is answered whole or as Server-Sent Events (router/formatting.py);
-4. leaves one access-log line (``_access_log``: id, route, status, tokens, TTFT, duration, the reason of an error;
-   never the prompt), at INFO (DEBUG for successful polls of /health, /metrics and /status.json).
+1. ``_errors`` (outermost): every failure becomes an OpenAI-shaped error (:class:`APIError`, aiohttp's own HTTP
+   errors, and a catch-all 500 ``server_error`` that logs one line with the request id, never a traceback page);
+   requests are counted by status; one access-log line (``_access_log``: id, route, status, tokens, TTFT,
+   duration, the reason of an error; never the prompt), at INFO (DEBUG for successful polls of /health,
+   /metrics and /status.json).
+2. ``_guard``: a CORS preflight is answered for ``--allowed-origins`` only (403 otherwise); ``/v1/*``,
+   ``/tokenize`` and ``/detokenize`` need ``Authorization: Bearer <key>`` when API keys are configured (401) and,
+   for POST, a JSON content type (415: a web page cannot make a visitor's browser send a completion); a body
+   larger than ``--max-body-mb`` is a 413 (from ``Content-Length`` before reading, or once the read passes the
+   limit); the body is read under ``--body-timeout-s`` (408, then the connection closes). Slow or idle
+   connections without a whole request head are closed after ``--idle-timeout-s`` (:func:`runner_options`).
 
-Run it with an ``AppRunner(app, handler_cancellation=True)`` (see :mod:`splitserve.router.main`) so that a client
-that goes away cancels its handler, which aborts the request (every choice of it) on the workers.
+A completions or chat request then:
+
+3. is parsed, checked (router/openai_api.py: 400 naming the field, 404 for an unknown model, a prompt-length
+   check before tokenizing) and tokenized, with its chat template rendered, on the tokenizer threads
+   (:meth:`RouterService.off_loop`), so a huge prompt never stalls the event loop (``/health`` keeps answering);
+4. becomes one choice per prompt and copy (router/choices.py), each a request on the workers;
+5. is answered whole or as Server-Sent Events (router/formatting.py).
+
+Run it with an ``AppRunner(app, **runner_options(config))`` (see :mod:`splitserve.router.main`): handler
+cancellation on, so that a client that goes away cancels its handler, which aborts the request (every choice of
+it) on the workers; and the idle/header timeout.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ from splitserve.router.choices import Choice, full_body, merged, plan_choices, t
 from splitserve.router.formatting import ChatFormatter, CompletionFormatter, ResponseHead
 from splitserve.router.openai_api import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request,
-    models_body, parse_json_body, parse_request, validate_body,
+    check_prompt_chars, models_body, new_id, parse_json_body, parse_request, server_error, validate_body,
 )
 from splitserve.router.output import Delta
 from splitserve.router.planner import Slo
@@ -58,23 +73,113 @@ def _endpoint_label(request: web.Request) -> str:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """OpenAI-shaped errors for API errors and unknown routes; request counts by status; the access log."""
+    """Module flow, step 1: OpenAI-shaped errors, the catch-all 500, request counts by status, the access log."""
     svc = request.app[SERVICE]
     start = time.monotonic()
     request[ACCESS] = {}
-    reason = None
     try:
-        resp = await handler(request)
+        resp, reason = await handler(request), None
     except APIError as exc:
-        resp, reason = web.json_response(exc.body(), status=exc.status), exc.message
+        resp, reason = _error_response(exc), exc.message
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = APIError(exc.status, exc.reason, type="invalid_request_error").body()
-        resp, reason = web.json_response(body, status=exc.status), exc.reason
+        resp, reason = _error_response(APIError(exc.status, exc.reason, type="invalid_request_error")), exc.reason
+    except Exception as exc:  # the catch-all: one log line, a 500 in the same shape, no traceback page
+        request_id = request[ACCESS].setdefault("id", new_id("req"))
+        _log_unexpected(request_id, exc, f"{request.method} {request.path}")
+        err = server_error(request_id)
+        resp, reason = _error_response(err), f"{type(exc).__name__}: {exc}"[:200]
     svc.metrics.requests.labels(_endpoint_label(request), str(resp.status)).inc()
     _access_log(request, resp.status, time.monotonic() - start, reason)
     return resp
+
+
+def _error_response(exc: APIError) -> web.Response:
+    resp = web.json_response(exc.body(), status=exc.status)
+    if exc.status == 401:
+        resp.headers["WWW-Authenticate"] = "Bearer"
+    if exc.status in (408, 413):  # the body is unread (or still coming): do not keep the connection
+        resp.force_close()
+    return resp
+
+
+def _log_unexpected(request_id: str, exc: BaseException, where: str) -> None:
+    """One ERROR line naming the request (the traceback only at DEBUG)."""
+    logger.error("request %s: unexpected %s in %s: %s", request_id, type(exc).__name__, where, str(exc)[:200])
+    logger.debug("request %s: traceback of the unexpected error", request_id, exc_info=exc)
+
+
+_PROTECTED = ("/tokenize", "/detokenize")
+"""Besides ``/v1/*``: routes that need the API key (``/health``, ``/metrics``, ``/version`` never do)."""
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1" or path in _PROTECTED
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Module flow, step 2: CORS preflight, API key, JSON content type, body size and body read timeout."""
+    config = request.app[SERVICE].config
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return _preflight(request, config.allowed_origins)
+    if _protected(request.path):
+        if not request.app[SERVICE].key_ok(request.headers.get("Authorization")):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if request.method == "POST" and request.content_type != "application/json":
+            given = request.headers.get("Content-Type", "(none)")[:100]
+            raise APIError(415, f"Content-Type must be application/json, got '{given}'",
+                           code="unsupported_media_type")
+    await _read_body(request, config)
+    return await handler(request)
+
+
+def max_body_bytes(config: RouterConfig) -> int:
+    return int(config.max_body_mb * 1024 * 1024)
+
+
+async def _read_body(request: web.Request, config: RouterConfig) -> None:
+    """Read (and cache, for the handler's ``request.read()``) the body within the size limit and the timeout."""
+    if not request.body_exists:
+        return
+    limit = max_body_bytes(config)
+    too_large = APIError(413, f"request body is larger than {config.max_body_mb:g} MB (--max-body-mb)",
+                         code="body_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # refused before any byte of it is read
+    try:
+        async with asyncio.timeout(config.body_timeout_s):
+            await request.read()  # aiohttp stops at client_max_size (chunked bodies)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
+                       "(--body-timeout-s)", code="body_timeout") from None
+
+
+def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    return origin is not None and ("*" in allowed or origin in allowed)
+
+
+def _preflight(request: web.Request, allowed: tuple[str, ...]) -> web.Response:
+    """A CORS preflight: 204 with the allow headers for a listed origin, 403 for any other."""
+    origin = request.headers.get("Origin")
+    if not _origin_allowed(origin, allowed):
+        raise APIError(403, f"origin {origin!r} is not allowed (--allowed-origins)", code="origin_not_allowed")
+    asked = request.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type")
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": asked, "Access-Control-Max-Age": "600", "Vary": "Origin"})
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the allow-origin header on every answer to a listed origin (streams included)."""
+    origin = request.headers.get("Origin")
+    if _origin_allowed(origin, request.app[SERVICE].config.allowed_origins):
+        response.headers.setdefault("Access-Control-Allow-Origin", origin)
+        response.headers.setdefault("Vary", "Origin")
 
 
 def _access_log(request: web.Request, status: int, duration_s: float, reason: str | None) -> None:
@@ -104,10 +209,7 @@ def _head(request: web.Request, id_prefix: str) -> ResponseHead:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     svc, head = request.app[SERVICE], _head(request, "cmpl")
-    req = parse_request(CompletionRequest, parse_json_body(await request.read()))
-    svc.check_model(req.model)
-    prompts = req.prompts()
-    ids = [list(p) if isinstance(p, list) else svc.tokenizer.encode(p) for p in prompts]
+    req, prompts, ids = await svc.off_loop(_prepare_completion, svc, await request.read(), svc.prompt_char_limit())
 
     def make_fmt(index: int, i: int) -> CompletionFormatter:
         return CompletionFormatter(svc.tokenizer, svc.model_name, head, index, req, prompts[i], ids[i])
@@ -117,8 +219,33 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     svc, head = request.app[SERVICE], _head(request, "chatcmpl")
-    req = parse_request(ChatCompletionRequest, parse_json_body(await request.read()))
+    req, prompt_ids = await svc.off_loop(_prepare_chat, svc, await request.read(), svc.prompt_char_limit())
+
+    def make_fmt(index: int, _prompt: int) -> ChatFormatter:
+        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req)
+
+    return await _serve(request, svc, req, plan_choices(svc, req, [prompt_ids], "messages", make_fmt))
+
+
+# Module flow, step 3: these run on the tokenizer threads; they read only the immutable parts of the service (the
+# registry changes on the event loop, so the prompt limit is computed there and passed in).
+
+
+def _prepare_completion(svc: RouterService, raw: bytes,
+                        limit: int | None) -> tuple[CompletionRequest, list[str | list[int]], list[list[int]]]:
+    """(request, its prompts, each prompt's token ids)."""
+    req = parse_request(CompletionRequest, parse_json_body(raw))
     svc.check_model(req.model)
+    check_prompt_chars(req, limit)
+    prompts = req.prompts()
+    return req, prompts, [list(p) if isinstance(p, list) else _encode(svc.tokenizer, p) for p in prompts]
+
+
+def _prepare_chat(svc: RouterService, raw: bytes, limit: int | None) -> tuple[ChatCompletionRequest, list[int]]:
+    """(request, the token ids of its rendered chat template)."""
+    req = parse_request(ChatCompletionRequest, parse_json_body(raw))
+    svc.check_model(req.model)
+    check_prompt_chars(req, limit)
     try:
         text = svc.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
     except NoChatTemplateError as exc:
@@ -126,12 +253,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                           param="model", code="no_chat_template") from exc
     except jinja2.TemplateError as exc:
         raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from exc
-    prompt_ids = svc.tokenizer.encode(text, add_special_tokens=False)
+    return req, _encode(svc.tokenizer, text, add_special_tokens=False)
 
-    def make_fmt(index: int, _prompt: int) -> ChatFormatter:
-        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req)
 
-    return await _serve(request, svc, req, plan_choices(svc, req, [prompt_ids], "messages", make_fmt))
+def _validated(svc: RouterService, cls: type[Any], raw: bytes) -> Any:
+    """``/tokenize`` and ``/detokenize`` bodies: JSON, the model, the served model."""
+    req = validate_body(cls, parse_json_body(raw))
+    svc.check_model(req.model)
+    return req
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode``, through the HF backend's ``encode_batch`` where there is one: that one releases the GIL
+    while it works (``encode`` holds it), so the event loop runs meanwhile. Both give the same ids."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def _serve(request: web.Request, svc: RouterService, req: Any, choices: list[Choice]) -> web.StreamResponse:
@@ -184,6 +322,11 @@ async def _stream(request: web.Request, choices: list[Choice], gen: AsyncIterato
         except APIError as exc:
             logger.warning("request %s: stream ended with error: %s", request_id, exc.message)
             await _sse(resp, exc.body())
+        except ConnectionResetError:
+            raise
+        except Exception as exc:  # the catch-all, once the 200 is out: an error event in the same shape
+            _log_unexpected(request_id, exc, "the stream")
+            await _sse(resp, server_error(request_id).body())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except ConnectionResetError:  # the caller closes ``gen``, which aborts the request on its workers
@@ -205,22 +348,25 @@ async def list_models(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     """vLLM's ``/tokenize``: ``{"model", "prompt"}`` -> ``{"tokens", "count", "max_model_len"}``."""
     svc = request.app[SERVICE]
-    req = validate_body(TokenizeRequest, parse_json_body(await request.read()))
-    svc.check_model(req.model)
-    tokens = svc.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    tokens = await svc.off_loop(_tokens, svc, await request.read(), svc.prompt_char_limit())
     return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": svc.max_model_len()})
+
+
+def _tokens(svc: RouterService, raw: bytes, limit: int | None) -> list[int]:
+    req = _validated(svc, TokenizeRequest, raw)
+    check_prompt_chars(req, limit)
+    return _encode(svc.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
 
 
 async def detokenize(request: web.Request) -> web.Response:
     """vLLM's ``/detokenize``: ``{"model", "tokens"}`` -> ``{"prompt"}``; ids outside the vocabulary are a 400."""
     svc = request.app[SERVICE]
-    req = validate_body(DetokenizeRequest, parse_json_body(await request.read()))
-    svc.check_model(req.model)
+    req = await svc.off_loop(_validated, svc, DetokenizeRequest, await request.read())
     vocab = svc.vocab_size() or svc.tokenizer.vocab_size
-    bad = next((t for t in req.tokens if t >= vocab), None)
-    if bad is not None:
+    bad = max(req.tokens, default=0)
+    if bad >= vocab:
         raise bad_request(f"invalid field 'tokens': token ids must be in [0, {vocab}), got {bad}", param="tokens")
-    return web.json_response({"prompt": svc.tokenizer.decode(req.tokens)})
+    return web.json_response({"prompt": await svc.off_loop(svc.tokenizer.decode, req.tokens)})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -250,11 +396,22 @@ def _start_auto_ratio(svc: RouterService) -> asyncio.Task | None:
     return asyncio.get_running_loop().create_task(svc.auto_ratio.run())
 
 
+def runner_options(config: RouterConfig) -> dict[str, Any]:
+    """``web.AppRunner`` keywords: handler cancellation (a client that goes away aborts its request), no aiohttp
+    access log (``_access_log`` writes one), ``idle_timeout_s`` for idle connections and unfinished request heads
+    (aiohttp's keep-alive timer runs from the connection or the last response; bytes do not reset it), and at most
+    ``body_timeout_s`` (10 s by default) spent discarding the rest of a body the server answered without reading."""
+    return {"handler_cancellation": True, "access_log": None, "keepalive_timeout": config.idle_timeout_s,
+            "lingering_time": min(10.0, config.body_timeout_s)}
+
+
 def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: random.Random | None = None,
                ctx: zmq.asyncio.Context | None = None) -> web.Application:
     """The router app. ``tokenizer`` defaults to ``load_tokenizer(config.model)``; ``ctx`` to a new
     ZeroMQ context owned (and terminated) by the app."""
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[_errors, _guard], client_max_size=max_body_bytes(config))
+    if config.allowed_origins:
+        app.on_response_prepare.append(_cors_headers)
     own_ctx = ctx is None
     zctx = ctx if ctx is not None else zmq.asyncio.Context()
     svc = RouterService(config, tokenizer if tokenizer is not None else load_tokenizer(config.model), zctx, rng)
@@ -267,6 +424,7 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: ra
         if auto is not None:
             auto.cancel()
         await svc.control.stop()
+        svc.pool.shutdown(wait=False, cancel_futures=True)
         if own_ctx:
             zctx.term()
 

@@ -223,6 +223,10 @@ class ControlPlane:
         if isinstance(msg, m.TokenOut):
             self._on_token_out(identity, msg)
         elif isinstance(msg, m.Heartbeat):
+            known = self.registry.get(msg.worker_id)
+            if known is not None and known.identity != identity:  # only the connection that registered the id
+                logger.warning("heartbeat for worker %s from another connection: dropped", msg.worker_id)
+                return
             w = self.registry.heartbeat(msg)
             if w is None:
                 logger.warning("heartbeat from unregistered worker %s: asking it to register", msg.worker_id)
@@ -250,6 +254,10 @@ class ControlPlane:
                 logger.info("request %s: output for a request this router does not know: abort sent", msg.request_id)
                 self._remember_aborted(msg.request_id)
                 self._send_nowait(identity, m.AbortReq(request_id=msg.request_id, reason="unknown to the router"))
+            return
+        owner = self.registry.get(stream.decode_worker)
+        if owner is None or owner.identity != identity:  # only the request's decode worker streams its tokens
+            logger.warning("request %s: output from a worker that is not its decode worker: dropped", msg.request_id)
             return
         if msg.token_ids or msg.finish_reason is not None:
             self._release_prefill(stream)

@@ -4,6 +4,10 @@ Configuration: flags, else ``SPLITSERVE_*`` environment variables (``SPLITSERVE_
 ``SPLITSERVE_ADMIN_TOKEN=...``), else :class:`~splitserve.core.config.RouterConfig` defaults.
 SIGTERM / SIGINT: stop accepting new requests (503), let in-flight streams finish for up to
 ``--grace-period`` seconds, then exit.
+
+API keys: ``--api-key`` (repeatable, or comma-separated), ``SPLITSERVE_API_KEY`` (comma-separated) or
+``--api-key-file`` (one a line); the file or the variable keep them out of ``ps``. They are checked at start (an
+unreadable or empty key file exits with status 2) and never logged.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("slo_tpot_ms", float, "TPOT p90 target of the automatic ratio controller"),
     ("auto_ratio_interval_s", float, "seconds between automatic ratio decisions"),
     ("auto_ratio_cooldown_s", float, "seconds after a role switch before the next one"),
+    ("api_key_file", str, "file of API keys, one a line (# comments allowed)"),
+    ("max_body_mb", float, "request bodies above this many MB get 413 (default 8)"),
+    ("max_prompt_chars", int, "text prompts above this many characters get 400 before tokenizing "
+                              "(default: 8 per token of the workers' context length)"),
+    ("idle_timeout_s", float, "close connections idle, or without a whole request head, this long (default 30)"),
+    ("body_timeout_s", float, "408 and close when a request body takes longer than this to arrive (default 30)"),
 )
 
 
@@ -49,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated token ids that end generation besides EOS")
     parser.add_argument("--auto-ratio", dest="auto_ratio", action="store_const", const=True, default=None,
                         help="switch worker roles automatically to keep TTFT/TPOT within the SLO")
+    parser.add_argument("--api-key", dest="api_key", action="append", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize (repeat or "
+                             "comma-separate for several keys; argv shows in ps: prefer SPLITSERVE_API_KEY or "
+                             "--api-key-file)")
+    parser.add_argument("--allowed-origins", dest="allowed_origins", nargs="+", default=None, metavar="ORIGIN",
+                        help="browser origins allowed cross-origin (CORS; '*': any); default: none")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish on SIGTERM (default 30)")
 
@@ -75,17 +91,17 @@ def _ids(text: str) -> tuple[int, ...]:
 
 async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event | None = None) -> None:
     """Run the router until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
-    from splitserve.router.app import SERVICE, create_app
+    from splitserve.router.app import SERVICE, create_app, runner_options
 
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     svc = app[SERVICE]
     port = runner.addresses[0][1]
-    logger.info("router serving %s at http://%s:%d (control %s)", svc.model_name, config.host, port,
-                svc.control.address)
+    logger.info("router serving %s at http://%s:%d (control %s); API keys: %d", svc.model_name, config.host, port,
+                svc.control.address, len(svc.api_keys))
     print(f"SplitServe router listening on http://{config.host}:{port} (workers: {svc.control.address})",
           flush=True)
     stop = stop or asyncio.Event()
@@ -104,9 +120,12 @@ async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event
 
 
 def main(args: argparse.Namespace) -> int:
+    from splitserve.router.service import load_api_keys
+
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        load_api_keys(config)
+    except (ValueError, OSError) as exc:  # pydantic.ValidationError is a ValueError; an unreadable key file
         logger.error("invalid router configuration: %s", exc)
         return 2
     try:

@@ -1,14 +1,18 @@
 """OpenAI-compatible request models, validation, error bodies and response shapes.
 
 Flow for one request body:
-1. :func:`parse_json_body`: JSON object or 400.
+1. :func:`parse_json_body`: JSON object or 400 (invalid JSON or UTF-8, nesting deeper than the parser allows,
+   integers of more than 4,300 digits, a lone UTF-16 surrogate in any string: each named in the message). JSON's
+   ``NaN`` / ``Infinity`` literals parse, and are refused by the numeric fields below (naming the field).
 2. :func:`parse_request`: parameters this server does not implement (``suffix``, ``tools``, ``guided_json``...,
    see :data:`REFUSED`) are refused by name; then the pydantic model (other unknown fields ignored, like OpenAI's
    own server does for fields it does not use). Every sampling and scheduling number is strict (a JSON string such
    as ``"0.5"`` is refused), finite (``NaN`` and ``Infinity`` are refused) and inside the ranges below; then the
    rules between fields (``stream_options`` needs ``stream``, ``best_of`` equals ``n``, ``max_tokens=0`` needs
    ``echo``). The first failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name the field.
-3. :func:`check_token_ids`: prompt, stop and ``logit_bias`` token ids inside the workers' vocabulary, once known.
+3. :func:`check_prompt_chars` (before tokenizing): a text prompt, the chat messages or a ``/tokenize`` prompt longer
+   than the character limit is a 400 naming ``prompt`` / ``messages``;
+   :func:`check_token_ids`: prompt, stop and ``logit_bias`` token ids inside the workers' vocabulary, once known.
 4. :func:`to_sampling_params`: the context-length and ``min_tokens <= max_tokens`` checks, then the worker's
    :class:`SamplingParams` (``max_tokens=0`` with ``echo`` asks the worker for one token, which the router drops,
    as vLLM does: the prompt and its logprobs come back, nothing generated). :func:`copy_params` gives copy ``j`` of
@@ -20,6 +24,7 @@ Responses are plain dicts in OpenAI's shapes (``text_completion``, ``chat.comple
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Optional, Sequence, TypeVar, Union
@@ -74,15 +79,58 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def server_error(request_id: str) -> APIError:
+    """The catch-all 500: names the request id (the router log has one line for it), never the cause."""
+    return APIError(500, f"internal server error (request {request_id}); the router log names the cause",
+                    type="server_error")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+"""A ``\\uD800``-``\\uDFFF`` escape: only then can a decoded string hold a lone surrogate."""
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Decode a request body; invalid JSON or a non-object gives a 400."""
+    """Decode a request body (module flow, step 1); anything but a JSON object of valid Unicode gives a 400."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise bad_request("request body is not valid JSON: nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers past Python's digit limit
         raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):
+        _reject_lone_surrogates(body)
     return body
+
+
+def _reject_lone_surrogates(body: dict[str, Any]) -> None:
+    """400 naming the first string (value or key) holding an unpaired UTF-16 surrogate, which no tokenizer, log
+    or UTF-8 encoder takes. Iterative: the parser already bounds the depth."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = [(str(i), v) for i, v in enumerate(value)]
+        else:
+            items = []
+        for key, item in items:
+            where = f"{path}.{key}" if path else key
+            if not _is_unicode(key) or (isinstance(item, str) and not _is_unicode(item)):
+                raise bad_request(f"invalid field '{where}': contains a lone UTF-16 surrogate (not valid Unicode)",
+                                  param=where, code="invalid_unicode")
+            if isinstance(item, (dict, list)):
+                todo.append((where, item))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -311,6 +359,29 @@ def check_token_ids(req: _CommonRequest, prompt_ids: Sequence[int], prompt_field
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise bad_request(f"invalid field '{name}': token ids must be in [0, {vocab_size}), got {bad}", param=name)
+
+
+CHARS_PER_TOKEN = 8
+"""Default character limit of a text prompt per token of context: about twice what English text takes per token,
+so only prompts that cannot fit are refused before the (costly) tokenization."""
+
+
+def check_prompt_chars(req: BaseModel, limit: int | None) -> None:
+    """400 naming ``prompt`` / ``messages`` when a text prompt (each one; for chat, all messages together) has more
+    than ``limit`` characters (``None``: no limit known yet). Token-id prompts are not checked here."""
+    if limit is None:
+        return
+    if isinstance(req, ChatCompletionRequest):
+        field, lengths = "messages", [sum(len(m.text()) for m in req.messages)]
+    elif isinstance(req, CompletionRequest):
+        field, lengths = "prompt", [len(p) for p in req.prompts() if isinstance(p, str)]
+    else:
+        field, lengths = "prompt", [len(getattr(req, "prompt", ""))]
+    longest = max(lengths, default=0)
+    if longest > limit:
+        raise bad_request(f"invalid field '{field}': {longest} characters is more than this server takes before "
+                          f"tokenizing ({limit}: {CHARS_PER_TOKEN} per token of the maximum context length, or "
+                          "--max-prompt-chars)", param=field, code="context_length_exceeded")
 
 
 def requested_max_tokens(req: _CommonRequest) -> tuple[int | None, str]:

@@ -5,15 +5,22 @@ worker when serving disaggregated), sends :class:`GenerateReq`, and yields :clas
 until the request finishes. Whatever ends the iteration early (client disconnect, stop string,
 timeout, error) sends :class:`AbortReq` to the workers, so no worker keeps generating for nobody.
 Failures surface as :class:`~splitserve.router.openai_api.APIError`.
+
+It also keeps what the HTTP layer checks against: the API keys (:func:`load_api_keys`, :meth:`RouterService.key_ok`),
+the prompt character limit (:meth:`RouterService.prompt_char_limit`) and the thread pool that tokenizes and renders
+chat templates off the event loop (:meth:`RouterService.off_loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import logging
 import random
 import time
-from typing import Any, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import zmq.asyncio
 from aiohttp import web
@@ -23,12 +30,16 @@ from splitserve.core.messages import GenerateReq, SamplingParams
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from splitserve.router.control import ControlPlane, RequestStream
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.openai_api import APIError
+from splitserve.router.openai_api import CHARS_PER_TOKEN, APIError
 from splitserve.router.output import Delta, OutputProcessor, WorkerFailed
 from splitserve.router.policies import RouteRequest, make_policy
 from splitserve.router.pools import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
+
+TOKENIZER_THREADS = 4
+"""Threads that tokenize and render chat templates (the HF tokenizer releases the GIL in ``encode_batch``)."""
+_T = TypeVar("_T")
 
 
 class _Timing:
@@ -76,6 +87,35 @@ class RouterService:
         self.accepting = True
         self.auto_ratio = None
         """The automatic ratio controller loop, when ``config.auto_ratio`` is on (router/autoscale.py)."""
+        self.api_keys = [k.encode() for k in load_api_keys(config)]
+        """Bearer keys of the API (empty: none needed); never logged."""
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+
+    # --- HTTP-layer checks -----------------------------------------------------------------------
+
+    def key_ok(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header carries one of the API keys (always, when none is configured).
+        Every key is compared, each in constant time, so the time taken does not say which one nearly matched."""
+        if not self.api_keys:
+            return True
+        scheme, _, given = (authorization or "").partition(" ")
+        token = given.strip().encode("utf-8", "surrogatepass")
+        ok = False
+        for key in self.api_keys:
+            ok |= hmac.compare_digest(token, key)
+        return ok and scheme.lower() == "bearer"
+
+    def prompt_char_limit(self) -> int | None:
+        """Longest text prompt taken before tokenizing: ``max_prompt_chars``, else :data:`CHARS_PER_TOKEN` per token
+        of the workers' context length (``None`` while no worker is known)."""
+        if self.config.max_prompt_chars is not None:
+            return self.config.max_prompt_chars
+        max_len = self.max_model_len()
+        return None if max_len is None else CHARS_PER_TOKEN * max_len
+
+    async def off_loop(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` on the tokenizer threads, so a huge prompt never stalls the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -194,6 +234,20 @@ class RouterService:
             self.inflight -= 1
             self.metrics.inflight.dec()
             logger.debug("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)
+
+
+def load_api_keys(config: RouterConfig) -> tuple[str, ...]:
+    """``api_key`` plus the keys in ``api_key_file`` (one a line; blank lines and ``#`` comments skipped). Raises
+    ``OSError`` for an unreadable file and ``ValueError`` for one without keys."""
+    keys = list(config.api_key)
+    if config.api_key_file is not None:
+        with open(config.api_key_file, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            raise ValueError(f"api_key_file {config.api_key_file} holds no key")
+        keys += found
+    return tuple(dict.fromkeys(keys))
 
 
 def served_names(config: RouterConfig) -> tuple[str, ...]:

@@ -10,8 +10,8 @@ import pytest
 from splitserve.core.messages import TokenLogprob, TokenOut
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, load_tokenizer
 from splitserve.router.openai_api import (
-    APIError, ChatCompletionRequest, CompletionRequest, check_token_ids, copy_params, echo_only, parse_json_body,
-    parse_request, to_sampling_params,
+    APIError, ChatCompletionRequest, CompletionRequest, check_prompt_chars, check_token_ids, copy_params, echo_only,
+    parse_json_body, parse_request, to_sampling_params,
 )
 from splitserve.router.output import CompletionLogprobs, OutputProcessor, WorkerFailed, chat_logprobs
 
@@ -106,10 +106,38 @@ def test_prompt_forms_and_chat_fields():
 
 
 def test_invalid_json_bodies():
-    for raw in (b"{", b"[1, 2]", b"\xff"):
+    for raw in (b"{", b"[1, 2]", b"\xff", b"[" * 10_000, b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                b'{"seed": 1' + b"0" * 5000 + b"}", b""):
         with pytest.raises(APIError) as exc:
             parse_json_body(raw)
         assert exc.value.status == 400 and exc.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "\\ud800"}', "prompt"), (b'{"a": {"b": ["x", "\\uDC00y"]}}', "a.b.1"),
+    (b'{"\\ud800": 1}', "\ud800"),
+])
+def test_lone_surrogates_are_refused_by_field(raw, param):
+    with pytest.raises(APIError) as exc:
+        parse_json_body(raw)
+    assert exc.value.status == 400 and exc.value.param == param and exc.value.code == "invalid_unicode"
+
+
+def test_valid_surrogate_pairs_and_escaped_backslashes_pass():
+    assert parse_json_body(b'{"p": "\\ud83d\\ude00", "q": "\\\\ud800"}') == {"p": "\U0001f600", "q": "\\ud800"}
+
+
+def test_prompt_character_limit_before_tokenizing():
+    chat = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "a" * 6}] * 2})
+    check_prompt_chars(chat, 12)
+    check_prompt_chars(chat, None)
+    completion = parse_request(CompletionRequest, {"prompt": ["b", "a" * 12]})
+    check_prompt_chars(completion, 12)
+    check_prompt_chars(parse_request(CompletionRequest, {"prompt": [1] * 50}), 1)  # ids: the context check's
+    for req, limit, param in ((chat, 11, "messages"), (completion, 11, "prompt")):
+        with pytest.raises(APIError) as exc:
+            check_prompt_chars(req, limit)
+        assert exc.value.param == param and "12 characters" in exc.value.message
 
 
 def test_sampling_params_mapping_and_context_checks():

@@ -290,3 +290,23 @@ def test_a_failed_write_fails_its_transfer_at_once_and_fences_with_abort(pair):
     settled = [e for e in pair.rx_events if isinstance(e, TransferFailed)]  # Abort reached the receiver: no lease wait
     assert [e.transfer_id for e in settled] == ["f"] and "link down" in settled[0].reason
     assert not pair.rx._transfers and not [e for e in pair.rx_events if isinstance(e, TransferComplete)]
+
+
+def test_shm_maps_only_a_splitserve_pool_memfd_of_the_right_size(tmp_path, pair):
+    """A forged export cannot aim the sender's writes at another open file or a pool of another size."""
+    import os
+
+    from splitserve.transfer.base import TransferError
+
+    victim = open(tmp_path / "victim.bin", "wb+")
+    victim.truncate(4 * 3 * 2 * 32 * 4 * 2 * 4)
+    good = pair.rx.pool_export
+    for forged in (_with(good, fd=victim.fileno(), pid=os.getpid()), _with(good, shape=(3, 2, 16, 4, 2, 4))):
+        with pytest.raises(TransferError, match="not a SplitServe KV pool"):
+            ShmCopyEngine().open(forged)
+    assert ShmCopyEngine().open(good).shape == SHAPE
+    victim.close()
+
+
+def _with(export, **over):
+    return type(export)(**{**_fields(export), **over})

@@ -3,7 +3,9 @@
 1. :meth:`ShmCopyEngine.allocate`: the worker's KV pool lives in a memfd (anonymous shared memory that the kernel
    frees when the last process mapping it exits, so a killed worker leaves nothing behind) mapped by torch.
 2. :meth:`ShmCopyEngine.export`: the owner's pid and the memfd's number; a peer of the same host opens
-   ``/proc/PID/fd/FD`` and maps the same pages (another container or host cannot, and falls back to inline).
+   ``/proc/PID/fd/FD`` and maps the same pages (another container or host cannot, and falls back to inline). It
+   maps only a SplitServe KV memfd of exactly the pool's size, so a forged export cannot point its writes at any
+   other file a process of the same user has open.
 3. :meth:`ShmCopyEngine.write` copies rows with torch on the calling thread: writes complete before it
    returns, so every fence is already done.
 """
@@ -24,6 +26,9 @@ from splitserve.transfer.base import TransferError
 from splitserve.transfer.direct import CopyEngine, host_id
 
 logger = logging.getLogger(__name__)
+
+MEMFD_PREFIX = "splitserve-kv-"
+"""Name prefix of every KV pool memfd (``/proc/PID/fd/FD`` reads ``/memfd:splitserve-kv-... (deleted)``)."""
 
 
 class _Done:
@@ -53,7 +58,7 @@ class ShmCopyEngine(CopyEngine):
             return super().allocate(shape, dtype, device)
         pool_id = uuid.uuid4().hex
         numel = math.prod(shape)
-        fd = os.memfd_create(f"splitserve-kv-{pool_id[:8]}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"{MEMFD_PREFIX}{pool_id[:8]}", os.MFD_CLOEXEC)
         os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
         pool = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype).view(shape)
         self._memfds[pool.data_ptr()] = (fd, pool_id)
@@ -73,8 +78,15 @@ class ShmCopyEngine(CopyEngine):
         if not isinstance(dtype, torch.dtype) or export.fd < 0:
             raise TransferError(f"bad shm pool export {export.pool_id}")
         path = f"/proc/{export.pid}/fd/{export.fd}"
+        numel = math.prod(export.shape)
         try:
-            pool = torch.from_file(path, shared=True, size=math.prod(export.shape), dtype=dtype)
+            target, size = os.readlink(path), os.stat(path).st_size
+        except OSError as exc:
+            raise TransferError(f"cannot open {path}: {exc}") from exc
+        if not target.startswith(f"/memfd:{MEMFD_PREFIX}") or size != numel * torch.empty((), dtype=dtype).element_size():
+            raise TransferError(f"{path} is not a SplitServe KV pool of that shape ({target}, {size} bytes)")
+        try:
+            pool = torch.from_file(path, shared=True, size=numel, dtype=dtype)
         except (RuntimeError, OSError) as exc:
             raise TransferError(f"cannot map {path}: {exc}") from exc
         return pool.view(tuple(export.shape))

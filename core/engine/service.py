@@ -23,9 +23,11 @@ from splitserve.core.engine.engine import LLMEngine, StepOutput, limits_for_role
 from splitserve.core.messages import (
     AbortReq,
     Drain,
+    GenerateReq,
     Heartbeat,
     Message,
     MessageError,
+    PrefillReq,
     Register,
     Reregister,
     SetRole,
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[bytes | None, Message], None]
 """``handler(peer_identity_or_None_for_router, message)``."""
+
+FROM_ROUTER = frozenset({GenerateReq, AbortReq, SetRole, Drain, Reregister})
+"""What the router socket accepts (the router owns requests, roles and drains)."""
+FROM_PEERS = frozenset({PrefillReq, AbortReq})
+"""What the peer socket accepts: a decode worker asking this worker to prefill, or taking that back."""
 OutputOwner = Callable[[StepOutput], None]
 
 
@@ -86,7 +93,7 @@ class WorkerCore:
         self.handlers: dict[type, Handler] = {}
         self.pollers: list[Callable[[], None]] = []
         self.owners: dict[str, OutputOwner] = {}
-        self.abort_handlers: list[Callable[[AbortReq], None]] = []
+        self.abort_handlers: list[Callable[[AbortReq, bytes | None], None]] = []
         self.waiting_sources: list[Callable[[], int]] = []
         """Requests a role holds outside the engine's queue (the decode worker's page wait), for heartbeats."""
         self.counters = Counters()
@@ -140,7 +147,7 @@ class WorkerCore:
 
     def _abort_orphans(self) -> None:
         for rid in sorted(self._orphaned):
-            self._on_abort(None, AbortReq(request_id=rid, reason="the router is unreachable"))
+            self._on_abort(None, AbortReq(request_id=rid, reason="the router is unreachable"))  # as if the router said so
         self._orphaned.clear()
 
     def send_token_out(self, out: TokenOut) -> None:
@@ -258,6 +265,11 @@ class WorkerCore:
         except MessageError as exc:
             logger.warning("dropping undecodable message: %s", exc)
             return
+        if type(msg) not in (FROM_ROUTER if peer is None else FROM_PEERS):
+            where = "router" if peer is None else "peer"
+            logger.warning("worker %s: %s is not accepted on the %s socket; dropped", self.worker_id,
+                           type(msg).__name__, where)
+            return
         handler = self.handlers.get(type(msg))
         if handler is None:
             logger.warning("worker %s (%s): no handler for %s", self.worker_id, self.role, type(msg).__name__)
@@ -265,8 +277,9 @@ class WorkerCore:
         handler(peer, msg)
 
     def _on_abort(self, peer: bytes | None, msg: AbortReq) -> None:
+        """``peer``: ``None`` from the router, else the peer connection it came on (services check ownership)."""
         for handler in self.abort_handlers:
-            handler(msg)
+            handler(msg, peer)
 
     def _on_set_role(self, _peer: bytes | None, msg: SetRole) -> None:
         logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)

@@ -1,0 +1,97 @@
+"""Each socket accepts only its own message types, from the peer that owns the request or the worker id (issue 12).
+
+A rogue ZeroMQ peer (no key: the control plane has no authentication yet, docs/security.md) talks to a real
+router and real workers: role switches, drains and generate requests on a worker's peer port are dropped; aborts
+of a prefill it did not ask for are ignored; heartbeats for a registered worker from another connection, and token
+output for a request from anyone but its decode worker, change nothing. Real requests keep their reference text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+import zmq
+
+from conftest import shared_model_path
+from splitserve.core.messages import (
+    AbortReq, Drain, GenerateReq, Heartbeat, SamplingParams, SetRole, TokenOut, encode,
+)
+from test_e2e import REF_TEXT, complete, model_id, start_cluster
+
+TOKEN = "cp-admin-token"
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, "cp", model=str(shared_model_path("stories260K")),
+                      worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"],
+                      router_args=["--admin-token", TOKEN])
+    yield c
+    c.stop()
+
+
+def _workers(c) -> dict[str, dict]:
+    req = urllib.request.Request(f"{c.url}/admin/workers", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {w["worker_id"]: w for w in json.load(r)["workers"]}
+
+
+def _rogue(addr: str, identity: bytes | None = None) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(addr)
+    return sock
+
+
+def test_peer_port_takes_only_prefill_messages(cp):
+    import openai
+
+    workers = _workers(cp)
+    prefill = workers["prefill-0"]
+    sock = _rogue(prefill["peer_addr"])
+    try:
+        sock.send(encode(Drain()))
+        sock.send(encode(SetRole(role="decode", epoch=99)))
+        sock.send(encode(GenerateReq(request_id="rogue-1", prompt_token_ids=(1, 2, 3), params=SamplingParams())))
+        sock.send(encode(AbortReq(request_id="anything", reason="rogue")))
+        time.sleep(1.0)  # let a heartbeat carry any change (the assertion is that nothing changed)
+        after = _workers(cp)["prefill-0"]
+        assert after["role"] == "prefill" and not after["draining"]
+        log = (cp.log_dir / "prefill-0.log").read_text()
+        for kind in ("Drain", "SetRole", "GenerateReq"):
+            assert f"{kind} is not accepted on the peer socket" in log
+        client = openai.OpenAI(base_url=f"{cp.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert complete(client, model_id(cp), "Once upon a time", max_tokens=32).choices[0].text == REF_TEXT
+    finally:
+        sock.close()
+
+
+def test_router_ignores_heartbeats_and_tokens_from_the_wrong_connection(cp):
+    import openai
+
+    ctrl = f"tcp://127.0.0.1:{cp.control_port}"
+    sock = _rogue(ctrl, identity=b"not-decode-1")
+    try:
+        forged = Heartbeat(worker_id="decode-1", role="decode", running=0, waiting=0, queued_tokens=0,
+                           kv_pages_used=0, kv_pages_free=0, kv_pages_cached=0, draining=True, role_epoch=99)
+        for _ in range(3):
+            sock.send(encode(forged))
+        client = openai.OpenAI(base_url=f"{cp.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = complete(client, model_id(cp), "Once upon a time", max_tokens=32, stream=True)
+        text = ""
+        for i, chunk in enumerate(stream):
+            if i == 0:  # inject a forged final output for this live request
+                sock.send(encode(TokenOut(request_id=chunk.id + "-0", token_ids=(5,), finish_reason="stop")))
+                sock.send(encode(TokenOut(request_id=chunk.id, token_ids=(5,), finish_reason="stop")))
+            text += chunk.choices[0].text
+        assert text == REF_TEXT
+        assert not _workers(cp)["decode-1"]["draining"]
+        router_log = (cp.log_dir / "router.log").read_text()
+        assert "heartbeat for worker decode-1 from another connection: dropped" in router_log
+    finally:
+        sock.close()
