@@ -87,6 +87,8 @@ class TransferConfig(FrozenConfig):
     curve_public_key: str | None = None
     curve_secret_key: str | None = None
     curve_server_key: str | None = None
+    curve_allowed_dir: str | None = None
+    """With the keys above: the receiver accepts only senders whose public key is in this folder (ZAP)."""
 
 
 class WorkerConfig(FrozenConfig):
@@ -103,6 +105,8 @@ class WorkerConfig(FrozenConfig):
     local_prefill_threshold: int = Field(default=0, ge=0)
     """A decode worker prefills prompts shorter than this itself (0: never)."""
     drain_timeout_s: float = Field(default=30.0, gt=0)
+    keys_dir: str | None = None
+    """CurveZMQ keys (``splitserve keys DIR``): the router, peer and KV sockets accept only allow-listed peers."""
     router_queue_limit: int = Field(default=100_000, ge=1)
     """Messages queued for an unreachable router before the worker takes it as gone and aborts the requests
     whose output it cannot deliver (tens of seconds of token outputs at full load; a few MB)."""
@@ -128,6 +132,8 @@ class RouterConfig(FrozenConfig):
     request_timeout_s: float = Field(default=600.0, gt=0)
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     admin_token: str | None = None
+    keys_dir: str | None = None
+    """CurveZMQ keys (``splitserve keys DIR``): the control socket accepts only allow-listed workers."""
     extra_stop_token_ids: tuple[int, ...] = ()
     auto_ratio: bool = False
     """Switch worker roles automatically when measured TTFT/TPOT drift from the SLO (router/autoscale.py)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from splitserve.core import keys
 from splitserve.core.config import TransferConfig
 from splitserve.core.engine.engine import StepOutput
 from splitserve.core.engine.service import WorkerCore
@@ -137,6 +138,8 @@ class DecodeService:
         if sock is None:
             sock = self.core.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.core.keys:  # every worker holds the worker key: peers are CURVE servers with it
+                keys.connect_to(sock, self.core.keys, self.core.keys.worker_public)
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.connect(addr)
             self.peers[addr] = sock

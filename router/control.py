@@ -19,6 +19,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
+from splitserve.core import keys
 from splitserve.core import messages as m
 from splitserve.router.pools import WorkerRegistry, WorkerState
 
@@ -69,7 +70,8 @@ class ControlPlane:
     """Binds the control socket, keeps the registry current and routes ``TokenOut`` to streams."""
 
     def __init__(self, ctx: zmq.asyncio.Context, registry: WorkerRegistry, host: str, port: int,
-                 on_heartbeat: Callable[[WorkerState], None] | None = None, reap_interval_s: float = 0.25) -> None:
+                 on_heartbeat: Callable[[WorkerState], None] | None = None, reap_interval_s: float = 0.25,
+                 control_keys: "keys.CurveKeys | None" = None) -> None:
         self._ctx = ctx
         self.registry = registry
         self._host = host
@@ -82,10 +84,19 @@ class ControlPlane:
         self._aborted: OrderedDict[str, None] = OrderedDict()
         """Recently aborted request ids (bounded): late outputs of these need no second ``AbortReq``."""
         self.address = ""
+        self._keys = control_keys
+        self._auth: object | None = None
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:  # only workers holding an allow-listed key complete the handshake
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self._keys.allowed_dir)
+            keys.serve(sock, self._keys)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over its identity
         if self._port == 0:
@@ -108,6 +119,9 @@ class ControlPlane:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         for s in list(self.streams.values()):
             s.fail("router is shutting down")
         if self._sock is not None:

@@ -36,6 +36,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("request_timeout_s", float, "fail a request (and abort it on the workers) after this many seconds"),
     ("heartbeat_timeout_s", float, "take a worker out of routing after this long without a heartbeat"),
     ("admin_token", str, "bearer token of the admin API (unset: admin API disabled)"),
+    ("keys_dir", str, "CurveZMQ keys (splitserve keys DIR): only workers holding an allow-listed key reach the "
+                      "control socket"),
     ("slo_ttft_ms", float, "TTFT p90 target of the automatic ratio controller"),
     ("slo_tpot_ms", float, "TPOT p90 target of the automatic ratio controller"),
     ("auto_ratio_interval_s", float, "seconds between automatic ratio decisions"),

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 import zmq.asyncio
 from aiohttp import web
 
+from splitserve.core import keys
 from splitserve.core.config import RouterConfig
 from splitserve.core.messages import GenerateReq, SamplingParams
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
@@ -80,7 +81,9 @@ class RouterService:
         self.tokenizer = tokenizer
         self.registry = WorkerRegistry(config.heartbeat_timeout_s)
         self.metrics = RouterMetrics(self.registry)
-        self.control = ControlPlane(ctx, self.registry, config.control_host, config.control_port)
+        control_keys = keys.load(config.keys_dir, "router") if config.keys_dir else None
+        self.control = ControlPlane(ctx, self.registry, config.control_host, config.control_port,
+                                    control_keys=control_keys)
         self.prefill_policy = make_policy(config.prefill_policy, "prefill", rng)
         self.decode_policy = make_policy(config.decode_policy, "decode", rng)
         self.inflight = 0

@@ -24,6 +24,7 @@ COMMANDS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "worker": ("splitserve.worker", "run a worker of any role (--role prefill|decode|both; both = colocated)"),
     "bench": ("splitserve.benchmarks.cli", "benchmarks: transfer, serve, kernels, profile"),
     "plan": ("splitserve.router.planner_cli", "recommend a prefill:decode ratio for a workload and SLO"),
+    "keys": ("splitserve.keys", "write CurveZMQ keys that authenticate the control plane (--keys-dir)"),
 })
 
 

@@ -1,7 +1,9 @@
 """``splitserve up``: a router plus prefill, decode and colocated workers as child processes on this machine.
 
 1. :func:`plan_commands` builds the command lines, exactly the ones the compose files run (``splitserve router
-   ...``, ``splitserve prefill ...``; the tests check both agree), and the children start.
+   ...``, ``splitserve prefill ...``; the tests check both agree), and the children start, each with
+   ``--keys-dir``: a fresh CurveZMQ key set in a private temporary folder (removed at exit) unless ``--keys-dir``
+   names one, so only these processes reach each other's control, peer and KV sockets.
 2. Start-up: once the router answers ``/health`` the stack is up; a child that exits before that is a
    configuration error and stops everything.
 3. Supervision (:class:`Supervisor`): a child that exits later is restarted with the same command after a backoff
@@ -49,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-port", type=int, default=0, help="router control port (0: any free port)")
     p.add_argument("--extra-arg", action="append", default=[], help="extra flag passed to every worker (repeatable)")
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="start-up deadline (default 300)")
+    p.add_argument("--keys-dir", default=None,
+                   help="CurveZMQ keys for the control plane (default: a fresh set in a private temporary folder)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="exits of one child within --restart-window-s that make a crash loop (default 5)")
     p.add_argument("--restart-window-s", type=float, default=60.0, help="crash-loop window in seconds (default 60)")
@@ -198,10 +202,32 @@ def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             p.wait()
 
 
+def _with_keys(children: list[Child], keys_dir: str) -> list[Child]:
+    """Every child authenticates on the control plane with the keys in ``keys_dir``."""
+    return [Child(c.name, [*c.argv, "--keys-dir", keys_dir], c.env) for c in children]
+
+
 def main(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from splitserve.core.keys import write_keys
+
     control_port = args.control_port or free_port(args.host)
     policy = RestartPolicy(args.max_restarts, args.restart_window_s, args.restart_backoff_s)
-    sup = Supervisor(plan_commands(args, control_port), _spawn, policy)
+    own_keys = args.keys_dir is None
+    keys_dir = tempfile.mkdtemp(prefix="splitserve-keys-") if own_keys else args.keys_dir
+    if own_keys:
+        write_keys(keys_dir)
+    try:
+        return _run(args, Supervisor(_with_keys(plan_commands(args, control_port), keys_dir), _spawn, policy))
+    finally:
+        if own_keys:
+            shutil.rmtree(keys_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, sup: Supervisor) -> int:
+    """Steps 2-4 of the module's flow."""
     stop = {"now": False}
 
     def on_signal(*_: object) -> None:

@@ -30,7 +30,7 @@ _TRANSFER_FLAGS = MappingProxyType(
 )
 _WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
-    "local_prefill_threshold": int, "drain_timeout_s": float, "router_queue_limit": int,
+    "local_prefill_threshold": int, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
 })
 
 
@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
     p.add_argument("--drain-timeout-s", type=float, default=None)
+    p.add_argument("--keys-dir", default=None,
+                   help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets")
     p.add_argument("--router-queue-limit", type=int, default=None,
                    help="messages queued for an unreachable router before its requests are aborted here")
     p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
@@ -103,6 +105,17 @@ def main(args: argparse.Namespace) -> int:
     return run_worker(build_config(args))
 
 
+def _curve(cfg: WorkerConfig) -> dict[str, str]:
+    """The KV sockets' CurveZMQ settings from ``--keys-dir`` (every worker holds the worker key pair)."""
+    if not cfg.keys_dir:
+        return {}
+    from splitserve.core import keys
+
+    k = keys.load(cfg.keys_dir, "worker")
+    return {"curve_public_key": k.public.decode(), "curve_secret_key": k.secret.decode(),
+            "curve_server_key": k.worker_public.decode(), "curve_allowed_dir": k.allowed_dir}
+
+
 def run_worker(cfg: WorkerConfig) -> int:
     """Build the engine, both services and the transfer endpoints; run until SIGTERM (then drain)."""
     from splitserve.core.engine.engine import LLMEngine
@@ -115,7 +128,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     from splitserve.transfer.registry import make_copy_engine, make_receiver, make_sender, resolve
 
     # ZeroMQ and UCX bind and advertise addresses, not names (compose service names, pod hostnames): resolve here.
-    transfer = cfg.transfer.model_copy(update={"host": socket.gethostbyname(cfg.transfer.host)})
+    transfer = cfg.transfer.model_copy(update={"host": socket.gethostbyname(cfg.transfer.host), **_curve(cfg)})
     cfg = cfg.model_copy(update={"transfer": transfer})
     device = torch.device(cfg.engine.device, cfg.engine.device_index if cfg.engine.device == "cuda" else None)
     backend = resolve(cfg.transfer.backend, device.type)

@@ -95,3 +95,58 @@ def test_router_ignores_heartbeats_and_tokens_from_the_wrong_connection(cp):
         assert "heartbeat for worker decode-1 from another connection: dropped" in router_log
     finally:
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from splitserve.core.keys import write_keys
+
+    keys_dir = str(tmp_path_factory.mktemp("keys"))
+    write_keys(keys_dir)
+    c = start_cluster(tmp_path_factory, "keyed", model=str(shared_model_path("stories260K")),
+                      worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3",
+                                   "--keys-dir", keys_dir],
+                      router_args=["--admin-token", TOKEN, "--keys-dir", keys_dir])
+    yield c, keys_dir
+    c.stop()
+
+
+def _register(worker_id: str, peer_addr: str = "tcp://127.0.0.1:1") -> bytes:
+    from splitserve.core.messages import Register
+
+    return encode(Register(worker_id=worker_id, role="decode", model_id="x", peer_addr=peer_addr,
+                           transfer_addr=peer_addr, num_pages=9999, page_size=8, max_model_len=512, vocab_size=512))
+
+
+def test_with_keys_a_peer_without_an_allow_listed_key_reaches_no_socket(keyed):
+    """Authenticated control plane: plaintext and unknown-key peers never get a message through, keyed workers serve."""
+    import openai
+
+    c, _keys_dir = keyed
+    workers = _workers(c)
+    assert set(workers) == {"prefill-0", "decode-1"}
+    stranger = zmq.curve_keypair()
+    socks = []
+    for curve in (None, stranger):  # no key at all, and a key the allow-list does not hold
+        for addr, payload in ((f"tcp://127.0.0.1:{c.control_port}", _register(f"rogue-{len(socks)}")),
+                              (workers["prefill-0"]["peer_addr"], encode(Drain())),
+                              (workers["decode-1"]["peer_addr"], encode(SetRole(role="prefill", epoch=99)))):
+            sock = _rogue(addr)
+            if curve is not None:
+                sock.curve_publickey, sock.curve_secretkey = curve
+                sock.curve_serverkey = zmq.curve_keypair()[0]
+            sock.send(payload)
+            socks.append(sock)
+    try:
+        time.sleep(1.0)  # heartbeats would carry any change; the assertion is that nothing changed
+        after = _workers(c)
+        assert set(after) == {"prefill-0", "decode-1"}
+        assert after["prefill-0"]["role"] == "prefill" and not after["prefill-0"]["draining"]
+        assert after["decode-1"]["role"] == "decode"
+        client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert complete(client, model_id(c), "Once upon a time", max_tokens=32).choices[0].text == REF_TEXT
+        log = (c.log_dir / "prefill-0.log").read_text()
+        assert "not accepted on the peer socket" not in log  # nothing was even delivered
+    finally:
+        for s in socks:
+            s.close()

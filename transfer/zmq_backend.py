@@ -83,6 +83,18 @@ def _curve_server(sock: zmq.Socket, cfg: "TransferConfig") -> None:
     sock.curve_server = True
 
 
+def _allow_list(ctx: zmq.Context, cfg: "TransferConfig") -> Any:
+    """ZAP on ``ctx``: a CURVE receiver accepts only senders whose public key is in ``cfg.curve_allowed_dir``."""
+    if cfg.curve_allowed_dir is None or cfg.curve_secret_key is None:
+        return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=cfg.curve_allowed_dir)
+    return auth
+
+
 def _curve_client(sock: zmq.Socket, cfg: "TransferConfig") -> None:
     if cfg.curve_server_key is None:
         return
@@ -141,6 +153,7 @@ class ZmqKVReceiver(KVReceiver):
         self._cfg, self._kv, self._layout = cfg, kv_cache, layout
         self._token_bytes = layout.token_bytes()
         self._ctx = zmq.Context()
+        self._auth = _allow_list(self._ctx, cfg)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
@@ -214,6 +227,8 @@ class ZmqKVReceiver(KVReceiver):
             self._drop_pending(inb)
         self._transfers.clear()
         self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # -- message handling --

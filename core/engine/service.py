@@ -18,6 +18,7 @@ from typing import Callable
 
 import zmq
 
+from splitserve.core import keys
 from splitserve.core.config import WorkerConfig
 from splitserve.core.engine.engine import LLMEngine, StepOutput, limits_for_role
 from splitserve.core.messages import (
@@ -81,13 +82,19 @@ class WorkerCore:
         self.worker_id = cfg.worker_id or f"{cfg.role}-{uuid.uuid4().hex[:8]}"
         self.engine = engine
         self.ctx = zmq.Context.instance()
+        self.keys = keys.load(cfg.keys_dir, "worker") if cfg.keys_dir else None
+        self._auth = keys.start_authenticator(self.ctx, self.keys) if self.keys else None
         self.router = self.ctx.socket(zmq.DEALER)
+        if self.keys:
+            keys.connect_to(self.router, self.keys, self.keys.router_public)
         self.router.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.SNDHWM, cfg.router_queue_limit)
         self.router.connect(cfg.router_addr)
         self.peer = self.ctx.socket(zmq.ROUTER)
         self.peer.setsockopt(zmq.LINGER, 0)
+        if self.keys:
+            keys.serve(self.peer, self.keys)
         self.peer_addr = bind_random(self.peer, cfg.host, cfg.port)
         self.transfer_addr = ""
         self.handlers: dict[type, Handler] = {}
@@ -236,6 +243,8 @@ class WorkerCore:
     def close(self) -> None:
         self.router.close(linger=1000)
         self.peer.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
 
     # --- messages --------------------------------------------------------------------------------------
 
