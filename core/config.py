@@ -131,6 +131,10 @@ class RouterConfig(FrozenConfig):
     """Above this many requests in flight the router answers 429."""
     request_timeout_s: float = Field(default=600.0, gt=0)
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    max_workers: int = Field(default=1024, ge=1)
+    """Worker ids registered at once; registrations beyond are refused."""
+    forget_worker_after_s: float = Field(default=300.0, gt=0)
+    """A worker silent this long leaves the registry, /metrics and /status (it registers again if it comes back)."""
     admin_token: str | None = None
     keys_dir: str | None = None
     """CurveZMQ keys (``splitserve keys DIR``): the control socket accepts only allow-listed workers."""

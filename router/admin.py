@@ -63,7 +63,7 @@ def status_json(svc: RouterService) -> dict[str, Any]:
         "inflight": svc.inflight,
         "max_queued_requests": svc.config.max_queued_requests,
         "policies": {"prefill": svc.config.prefill_policy, "decode": svc.config.decode_policy},
-        "workers": [w.to_json(now) for w in svc.registry.all()],
+        "workers": [w.to_json(now, addresses=False) for w in svc.registry.all()],  # public: no internal endpoints
         "history": list(svc.metrics.history),
     }
 

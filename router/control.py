@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from splitserve.core import keys
 from splitserve.core import messages as m
-from splitserve.router.pools import WorkerRegistry, WorkerState
+from splitserve.router.pools import RegistryFull, WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,11 @@ class ControlPlane:
             elif self._on_heartbeat is not None:
                 self._on_heartbeat(w)
         elif isinstance(msg, m.Register):
-            old = self.registry.register(identity, msg)
+            try:
+                old = self.registry.register(identity, msg)
+            except RegistryFull as exc:
+                logger.warning("registration refused: %s", exc)
+                return
             if old is not None:
                 self.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} restarted (re-registered)")
         else:
@@ -283,3 +287,4 @@ class ControlPlane:
             for w in self.registry.expire():
                 self.fail_worker_streams(
                     w.worker_id, f"worker {w.worker_id} stopped responding (no heartbeat); request failed")
+            self.registry.forget_stale()

@@ -35,6 +35,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max_queued_requests", int, "answer 429 above this many requests in flight"),
     ("request_timeout_s", float, "fail a request (and abort it on the workers) after this many seconds"),
     ("heartbeat_timeout_s", float, "take a worker out of routing after this long without a heartbeat"),
+    ("max_workers", int, "worker ids registered at once; more registrations are refused (default 1024)"),
+    ("forget_worker_after_s", float, "forget a worker (registry, /metrics, /status) silent this long (default 300)"),
     ("admin_token", str, "bearer token of the admin API (unset: admin API disabled)"),
     ("keys_dir", str, "CurveZMQ keys (splitserve keys DIR): only workers holding an allow-listed key reach the "
                       "control socket"),

@@ -2,7 +2,9 @@
 
 Workers register over the control socket (:class:`~splitserve.core.messages.Register`) and send a
 :class:`~splitserve.core.messages.Heartbeat` about every second. A worker whose last heartbeat is
-older than ``heartbeat_timeout_s`` is marked unhealthy and leaves routing until it heartbeats again.
+older than ``heartbeat_timeout_s`` is marked unhealthy and leaves routing until it heartbeats again; one silent for
+``forget_after_s`` is forgotten (it leaves ``/metrics`` and ``/status``; if it comes back it registers again). At
+most ``max_workers`` ids are registered at once: a registration beyond that is refused (:class:`RegistryFull`).
 Load seen by the policies combines what the router itself tracks (requests it sent and that have not
 finished, prompt tokens not yet prefilled) with what the last heartbeat reported.
 
@@ -22,6 +24,10 @@ from splitserve.core.messages import Heartbeat, Register, Role
 logger = logging.getLogger(__name__)
 
 Pool = Literal["prefill", "decode"]
+
+
+class RegistryFull(ValueError):
+    """No room for another worker id (``max_workers``)."""
 
 _CAPABLE: Mapping[Pool, tuple[str, ...]] = MappingProxyType(
     {"prefill": ("prefill", "both"), "decode": ("decode", "both")}
@@ -99,10 +105,10 @@ class WorkerState:
             else:
                 logger.warning("worker %s: unknown cache event kind %r ignored", self.worker_id, kind)
 
-    def to_json(self, now: float) -> dict:
-        """Plain-JSON view for the admin API and the status page."""
+    def to_json(self, now: float, addresses: bool = True) -> dict:
+        """Plain-JSON view for the admin API and (``addresses=False``: no internal endpoints) the status page."""
         hb = self.heartbeat
-        return {
+        view = {
             "worker_id": self.worker_id,
             "role": self.role,
             "model_id": self.model_id,
@@ -121,18 +127,22 @@ class WorkerState:
             "kv_pages_cached": hb.kv_pages_cached if hb else 0,
             "page_size": self.page_size,
             "max_model_len": self.max_model_len,
-            "peer_addr": self.peer_addr,
-            "transfer_addr": self.transfer_addr,
         }
+        if addresses:
+            view.update(peer_addr=self.peer_addr, transfer_addr=self.transfer_addr)
+        return view
 
 
 class WorkerRegistry:
     """Registered workers by id. ``clock`` is injectable (tests); it defaults to ``time.monotonic``."""
 
-    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 max_workers: int = 1024, forget_after_s: float = 300.0) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
         self._timeout = heartbeat_timeout_s
+        self._max_workers = max_workers
+        self._forget_after = max(forget_after_s, heartbeat_timeout_s)
         self._clock = clock
         self._workers: dict[str, WorkerState] = {}
 
@@ -140,8 +150,13 @@ class WorkerRegistry:
         return self._clock()
 
     def register(self, identity: bytes, msg: Register, external: bool = False) -> WorkerState | None:
-        """Add or replace a worker; returns the replaced entry (its in-flight work is gone) or ``None``."""
+        """Add or replace a worker; returns the replaced entry (its in-flight work is gone) or ``None``.
+
+        Raises :class:`RegistryFull` for a new id when ``max_workers`` are registered already.
+        """
         old = self._workers.get(msg.worker_id)
+        if old is None and len(self._workers) >= self._max_workers:
+            raise RegistryFull(f"{len(self._workers)} workers registered already (the limit); {msg.worker_id} refused")
         self._workers[msg.worker_id] = WorkerState(
             worker_id=msg.worker_id,
             identity=identity,
@@ -186,6 +201,16 @@ class WorkerRegistry:
             logger.warning("worker %s missed heartbeats for %.1f s: out of routing", w.worker_id,
                            now - w.last_heartbeat)
         return expired
+
+    def forget_stale(self) -> list[WorkerState]:
+        """Forget workers (not admin-registered ones) silent for ``forget_after_s``; returns them."""
+        now = self._clock()
+        stale = [w for w in self._workers.values()
+                 if not w.external and now - w.last_heartbeat > self._forget_after]
+        for w in stale:
+            del self._workers[w.worker_id]
+            logger.info("worker %s forgotten after %.0f s without a heartbeat", w.worker_id, now - w.last_heartbeat)
+        return stale
 
     def remove(self, worker_id: str) -> WorkerState | None:
         w = self._workers.pop(worker_id, None)

@@ -79,7 +79,8 @@ class RouterService:
         self.model_name = self.model_names[0]
         """The name responses carry."""
         self.tokenizer = tokenizer
-        self.registry = WorkerRegistry(config.heartbeat_timeout_s)
+        self.registry = WorkerRegistry(config.heartbeat_timeout_s, max_workers=config.max_workers,
+                                       forget_after_s=config.forget_worker_after_s)
         self.metrics = RouterMetrics(self.registry)
         control_keys = keys.load(config.keys_dir, "router") if config.keys_dir else None
         self.control = ControlPlane(ctx, self.registry, config.control_host, config.control_port,

@@ -137,3 +137,24 @@ def test_registry_reregister_replaces_entry_and_heartbeat_role_switch():
     reg.heartbeat(_hb("w", role="prefill"))
     assert reg.candidates("decode") == [] and reg.candidates("prefill")[0].worker_id == "w"
     assert reg.remove("w") is not None and reg.all() == []
+
+
+def test_registrations_are_bounded_and_silent_workers_are_forgotten():
+    from splitserve.router.pools import RegistryFull
+
+    clock = Clock()
+    reg = WorkerRegistry(heartbeat_timeout_s=5.0, clock=clock, max_workers=2, forget_after_s=60.0)
+    reg.register(b"a", _reg("a"))
+    reg.register(b"b", _reg("b"))
+    with pytest.raises(RegistryFull):
+        reg.register(b"c", _reg("c"))
+    reg.register(b"a", _reg("a"))  # a known id may register again (a restarted worker)
+    clock.t += 30
+    reg.heartbeat(_hb("b"))
+    assert [w.worker_id for w in reg.expire()] == ["a"]  # out of routing, still listed
+    assert reg.forget_stale() == [] and [w.worker_id for w in reg.all()] == ["a", "b"]
+    clock.t += 31
+    assert [w.worker_id for w in reg.forget_stale()] == ["a"]  # 61 s silent: forgotten
+    assert [w.worker_id for w in reg.all()] == ["b"]
+    reg.register(b"c", _reg("c"))  # room again
+    assert "peer_addr" not in reg.get("c").to_json(clock(), addresses=False)
