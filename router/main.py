@@ -18,6 +18,7 @@ import logging
 import signal
 from typing import Any
 
+import zmq
 from aiohttp import web
 
 from splitserve.core.config import RouterConfig, env_overrides
@@ -136,7 +137,13 @@ def main(args: argparse.Namespace) -> int:
         import uvloop
     except ImportError:
         logger.warning("uvloop is not installed; using the default asyncio loop")
-        asyncio.run(serve(config, args.grace_period))
+        run = asyncio.run
     else:
-        uvloop.run(serve(config, args.grace_period))
+        run = uvloop.run
+    try:
+        run(serve(config, args.grace_period))
+    except (OSError, zmq.ZMQError) as exc:  # a port in use, an address this host does not have: one line, no traceback
+        logger.error("router cannot listen (HTTP %s:%d, control %s:%d): %s", config.host, config.port,
+                     config.control_host, config.control_port, str(exc).lower())
+        return 2
     return 0

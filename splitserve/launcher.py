@@ -207,12 +207,32 @@ def _with_keys(children: list[Child], keys_dir: str) -> list[Child]:
     return [Child(c.name, [*c.argv, "--keys-dir", keys_dir], c.env) for c in children]
 
 
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why ``splitserve up`` cannot start (a port in use, a model path that does not exist), checked before any child
+    starts; ``None`` when it can."""
+    if not args.model.startswith(("builtin:", "dummy:")) and not os.path.isdir(args.model):
+        return f"--model {args.model}: no such model directory (or use builtin:tiny-random-llama, dummy:<shape>)"
+    for flag, port in (("--port", args.port), ("--control-port", args.control_port)):
+        if not port:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((args.host, port))
+            except OSError as exc:
+                return f"{flag} {port}: cannot listen on {args.host}:{port} ({exc.strerror or exc})"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
     from splitserve.core.keys import write_keys
 
+    problem = preflight(args)
+    if problem is not None:
+        print(f"splitserve up: {problem}", file=sys.stderr)
+        return 2
     control_port = args.control_port or free_port(args.host)
     policy = RestartPolicy(args.max_restarts, args.restart_window_s, args.restart_backoff_s)
     own_keys = args.keys_dir is None

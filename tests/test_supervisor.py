@@ -134,3 +134,26 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+
+
+def test_splitserve_up_refuses_a_port_in_use_and_a_missing_model_in_one_line():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for extra, expect in ((["--port", str(port)], f"--port {port}: cannot listen"),
+                              (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such model")):
+            out = subprocess.run([sys.executable, "-m", "splitserve.cli", "up", *extra], capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 2
+            lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and expect in lines[0], out.stderr  # one clear line, no traceback, no child
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "splitserve.cli", "router", "--port", str(port), "--control-port",
+                              "0"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr and "address already in use" in out.stderr
