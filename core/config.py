@@ -136,6 +136,10 @@ class RouterConfig(FrozenConfig):
     forget_worker_after_s: float = Field(default=300.0, gt=0)
     """A worker silent this long leaves the registry, /metrics and /status (it registers again if it comes back)."""
     admin_token: str | None = None
+    admin_token_file: str | None = None
+    """A file holding the admin token (keeps it out of argv and of the environment)."""
+    chat_template: str | None = None
+    """A jinja chat template file that replaces (or supplies) the model's own."""
     keys_dir: str | None = None
     """CurveZMQ keys (``splitserve keys DIR``): the control socket accepts only allow-listed workers."""
     extra_stop_token_ids: tuple[int, ...] = ()

@@ -95,6 +95,12 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def set_chat_template(self, source: str) -> None:
+        """Use ``source`` (a jinja chat template) instead of the model's own; ``jinja2.TemplateError`` if it does not
+        compile."""
+        compiled = compile_chat_template(source)
+        self.chat_template, self._compiled_template = source, compiled
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, documents: list[dict] | None = None,
                             **kwargs: Any) -> str:

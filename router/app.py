@@ -30,6 +30,7 @@ it) on the workers; and the idle/header timeout.
 
 from __future__ import annotations
 
+from pathlib import Path
 import asyncio
 import contextlib
 import json
@@ -249,8 +250,8 @@ def _prepare_chat(svc: RouterService, raw: bytes, limit: int | None) -> tuple[Ch
     try:
         text = svc.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
     except NoChatTemplateError as exc:
-        raise bad_request(f"model '{svc.model_name}' has no chat template; use /v1/completions instead",
-                          param="model", code="no_chat_template") from exc
+        raise bad_request(f"model '{svc.model_name}' has no chat template: start the router with --chat-template FILE, "
+                          "or use /v1/completions", param="model", code="no_chat_template") from exc
     except jinja2.TemplateError as exc:
         raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from exc
     return req, _encode(svc.tokenizer, text, add_special_tokens=False)
@@ -414,7 +415,10 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: ra
         app.on_response_prepare.append(_cors_headers)
     own_ctx = ctx is None
     zctx = ctx if ctx is not None else zmq.asyncio.Context()
-    svc = RouterService(config, tokenizer if tokenizer is not None else load_tokenizer(config.model), zctx, rng)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    if config.chat_template:
+        tokenizer.set_chat_template(Path(config.chat_template).read_text(encoding="utf-8"))
+    svc = RouterService(config, tokenizer, zctx, rng)
     app[SERVICE] = svc
 
     async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

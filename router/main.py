@@ -38,7 +38,9 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("heartbeat_timeout_s", float, "take a worker out of routing after this long without a heartbeat"),
     ("max_workers", int, "worker ids registered at once; more registrations are refused (default 1024)"),
     ("forget_worker_after_s", float, "forget a worker (registry, /metrics, /status) silent this long (default 300)"),
-    ("admin_token", str, "bearer token of the admin API (unset: admin API disabled)"),
+    ("admin_token", str, "bearer token of the admin API (unset: admin API disabled; prefer --admin-token-file)"),
+    ("admin_token_file", str, "file holding the admin token (keeps it out of argv and the environment)"),
+    ("chat_template", str, "jinja chat template file for /v1/chat/completions (replaces the model's own)"),
     ("keys_dir", str, "CurveZMQ keys (splitserve keys DIR): only workers holding an allow-listed key reach the "
                       "control socket"),
     ("slo_ttft_ms", float, "TTFT p90 target of the automatic ratio controller"),
@@ -124,11 +126,23 @@ async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event
     await runner.cleanup()
 
 
+def admin_token_from_file(config: RouterConfig) -> RouterConfig:
+    """``config`` with the admin token read from ``admin_token_file`` (``ValueError`` if empty, ``OSError`` if
+    unreadable)."""
+    if not config.admin_token_file:
+        return config
+    with open(config.admin_token_file, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"--admin-token-file {config.admin_token_file} is empty")
+    return config.model_copy(update={"admin_token": token})
+
+
 def main(args: argparse.Namespace) -> int:
     from splitserve.router.service import load_api_keys
 
     try:
-        config = config_from_args(args)
+        config = admin_token_from_file(config_from_args(args))
         load_api_keys(config)
     except (ValueError, OSError) as exc:  # pydantic.ValidationError is a ValueError; an unreadable key file
         logger.error("invalid router configuration: %s", exc)

@@ -168,9 +168,17 @@ class Supervisor:
         return None
 
 
+ROUTER_SECRETS = ("SPLITSERVE_ADMIN_TOKEN", "SPLITSERVE_API_KEY")
+"""Variables only the router reads: workers do not get them in their environment."""
+
+
 def _spawn(child: Child) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitserve.cli", *child.argv[1:]]
-    return subprocess.Popen(argv, env={**os.environ, **child.env}, start_new_session=True)
+    env = {**os.environ, **child.env}
+    if child.name != "router":
+        for name in ROUTER_SECRETS:
+            env.pop(name, None)
+    return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
 def wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float) -> bool:

@@ -521,3 +521,24 @@ def test_one_access_log_line_per_request_without_the_prompt(router):
     bad = wait_for(lambda: [ln for ln in lines() if "status=400" in ln and "max_tokens" in ln], what="the 400 line")
     assert "reason=" in bad[-1] and "INFO" in bad[-1]
     assert secret not in router.router_log.read_text()
+
+
+def test_chat_template_flag_and_admin_token_file(tmp_path, shared_models):
+    """--chat-template gives a model without one a chat API; --admin-token-file keeps the token out of argv."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    h = RouterHarness(tmp_path, model=str(shared_models("stories260K")), chat_template=str(template),
+                      admin_token_file=str(token_file))
+    try:
+        h.add_worker("w", SCRIPT)
+        out = h.client().chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                                 model=h.client().models.list().data[0].id)
+        tok = load_tokenizer(str(shared_models("stories260K")))
+        assert out.usage.prompt_tokens == len(tok.encode("hi|", add_special_tokens=False))
+        status, body = h.request("GET", "/admin/workers", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and body["workers"]
+        assert TOKEN not in " ".join(h.router.args)
+    finally:
+        h.stop()

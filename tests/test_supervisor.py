@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "up", "--port", str(port), "--control-port",
                              str(ctrl), "--restart-backoff-s", "0.2", "--max-restarts", "2",
                              "--extra-arg=--heartbeat-s=0.3"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "SPLITSERVE_ADMIN_TOKEN": "only-for-the-router"})
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
     try:
@@ -106,6 +108,8 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
         router_pid = _pid_of(f"router .*--control-port {ctrl}")
         decode = f"--worker-id decode-1 --router-addr tcp://127.0.0.1:{ctrl}"
         old = _pid_of(decode)
+        environ = {p: open(f"/proc/{p}/environ", "rb").read() for p in (router_pid, old)}
+        assert b"SPLITSERVE_ADMIN_TOKEN=" in environ[router_pid] and b"SPLITSERVE_ADMIN_TOKEN" not in environ[old]
         subprocess.run(["kill", "-9", str(old)], check=True)
         served, deadline = None, time.monotonic() + 90
         while served is None and time.monotonic() < deadline:  # the router fails over once the worker is back
