@@ -104,6 +104,8 @@ class WorkerConfig(FrozenConfig):
     heartbeat_s: float = Field(default=1.0, gt=0)
     local_prefill_threshold: int = Field(default=0, ge=0)
     """A decode worker prefills prompts shorter than this itself (0: never)."""
+    session_kv_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    """At most this share of the KV pool stays pinned for agent sessions between turns (decode/sessions.py)."""
     drain_timeout_s: float = Field(default=30.0, gt=0)
     keys_dir: str | None = None
     """CurveZMQ keys (``splitserve keys DIR``): the router, peer and KV sockets accept only allow-listed peers."""

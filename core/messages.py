@@ -161,10 +161,24 @@ class Heartbeat(_Msg, frozen=True):
     """KV transfers into this worker that failed (then recomputed or failed per ``failure_policy``)."""
     preemptions_total: int = 0
     """Times a request here lost its KV pages to make room and was recomputed."""
+    session_hits_total: int = 0
+    """Session turns that found their conversation's KV held here (only the new suffix was computed)."""
+    session_tokens_reused_total: int = 0
+    """Prompt tokens those turns did not recompute."""
     cache_events: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Prefix-cache events since the last heartbeat: ("stored" | "removed", page hashes)."""
     role_epoch: int = 0
     """``SetRole.epoch`` of the last role switch applied; the router ignores ``role`` from older epochs."""
+
+
+class SessionHint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An agent session's turn: the decode worker keeps the conversation's KV after the turn for the next one."""
+
+    session_id: str
+    end: bool = False
+    """The last turn: release what the session holds once it finishes."""
+    expected_return_s: float | None = None
+    """When the agent expects to send the next turn (a hint for what to release first under memory pressure)."""
 
 
 class GenerateReq(_Msg, frozen=True):
@@ -174,6 +188,7 @@ class GenerateReq(_Msg, frozen=True):
     prefill_worker: str | None = None
     """Worker id of the prefill worker; ``None``: the receiving worker prefills itself."""
     prefill_addr: str | None = None
+    session: SessionHint | None = None
 
 
 class AbortReq(_Msg, frozen=True):

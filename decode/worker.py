@@ -32,6 +32,7 @@ from splitserve.core.engine.service import WorkerCore
 from splitserve.core.messages import (
     AbortReq, GenerateReq, KVDescriptor, PrefillDone, PrefillReq, RequestTiming, TokenOut, encode,
 )
+from splitserve.decode.sessions import SessionKeeper
 from splitserve.transfer.base import KVLayout, KVReceiver, LayerArrived, TransferComplete, TransferError, TransferFailed
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class DecodeService:
         self.pending: OrderedDict[str, GenerateReq] = OrderedDict()
         self.landed: dict[str, float] = {}
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
+        self.sessions = SessionKeeper(core.engine.kv, core.engine.release_session, core.cfg.session_kv_fraction)
+        self.session_hits: set[str] = set()
+        """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.settling: dict[str, str] = {}
         """transfer id -> page owner key of an aborted request whose pages may still be written (one-sided path)."""
         self.peers: dict[str, zmq.Socket] = {}
@@ -73,6 +77,12 @@ class DecodeService:
         if self.core.draining or self.core.role == "prefill":
             return self.core.fail_request(rid, f"worker {self.core.worker_id} is not accepting decode work")
         self.core.own(rid, self._on_output)
+        if msg.session is not None:
+            self.sessions.touch(msg.session)
+            if self.sessions.holds(msg.session.session_id):  # its KV is here: only the new suffix is computed
+                self.core.counters.session_hits += 1
+                self.session_hits.add(rid)
+                return self._prefill_locally(msg)
         local = (
             msg.prefill_addr is None
             or len(msg.prompt_token_ids) < self.core.cfg.local_prefill_threshold
@@ -88,15 +98,20 @@ class DecodeService:
 
     def _prefill_locally(self, msg: GenerateReq) -> None:
         try:
-            self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+            self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
+                                         session_key=_session_key(msg))
         except ValueError as exc:
             self.core.fail_request(msg.request_id, str(exc))
+        if msg.session is not None and msg.session.end:  # the request holds its hits; release the session itself
+            self.sessions.end(msg.session.session_id)
 
     def _start_pending(self) -> None:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
         while self.pending:
             rid, msg = next(iter(self.pending.items()))
             pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids))
+            if pages is None and self.sessions.release_one("a transfer needs the pages"):
+                continue
             if pages is None:
                 return
             del self.pending[rid]
@@ -182,7 +197,8 @@ class DecodeService:
         )
         try:
             finished = self.core.engine.add_prefilled(
-                rid, inc.req.prompt_token_ids, inc.req.params, done.first_token, done.first_logprob
+                rid, inc.req.prompt_token_ids, inc.req.params, done.first_token, done.first_logprob,
+                session_key=_session_key(inc.req),
             )
         except ValueError as exc:
             self.core.engine.release(rid)
@@ -220,8 +236,12 @@ class DecodeService:
     def _on_output(self, so: StepOutput) -> None:
         self.core.counters.decode_tokens += len(so.new_token_ids)
         landed = self.landed.pop(so.request_id, None)
+        if so.request_id in self.session_hits:
+            self.session_hits.discard(so.request_id)
+            self.core.counters.session_tokens_reused += so.num_cached_tokens
         if so.finished:
             self.core.owners.pop(so.request_id, None)
+            self.sessions.enforce_cap()
         self.core.send_token_out(
             TokenOut(
                 request_id=so.request_id,
@@ -242,6 +262,7 @@ class DecodeService:
             return
         self.pending.pop(rid, None)
         self.landed.pop(rid, None)
+        self.session_hits.discard(rid)
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)
@@ -261,3 +282,7 @@ class DecodeService:
             sock.close(linger=0)
         self.receiver.close()
 
+
+def _session_key(msg: GenerateReq) -> str | None:
+    """The key a turn's pages are pinned under when it finishes (none for a session's last turn)."""
+    return None if msg.session is None or msg.session.end else msg.session.session_id

@@ -208,9 +208,20 @@ def _head(request: web.Request, id_prefix: str) -> ResponseHead:
     return head
 
 
+def _with_session_header(request: web.Request, req: Any) -> Any:
+    """``X-Session-Id`` stands for the body's ``session_id`` when the body has none."""
+    header = request.headers.get("X-Session-Id")
+    if header is None or req.session_id is not None:
+        return req
+    if not 0 < len(header) <= 256:
+        raise bad_request("X-Session-Id must be 1 to 256 characters", param="session_id")
+    return req.model_copy(update={"session_id": header})
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     svc, head = request.app[SERVICE], _head(request, "cmpl")
     req, prompts, ids = await svc.off_loop(_prepare_completion, svc, await request.read(), svc.prompt_char_limit())
+    req = _with_session_header(request, req)
 
     def make_fmt(index: int, i: int) -> CompletionFormatter:
         return CompletionFormatter(svc.tokenizer, svc.model_name, head, index, req, prompts[i], ids[i])
@@ -221,6 +232,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     svc, head = request.app[SERVICE], _head(request, "chatcmpl")
     req, prompt_ids = await svc.off_loop(_prepare_chat, svc, await request.read(), svc.prompt_char_limit())
+    req = _with_session_header(request, req)
 
     def make_fmt(index: int, _prompt: int) -> ChatFormatter:
         return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req)

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import msgspec
 
-from splitserve.core.messages import SamplingParams
+from splitserve.core.messages import SamplingParams, SessionHint
 from splitserve.router.formatting import Formatter
 from splitserve.router.openai_api import (
     APIError, CommonRequest, check_token_ids, copy_params, echo_only, to_sampling_params, usage,
@@ -39,6 +39,7 @@ class Choice:
     proc: OutputProcessor
     prompt_ids: list[int]
     params: SamplingParams
+    session: SessionHint | None = None
 
 
 MakeFormatter = Callable[[int, int], Formatter]
@@ -48,6 +49,9 @@ MakeFormatter = Callable[[int, int], Formatter]
 def plan_choices(svc: RouterService, req: CommonRequest, prompts: Sequence[list[int]], prompt_field: str,
                  make_fmt: MakeFormatter) -> list[Choice]:
     """Step 1 of the module's flow; 400 naming the field for a bad prompt, 429/503 when it cannot be admitted."""
+    if req.session_id is not None and (len(prompts) != 1 or req.n != 1):
+        raise APIError(400, "session_id takes one prompt and n = 1", param="session_id")
+    session = None if req.session_id is None else SessionHint(req.session_id, req.session_end, req.expected_return_s)
     svc.admit(len(prompts) * req.n)
     max_len = svc.max_model_len()
     if max_len is None:
@@ -63,7 +67,7 @@ def plan_choices(svc: RouterService, req: CommonRequest, prompts: Sequence[list[
             index = i * req.n + j
             fmt = make_fmt(index, i)
             proc = svc.processor(f"{fmt.id}-{index}", ids, req.stop_strings, **options)
-            choices.append(Choice(index, j, fmt, proc, ids, copy_params(params, j)))
+            choices.append(Choice(index, j, fmt, proc, ids, copy_params(params, j), session))
     return choices
 
 
@@ -80,7 +84,7 @@ async def merged(svc: RouterService, choices: Sequence[Choice]) -> AsyncIterator
 
     async def pump(ch: Choice) -> None:
         try:
-            gen = svc.generate(ch.proc, ch.prompt_ids, ch.params, admitted=True)
+            gen = svc.generate(ch.proc, ch.prompt_ids, ch.params, admitted=True, session=ch.session)
             async with contextlib.aclosing(gen):
                 async for delta in gen:
                     queue.put_nowait((ch, delta))

@@ -33,6 +33,8 @@ _WORKER_COUNTERS = (
     ("preemptions", "requests that lost their KV pages to make room (recomputed)"),
     ("prefill_tokens", "prompt tokens this worker prefilled"),
     ("decode_tokens", "tokens this worker generated"),
+    ("session_hits", "agent-session turns that found their conversation's KV held on this worker"),
+    ("session_tokens_reused", "prompt tokens of those turns that were not recomputed"),
 )
 """Cumulative worker counters: ``splitserve_worker_<name>_total`` from ``Heartbeat.<name>_total``."""
 
@@ -111,6 +113,8 @@ class RouterMetrics:
         }
         self.transfer_bytes = Histogram("splitserve_kv_transfer_bytes", "KV bytes of one request's transfer",
                                         buckets=tuple(2.0 ** k for k in range(16, 36, 2)), registry=r)
+        self.sessions = Gauge("splitserve_sessions", "agent sessions the router routes to the worker holding their KV",
+                              registry=r)
         self.inflight = Gauge("splitserve_requests_inflight", "requests in flight in the router", registry=r)
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("splitserve_generation_tokens", "generated tokens", registry=r)

@@ -175,6 +175,12 @@ class _CommonRequest(BaseModel):
     """Token id (a JSON key, so a string) -> bias in [-100, 100], added to the logits before penalties."""
     include_stop_str_in_output: StrictBool = False
     """vLLM extra: keep the stop string that ended the output at its end."""
+    session_id: Optional[StrictStr] = Field(default=None, min_length=1, max_length=256)
+    """Agent session (also the ``X-Session-Id`` header): the next turn goes where this turn's KV is kept."""
+    session_end: StrictBool = False
+    """This is the session's last turn: release what it holds once it finishes."""
+    expected_return_s: Optional[FiniteFloat] = Field(default=None, ge=0.0, le=30 * 86400.0)
+    """When the agent expects to send the next turn, in seconds (what is released first under memory pressure)."""
 
     @field_validator("logit_bias")
     @classmethod

@@ -19,6 +19,7 @@ import hmac
 import logging
 import random
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
@@ -27,7 +28,7 @@ from aiohttp import web
 
 from splitserve.core import keys
 from splitserve.core.config import RouterConfig
-from splitserve.core.messages import GenerateReq, SamplingParams
+from splitserve.core.messages import GenerateReq, SamplingParams, SessionHint
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from splitserve.router.control import ControlPlane, RequestStream
 from splitserve.router.metrics import RouterMetrics
@@ -39,6 +40,8 @@ from splitserve.router.pools import WorkerRegistry, WorkerState
 logger = logging.getLogger(__name__)
 
 TOKENIZER_THREADS = 4
+MAX_SESSIONS = 100_000
+"""Sessions the router remembers the holder of (the oldest is forgotten first: its next turn is a full prefill)."""
 """Threads that tokenize and render chat templates (the HF tokenizer releases the GIL in ``encode_batch``)."""
 _T = TypeVar("_T")
 
@@ -79,6 +82,8 @@ class RouterService:
         self.model_name = self.model_names[0]
         """The name responses carry."""
         self.tokenizer = tokenizer
+        self.sessions: OrderedDict[str, str] = OrderedDict()
+        """session id -> the decode worker that holds its KV after its last turn."""
         self.registry = WorkerRegistry(config.heartbeat_timeout_s, max_workers=config.max_workers,
                                        forget_after_s=config.forget_worker_after_s)
         self.metrics = RouterMetrics(self.registry)
@@ -155,10 +160,11 @@ class RouterService:
             raise APIError(429, f"too many requests in flight (limit {self.config.max_queued_requests}); "
                            "retry later", type="rate_limit_exceeded", code="overloaded")
 
-    def pick(self, prompt_ids: Sequence[int]) -> tuple[WorkerState, WorkerState | None]:
-        """(decode worker, prefill worker or ``None`` when the decode worker prefills itself)."""
+    def pick(self, prompt_ids: Sequence[int], session: SessionHint | None = None) -> tuple[WorkerState, WorkerState | None]:
+        """(decode worker, prefill worker or ``None`` when the decode worker prefills itself). A session's turn goes
+        to the decode worker that holds its KV while that worker can take it; else anywhere (a full prefill)."""
         route = RouteRequest(prompt_ids)
-        decode = self.decode_policy.choose(self.registry.candidates("decode"), route)
+        decode = self._session_holder(session) or self.decode_policy.choose(self.registry.candidates("decode"), route)
         prefill_cands = self.registry.candidates("prefill")
         prefill_only = [w for w in prefill_cands if w.role == "prefill"]
         if prefill_only:
@@ -170,6 +176,24 @@ class RouterService:
             raise APIError(503, "no prefill-capable worker is available", type="service_unavailable")
         return decode, self.prefill_policy.choose(others, route)
 
+    def _session_holder(self, session: SessionHint | None) -> WorkerState | None:
+        held_by = self.sessions.get(session.session_id) if session is not None else None
+        holder = self.registry.get(held_by) if held_by is not None else None
+        if holder is None or holder not in self.registry.candidates("decode"):
+            return None
+        return holder
+
+    def _remember_session(self, session: SessionHint | None, decode: WorkerState) -> None:
+        """Where the session's KV will be after this turn (forgotten with its last turn; bounded, oldest first)."""
+        if session is None:
+            return
+        self.sessions.pop(session.session_id, None)
+        if not session.end:
+            self.sessions[session.session_id] = decode.worker_id
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        self.metrics.sessions.set(len(self.sessions))
+
     # --- the token stream ------------------------------------------------------------------------
 
     def processor(self, request_id: str, prompt_ids: Sequence[int], stop_strings: Sequence[str],
@@ -180,12 +204,13 @@ class RouterService:
                                StopChecker(stop_strings), num_prompt_tokens=len(prompt_ids), **options)
 
     async def generate(self, proc: OutputProcessor, prompt_ids: Sequence[int], params: SamplingParams,
-                       admitted: bool = False) -> AsyncIterator[Delta]:
+                       admitted: bool = False, session: SessionHint | None = None) -> AsyncIterator[Delta]:
         """Route and run one request, yielding deltas until it finishes (see module docstring). ``admitted``: the
         caller already checked :meth:`admit` for it (the choices of one API request are admitted together)."""
         if not admitted:
             self.admit()
-        decode, prefill = self.pick(prompt_ids)
+        decode, prefill = self.pick(prompt_ids, session)
+        self._remember_session(session, decode)
         request_id = proc.request_id
         stream = self.control.open_stream(request_id, decode, prefill, len(prompt_ids))
         self.inflight += 1
@@ -194,7 +219,7 @@ class RouterService:
                     prefill.worker_id if prefill else "(local)", len(prompt_ids))
         try:
             req = GenerateReq(request_id, tuple(prompt_ids), params, prefill.worker_id if prefill else None,
-                              prefill.peer_addr if prefill else None)
+                              prefill.peer_addr if prefill else None, session=session)
             if not await self.control.send(decode, req):
                 raise APIError(503, f"worker {decode.worker_id} is unreachable", type="service_unavailable")
             async for delta in self._deltas(stream, proc):

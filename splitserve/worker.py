@@ -30,7 +30,7 @@ _TRANSFER_FLAGS = MappingProxyType(
 )
 _WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
-    "local_prefill_threshold": int, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
+    "local_prefill_threshold": int, "session_kv_fraction": float, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
 })
 
 
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="peer socket port (0: any)")
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
+    p.add_argument("--session-kv-fraction", type=float, default=None,
+                   help="share of the KV pool agent sessions may keep pinned between turns (default 0.5)")
     p.add_argument("--drain-timeout-s", type=float, default=None)
     p.add_argument("--keys-dir", default=None,
                    help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets")

@@ -216,18 +216,23 @@ class LLMEngine:
         params: SamplingParams,
         first_token: int,
         first_logprob: TokenLogprob | None = None,
+        session_key: str | None = None,
     ) -> StepOutput | None:
         """Decode side: the prompt's KV is in the reserved pages; continue from ``first_token``.
 
         Returns a finished output if the first token already ends the request (pages are freed), else None.
+        With ``session_key`` the pages stay pinned after it finishes, as :meth:`add_request` does.
         """
         req = self.make_request(request_id, prompt, params)
+        req.session_key = session_key
         req.output_token_ids.append(first_token)
         if first_logprob is not None:
             req.output_logprobs.append(first_logprob)
         req.num_computed_tokens = len(prompt)
         reason = req.check_stop()
         if reason is not None:
+            if session_key is not None and reason in ("stop", "length"):
+                self.kv.pin(request_id, session_key)
             self.release(request_id)
             return StepOutput(request_id, finish_reason=reason, num_prompt_tokens=len(prompt))
         self.scheduler.add(req)

@@ -56,6 +56,8 @@ class Counters:
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
     transfers_failed: int = 0
+    session_hits: int = 0
+    session_tokens_reused: int = 0
 
 
 def bind_random(sock: zmq.Socket, host: str, port: int) -> str:
@@ -324,6 +326,8 @@ class WorkerCore:
                 transfer_seconds_total=c.transfer_seconds,
                 transfers_failed_total=c.transfers_failed,
                 preemptions_total=sched.num_preemptions,
+                session_hits_total=c.session_hits,
+                session_tokens_reused_total=c.session_tokens_reused,
                 cache_events=tuple(self.engine.kv.take_cache_events()),
             )
         )
