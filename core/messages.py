@@ -296,5 +296,5 @@ def decode(data: bytes | memoryview) -> Message:
     """Parse one frame; raises :class:`MessageError` for anything that is not a valid message."""
     try:
         return _DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # deep nesting: RecursionError
         raise MessageError(f"bad message frame: {exc}") from exc
