@@ -15,6 +15,7 @@ BENCHES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "transfer": ("splitserve.benchmarks.transfer", "move one request's KV pages between two processes"),
     "serve": ("splitserve.benchmarks.serve", "load-test any OpenAI-compatible server"),
     "profile": ("splitserve.benchmarks.profile", "measure prefill/decode profiles for the planner"),
+    "soak": ("splitserve.benchmarks.soak", "fixed-time seeded load; checks errors, KV pages and RSS after it"),
 })
 
 

@@ -283,6 +283,8 @@ Message = Union[
     PrefillFailed,
 ]
 
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+"""What msgspec raises for hostile input: deep nesting surfaces as RecursionError, invalid UTF-8 as UnicodeDecodeError."""
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)
 
@@ -296,5 +298,5 @@ def decode(data: bytes | memoryview) -> Message:
     """Parse one frame; raises :class:`MessageError` for anything that is not a valid message."""
     try:
         return _DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # deep nesting: RecursionError
+    except DECODE_ERRORS as exc:
         raise MessageError(f"bad message frame: {exc}") from exc

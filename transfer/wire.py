@@ -22,7 +22,7 @@ from typing import Union
 
 import msgspec
 
-from splitserve.core.messages import PrefillDone, PrefillFailed
+from splitserve.core.messages import DECODE_ERRORS, PrefillDone, PrefillFailed
 
 
 class _Frame(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -105,7 +105,7 @@ def decode_sender_frame(data: bytes | memoryview) -> SenderFrame:
     """Parse a sender frame; raises :class:`FrameError` on garbage."""
     try:
         return _SENDER_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # deep nesting: RecursionError
+    except DECODE_ERRORS as exc:
         raise FrameError(f"bad transfer frame: {exc}") from exc
 
 
@@ -113,7 +113,7 @@ def decode_ack(data: bytes | memoryview) -> Ack:
     """Parse an ack; raises :class:`FrameError` on garbage."""
     try:
         return _ACK_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # deep nesting: RecursionError
+    except DECODE_ERRORS as exc:
         raise FrameError(f"bad ack frame: {exc}") from exc
 
 
