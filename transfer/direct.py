@@ -103,9 +103,9 @@ class CopyEngine(abc.ABC):
     def open(self, export: KVPoolExport) -> torch.Tensor:
         """Sender: map a peer's pool for writing (``[L, 2, P, S, H, D]``); raises :class:`TransferError`."""
 
-    @abc.abstractmethod
     def slots(self, values: np.ndarray) -> torch.Tensor:
-        """int64 ``[T]`` slot numbers -> a tensor the copies can read (on the engine's device)."""
+        """int64 ``[T]`` slot numbers -> a tensor the copies can read (here: host memory; a GPU engine uploads)."""
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
 
     @abc.abstractmethod
     def write(

@@ -296,9 +296,7 @@ class NixlCopyEngine(CopyEngine):
 
     # -- writing --
 
-    def slots(self, values: np.ndarray) -> torch.Tensor:
-        """int64 ``[T]`` -> an int64 CPU tensor ``[T]`` (NIXL addresses rows from the host)."""
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    # slots(): the base class's host tensor (NIXL addresses rows from the host)
 
     def write(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,

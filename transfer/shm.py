@@ -17,7 +17,6 @@ import math
 import os
 import uuid
 
-import numpy as np
 import torch
 
 from splitserve.core.messages import KVPoolExport
@@ -90,9 +89,6 @@ class ShmCopyEngine(CopyEngine):
         except (RuntimeError, OSError) as exc:
             raise TransferError(f"cannot map {path}: {exc}") from exc
         return pool.view(tuple(export.shape))
-
-    def slots(self, values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
 
     def write(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
