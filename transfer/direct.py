@@ -307,9 +307,7 @@ class DirectKVSender(ZmqKVSender):
     def _stop_writing(self, transfer_id: str, d: _Direct, reason: str) -> None:
         d.failed = True
         if d.closing is None:
-            rid = self._out[transfer_id].request_id
-            failed = PrefillFailed(request_id=rid, transfer_id=transfer_id, error=reason)
-            d.closing = lambda seq: wire.Abort(transfer_id, seq, failed)
+            d.closing = _abort(transfer_id, self._out[transfer_id].request_id, reason)
 
     # -- ending --
 
@@ -329,8 +327,7 @@ class DirectKVSender(ZmqKVSender):
             return super().fail(transfer_id, request_id, error, retryable)
         self._outbound(transfer_id)
         d.failed = True
-        failed = PrefillFailed(request_id=request_id, transfer_id=transfer_id, error=error, retryable=retryable)
-        d.closing = lambda seq: wire.Abort(transfer_id, seq, failed)
+        d.closing = _abort(transfer_id, request_id, error, retryable)
 
     # -- progress --
 
@@ -399,6 +396,12 @@ class DirectKVSender(ZmqKVSender):
         super().close()
         self._direct.clear()
         self._pools.clear()
+
+
+def _abort(transfer_id: str, request_id: str, error: str, retryable: bool = True) -> Callable[[int], wire.SenderFrame]:
+    """The ``Abort`` closing frame of a one-sided transfer (sent once its writes completed)."""
+    failed = PrefillFailed(request_id=request_id, transfer_id=transfer_id, error=error, retryable=retryable)
+    return lambda seq: wire.Abort(transfer_id, seq, failed)
 
 
 class DirectKVReceiver(ZmqKVReceiver):
