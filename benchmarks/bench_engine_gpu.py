@@ -3,7 +3,10 @@
 1. Decode step of a dummy-weight Llama-3-8B (bf16): time per step at batch 1/16/64/256 and context 1024/4096,
    against the roofline floor = (weight bytes + KV bytes read) / measured device copy bandwidth.
 2. Prefill: tokens/s and MFU for 1, 4 and 16 prompts of 2048 tokens, against the measured bf16 matmul rate.
-3. Correctness and offline generation against Hugging Face transformers on the same weights: greedy ids in bf16
+3. Engine decode loop (``--loop``): ``LLMEngine.step()`` at batch 16 / context 4096 and batch 64 / context 1024, with
+   overlapped decode steps (``async_scheduling``) on and off, against the CUDA-graph step alone: what host work
+   (scheduling, inputs, outputs) adds to a step and how much of it the overlap hides.
+4. Correctness and offline generation against Hugging Face transformers on the same weights: greedy ids in bf16
    (first 16 tokens) and batch generation throughput.
 
 Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
@@ -105,6 +108,42 @@ def bench_decode(engine: LLMEngine, bw: float, quick: bool) -> list[str]:
     return rows
 
 
+def _loop_ms(engine: LLMEngine, batch: int, ctx: int, steps: int, overlap: bool) -> tuple[float, list[list[int]]]:
+    """Milliseconds per ``engine.step()`` over ``steps`` decode steps of ``batch`` requests (prompts of ``ctx`` - 1
+    tokens, prefilled first), and every request's output ids."""
+    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": overlap})
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(f"loop{overlap}-{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)],
+                               params) for b in range(batch)]
+    while any(r.num_known_tokens - r.num_prompt_tokens < 2 for r in reqs):  # prefilled, decoding
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    return ms, [list(r.output_token_ids) for r in reqs]
+
+
+def bench_loop(engine: LLMEngine, quick: bool) -> list[str]:
+    rows = ["| batch | context | runner step alone ms (graph, sampling, host sync) | engine step ms, overlap off | "
+            "overlap on | off / on | same tokens |", "|---|---|---|---|---|---|---|"]
+    steps = 30 if quick else 100
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.capture_all()  # no capture inside a timed loop
+    for batch, ctx in ((16, 4096), (64, 1024)):
+        sb = decode_batch(batch, ctx, engine.info.page_size, 0)
+        alone = cuda_time(lambda: engine.runner.execute(sb), iters=5 if quick else 20) * 1e3
+        off, toks_off = _loop_ms(engine, batch, ctx, steps, False)
+        on, toks_on = _loop_ms(engine, batch, ctx, steps, True)
+        rows.append(f"| {batch} | {ctx} | {alone:.2f} | {off:.2f} | {on:.2f} | {off / on:.2f}x | {toks_on == toks_off} |")
+    return rows
+
+
 def model_flops(mc, tokens: int, length: int, n: int) -> float:
     """Matmul FLOPs of a prefill: 2 * params-in-matmuls * tokens + causal attention (QK and PV)."""
     h, q, kv, inter = mc.hidden_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.intermediate_size
@@ -193,6 +232,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--loop", action="store_true", help="only the engine decode loop table (overlap on and off)")
     ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--hf-pages", type=int, default=2048)
@@ -210,6 +250,10 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
+    if args.loop:
+        print("## Engine decode loop: overlapped steps on and off (dummy " + args.shape + ", bf16)\n")
+        print("\n".join(bench_loop(engine, args.quick)))
+        return
     if not args.only_hf:
         print("## Decode step (dummy " + args.shape + ", bf16, page 16)\n")
         print("\n".join(bench_decode(engine, bw, args.quick)) + "\n")

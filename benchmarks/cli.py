@@ -16,6 +16,8 @@ BENCHES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "serve": ("splitserve.benchmarks.serve", "load-test any OpenAI-compatible server"),
     "profile": ("splitserve.benchmarks.profile", "measure prefill/decode profiles for the planner"),
     "soak": ("splitserve.benchmarks.soak", "fixed-time seeded load; checks errors, KV pages and RSS after it"),
+    "grammar": ("splitserve.benchmarks.bench_grammar", "structured output: the grammar mask's cost per decode step"),
+    "agent": ("splitserve.benchmarks.agent", "multi-turn agent sessions: later-turn TTFT and prefill work, on vs off"),
 })
 
 

@@ -7,7 +7,9 @@ S=/tmp/ss_full/splitserve
 rm -rf /tmp/ss_full && mkdir -p "$S"
 for f in splitserve/*.py; do ln -sfn "$PWD/$f" "$S/$(basename "$f")"; done
 for d in core prefill decode transfer router kernels benchmarks; do ln -sfn "$PWD/$d" "$S/$d"; done
-export PYTHONPATH=/tmp/ss_full:/tmp/pydeps:$PYTHONPATH PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n
+# .deps/extra (optional): unpacked pure-Python wheels the bundle lacks (e.g. jsonschema for the router's schema checks)
+EXTRA=""; if [ -d .deps/extra ]; then EXTRA="$PWD/.deps/extra:"; fi
+export PYTHONPATH=/tmp/ss_full:/tmp/pydeps:$EXTRA$PYTHONPATH PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n
 # Run python from outside the checkout: `python -m` puts the working directory first on sys.path, where the
 # bare splitserve/ folder would shadow the shim.
 export SPLITSERVE_REPO=$PWD

@@ -294,7 +294,7 @@ def summarize(
 # ----------------------------------------------------------------------------------------------
 
 
-def _parse_sse_line(raw: bytes) -> dict[str, Any] | None:
+def parse_sse_line(raw: bytes) -> dict[str, Any] | None:
     """The JSON object of one ``data:`` line; None for blank lines, comments and ``[DONE]``."""
     line = raw.decode("utf-8").strip()
     if not line.startswith("data:"):
@@ -321,7 +321,7 @@ async def _read_stream(resp: Any, result: RequestResult, start: float) -> None:
     """Consume an SSE completion stream, filling TTFT, ITL, token counts and e2e time."""
     last, chunks, usage_tokens = start, 0, None
     async for raw in resp.content:
-        chunk = _parse_sse_line(raw)
+        chunk = parse_sse_line(raw)
         if chunk is None:
             continue
         if "error" in chunk:
@@ -412,16 +412,23 @@ BREAKDOWN_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "kv_join"
 """SplitServe's per-request time breakdown (``splitserve_<stage>_seconds`` histograms in ``/metrics``)."""
 
 
-async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float, float]] | None:
-    """``{stage: (sum_s, count)}`` from the server's ``/metrics``; ``None`` when it does not expose the breakdown."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+async def fetch_metrics_text(session: Any, base_url: str) -> str | None:
+    """The server's ``/metrics`` page, or ``None`` when it has none (or cannot be reached)."""
     try:
         async with session.get(f"{base_url}/metrics") as resp:
             if resp.status != 200:
                 return None
-            text = await resp.text()
+            return await resp.text()
     except (OSError, asyncio.TimeoutError):
+        return None
+
+
+async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float, float]] | None:
+    """``{stage: (sum_s, count)}`` from the server's ``/metrics``; ``None`` when it does not expose the breakdown."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = await fetch_metrics_text(session, base_url)
+    if text is None:
         return None
     found: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitserve.benchmarks.serve import _parse_sse_line, latency_stats_ms
+from splitserve.benchmarks.serve import parse_sse_line, latency_stats_ms
 
 WORDS = ("once upon a time there was a little girl named lily she loved to play outside in the park one day "
          "saw big red ball and her friend tom wanted sun happy dog cat ran jumped").split()
@@ -110,7 +110,7 @@ async def _read_stream(resp: Any, job: Job, start: float) -> Outcome:
     """Read an SSE completion stream to its end, or close it after ``job.disconnect_after`` chunks."""
     chunks, ttft, finish = 0, None, None
     async for raw in resp.content:
-        chunk = _parse_sse_line(raw)
+        chunk = parse_sse_line(raw)
         if chunk is None:
             continue
         if "error" in chunk:

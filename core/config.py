@@ -62,6 +62,9 @@ class EngineConfig(FrozenConfig):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """``auto``: triton on CUDA, torch reference on CPU."""
     cuda_graphs: bool = True
+    async_scheduling: bool = True
+    """Overlap host work with the device: launch a plain greedy decode step before reading the previous step's
+    tokens (core/engine/engine.py). Off: every step waits for its tokens before the next is scheduled."""
     extra_stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""
 
@@ -106,6 +109,15 @@ class WorkerConfig(FrozenConfig):
     """A decode worker prefills prompts shorter than this itself (0: never)."""
     session_kv_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     """At most this share of the KV pool stays pinned for agent sessions between turns (decode/sessions.py)."""
+    session_host_gib: float = Field(default=0.0, ge=0.0)
+    """Host-memory tier for sessions let go from the KV pool (pinned buffers on CUDA); 0: off (decode/tiers.py)."""
+    session_disk_dir: str | None = None
+    """Disk tier directory for sessions the host tier lets go (with ``session_disk_gib``)."""
+    session_disk_gib: float = Field(default=0.0, ge=0.0)
+    session_ttl_s: float = Field(default=3600.0, gt=0)
+    """A session idle this long (since its last turn) is dropped from every tier."""
+    session_policy: Literal["expected_return", "lru"] = "expected_return"
+    """Which session to let go first under memory pressure: expected back last (then larger), or least recently used."""
     drain_timeout_s: float = Field(default=30.0, gt=0)
     keys_dir: str | None = None
     """CurveZMQ keys (``splitserve keys DIR``): the router, peer and KV sockets accept only allow-listed peers."""
@@ -142,6 +154,9 @@ class RouterConfig(FrozenConfig):
     """A file holding the admin token (keeps it out of argv and of the environment)."""
     chat_template: str | None = None
     """A jinja chat template file that replaces (or supplies) the model's own."""
+    tool_call_parser: Literal["llama3_json", "hermes"] | None = None
+    """How ``tool_choice="auto"`` finds tool calls in chat output: Llama 3.1+ JSON or Hermes/Qwen ``<tool_call>``
+    tags (router/tools.py); unset: ``auto`` is refused (forced calls need no parser)."""
     keys_dir: str | None = None
     """CurveZMQ keys (``splitserve keys DIR``): the control socket accepts only allow-listed workers."""
     extra_stop_token_ids: tuple[int, ...] = ()

@@ -7,14 +7,15 @@ frame that does not match a schema raises :class:`MessageError` instead of produ
 Who sends what (see docs/architecture.md):
 
 * worker -> router: :class:`Register`, :class:`Heartbeat`, :class:`TokenOut`
-* router -> worker: :class:`GenerateReq`, :class:`AbortReq`, :class:`SetRole`, :class:`Drain`, :class:`Reregister`
+* router -> worker: :class:`GenerateReq`, :class:`AbortReq`, :class:`SetRole`, :class:`Drain`, :class:`Reregister`,
+  :class:`EndSession`
 * decode -> prefill: :class:`PrefillReq`, :class:`AbortReq`
 * prefill -> decode (transfer control channel): :class:`PrefillDone`, :class:`PrefillFailed`
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
@@ -52,6 +53,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Top-N logprobs for every prompt token (the first has none)."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before penalties; -100 bans a token, +100 forces it."""
+    grammar: tuple[str, str] | None = None
+    """Structured output: ``(kind, spec)``, the output must match it (kinds and specs: core/engine/grammar.py).
+    The worker applies its token mask at every sampled token and finishes the request when it terminates."""
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +147,37 @@ class Register(_Msg, frozen=True):
     """The model's vocabulary size (token-id prompts must stay below it); 0: unknown."""
 
 
+class SessionReport(msgspec.Struct, frozen=True, array_like=True):
+    """One session a worker holds (``GET /admin/sessions``)."""
+
+    session_id: Annotated[str, msgspec.Meta(max_length=256)]
+    tokens: int
+    """KV tokens held, in whole pages."""
+    tier: Literal["gpu", "host", "disk"]
+    idle_s: float
+    """Seconds since its last turn started."""
+
+
+class SessionStats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A decode worker's agent sessions, for the router's metrics and admin API (decode/sessions.py)."""
+
+    live: int = 0
+    turns_total: int = 0
+    """Turns that came with a session id (the hit rate is ``Heartbeat.session_hits_total`` over this)."""
+    pages_gpu: int = 0
+    pages_host: int = 0
+    pages_disk: int = 0
+    restores_total: int = 0
+    """Sessions brought back from host memory or disk into the KV pool."""
+    restore_bytes_total: int = 0
+    restore_seconds_total: float = 0.0
+    evictions: Annotated[tuple[tuple[str, int], ...], msgspec.Meta(max_length=16)] = ()
+    """Cumulative (reason, count): ``to_host``, ``to_disk``, ``dropped``, ``ttl``, ``restore_failed``, ``drained``,
+    ``role_change``."""
+    sessions: Annotated[tuple[SessionReport, ...], msgspec.Meta(max_length=256)] = ()
+    """The most recently used sessions (at most 256; ``live`` counts all)."""
+
+
 class Heartbeat(_Msg, frozen=True):
     worker_id: str
     role: Role
@@ -169,6 +204,8 @@ class Heartbeat(_Msg, frozen=True):
     """Prefix-cache events since the last heartbeat: ("stored" | "removed", page hashes)."""
     role_epoch: int = 0
     """``SetRole.epoch`` of the last role switch applied; the router ignores ``role`` from older epochs."""
+    sessions: SessionStats | None = None
+    """Agent sessions this (decode-capable) worker holds: per tier, cumulative counters, a bounded list."""
 
 
 class SessionHint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -189,6 +226,12 @@ class GenerateReq(_Msg, frozen=True):
     """Worker id of the prefill worker; ``None``: the receiving worker prefills itself."""
     prefill_addr: str | None = None
     session: SessionHint | None = None
+
+
+class EndSession(_Msg, frozen=True):
+    """Router -> decode worker: drop everything an agent session holds (``DELETE /admin/sessions/{id}``)."""
+
+    session_id: str
 
 
 class AbortReq(_Msg, frozen=True):
@@ -280,7 +323,7 @@ class PrefillFailed(_Msg, frozen=True):
 
 Message = Union[
     Register, Heartbeat, GenerateReq, AbortReq, SetRole, Drain, Reregister, TokenOut, PrefillReq, PrefillDone,
-    PrefillFailed,
+    PrefillFailed, EndSession,
 ]
 
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)

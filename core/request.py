@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from splitserve.core.messages import SamplingParams, TokenLogprob
 
 
+PENDING_TOKEN = -1
+"""Placeholder in ``Request.output_token_ids`` for a token sampled on the device but not read yet (overlapped
+decode steps, see core/engine/engine.py); never a real token id."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,6 +47,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    num_pending: int = 0
+    """Trailing entries of ``output_token_ids`` that are :data:`PENDING_TOKEN` (their steps are still in flight)."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -56,6 +63,16 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all but the pending placeholders)."""
+        return self.num_tokens - self.num_pending
+
+    @property
+    def at_length_limit(self) -> bool:
+        """No further token may follow (``max_tokens`` or the context reached), whatever the pending tokens are."""
+        return len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -65,17 +82,26 @@ class Request:
 
     def check_stop(self) -> str | None:
         """Finish reason after the newest output token, or None to continue."""
-        n_out = len(self.output_token_ids)
+        return self.stop_reason_at(len(self.output_token_ids))
+
+    def stop_reason_at(self, n_out: int) -> str | None:
+        """Finish reason once the first ``n_out`` output tokens are known, or None to continue."""
         if n_out == 0:
             return None
         if self.prefill_only:
             return "length"
-        last = self.output_token_ids[-1]
+        last = self.output_token_ids[n_out - 1]
         if n_out >= self.params.min_tokens:
             if not self.params.ignore_eos and last in self.eos_token_ids:
                 return "stop"
             if last in self.params.stop_token_ids:
                 return "stop"
-        if n_out >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+        if n_out >= self.params.max_tokens or self.num_prompt_tokens + n_out >= self.max_model_len:
             return "length"
         return None
+
+    def keep_outputs(self, n_out: int) -> None:
+        """Drop output tokens after the first ``n_out`` (pending tokens computed past a stop)."""
+        del self.output_token_ids[n_out:]
+        self.num_pending = 0
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)

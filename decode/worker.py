@@ -30,9 +30,9 @@ from splitserve.core.config import TransferConfig
 from splitserve.core.engine.engine import StepOutput
 from splitserve.core.engine.service import WorkerCore
 from splitserve.core.messages import (
-    AbortReq, GenerateReq, KVDescriptor, PrefillDone, PrefillReq, RequestTiming, TokenOut, encode,
+    AbortReq, EndSession, GenerateReq, KVDescriptor, PrefillDone, PrefillReq, RequestTiming, TokenOut, encode,
 )
-from splitserve.decode.sessions import SessionKeeper
+from splitserve.decode.sessions import build_keeper
 from splitserve.transfer.base import KVLayout, KVReceiver, LayerArrived, TransferComplete, TransferError, TransferFailed
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class DecodeService:
         self.pending: OrderedDict[str, GenerateReq] = OrderedDict()
         self.landed: dict[str, float] = {}
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
-        self.sessions = SessionKeeper(core.engine.kv, core.engine.release_session, core.cfg.session_kv_fraction)
+        self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg)
+        self.local: set[str] = set()
+        """Requests prefilled here, until their first output (counts the prompt tokens computed)."""
         self.session_hits: set[str] = set()
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.settling: dict[str, str] = {}
@@ -69,6 +71,15 @@ class DecodeService:
         core.abort_handlers.append(self._on_abort)
         core.waiting_sources.append(lambda: len(self.pending))
         core.pollers.append(self._poll)
+        core.pollers.append(self.sessions.poll)
+        core.pollers.append(self._drop_sessions_when_leaving)
+        core.on(EndSession, lambda _p, m: self.sessions.end(m.session_id))
+        core.heartbeat_fields.append(lambda: {"sessions": self.sessions.stats()})
+
+    def _drop_sessions_when_leaving(self) -> None:
+        """A draining worker, or one switched to prefill, gets no more session turns: let their KV go now."""
+        if self.core.draining or self.core.role == "prefill":
+            self.sessions.drop_all("drained" if self.core.draining else "role_change")
 
     # --- admission ------------------------------------------------------------------------------------------
 
@@ -79,7 +90,8 @@ class DecodeService:
         self.core.own(rid, self._on_output)
         if msg.session is not None:
             self.sessions.touch(msg.session)
-            if self.sessions.holds(msg.session.session_id):  # its KV is here: only the new suffix is computed
+            sid = msg.session.session_id
+            if self.sessions.claim(sid):  # its KV is here (or restored from a tier): only the suffix is computed
                 self.core.counters.session_hits += 1
                 self.session_hits.add(rid)
                 return self._prefill_locally(msg)
@@ -97,10 +109,12 @@ class DecodeService:
         self._start_pending()
 
     def _prefill_locally(self, msg: GenerateReq) -> None:
+        self.local.add(msg.request_id)
         try:
             self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
                                          session_key=_session_key(msg))
         except ValueError as exc:
+            self.local.discard(msg.request_id)
             self.core.fail_request(msg.request_id, str(exc))
         if msg.session is not None and msg.session.end:  # the request holds its hits; release the session itself
             self.sessions.end(msg.session.session_id)
@@ -110,7 +124,7 @@ class DecodeService:
         while self.pending:
             rid, msg = next(iter(self.pending.items()))
             pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids))
-            if pages is None and self.sessions.release_one("a transfer needs the pages"):
+            if pages is None and self.sessions.make_room("a transfer needs the pages"):
                 continue
             if pages is None:
                 return
@@ -236,6 +250,9 @@ class DecodeService:
     def _on_output(self, so: StepOutput) -> None:
         self.core.counters.decode_tokens += len(so.new_token_ids)
         landed = self.landed.pop(so.request_id, None)
+        if so.request_id in self.local and (so.new_token_ids or so.finished):
+            self.local.discard(so.request_id)
+            self.core.counters.prefill_tokens += max(0, so.num_prompt_tokens - so.num_cached_tokens)
         if so.request_id in self.session_hits:
             self.session_hits.discard(so.request_id)
             self.core.counters.session_tokens_reused += so.num_cached_tokens
@@ -263,6 +280,7 @@ class DecodeService:
         self.pending.pop(rid, None)
         self.landed.pop(rid, None)
         self.session_hits.discard(rid)
+        self.local.discard(rid)
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)
@@ -281,6 +299,7 @@ class DecodeService:
         for sock in self.peers.values():
             sock.close(linger=0)
         self.receiver.close()
+        self.sessions.close()
 
 
 def _session_key(msg: GenerateReq) -> str | None:

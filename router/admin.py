@@ -8,6 +8,9 @@ they are disabled (403); a missing or wrong token gets 401.
 * ``POST /admin/workers/{id}/drain``: the worker finishes in-flight work and gets no new requests.
 * ``POST /admin/workers/{id}/role`` ``{"role": "prefill" | "decode" | "both"}``: switch its role.
 * ``DELETE /admin/workers/{id}``: deregister (its in-flight requests fail with a clear error).
+* ``GET /admin/sessions``: agent sessions with the worker holding each, its KV tokens, tier and idle seconds (from
+  the workers' heartbeats, at most 256 per worker, plus sessions the router routes whose KV no worker reports).
+* ``DELETE /admin/sessions/{id}``: end a session: the workers holding it drop it from every tier.
 
 Read-only and public: ``GET /`` and ``GET /status`` (the status page, ``static/``), ``GET /status.json``.
 """
@@ -23,7 +26,7 @@ from typing import Any, get_args
 import msgspec
 from aiohttp import web
 
-from splitserve.core.messages import Drain, Register, Role
+from splitserve.core.messages import Drain, EndSession, Register, Role
 from splitserve.router.control import switch_role
 from splitserve.router.openai_api import APIError, bad_request, parse_json_body
 from splitserve.router.service import SERVICE, RouterService
@@ -116,6 +119,53 @@ async def deregister(request: web.Request) -> web.Response:
     return web.json_response({"worker_id": w.worker_id, "removed": True})
 
 
+MAX_LISTED_SESSIONS = 10_000
+"""Sessions ``GET /admin/sessions`` lists at most."""
+
+
+def _reported_sessions(svc: RouterService) -> list[dict[str, Any]]:
+    """What the workers' last heartbeats say they hold, one entry per (session, worker)."""
+    out = []
+    for w in svc.registry.all():
+        stats = w.heartbeat.sessions if w.heartbeat is not None else None
+        for r in stats.sessions if stats is not None else ():
+            out.append({"session_id": r.session_id, "worker": w.worker_id, "tokens": r.tokens, "tier": r.tier,
+                        "idle_s": r.idle_s, "routed_here": svc.sessions.get(r.session_id) == w.worker_id})
+    return out
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    svc = _check_token(request)
+    listed = _reported_sessions(svc)
+    seen = {e["session_id"] for e in listed}
+    for sid, wid in svc.sessions.items():  # routed to a worker that reports no KV for it (dropped, or not yet told)
+        if len(listed) >= MAX_LISTED_SESSIONS:
+            break
+        if sid not in seen:
+            listed.append({"session_id": sid, "worker": wid, "tokens": 0, "tier": None, "idle_s": None,
+                           "routed_here": True})
+    return web.json_response({"sessions": listed[:MAX_LISTED_SESSIONS], "routed": len(svc.sessions)})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """End a session everywhere: the router forgets its holder and every worker reporting it drops it."""
+    svc = _check_token(request)
+    sid = request.match_info["session_id"]
+    holders = {e["worker"] for e in _reported_sessions(svc) if e["session_id"] == sid}
+    routed = svc.sessions.pop(sid, None)
+    svc.metrics.sessions.set(len(svc.sessions))
+    if routed is not None:
+        holders.add(routed)
+    if not holders:
+        raise APIError(404, f"no session with id '{sid}'", type="not_found", param="session_id")
+    delivered = {}
+    for wid in sorted(holders):
+        w = svc.registry.get(wid)
+        delivered[wid] = w is not None and await svc.control.send(w, EndSession(session_id=sid))
+    logger.info("admin: session %s ended (workers %s)", sid, delivered)
+    return web.json_response({"session_id": sid, "ended": True, "workers": delivered})
+
+
 async def status_data(request: web.Request) -> web.Response:
     return web.json_response(status_json(request.app[SERVICE]))
 
@@ -131,6 +181,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/workers/{worker_id}/drain", drain)
     app.router.add_post("/admin/workers/{worker_id}/role", set_role)
     app.router.add_delete("/admin/workers/{worker_id}", deregister)
+    app.router.add_get("/admin/sessions", list_sessions)
+    app.router.add_delete("/admin/sessions/{session_id}", end_session)
     app.router.add_get("/status.json", status_data)
     app.router.add_get("/", status_page)
     app.router.add_get("/status", status_page)

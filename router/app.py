@@ -4,7 +4,9 @@
 ZeroMQ context and binds the control socket. Every request first passes two middlewares:
 
 1. ``_errors`` (outermost): every failure becomes an OpenAI-shaped error (:class:`APIError`, aiohttp's own HTTP
-   errors, and a catch-all 500 ``server_error`` that logs one line with the request id, never a traceback page);
+   errors, a 405 keeping its ``Allow`` header, and a catch-all 500 ``server_error`` that logs one line with the
+   request id, never a traceback page; a request head aiohttp cannot parse never reaches the app: aiohttp answers
+   400 and :class:`_ProtocolLog` logs one line);
    requests are counted by status; one access-log line (``_access_log``: id, route, status, tokens, TTFT,
    duration, the reason of an error; never the prompt), at INFO (DEBUG for successful polls of /health,
    /metrics and /status.json).
@@ -36,16 +38,19 @@ import contextlib
 import json
 import logging
 import random
+import sys
 import time
 from typing import Any, AsyncIterator
 
 import jinja2
 import zmq.asyncio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 
 from splitserve.core.config import RouterConfig
 from splitserve.core.tokenizer import NoChatTemplateError, Tokenizer, load_tokenizer
-from splitserve.router import admin
+from splitserve.router import admin, openapi
 from splitserve.router.autoscale import AutoRatio
 from splitserve.router.choices import Choice, full_body, merged, plan_choices, total_usage
 from splitserve.router.formatting import ChatFormatter, CompletionFormatter, ResponseHead
@@ -56,12 +61,13 @@ from splitserve.router.openai_api import (
 from splitserve.router.output import Delta
 from splitserve.router.planner import Slo
 from splitserve.router.service import SERVICE, RouterService
+from splitserve.router.tools import check_tool_parser
 from splitserve.router.version import package_version
 
 logger = logging.getLogger(__name__)
 
 _ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
-                        "/tokenize", "/detokenize", "/version"})
+                        "/tokenize", "/detokenize", "/version", "/openapi.json"})
 _QUIET = frozenset({"/health", "/metrics", "/status.json"})
 """Polled routes: their access-log lines go at DEBUG."""
 ACCESS = web.RequestKey("access", dict)
@@ -86,6 +92,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if exc.status < 400:
             raise
         resp, reason = _error_response(APIError(exc.status, exc.reason, type="invalid_request_error")), exc.reason
+        if "Allow" in exc.headers:  # a 405 names the methods the route takes (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
     except Exception as exc:  # the catch-all: one log line, a 500 in the same shape, no traceback page
         request_id = request[ACCESS].setdefault("id", new_id("req"))
         _log_unexpected(request_id, exc, f"{request.method} {request.path}")
@@ -129,7 +137,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.app[SERVICE].key_ok(request.headers.get("Authorization")):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
-        if request.method == "POST" and request.content_type != "application/json":
+        routed = request.match_info.http_exception is None  # else the route's own 404 / 405 comes first
+        if request.method == "POST" and routed and request.content_type != "application/json":
             given = request.headers.get("Content-Type", "(none)")[:100]
             raise APIError(415, f"Content-Type must be application/json, got '{given}'",
                            code="unsupported_media_type")
@@ -235,7 +244,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = _with_session_header(request, req)
 
     def make_fmt(index: int, _prompt: int) -> ChatFormatter:
-        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req)
+        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req, svc.config.tool_call_parser)
 
     return await _serve(request, svc, req, plan_choices(svc, req, [prompt_ids], "messages", make_fmt))
 
@@ -259,8 +268,10 @@ def _prepare_chat(svc: RouterService, raw: bytes, limit: int | None) -> tuple[Ch
     req = parse_request(ChatCompletionRequest, parse_json_body(raw))
     svc.check_model(req.model)
     check_prompt_chars(req, limit)
+    check_tool_parser(req, svc.config.tool_call_parser)
     try:
-        text = svc.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+        text = svc.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
+                                                 tools=req.template_tools())
     except NoChatTemplateError as exc:
         raise bad_request(f"model '{svc.model_name}' has no chat template: start the router with --chat-template FILE, "
                           "or use /v1/completions", param="model", code="no_chat_template") from exc
@@ -409,13 +420,26 @@ def _start_auto_ratio(svc: RouterService) -> asyncio.Task | None:
     return asyncio.get_running_loop().create_task(svc.auto_ratio.run())
 
 
+class _ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's server logger, for what fails before the app sees a request (a malformed request head: any client
+    can send one, and aiohttp answers it with a plain 400 and closes): one INFO line naming the peer and the parser's
+    reason instead of an ERROR with a traceback; anything else one ERROR line (the traceback at DEBUG)."""
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300] if exc is not None else "unknown"
+        level = logging.INFO if isinstance(exc, HttpProcessingError) else logging.ERROR
+        self.logger.log(level, f"{msg}: %s", *args, reason)
+        self.logger.debug("traceback of the error above", exc_info=exc)
+
+
 def runner_options(config: RouterConfig) -> dict[str, Any]:
     """``web.AppRunner`` keywords: handler cancellation (a client that goes away aborts its request), no aiohttp
     access log (``_access_log`` writes one), ``idle_timeout_s`` for idle connections and unfinished request heads
     (aiohttp's keep-alive timer runs from the connection or the last response; bytes do not reset it), and at most
     ``body_timeout_s`` (10 s by default) spent discarding the rest of a body the server answered without reading."""
     return {"handler_cancellation": True, "access_log": None, "keepalive_timeout": config.idle_timeout_s,
-            "lingering_time": min(10.0, config.body_timeout_s)}
+            "lingering_time": min(10.0, config.body_timeout_s), "logger": _ProtocolLog(server_logger, {})}
 
 
 def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: random.Random | None = None,
@@ -453,6 +477,7 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer | None = None, rng: ra
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    openapi.add_route(app, api_keys=bool(svc.api_keys))
     admin.add_routes(app)
     return app
 

@@ -4,7 +4,9 @@ Both formatters build a non-streamed response from the *same* deltas a stream wo
 concatenated), so streamed chunks always concatenate to the non-streamed text. A response with several
 choices (several prompts, ``n`` copies) has one formatter per choice, all with the response's id and
 ``created``; each formatter writes its choice's ``index`` and ``stop_reason`` (see
-:mod:`splitserve.router.choices`, which merges them and sums the usage).
+:mod:`splitserve.router.choices`, which merges them and sums the usage). A chat choice with tools passes its text
+through a :class:`~splitserve.router.tools.ToolCallStream` (router/tools.py): content and ``tool_calls`` deltas,
+``finish_reason`` ``"tool_calls"`` when the model called tools.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from splitserve.core.messages import TokenLogprob
 from splitserve.core.tokenizer import Tokenizer
 from splitserve.router.openai_api import ChatCompletionRequest, CompletionRequest, new_id, usage
 from splitserve.router.output import CompletionLogprobs, Delta, OutputProcessor, chat_logprobs
+from splitserve.router.tools import ToolCallStream, whole_message
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,12 @@ class ChatFormatter(Formatter):
     chunk_object_name = "chat.completion.chunk"
 
     def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int,
-                 req: ChatCompletionRequest) -> None:
+                 req: ChatCompletionRequest, tool_parser: str | None = None) -> None:
         super().__init__(tokenizer, model, head, index)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
+        self.req, self.tool_parser = req, tool_parser
+        self.tools = ToolCallStream.for_request(req, tool_parser)
+        """Tool calls of this choice (None: no tools, or ``tool_choice="none"``)."""
 
     def _logprobs(self, deltas: Sequence[Delta]) -> dict[str, Any] | None:
         if self.top_n is None:
@@ -138,17 +144,36 @@ class ChatFormatter(Formatter):
                   "finish_reason": None}
         return [self.body(choice, True, None)]
 
+    def _split(self, delta: Delta) -> tuple[str, list[dict[str, Any]], str | None]:
+        """(content, tool-call deltas, finish reason) of one delta."""
+        if self.tools is None:
+            return delta.text, [], delta.finish_reason
+        content, calls = self.tools.push(delta.text)
+        if delta.finish_reason is not None:
+            more, more_calls = self.tools.finish()
+            content, calls = content + more, calls + more_calls
+        return content, calls, self.tools.finish_reason(delta.finish_reason)
+
     def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
-        if not delta.text and not delta.finish_reason and not delta.token_ids:
+        content, calls, finish = self._split(delta)
+        if not content and not calls and not finish and not delta.token_ids:
             return None
-        choice = {"index": self.index, "delta": {"content": delta.text} if delta.text else {},
-                  "logprobs": self._logprobs([delta]), "finish_reason": delta.finish_reason,
-                  "stop_reason": self.stop_reason(delta.finish_reason, proc)}
+        body: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            body["tool_calls"] = calls
+        choice = {"index": self.index, "delta": body, "logprobs": self._logprobs([delta]), "finish_reason": finish,
+                  "stop_reason": self.stop_reason(finish, proc)}
         return self.body(choice, True, None)
 
     def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
         finish = deltas[-1].finish_reason if deltas else None
-        choice = {"index": self.index, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
-                  "logprobs": self._logprobs(deltas), "finish_reason": finish,
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(d.text for d in deltas)}
+        tools = ToolCallStream.for_request(self.req, self.tool_parser)
+        if tools is not None:
+            message["content"], calls = whole_message(tools, message["content"])
+            if calls:
+                message["tool_calls"] = calls
+            finish = tools.finish_reason(finish)
+        choice = {"index": self.index, "message": message, "logprobs": self._logprobs(deltas), "finish_reason": finish,
                   "stop_reason": self.stop_reason(finish, proc)}
         return self.body(choice, False, self.usage(proc))

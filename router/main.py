@@ -8,6 +8,11 @@ SIGTERM / SIGINT: stop accepting new requests (503), let in-flight streams finis
 API keys: ``--api-key`` (repeatable, or comma-separated), ``SPLITSERVE_API_KEY`` (comma-separated) or
 ``--api-key-file`` (one a line); the file or the variable keep them out of ``ps``. They are checked at start (an
 unreadable or empty key file exits with status 2) and never logged.
+
+HTTPS: ``--tls-certfile`` and ``--tls-keyfile`` (aliases ``--ssl-certfile`` / ``--ssl-keyfile``; variables
+``SPLITSERVE_TLS_CERTFILE`` / ``SPLITSERVE_TLS_KEYFILE``) serve the API over TLS 1.2+; ``--tls-ca-certs`` also
+requires every client to present a certificate signed by those CAs. :func:`tls_context` builds the context before
+anything starts: a missing, unreadable or invalid file exits with status 2 and one line naming the flag.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import ssl
 from typing import Any
 
 import zmq
@@ -41,6 +48,8 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("admin_token", str, "bearer token of the admin API (unset: admin API disabled; prefer --admin-token-file)"),
     ("admin_token_file", str, "file holding the admin token (keeps it out of argv and the environment)"),
     ("chat_template", str, "jinja chat template file for /v1/chat/completions (replaces the model's own)"),
+    ("tool_call_parser", str, "llama3_json | hermes: how tool_choice=auto finds tool calls in chat output "
+                              "(default: none, auto refused)"),
     ("keys_dir", str, "CurveZMQ keys (splitserve keys DIR): only workers holding an allow-listed key reach the "
                       "control socket"),
     ("slo_ttft_ms", float, "TTFT p90 target of the automatic ratio controller"),
@@ -74,6 +83,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="browser origins allowed cross-origin (CORS; '*': any); default: none")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish on SIGTERM (default 30)")
+    add_tls_arguments(parser)
+
+
+TLS_FLAGS = (("tls_certfile", "--ssl-certfile", "PEM certificate (chain) of the HTTPS API; with --tls-keyfile"),
+             ("tls_keyfile", "--ssl-keyfile", "PEM private key of --tls-certfile"),
+             ("tls_ca_certs", "--ssl-ca-certs", "PEM CA bundle: clients must present a certificate it signed "
+                                                "(mutual TLS; optional)"))
+"""(dest, vLLM-style alias, help); each also read from ``SPLITSERVE_<DEST>`` when the flag is not given."""
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, client_certs: bool = True) -> None:
+    """``--tls-certfile``, ``--tls-keyfile`` and (``client_certs``) ``--tls-ca-certs``; ``splitserve up`` shares
+    the first two."""
+    for dest, alias, help_text in TLS_FLAGS[:None if client_certs else 2]:
+        parser.add_argument("--" + dest.replace("_", "-"), alias, dest=dest, default=None, metavar="FILE",
+                            help=f"{help_text} (default: ${'SPLITSERVE_' + dest.upper()}, else none: plain HTTP)")
+
+
+def tls_files(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """The TLS file flags, each from its flag, else its ``SPLITSERVE_*`` variable."""
+    env = os.environ if environ is None else environ
+    return {dest: getattr(args, dest, None) or env.get("SPLITSERVE_" + dest.upper()) or None
+            for dest, _alias, _help in TLS_FLAGS}
+
+
+def tls_context(tls_certfile: str | None = None, tls_keyfile: str | None = None,
+                tls_ca_certs: str | None = None) -> ssl.SSLContext | None:
+    """The server's TLS context, or ``None`` without a certificate; ``ValueError`` naming the flag when a file is
+    missing, unreadable or not a PEM certificate / key, or when only one of certificate and key is given."""
+    if not tls_certfile and not tls_keyfile:
+        if tls_ca_certs:
+            raise ValueError("--tls-ca-certs needs --tls-certfile and --tls-keyfile")
+        return None
+    if not (tls_certfile and tls_keyfile):
+        raise ValueError("--tls-certfile and --tls-keyfile must be given together")
+    for flag, path in (("--tls-certfile", tls_certfile), ("--tls-keyfile", tls_keyfile),
+                       ("--tls-ca-certs", tls_ca_certs)):
+        if path:
+            _check_readable(flag, path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls_certfile, tls_keyfile)
+    except ssl.SSLError as exc:
+        raise ValueError(f"--tls-certfile {tls_certfile} / --tls-keyfile {tls_keyfile}: not a PEM certificate and "
+                         f"its private key ({exc.reason or exc})") from None
+    if tls_ca_certs:
+        try:
+            ctx.load_verify_locations(cafile=tls_ca_certs)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--tls-ca-certs {tls_ca_certs}: not a PEM CA bundle ({exc.reason or exc})") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _check_readable(flag: str, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RouterConfig:
@@ -86,7 +156,18 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         v = getattr(args, name, None)
         if v is not None:
             values[name] = _ids(v) if name == "extra_stop_token_ids" else v
-    return RouterConfig.from_mapping(values)
+    return with_model_resolved(RouterConfig.from_mapping(values))
+
+
+def with_model_resolved(config: RouterConfig) -> RouterConfig:
+    """``config`` whose ``model`` is a directory (a Hugging Face repo id resolved through the local cache, see
+    core/hub.py); the repo id stays the served name unless ``served_model_name`` is set. Raises ``ValueError``."""
+    from splitserve.core.hub import is_repo_id, resolve_model
+
+    if not is_repo_id(config.model):
+        return config
+    names = config.served_model_name or (config.model,)
+    return config.model_copy(update={"model": resolve_model(config.model), "served_model_name": names})
 
 
 def _ids(text: str) -> tuple[int, ...]:
@@ -96,20 +177,23 @@ def _ids(text: str) -> tuple[int, ...]:
         raise ValueError(f"extra_stop_token_ids must be comma-separated ints, got {text!r}") from exc
 
 
-async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event | None = None) -> None:
-    """Run the router until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
+async def serve(config: RouterConfig, grace_period_s: float, stop: asyncio.Event | None = None,
+                ssl_context: ssl.SSLContext | None = None) -> None:
+    """Run the router until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully; HTTPS with
+    ``ssl_context``."""
     from splitserve.router.app import SERVICE, create_app, runner_options
 
     app = create_app(config)
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
     await site.start()
     svc = app[SERVICE]
     port = runner.addresses[0][1]
-    logger.info("router serving %s at http://%s:%d (control %s); API keys: %d", svc.model_name, config.host, port,
-                svc.control.address, len(svc.api_keys))
-    print(f"SplitServe router listening on http://{config.host}:{port} (workers: {svc.control.address})",
+    scheme = "https" if ssl_context is not None else "http"
+    logger.info("router serving %s at %s://%s:%d (control %s); API keys: %d", svc.model_name, scheme, config.host,
+                port, svc.control.address, len(svc.api_keys))
+    print(f"SplitServe router listening on {scheme}://{config.host}:{port} (workers: {svc.control.address})",
           flush=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,6 +228,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = admin_token_from_file(config_from_args(args))
         load_api_keys(config)
+        ssl_context = tls_context(**tls_files(args))
     except (ValueError, OSError) as exc:  # pydantic.ValidationError is a ValueError; an unreadable key file
         logger.error("invalid router configuration: %s", exc)
         return 2
@@ -155,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         run = uvloop.run
     try:
-        run(serve(config, args.grace_period))
+        run(serve(config, args.grace_period, ssl_context=ssl_context))
     except (OSError, zmq.ZMQError) as exc:  # a port in use, an address this host does not have: one line, no traceback
         logger.error("router cannot listen (HTTP %s:%d, control %s:%d): %s", config.host, config.port,
                      config.control_host, config.control_port, str(exc).lower())

@@ -82,6 +82,42 @@ class _WorkerCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield restarts
+        yield from _session_families(self._workers)
+
+
+def _session_families(workers: WorkerRegistry) -> Iterator:
+    """Agent-session metrics from ``Heartbeat.sessions`` (decode/sessions.py), per worker."""
+    labels = ["worker", "role"]
+    live = GaugeMetricFamily("splitserve_worker_sessions", "agent sessions whose KV this worker holds (any tier)",
+                             labels=labels)
+    pages = GaugeMetricFamily("splitserve_worker_session_pages", "KV pages held for agent sessions, per tier",
+                              labels=[*labels, "tier"])
+    hit_rate = GaugeMetricFamily("splitserve_worker_session_hit_ratio",
+                                 "session turns that found their KV here, over all session turns", labels=labels)
+    counters = {
+        name: CounterMetricFamily(f"splitserve_worker_session_{name}", doc, labels=labels)
+        for name, doc in (("turns", "turns that came with a session id"),
+                          ("restores", "sessions brought back into the KV pool from host memory or disk"),
+                          ("restore_bytes", "KV bytes copied back into the pool by restores"),
+                          ("restore_seconds", "seconds spent restoring sessions (host work)"))
+    }
+    evictions = CounterMetricFamily("splitserve_worker_session_evictions",
+                                    "sessions let go from a tier, by reason (to_host, to_disk, dropped, ttl, "
+                                    "restore_failed, drained, role_change)", labels=[*labels, "reason"])
+    for w in workers.all():
+        stats = w.heartbeat.sessions if w.heartbeat is not None else None
+        if stats is None:
+            continue
+        lv = [w.worker_id, w.role]
+        live.add_metric(lv, stats.live)
+        for tier in ("gpu", "host", "disk"):
+            pages.add_metric([*lv, tier], getattr(stats, f"pages_{tier}"))
+        hit_rate.add_metric(lv, w.heartbeat.session_hits_total / stats.turns_total if stats.turns_total else 0.0)
+        for name, family in counters.items():
+            family.add_metric(lv, getattr(stats, f"{name}_total"))
+        for reason, count in stats.evictions:
+            evictions.add_metric([*lv, reason], count)
+    yield from (live, pages, hit_rate, *counters.values(), evictions)
 
 
 _BREAKDOWN = (

@@ -4,17 +4,22 @@ Flow for one request body:
 1. :func:`parse_json_body`: JSON object or 400 (invalid JSON or UTF-8, nesting deeper than the parser allows,
    integers of more than 4,300 digits, a lone UTF-16 surrogate in any string: each named in the message). JSON's
    ``NaN`` / ``Infinity`` literals parse, and are refused by the numeric fields below (naming the field).
-2. :func:`parse_request`: parameters this server does not implement (``suffix``, ``tools``, ``guided_json``...,
-   see :data:`REFUSED`) are refused by name; then the pydantic model (other unknown fields ignored, like OpenAI's
-   own server does for fields it does not use). Every sampling and scheduling number is strict (a JSON string such
+2. :func:`parse_request`: parameters this server does not implement (``suffix``, ``functions``, ``structured_outputs``...,
+   see :data:`REFUSED`; ``tools`` and ``tool_choice`` outside chat) are refused by name; then the pydantic model (other
+   unknown fields ignored, like OpenAI's own server does for fields it does not use). Every sampling and scheduling number is strict (a JSON string such
    as ``"0.5"`` is refused), finite (``NaN`` and ``Infinity`` are refused) and inside the ranges below; then the
    rules between fields (``stream_options`` needs ``stream``, ``best_of`` equals ``n``, ``max_tokens=0`` needs
-   ``echo``). The first failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name the field.
+   ``echo``; tools: ``tool_choice`` needs ``tools`` and names one of them, tool names are distinct, each
+   ``parameters`` is a JSON schema). Structured output (``response_format`` ``json_object`` / ``json_schema``,
+   ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, or a forced tool call:
+   ``tool_choice`` ``"required"`` or a named function) becomes the request's grammar (router/structured.py; one
+   kind per request). The first failure becomes :class:`APIError` (HTTP 400) whose message and ``param`` name the
+   field.
 3. :func:`check_prompt_chars` (before tokenizing): a text prompt, the chat messages or a ``/tokenize`` prompt longer
    than the character limit is a 400 naming ``prompt`` / ``messages``;
    :func:`check_token_ids`: prompt, stop and ``logit_bias`` token ids inside the workers' vocabulary, once known.
 4. :func:`to_sampling_params`: the context-length and ``min_tokens <= max_tokens`` checks, then the worker's
-   :class:`SamplingParams` (``max_tokens=0`` with ``echo`` asks the worker for one token, which the router drops,
+   :class:`SamplingParams`, with the grammar (``max_tokens=0`` with ``echo`` asks the worker for one token, which the router drops,
    as vLLM does: the prompt and its logprobs come back, nothing generated). :func:`copy_params` gives copy ``j`` of
    ``n`` its seed: ``seed + j`` (vLLM's rule), so seeded copies differ and each is reproducible.
 
@@ -27,15 +32,16 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Optional, Sequence, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, TypeVar, Union
 
 import msgspec
 from pydantic import (
-    AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError,
-    field_validator,
+    AllowInfNan, BaseModel, ConfigDict, Field, PrivateAttr, Strict, StrictBool, StrictInt, StrictStr,
+    ValidationError, field_validator,
 )
 
 from splitserve.core.messages import SamplingParams
+from splitserve.router.structured import SpecError, forced_tool_schema, request_grammar, schema_spec
 
 MAX_TOP_LOGPROBS = 20
 MAX_TEMPERATURE = 1e4
@@ -144,10 +150,48 @@ class StreamOptions(BaseModel):
     """vLLM extra, refused when true (usage on every chunk is not implemented)."""
 
 
+NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
+"""Names of response formats and tools (OpenAI's rule, dots allowed)."""
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: StrictStr = Field(pattern=NAME_PATTERN)
+    description: Optional[StrictStr] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    """The JSON schema the output must match (absent: any JSON value)."""
+    strict: Optional[StrictBool] = None
+    """Accepted either way: the schema is always enforced strictly (by the grammar)."""
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_given(cls, v: JsonSchemaFormat | None, info: Any) -> JsonSchemaFormat | None:
+        if v is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema is only allowed with type 'json_schema'")
+        return v
+
+    def spec(self) -> dict[str, Any]:
+        """Plain form for router/structured.py."""
+        if self.type == "json_schema" and self.json_schema is None:
+            raise bad_request("invalid field 'response_format.json_schema': required with type 'json_schema'",
+                              param="response_format.json_schema")
+        return self.model_dump(by_alias=True)
+
+
 class _CommonRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
+    _grammar: Optional[tuple[str, str]] = PrivateAttr(default=None)
+    """Structured output: set by :func:`parse_request` (router/structured.py)."""
 
     model: Optional[StrictStr] = None
     """Optional: this server serves one model (under one or more names)."""
@@ -181,6 +225,18 @@ class _CommonRequest(BaseModel):
     """This is the session's last turn: release what it holds once it finishes."""
     expected_return_s: Optional[FiniteFloat] = Field(default=None, ge=0.0, le=30 * 86400.0)
     """When the agent expects to send the next turn, in seconds (what is released first under memory pressure)."""
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[dict[str, Any], StrictStr]] = None
+    """vLLM extra: a JSON schema (object or JSON text) the output must match."""
+    guided_regex: Optional[StrictStr] = None
+    guided_choice: Optional[list[StrictStr]] = None
+    guided_grammar: Optional[StrictStr] = None
+    """vLLM extra: an EBNF grammar in xgrammar's dialect (GBNF-like: ``root ::= ...``)."""
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """The structured-output grammar ``(kind, spec)`` for ``SamplingParams.grammar`` (None: free text)."""
+        return self._grammar
 
     @field_validator("logit_bias")
     @classmethod
@@ -253,12 +309,60 @@ def _is_token_list(p: Any) -> bool:
     return isinstance(p, list) and bool(p) and all(_is_token_id(t) for t in p)
 
 
+class FunctionCall(BaseModel):
+    """``function`` of a tool call in an assistant message: ``arguments`` is JSON text."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(pattern=NAME_PATTERN)
+    description: Optional[StrictStr] = None
+    parameters: Optional[dict[str, Any]] = None
+    """A JSON schema of the arguments object (absent: no arguments)."""
+    strict: Optional[StrictBool] = None
+    """Accepted either way: forced calls always follow the schema; ``auto`` calls are parsed, not constrained."""
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the output is a call of that function."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: StrictStr
     content: Optional[Union[StrictStr, list[dict[str, Any]]]] = None
     name: Optional[StrictStr] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    """Assistant messages: the calls it made (rendered by the chat template)."""
+    tool_call_id: Optional[StrictStr] = None
+    """``tool`` messages: the call this result answers."""
 
     def text(self) -> str:
         """Content as text; a list of content parts may only hold ``{"type": "text"}`` parts."""
@@ -277,31 +381,70 @@ class ChatCompletionRequest(_CommonRequest):
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=0)
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    """Default: ``"auto"`` with tools, ``"none"`` without."""
+    parallel_tool_calls: StrictBool = True
+    """With ``tool_choice="required"``: false allows one call only."""
 
-    def template_messages(self) -> list[dict[str, str]]:
+    @property
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else "named"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template renders (none when ``tool_choice`` is ``"none"``)."""
+        if self.tool_mode == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
+
+    def template_messages(self) -> list[dict[str, Any]]:
         out = []
-        for m in self.messages:
-            msg = {"role": m.role, "content": m.text()}
+        for i, m in enumerate(self.messages):
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
             if m.name is not None:
                 msg["name"] = m.name
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                msg["tool_calls"] = [_template_call(c, f"messages.{i}.tool_calls.{j}.function.arguments")
+                                     for j, c in enumerate(m.tool_calls)]
             out.append(msg)
         return out
 
 
+def _template_call(call: ToolCall, where: str) -> dict[str, Any]:
+    """A tool call as chat templates expect it: ``arguments`` as an object (JSON text in the API)."""
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError as exc:
+        raise bad_request(f"invalid field '{where}': not valid JSON: {exc}", param=where) from exc
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": args}}
+
+
 REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("suffix", lambda v: v is None, "suffix (fill-in-the-middle) is not supported"),
-    ("response_format", lambda v: v is None or v == {"type": "text"},
-     "structured output is not supported yet: only response_format {\"type\": \"text\"}"),
-    ("tools", lambda v: v is None or v == [], "tool calling is not supported yet"),
-    ("tool_choice", lambda v: v is None or v == "none", "tool calling is not supported yet"),
-    ("functions", lambda v: v is None or v == [], "function calling is not supported"),
-    ("function_call", lambda v: v is None or v == "none", "function calling is not supported"),
-    ("guided_json", lambda v: v is None, "guided decoding is not supported yet"),
-    ("guided_regex", lambda v: v is None, "guided decoding is not supported yet"),
-    ("guided_choice", lambda v: v is None, "guided decoding is not supported yet"),
-    ("guided_grammar", lambda v: v is None, "guided decoding is not supported yet"),
+    ("functions", lambda v: v is None or v == [], "the deprecated function calling is not supported: use tools"),
+    ("function_call", lambda v: v is None or v == "none",
+     "the deprecated function calling is not supported: use tool_choice"),
+    ("structured_outputs", lambda v: v is None,
+     "not supported: use response_format or guided_json / guided_regex / guided_choice / guided_grammar"),
+    ("guided_decoding_backend", lambda v: v is None or v in ("xgrammar", "auto"),
+     "only the xgrammar backend is available"),
+    ("guided_whitespace_pattern", lambda v: v is None,
+     "not supported: JSON output is compact (', ' and ': ' separators, no other whitespace)"),
 )
 """(field, accepted(value), why): parameters this server does not implement; any other value is a 400 naming them."""
+CHAT_ONLY: tuple[tuple[str, Any], ...] = (
+    ("tools", lambda v: v is None or v == []),
+    ("tool_choice", lambda v: v is None or v == "none"),
+    ("parallel_tool_calls", lambda v: v is None or isinstance(v, bool)),
+)
+"""(field, accepted(value)) outside /v1/chat/completions: any other value is refused by name."""
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -312,9 +455,53 @@ def parse_request(cls: type[_R], body: dict[str, Any]) -> _R:
     for name, accepted, why in REFUSED:
         if name in body and not accepted(body[name]):
             raise bad_request(f"unsupported field '{name}': {why}", param=name, code="unsupported_parameter")
+    if cls is CompletionRequest:
+        for name, accepted in CHAT_ONLY:
+            if name in body and not accepted(body[name]):
+                raise bad_request(f"unsupported field '{name}': tool calling is only for /v1/chat/completions",
+                                  param=name, code="unsupported_parameter")
     req = validate_body(cls, body)
     _check_rules(req)
+    if isinstance(req, ChatCompletionRequest):
+        _check_tools(req)
+    req._grammar = _grammar_of(req)
     return req
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """``tool_choice`` needs ``tools`` and names one of them; tool names are distinct; parameters are schemas."""
+    names = [t.function.name for t in req.tools or ()]
+    if req.tool_choice not in (None, "none") and not names:
+        raise bad_request("invalid field 'tool_choice': needs a non-empty 'tools' list", param="tool_choice")
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise bad_request(f"invalid field 'tools': the function name '{dup}' is listed twice", param="tools")
+    if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
+        raise bad_request(f"invalid field 'tool_choice': function '{req.tool_choice.function.name}' is not in "
+                          f"'tools' ({', '.join(names)})", param="tool_choice")
+    for i, tool in enumerate(req.tools or ()):
+        if tool.function.parameters is not None:
+            _spec(lambda: schema_spec(tool.function.parameters, f"tools.{i}.function.parameters"))
+
+
+def _grammar_of(req: _CommonRequest) -> tuple[str, str] | None:
+    """The request's structured-output grammar (router/structured.py); 400 naming the field."""
+    fields: dict[str, Any] = {name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice",
+                                                                    "guided_grammar")}
+    fields["response_format"] = req.response_format.spec() if req.response_format is not None else None
+    forced = None
+    if isinstance(req, ChatCompletionRequest) and req.tool_mode in ("required", "named"):
+        tools = [t.model_dump() for t in req.tools or ()]
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+        forced = forced_tool_schema(tools, choice, req.parallel_tool_calls)
+    return _spec(lambda: request_grammar(fields, forced))
+
+
+def _spec(make: Any) -> Any:
+    try:
+        return make()
+    except SpecError as exc:
+        raise bad_request(exc.message, param=exc.field) from exc
 
 
 def validate_body(cls: type[_M], body: dict[str, Any]) -> _M:
@@ -347,7 +534,8 @@ def _check_rules(req: _CommonRequest) -> None:
 
 def _is_type_tag(part: str) -> bool:
     """pydantic puts union member names (``str``, ``list[int]``...) into error locations."""
-    return part in {"str", "list[int]", "list[str]", "list[dict[str,any]]"} or part.startswith(("list[", "function-"))
+    return (part in {"str", "list[int]", "list[str]", "list[dict[str,any]]"}
+            or part.startswith(("list[", "function-", "dict[", "literal[")) or part[:1].isupper())
 
 
 # --- requests -> sampling parameters -------------------------------------------------------------
@@ -425,7 +613,7 @@ def to_sampling_params(req: _CommonRequest, num_prompt_tokens: int, max_model_le
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        logit_bias=req.logit_bias_pairs)
+        logit_bias=req.logit_bias_pairs, grammar=req.grammar)
 
 
 def copy_params(params: SamplingParams, copy: int) -> SamplingParams:

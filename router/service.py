@@ -18,6 +18,7 @@ import functools
 import hmac
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from splitserve.core import keys
 from splitserve.core.config import RouterConfig
-from splitserve.core.messages import GenerateReq, SamplingParams, SessionHint
+from splitserve.core.messages import EndSession, GenerateReq, SamplingParams, SessionHint
 from splitserve.core.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from splitserve.router.control import ControlPlane, RequestStream
 from splitserve.router.metrics import RouterMetrics
@@ -183,16 +184,19 @@ class RouterService:
             return None
         return holder
 
-    def _remember_session(self, session: SessionHint | None, decode: WorkerState) -> None:
-        """Where the session's KV will be after this turn (forgotten with its last turn; bounded, oldest first)."""
+    def _remember_session(self, session: SessionHint | None, decode: WorkerState) -> WorkerState | None:
+        """Where the session's KV will be after this turn (forgotten with its last turn; bounded, oldest first).
+        Returns the previous holder when this turn goes elsewhere and that worker is still up (it should let go)."""
         if session is None:
-            return
-        self.sessions.pop(session.session_id, None)
+            return None
+        previous = self.sessions.pop(session.session_id, None)
         if not session.end:
             self.sessions[session.session_id] = decode.worker_id
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
         self.metrics.sessions.set(len(self.sessions))
+        old = self.registry.get(previous) if previous not in (None, decode.worker_id) else None
+        return old if old is not None and old.healthy else None
 
     # --- the token stream ------------------------------------------------------------------------
 
@@ -210,7 +214,9 @@ class RouterService:
         if not admitted:
             self.admit()
         decode, prefill = self.pick(prompt_ids, session)
-        self._remember_session(session, decode)
+        moved_from = self._remember_session(session, decode)
+        if moved_from is not None:  # its holder is draining or not decoding: it lets the old copy go
+            await self.control.send(moved_from, EndSession(session_id=session.session_id))
         request_id = proc.request_id
         stream = self.control.open_stream(request_id, decode, prefill, len(prompt_ids))
         self.inflight += 1
@@ -246,6 +252,10 @@ class RouterService:
                 delta = proc.process(out)
             except WorkerFailed as exc:
                 logger.warning("request %s: failed: %s", stream.request_id, exc)
+                grammar = _GRAMMAR_ERROR.search(str(exc))
+                if grammar is not None:  # a grammar xgrammar refuses (core/engine/grammar.py): the client's fault
+                    raise APIError(400, f"invalid field '{grammar[1]}': {grammar[2]}", param=grammar[1],
+                                   code="invalid_grammar") from exc
                 raise APIError(500, f"generation failed: {exc}", type="server_error", code="worker_error") from exc
             if delta.token_ids:
                 timing.on_tokens(self.metrics)
@@ -263,6 +273,10 @@ class RouterService:
             self.inflight -= 1
             self.metrics.inflight.dec()
             logger.debug("request %s: done (%d tokens)", stream.request_id, proc.completion_tokens)
+
+
+_GRAMMAR_ERROR = re.compile(r"invalid grammar in (\S+): (.*)")
+"""A worker's error for a structured-output spec it cannot compile (core/engine/grammar.py)."""
 
 
 def load_api_keys(config: RouterConfig) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ from splitserve.core.config import BUILTIN_MODEL, EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=BUILTIN_MODEL, help="HF model dir, or the built-in random model (default)")
+    p.add_argument("--model", default=BUILTIN_MODEL, help="HF model dir, Hugging Face repo id (from the local cache; "
+                   "downloaded unless HF_HUB_OFFLINE=1), or the built-in random model (default)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -29,10 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from splitserve.core.engine.offline import generate_text
+    from splitserve.core.hub import ModelNotFound, resolve_model
     from splitserve.core.messages import SamplingParams
 
+    try:
+        model = resolve_model(args.model)
+    except ModelNotFound as exc:
+        print(f"splitserve generate: {exc}", file=sys.stderr)
+        return 2
     cfg = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, page_size=args.page_size
+        model=model, device=args.device, dtype=args.dtype, load_format=args.load_format, page_size=args.page_size
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -12,6 +12,10 @@
    heartbeats). More than ``--max-restarts`` exits of one child within ``--restart-window-s`` is a crash loop: the
    stack stops with a message naming the child and its exit code.
 4. SIGTERM / SIGINT: every child gets SIGTERM (workers drain), and SIGKILL after a timeout.
+
+HTTPS: ``--tls-certfile`` / ``--tls-keyfile`` go to the router (checked before any child starts: a missing or
+invalid file exits with status 2); the launcher then polls ``https://.../health`` without verifying the certificate
+(its own child, on its own host).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,9 +41,14 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=BUILTIN_MODEL, help="HF model dir, dummy:<shape>, or the built-in random model")
+    p.add_argument("--model", default=BUILTIN_MODEL,
+                   help="HF model dir, Hugging Face repo id (local cache; downloaded unless HF_HUB_OFFLINE=1), "
+                        "dummy:<shape>, or the built-in random model")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="names clients may use in 'model', the first one in responses (default: --model)")
+    p.add_argument("--chat-template", default=None, help="jinja chat template file for the router (default: the model's)")
+    p.add_argument("--tool-call-parser", choices=["llama3_json", "hermes"], default=None,
+                   help="how the router finds tool calls in chat output for tool_choice=auto (default: none)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0, help="colocated (prefill+decode) workers")
@@ -58,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-window-s", type=float, default=60.0, help="crash-loop window in seconds (default 60)")
     p.add_argument("--restart-backoff-s", type=float, default=1.0,
                    help="delay before the first restart of a child, doubled for each recent exit (default 1)")
+    from splitserve.router.main import add_tls_arguments
+
+    add_tls_arguments(p, client_certs=False)
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,11 @@ def plan_commands(args: argparse.Namespace, control_port: int) -> list[Child]:
               "--control-host", args.host, "--control-port", str(control_port)]
     if getattr(args, "served_model_name", None):
         router += ["--served-model-name", *args.served_model_name]
+    for flag in ("tls_certfile", "tls_keyfile", "chat_template"):
+        if getattr(args, flag, None):
+            router += ["--" + flag.replace("_", "-"), os.path.abspath(getattr(args, flag))]
+    if getattr(args, "tool_call_parser", None):
+        router += ["--tool-call-parser", args.tool_call_parser]
     children = [Child("router", router, {})]
     gpus = _num_gpus(args) if args.device == "cuda" else 0
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["both"] * args.colocated
@@ -181,13 +199,24 @@ def _spawn(child: Child) -> subprocess.Popen:
     return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
+def _probe_context(url: str) -> ssl.SSLContext | None:
+    """For ``https``: a client context that does not verify (the router is this launcher's child)."""
+    if not url.startswith("https:"):
+        return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
+    ctx = _probe_context(url)
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             return False
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{url}/health", timeout=2, context=ctx) as resp:
                 if resp.status == 200:
                     return True
         except OSError:
@@ -210,7 +239,7 @@ def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             p.wait()
 
 
-def _with_keys(children: list[Child], keys_dir: str) -> list[Child]:
+def with_keys(children: list[Child], keys_dir: str) -> list[Child]:
     """Every child authenticates on the control plane with the keys in ``keys_dir``."""
     return [Child(c.name, [*c.argv, "--keys-dir", keys_dir], c.env) for c in children]
 
@@ -218,8 +247,32 @@ def _with_keys(children: list[Child], keys_dir: str) -> list[Child]:
 def preflight(args: argparse.Namespace) -> str | None:
     """Why ``splitserve up`` cannot start (a port in use, a model path that does not exist), checked before any child
     starts; ``None`` when it can."""
-    if not args.model.startswith(("builtin:", "dummy:")) and not os.path.isdir(args.model):
-        return f"--model {args.model}: no such model directory (or use builtin:tiny-random-llama, dummy:<shape>)"
+    from splitserve.core.hub import ModelNotFound, is_local, resolve_model
+
+    if args.device == "cuda":
+        import torch  # only with --device cuda
+
+        if not torch.cuda.is_available():
+            return (f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine "
+                    "(use --device cpu, or install a CUDA build of torch)")
+
+    if not is_local(args.model):  # a Hugging Face repo id: fetched (or found in the cache) once, here
+        try:
+            path = resolve_model(args.model)
+        except ModelNotFound as exc:
+            return str(exc)
+        args.served_model_name = args.served_model_name or [args.model]
+        args.model = path
+    from splitserve.router.main import tls_context, tls_files
+
+    files = tls_files(args)
+    if files["tls_ca_certs"]:
+        return ("SPLITSERVE_TLS_CA_CERTS (client certificates) is for splitserve router only: the launcher's "
+                "readiness probe has none")
+    try:
+        tls_context(**files)
+    except ValueError as exc:
+        return str(exc)
     for flag, port in (("--port", args.port), ("--control-port", args.control_port)):
         if not port:
             continue
@@ -248,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
     if own_keys:
         write_keys(keys_dir)
     try:
-        return _run(args, Supervisor(_with_keys(plan_commands(args, control_port), keys_dir), _spawn, policy))
+        return _run(args, Supervisor(with_keys(plan_commands(args, control_port), keys_dir), _spawn, policy))
     finally:
         if own_keys:
             shutil.rmtree(keys_dir, ignore_errors=True)
@@ -265,7 +318,10 @@ def _run(args: argparse.Namespace, sup: Supervisor) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         sup.start_all()
-        url = f"http://{args.host}:{args.port}"
+        from splitserve.router.main import tls_files
+
+        scheme = "https" if tls_files(args)["tls_certfile"] else "http"
+        url = f"{scheme}://{args.host}:{args.port}"
         if not wait_healthy(url, sup.procs(), args.ready_timeout_s):
             dead = [s.child.name for s in sup.items if s.proc is not None and s.proc.poll() is not None]
             logger.error("SplitServe did not become healthy%s; stopping",
@@ -274,7 +330,7 @@ def _run(args: argparse.Namespace, sup: Supervisor) -> int:
         print(f"SplitServe is up at {url}/v1  (status page: {url}/status)", flush=True)
         print(
             f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
-            f"-d '{{\"model\": \"{args.model}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'",
+            f"-d '{{\"model\": \"{(args.served_model_name or [args.model])[0]}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'",
             flush=True,
         )
         while not stop["now"]:

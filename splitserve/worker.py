@@ -18,11 +18,21 @@ from splitserve.transfer.registry import BACKENDS as TRANSFER_BACKENDS
 
 logger = logging.getLogger(__name__)
 
+def _env_bool(text: str) -> bool:
+    """``SPLITSERVE_*`` booleans: 1/true/yes/on or 0/false/no/off (anything else is an error naming the value)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
 _ENGINE_FLAGS = MappingProxyType({
     "model": str, "load_format": str, "dtype": str, "device": str, "device_index": int, "seed": int,
     "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
     "chunk_size": int, "prefill_token_budget": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
-    "kv_cache_memory_fraction": float,
+    "kv_cache_memory_fraction": float, "async_scheduling": _env_bool,
 })
 _TRANSFER_FLAGS = MappingProxyType(
     {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str,
@@ -30,7 +40,8 @@ _TRANSFER_FLAGS = MappingProxyType(
 )
 _WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
-    "local_prefill_threshold": int, "session_kv_fraction": float, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
+    "local_prefill_threshold": int, "session_kv_fraction": float, "session_host_gib": float,
+    "session_disk_dir": str, "session_disk_gib": float, "session_ttl_s": float, "session_policy": str, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
 })
 
 
@@ -44,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
     p.add_argument("--session-kv-fraction", type=float, default=None,
                    help="share of the KV pool agent sessions may keep pinned between turns (default 0.5)")
+    p.add_argument("--session-host-gib", type=float, default=None,
+                   help="host-memory tier (GiB) for sessions let go from the KV pool (default 0: off)")
+    p.add_argument("--session-disk-dir", default=None, help="disk tier directory for sessions (with --session-disk-gib)")
+    p.add_argument("--session-disk-gib", type=float, default=None, help="disk tier budget in GiB (default 0: off)")
+    p.add_argument("--session-ttl-s", type=float, default=None,
+                   help="drop a session idle this long from every tier (default 3600)")
+    p.add_argument("--session-policy", choices=["expected_return", "lru"], default=None,
+                   help="session to let go first under KV pressure (default expected_return)")
     p.add_argument("--drain-timeout-s", type=float, default=None)
     p.add_argument("--keys-dir", default=None,
                    help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets")
@@ -66,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill role: tokens per step, whole prompts first come first served (default 8192)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each plain greedy decode step before reading the previous step's tokens, so host work "
+                        "overlaps the device (default on)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None)
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,
                    help="KV transfer backend (default auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
@@ -100,11 +122,22 @@ def build_config(args: argparse.Namespace, environ: dict[str, str] | None = None
     if "host" in wk:
         tr_cfg.setdefault("host", wk["host"])  # peers reach the KV receiver where they reach the worker
     wk.setdefault("role", "both" if args._command == "worker" else args._command)
+    from splitserve.core.hub import is_repo_id, resolve_model
+
+    if "model" in eng and is_repo_id(eng["model"]):
+        eng["model"] = resolve_model(eng["model"])  # a Hugging Face repo id -> its cached snapshot
     return WorkerConfig(engine=EngineConfig(**eng), transfer=TransferConfig(**tr_cfg), **wk)
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_worker(build_config(args))
+    from splitserve.core.hub import ModelNotFound
+
+    try:
+        cfg = build_config(args)
+    except ModelNotFound as exc:
+        logger.error("%s", exc)
+        return 2
+    return run_worker(cfg)
 
 
 def _curve(cfg: WorkerConfig) -> dict[str, str]:
@@ -134,7 +167,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     cfg = cfg.model_copy(update={"transfer": transfer})
     device = torch.device(cfg.engine.device, cfg.engine.device_index if cfg.engine.device == "cuda" else None)
     backend = resolve(cfg.transfer.backend, device.type)
-    copy_engine = make_copy_engine(backend, device)
+    copy_engine = make_copy_engine(backend, device, host=cfg.transfer.host)
     engine = LLMEngine(cfg.engine, allocate=copy_engine.allocate if copy_engine is not None else None)
     if cfg.engine.device == "cuda":  # before registering: no compile or graph capture inside a request
         logger.info("worker warm-up: %s", engine.warmup())

@@ -33,3 +33,15 @@ def test_up_passes_the_aliases_to_the_router():
     router = launcher.plan_commands(parser.parse_args(["--served-model-name", "a", "b"]), 8100)[0]
     assert router.argv[-3:] == ["--served-model-name", "a", "b"]
     assert "--served-model-name" not in launcher.plan_commands(parser.parse_args([]), 8100)[0].argv
+
+
+def test_up_passes_the_chat_template_and_tool_call_parser_to_the_router_only(tmp_path):
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    template = tmp_path / "chat.jinja"
+    children = launcher.plan_commands(parser.parse_args(["--chat-template", str(template), "--tool-call-parser",
+                                                         "hermes"]), 8100)
+    router = children[0].argv
+    assert router[router.index("--chat-template") + 1] == str(template)
+    assert router[router.index("--tool-call-parser") + 1] == "hermes"
+    assert all("--chat-template" not in c.argv and "--tool-call-parser" not in c.argv for c in children[1:])

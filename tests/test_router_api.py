@@ -64,11 +64,11 @@ def test_bad_prompt_forms_name_the_prompt_and_the_forms(prompt):
     ({"n": 2, "best_of": 3}, "best_of"), ({"best_of": 0}, "best_of"), ({"max_tokens": 0}, "max_tokens"),
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"a": 1}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
-    ({"suffix": "end"}, "suffix"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"suffix": "end"}, "suffix"), ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-    ({"functions": [{"name": "f"}]}, "functions"), ({"guided_json": {}}, "guided_json"),
-    ({"guided_regex": "a+"}, "guided_regex"), ({"guided_choice": ["a"]}, "guided_choice"),
-    ({"guided_grammar": "root ::= x"}, "guided_grammar"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"guided_json": {"type": 5}}, "guided_json"),
+    ({"guided_regex": "(a"}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": " "}, "guided_grammar"),
 ])
 def test_field_rules_and_refused_parameters_name_the_field(body, param):
     err = _err(CompletionRequest, {"prompt": "x", **body})
@@ -88,7 +88,7 @@ def test_accepted_extras_map_to_sampling_params_and_copies_get_their_seed():
     assert echo_only(echo) and to_sampling_params(echo, 4, 100, "prompt").max_tokens == 1
     chat = {"messages": [{"role": "user", "content": "x"}]}
     assert _err(ChatCompletionRequest, {**chat, "max_completion_tokens": 0}).param == "max_completion_tokens"
-    assert _err(ChatCompletionRequest, {**chat, "tools": [{"type": "function"}]}).param == "tools"
+    assert _err(ChatCompletionRequest, {**chat, "tools": [{"type": "function"}]}).param == "tools.0.function"
 
 
 def test_prompt_forms_and_chat_fields():

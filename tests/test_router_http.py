@@ -394,19 +394,19 @@ def test_max_tokens_zero_without_echo_is_refused(router):
     assert c.completions.create(model=MODEL, prompt="x", max_tokens=0, echo=True).choices[0].text == "x"
 
 
-REFUSED = [
+REFUSED = [  # not implemented (suffix, functions...), or implemented and given a value they cannot take
     ("completions", {"suffix": " the end"}, "suffix"),
-    ("completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("completions", {"guided_json": {"type": "object"}}, "guided_json"),
-    ("completions", {"guided_regex": "[a-z]+"}, "guided_regex"),
-    ("completions", {"guided_choice": ["yes", "no"]}, "guided_choice"),
-    ("completions", {"guided_grammar": "root ::= \"a\""}, "guided_grammar"),
-    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    ("completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("completions", {"guided_json": {"type": 5}}, "guided_json"),
+    ("completions", {"guided_regex": "[a-z"}, "guided_regex"),
+    ("completions", {"guided_choice": []}, "guided_choice"),
+    ("completions", {"guided_grammar": 5}, "guided_grammar"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
      "response_format"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-    ("chat", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("chat", {"guided_json": {"type": 5}}, "guided_json"),
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),
@@ -425,7 +425,7 @@ def test_unsupported_parameters_are_refused_by_name(router, api, fields, param):
                                       extra_body=fields)
         else:
             c.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=fields)
-    assert exc.value.param == param and param in exc.value.message
+    assert exc.value.param.split(".")[0].split("[")[0] == param and param in exc.value.message  # or a path in it
     assert not [e for e in router.events("w1")[before:] if e["type"] == "GenerateReq"]
 
 

@@ -1,7 +1,10 @@
 """NIXL: the one-sided KV path across hosts (UCX one-sided RDMA WRITE; host memory on CPUs, GPU memory on GPUs).
 
 1. One NIXL agent per :class:`NixlCopyEngine`: a unique name, the UCX backend, no listen thread (agent metadata
-   travels inside our own :class:`~splitserve.core.messages.KVDescriptor`, never over NIXL's socket).
+   travels inside our own :class:`~splitserve.core.messages.KVDescriptor`, never over NIXL's socket). Given a
+   ``host`` (the worker's transfer host), the agent's UCX network devices are that host's interface plus the RDMA
+   ports (:func:`~splitserve.transfer.ucx_backend.net_devices`), so UCX's TCP transport listens on that address
+   only (NIXL's ``ucx_devices`` parameter does not restrict it: ``UCX_NET_DEVICES`` is set while the agent is made).
 2. Receiver :meth:`NixlCopyEngine.export`: the whole pool is registered once (at :meth:`NixlCopyEngine.allocate`,
    else here); the export carries the agent's metadata for that one registration (plus its connection info), the
    pool's address, memory type and device. It grants writes into that pool only.
@@ -25,13 +28,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +72,22 @@ def load_nixl() -> _Nixl:
     bindings = nixl._bindings
     errors = tuple(getattr(bindings, n) for n in dir(bindings) if n.startswith("nixl") and n.endswith("Error"))
     return _Nixl(nixl_agent, nixl_agent_config, errors)
+
+
+@contextlib.contextmanager
+def _ucx_devices_for(host: str | None) -> Iterator[None]:
+    """``UCX_NET_DEVICES`` for ``host`` while the agent's UCX context is made (UCX reads it then), restored after."""
+    from splitserve.transfer.ucx_backend import net_devices
+
+    devices = net_devices(host) if host is not None else None
+    if devices is None:
+        yield
+        return
+    os.environ["UCX_NET_DEVICES"] = devices
+    try:
+        yield
+    finally:
+        os.environ.pop("UCX_NET_DEVICES", None)
 
 
 def coalesce_runs(src_slots: np.ndarray, dst_slots: np.ndarray) -> np.ndarray:
@@ -197,19 +217,21 @@ class NixlCopyEngine(CopyEngine):
         name: the NIXL agent's name (unique among the agents that talk; default: host, pid and a random suffix).
         fence_wait_s: how long :meth:`fence` waits for the writes it covers (0: it does not wait, so the caller must
             not touch the source pages before ``done()``; for benchmarks).
+        host: the address UCX's TCP transport listens on (``None`` or a wildcard: every device, UCX's default).
     """
 
     kind = "nixl"
     cross_host = True
 
-    def __init__(self, name: str | None = None, fence_wait_s: float = 5.0) -> None:
+    def __init__(self, name: str | None = None, fence_wait_s: float = 5.0, host: str | None = None) -> None:
         api = load_nixl()
         self._errors = api.errors
         self.name = name or f"splitserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.fence_wait_s = fence_wait_s
         config = api.config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
         try:
-            self._agent = api.agent(self.name, config)
+            with _ucx_devices_for(host):
+                self._agent = api.agent(self.name, config)
         except (RuntimeError, *self._errors) as exc:
             raise TransferError(f"cannot create NIXL agent {self.name}: {exc}") from exc
         if "UCX" not in self._agent.backends:

@@ -40,8 +40,9 @@ def resolve(backend: str, device_type: str) -> str:
     return "shm" if ShmCopyEngine.available() else "zmq"
 
 
-def make_copy_engine(backend: str, device: "torch.device") -> "CopyEngine | None":
-    """The copy engine of a one-sided ``backend`` (already resolved) for a pool on ``device``; ``None`` otherwise."""
+def make_copy_engine(backend: str, device: "torch.device", host: str | None = None) -> "CopyEngine | None":
+    """The copy engine of a one-sided ``backend`` (already resolved) for a pool on ``device``; ``None`` otherwise.
+    ``host``: the transfer host, where a NIXL agent's UCX transport listens (``None``: every device)."""
     if backend == "cuda_ipc":
         if device.type != "cuda":
             raise ValueError("--transfer cuda_ipc needs --device cuda")
@@ -55,7 +56,7 @@ def make_copy_engine(backend: str, device: "torch.device") -> "CopyEngine | None
     if backend == "nixl":  # needs the nixl extra; raises TransferError naming it
         from splitserve.transfer.nixl import NixlCopyEngine
 
-        return NixlCopyEngine()
+        return NixlCopyEngine(host=host)
     return None
 
 

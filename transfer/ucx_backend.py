@@ -2,7 +2,15 @@
 
 Payloads travel over UCX tag messages; the small control frames (begin, chunk headers, finish, acks) use the
 same ZeroMQ channel as :mod:`splitserve.transfer.zmq_backend`, which keeps one validation path for both
-backends. The receiver advertises ``ucx://HOST:UCX_PORT,CONTROL_ENDPOINT``.
+backends. The receiver advertises ``ucx://HOST/WORKER_ADDRESS,CONTROL_ENDPOINT`` (:func:`receiver_address`): its UCX
+worker's address in hex, from which a sender makes its endpoint (:func:`split_address`).
+
+Binding follows ``TransferConfig.host``: there is no UCX socket listener (the one ucxx offers binds every interface,
+0.0.0.0, with no way to name one), and the UCX context's network devices are the interface that holds ``host``
+plus the RDMA ports (:func:`net_devices`), so UCX's own TCP transport listens on that address only. A wildcard host
+(``0.0.0.0``, ``::``), a host on no local interface, or ``UCX_NET_DEVICES`` set in the environment leave UCX's
+choice of devices alone. The sender's devices are never restricted (it connects out, to any host; its UCX TCP
+transport listens where ``UCX_NET_DEVICES`` says).
 
 Memory: payloads are sent from and received into staging tensors on the KV cache's device -- host memory
 on CPU (UCX picks shared memory or tcp), GPU memory on GPU (cuda_ipc over NVLink within a host, RDMA where
@@ -18,10 +26,15 @@ GPU buffers over tcp at a small fraction of NVLink speed; this is logged as a lo
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
 import os
 import random
 import re
+import socket
+import struct
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +98,74 @@ def warn_if_gpu_over_tcp(context_info: str, device: torch.device) -> bool:
     return True
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+_SIOCGIFADDR = 0x8915
+
+
+def _interface_ipv4(name: str) -> str | None:
+    """The IPv4 address of interface ``name`` (Linux ``SIOCGIFADDR``), or ``None``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def interface_of(host: str) -> str | None:
+    """The local network interface holding ``host`` (a name or an IPv4 address), or ``None``."""
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, ValueError):
+        return None
+    for _index, name in socket.if_nameindex():
+        addr = _interface_ipv4(name)
+        if addr is None:
+            continue
+        found = ipaddress.ip_address(addr)
+        if found == ip or (ip.is_loopback and found.is_loopback):
+            return name
+    return None
+
+
+def rdma_ports(root: Path = Path("/sys/class/infiniband")) -> list[str]:
+    """UCX names (``mlx5_0:1``) of this host's RDMA ports: they open no TCP listener, and keep RDMA in use."""
+    if not root.is_dir():
+        return []
+    return sorted(f"{dev.name}:{port.name}" for dev in root.iterdir() if (dev / "ports").is_dir()
+                  for port in (dev / "ports").iterdir())
+
+
+def net_devices(host: str, environ: dict[str, str] | None = None) -> str | None:
+    """``UCX_NET_DEVICES`` for a transfer bound to ``host``: its interface plus the RDMA ports; ``None`` (UCX's
+    default, every device) for a wildcard host, a host on no local interface, or when the environment sets it."""
+    env = os.environ if environ is None else environ
+    if host in WILDCARD_HOSTS or "UCX_NET_DEVICES" in env:
+        return None
+    iface = interface_of(host)
+    if iface is None:
+        logger.warning("transfer host %s is on no local interface: UCX uses every network device", host)
+        return None
+    return ",".join([iface, *rdma_ports()])
+
+
+def receiver_address(host: str, worker_address: bytes, control: str) -> str:
+    """``ucx://HOST/WORKER_ADDRESS_HEX,CONTROL_ENDPOINT``."""
+    return f"ucx://{host}/{worker_address.hex()},{control}"
+
+
+def split_address(address: str) -> tuple[str, bytes]:
+    """(control endpoint, UCX worker address) of :func:`receiver_address`; ``TransferError`` if malformed."""
+    data, sep, control = address.removeprefix("ucx://").partition(",")
+    _host, slash, hexed = data.partition("/")
+    try:
+        if not address.startswith("ucx://") or not sep or not slash or not control:
+            raise ValueError("expected ucx://HOST/WORKER_ADDRESS,CONTROL_ENDPOINT")
+        return control, bytes.fromhex(hexed)
+    except ValueError as exc:
+        raise TransferError(f"not a UCX receiver address: {address[:120]!r}: {exc}") from None
+
+
 class _UcxWorker:
     """One UCX context + worker with a progress thread (shared by a sender's or receiver's requests).
 
@@ -94,13 +175,15 @@ class _UcxWorker:
     shared memory), or ``auto`` (polling on CUDA, blocking elsewhere).
     """
 
-    def __init__(self, device: torch.device, progress: str = "auto") -> None:
+    def __init__(self, device: torch.device, progress: str = "auto", host: str = "") -> None:
         if device.type == "cuda":  # UCX (cuda_ipc) works in the current device's context, as the probe does
             torch.cuda.set_device(device)
         self.api = _import_ucxx()
         self.polling = progress == "polling" or (progress == "auto" and device.type == "cuda")
         features = (self.api.Feature.TAG,) if self.polling else (self.api.Feature.TAG, self.api.Feature.WAKEUP)
-        self.ctx = self.api.UCXContext(feature_flags=features)
+        devices = net_devices(host)
+        config = {"NET_DEVICES": devices} if devices else None
+        self.ctx = self.api.UCXContext(config_dict=config, feature_flags=features)
         self.worker = self.api.UCXWorker(self.ctx)
         if device.type == "cuda":  # the progress thread must see this device's CUDA context (cuda_ipc)
             from ucxx._cuda_context import ensure_cuda_context
@@ -153,24 +236,16 @@ class UcxKVReceiver(ZmqKVReceiver):
     """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVReceiver`."""
 
     def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress)
+        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress, cfg.host)
         super().__init__(cfg, kv_cache, layout)
-        self._endpoints: list[Any] = []
         self._orphans: list[_PendingRecv] = []
         self._pool = StagingPool()
-        self._listener = self._ucx.api.UCXListener.create(
-            worker=self._ucx.worker, port=0, cb_func=self._on_connect
-        )
-
-    def _on_connect(self, conn_request: Any) -> None:
-        """Runs on the progress thread: keep the endpoint alive (data is matched by tag on the worker)."""
-        self._endpoints.append(
-            self._listener.create_endpoint_from_conn_request(conn_request, endpoint_error_handling=True)
-        )
+        self._worker_address = self._ucx.api.UCXAddress.create_from_worker(self._ucx.worker).tobytes()
+        """Senders connect to this worker by its address (no listener; data is matched by tag on the worker)."""
 
     @property
     def address(self) -> str:
-        return f"ucx://{self._cfg.host}:{self._listener.port},{super().address}"
+        return receiver_address(self._cfg.host, self._worker_address, super().address)
 
     @property
     def gpu_over_tcp(self) -> bool:
@@ -215,9 +290,7 @@ class UcxKVReceiver(ZmqKVReceiver):
 
     def close(self) -> None:
         super().close()
-        self._ucx.close_endpoints(self._endpoints)
         self._ucx.stop()
-        self._endpoints.clear()
 
 
 @dataclass
@@ -231,26 +304,28 @@ class UcxKVSender(ZmqKVSender):
     """UCX data + ZeroMQ control. See :class:`~splitserve.transfer.base.KVSender`."""
 
     def __init__(self, cfg: "TransferConfig", kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress)
+        self._ucx = _UcxWorker(kv_cache.device, cfg.ucx_progress)  # devices unrestricted: it reaches out
         super().__init__(cfg, kv_cache, layout)
-        self._eps: dict[tuple[str, int], Any] = {}
+        self._eps: dict[bytes, Any] = {}
+        """Endpoints by the receiver's UCX worker address."""
         self._inflight: list[_PendingSend] = []
         self._sender_id = random.SystemRandom().getrandbits(31)
         self._tag_seq = 0
 
     def begin(self, desc: KVDescriptor, request_id: str = "") -> None:
-        try:
-            _, host, port = wire.split_ucx_address(desc.receiver_addr)
-        except ValueError as exc:
-            raise TransferError(str(exc)) from exc
-        if (host, port) not in self._eps:
-            self._eps[(host, port)] = self._ucx.api.UCXEndpoint.create(
-                self._ucx.worker, host, port, endpoint_error_handling=True
-            )
+        _, peer = split_address(desc.receiver_addr)
+        if peer not in self._eps:
+            try:
+                address = self._ucx.api.UCXAddress.create_from_buffer(peer)
+                self._eps[peer] = self._ucx.api.UCXEndpoint.create_from_worker_address(
+                    self._ucx.worker, address, endpoint_error_handling=True)
+            except Exception as exc:  # noqa: BLE001 - ucxx raises its own types for a bad or unreachable address
+                raise TransferError(f"cannot reach UCX receiver {desc.receiver_addr[:80]}...: "
+                                    f"{type(exc).__name__}: {exc}") from exc
         super().begin(desc, request_id)
 
     def _control_addr(self, desc: KVDescriptor) -> str:
-        return wire.split_ucx_address(desc.receiver_addr)[0]
+        return split_address(desc.receiver_addr)[0]
 
     def _stage(self, layer: int, slots: Any) -> torch.Tensor:
         """Gather into a staging tensor on the KV device (UCX reads GPU memory directly)."""
@@ -268,10 +343,10 @@ class UcxKVSender(ZmqKVSender):
         self, out: Outbound, layer: int, start: int, end: int, nbytes: int, staging: torch.Tensor
     ) -> None:
         tid = out.desc.transfer_id
-        _, host, port = wire.split_ucx_address(out.desc.receiver_addr)
+        _, peer = split_address(out.desc.receiver_addr)
         self._tag_seq = (self._tag_seq + 1) & 0xFFFFFFFF
         tag = (self._sender_id << 32) | self._tag_seq
-        request = self._eps[(host, port)].tag_send(self._ucx.array(staging), self._ucx.tag(tag))
+        request = self._eps[peer].tag_send(self._ucx.array(staging), self._ucx.tag(tag))
         self._inflight.append(_PendingSend(request, staging, tid))
         self._staging.track(staging, _RequestDone(request))
         self._send(tid, lambda seq: wire.Chunk(tid, seq, layer, start, end, nbytes, ucx_tag=tag))

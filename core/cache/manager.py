@@ -102,6 +102,9 @@ class KVCacheManager:
         self._allocator = PageAllocator(num_pages)
         self._requests: dict[str, _RequestPages] = {}
         self._pinned: dict[str, tuple[int, ...]] = {}
+        self._pinned_chain: dict[str, tuple[int, ...]] = {}
+        """Chained hashes of each pinned key's leading full pages (known even where the page itself stayed
+        unpublished because another page already held its content)."""
 
     @property
     def num_pages(self) -> int:
@@ -298,10 +301,12 @@ class KVCacheManager:
         Pinning an existing key replaces its pages (the new ones are referenced before the old
         ones are released, so shared pages never drop to zero in between).
         """
-        pages = tuple(self._get(request_id).page_ids)
+        state = self._get(request_id)
+        pages = tuple(state.page_ids)
         self._allocator.incref(pages)
         old = self._pinned.get(key)
         self._pinned[key] = pages
+        self._pinned_chain[key] = tuple(state.hashes)
         if old is not None:
             self._allocator.decref(reversed(old))
         logger.debug("request %s: pinned %d pages", request_id, len(pages))
@@ -311,10 +316,77 @@ class KVCacheManager:
         pages = self._pinned.pop(key, None)
         if pages is None:
             raise ValueError(f"unknown pinned key {key!r}")
+        self._pinned_chain.pop(key, None)
         self._allocator.decref(reversed(pages))
 
     def pinned_keys(self) -> list[str]:
         return list(self._pinned)
+
+    def has_pinned(self, key: str) -> bool:
+        """Whether ``key`` holds pinned pages (O(1))."""
+        return key in self._pinned
+
+    def pinned_hashes(self, key: str) -> list[tuple[int, int]]:
+        """``(page, chained hash of its content)`` of the full pages pinned under ``key``, in order.
+
+        What a session tier must keep to give those pages back as prefix hits later. A page may hold its hash's
+        content without carrying the hash in the prefix cache (another page already held it when it was published).
+        """
+        pages = self.pinned_pages(key)
+        return list(zip(pages, self._pinned_chain.get(key, ())))
+
+    def publish_pinned(self, key: str) -> int:
+        """Publish the full pages pinned under ``key`` whose content no page holds in the prefix cache any more.
+
+        A pinned page stays unpublished when another page held its content at publish time; once that other page is
+        evicted, this makes the pinned copy a prefix hit again. Returns how many pages were published.
+        """
+        published = 0
+        for page, page_hash in self.pinned_hashes(key):
+            if self._allocator.hash_of(page) is None and self._allocator.lookup(page_hash) is None:
+                published += self._allocator.register(page, page_hash)
+        return published
+
+    def pin_hashed(
+        self, key: str, page_hashes: Sequence[int], fill: Callable[[list[int], list[int]], None]
+    ) -> list[int] | None:
+        """Pin under ``key`` one page per hash, in order: the page that still holds the hash, else a fresh one.
+
+        1. Pages the prefix cache still holds (in use or evictable) are taken as they are (one reference each).
+        2. Fresh pages are allocated for the other hashes; ``fill(fresh_pages, indices)`` must write their content
+           (``indices[i]``: the position in ``page_hashes`` of ``fresh_pages[i]``) before they are registered under
+           their hashes, so no lookup can find a page before it holds its KV.
+        3. The pages are pinned under ``key`` (which must not be pinned yet).
+
+        All or nothing: ``None`` and no change when the pool is short; if ``fill`` raises, every reference taken is
+        dropped (fresh pages go back to the free queue unhashed) and the exception propagates.
+        """
+        if key in self._pinned:
+            raise ValueError(f"pinned key {key!r} already holds pages")
+        found = [self._allocator.lookup(h) for h in page_hashes]
+        kept = [p for p in found if p is not None]
+        revived = sum(1 for page in set(kept) if self._allocator.is_evictable(page))
+        need = len(found) - len(kept)
+        if self._allocator.num_free < need + revived:
+            return None
+        self._allocator.touch(kept)
+        fresh = self._allocator.allocate(need)
+        if fresh is None:  # unreachable: capacity was checked above
+            self._allocator.decref(kept)
+            raise CacheIntegrityError(f"pinned key {key!r}: allocator refused {need} pages it had free")
+        indices = [i for i, p in enumerate(found) if p is None]
+        try:
+            fill(fresh, indices)
+        except BaseException:
+            self._allocator.decref(list(reversed(fresh)) + kept)
+            raise
+        for page, i in zip(fresh, indices):
+            self._allocator.register(page, page_hashes[i])
+        it = iter(fresh)
+        pages = tuple(p if p is not None else next(it) for p in found)
+        self._pinned[key] = pages
+        self._pinned_chain[key] = tuple(page_hashes)
+        return list(pages)
 
     def pinned_pages(self, key: str) -> list[int]:
         if key not in self._pinned:

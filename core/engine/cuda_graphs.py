@@ -131,12 +131,19 @@ class DecodeGraphs:
         return len(self.graphs)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, key: tuple[int, int]) -> torch.Tensor:
-        """Hidden states ``[len(batch.seqs), hidden]`` of the step (a view of the graph's static output)."""
+    def run(self, batch: ScheduledBatch, key: tuple[int, int],
+            carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states ``[len(batch.seqs), hidden]`` of the step (a view of the graph's static output).
+
+        ``carry``: (rows int64 ``[k]``, token ids int64 ``[k]``), both on the device: input ids that are still on the
+        device (the previous step's sampled tokens) and replace those rows' host values.
+        """
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, out = self.graphs[key]
         self._fill(batch, key[0])
+        if carry is not None:
+            self.static.input_ids.index_copy_(0, *carry)
         graph.replay()
         return out[: len(batch.seqs)]
 

@@ -8,6 +8,14 @@ Flow of :meth:`LLMEngine.step`:
 3. Postprocess: such a request is finished with ``finish_reason="error"`` and its ``error`` (pages freed,
    one WARNING line); the others append their tokens and finish on EOS, stop ids or length.
 
+Overlapped decode (``EngineConfig.async_scheduling``): when every row of a step is a plain greedy decode token, the
+step is launched without waiting for it (:meth:`ModelRunner.launch`) and committed with pending placeholder tokens.
+The next :meth:`LLMEngine.step` schedules and launches step N+1 (its inputs read step N's tokens on the device),
+then waits for step N and postprocesses it, so host work (scheduling, outputs, the worker's messages) runs while the
+GPU computes. A step that cannot overlap (prefill chunks, sampling beyond argmax, logprobs, a layer hook) first
+completes the step in flight and runs synchronously. A request that stops at step N still has a row in step N+1:
+its extra token is dropped and its pages are freed once N+1 has completed.
+
 Requests are checked when they are added (:meth:`LLMEngine.make_request`): a prompt this engine can never
 serve, or sampling parameters the sampler cannot honour (NaN, infinite, impossible ranges), raise ``ValueError``.
 
@@ -29,15 +37,17 @@ import torch
 from splitserve.core.cache.manager import KVCacheManager
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
-from splitserve.core.engine.runner import KVPoolSpec, LayerHook, ModelRunner
-from splitserve.core.engine.sampler import check_params
+from splitserve.core.engine.grammar import GrammarStates
+from splitserve.core.engine.runner import InFlight, KVPoolSpec, LayerHook, ModelRunner
+from splitserve.core.engine.sampler import argmax_only, check_params
 from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
 from splitserve.core.messages import SamplingParams, TokenLogprob
 from splitserve.core.model.attention import make_backend
 from splitserve.core.model.config import ModelConfig
 from splitserve.core.model.layers import TORCH_OPS, KernelOps
 from splitserve.core.model.loader import load_model
-from splitserve.core.request import Request
+from splitserve.core.request import PENDING_TOKEN, Request
+from splitserve.core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +155,10 @@ class LLMEngine:
 
             graphs = DecodeGraphs(model, self.kv_cache, backend, min(cfg.max_num_seqs, 256), max_len, cfg.page_size)
         self.runner = ModelRunner(model, self.kv_cache, backend, self.eos_token_ids, layer_hook, graphs)
+        self.grammars = GrammarStates(lambda: load_tokenizer(cfg.model), mcfg.vocab_size, self.eos_token_ids)
+        """Structured output: compiled grammars and one matcher per constrained request (core/engine/grammar.py)."""
+        self.runner.grammars = self.grammars
+        self._in_flight: InFlight | None = None
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
 
     # --- requests -----------------------------------------------------------------------------------
@@ -170,6 +184,8 @@ class LLMEngine:
         self.check_prompt(request_id, prompt)
         try:
             check_params(params)
+            if params.grammar is not None:  # structured output: compile (cached) and start the request's matcher
+                self.grammars.add(request_id, params.grammar)
         except ValueError as exc:
             raise ValueError(f"request {request_id}: {exc}") from exc
         return Request(
@@ -229,7 +245,7 @@ class LLMEngine:
         if first_logprob is not None:
             req.output_logprobs.append(first_logprob)
         req.num_computed_tokens = len(prompt)
-        reason = req.check_stop()
+        reason = req.check_stop() or self.grammars.accept(request_id, first_token)  # replay: the mask of token 1
         if reason is not None:
             if session_key is not None and reason in ("stop", "length"):
                 self.kv.pin(request_id, session_key)
@@ -242,7 +258,8 @@ class LLMEngine:
         return self.scheduler.abort(request_id, "abort") is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests to run, or a step in flight to complete (keep calling :meth:`step`)."""
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000)) -> str:
         """Compile every kernel variant and capture every CUDA graph before serving; returns a one-line report.
@@ -264,11 +281,76 @@ class LLMEngine:
     # --- one step -----------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        prev = self._in_flight
+        if prev is None:
+            return self._step_now()
+        batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
+        outputs = self._finish_out_of_memory()
+        launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev)
+        outputs += self._complete(prev)
+        if launched or batch.is_empty:
+            return outputs
+        return outputs + self._step_now()  # scheduled again: every token is known now
+
+    def _step_now(self) -> list[StepOutput]:
+        """Nothing in flight: run one step synchronously, or launch it overlapped (its outputs come next step)."""
         batch = self.scheduler.schedule()
         outputs = self._finish_out_of_memory()
         if batch.is_empty:
             return outputs
+        if self._overlappable(batch) and self._launch(batch, None):
+            return outputs
         return outputs + self.postprocess(batch, self._execute(batch))
+
+    def _overlappable(self, batch: ScheduledBatch) -> bool:
+        return self.cfg.async_scheduling and not self.runner.needs_hook(batch) and all(
+            s.num_tokens == 1 and s.sample and not s.prompt_logprobs and argmax_only(s.params) for s in batch.seqs
+        )
+
+    def _launch(self, batch: ScheduledBatch, prev: InFlight | None) -> bool:
+        """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised."""
+        try:
+            launched = self.runner.launch(batch, prev)
+        except Exception as exc:  # the synchronous path runs it again and isolates a request that raises
+            logger.info("requests %s: launching the overlapped step raised %s; running it synchronously",
+                        ",".join(s.request_id for s in batch.seqs), type(exc).__name__)
+            return False
+        if prev is not None:
+            prev.retirees = self.scheduler.take_retiring()  # released when prev completes
+        launched.placeholders = self.scheduler.start_in_flight(batch)
+        self._in_flight = launched
+        return True
+
+    def _complete(self, prev: InFlight) -> list[StepOutput]:
+        """Wait for ``prev``, free the pages that waited for it, and hand out its tokens."""
+        out = prev.results()
+        if self._in_flight is prev:  # nothing newer in flight
+            self._in_flight = None
+            self.scheduler.in_flight = frozenset()
+            prev.retirees += self.scheduler.take_retiring()
+        for key in prev.retirees:
+            self.kv.free(key)
+        return self._resolve(prev, out)
+
+    def _resolve(self, prev: InFlight, out: RunnerOutput) -> list[StepOutput]:
+        """Put each row's token in place of its placeholder; finish the requests that stop there."""
+        outputs, done = [], []
+        for res in out.results:
+            req = self.scheduler.requests.get(res.request_id)
+            idx = prev.placeholders.get(res.request_id)
+            if req is None or idx is None or idx >= len(req.output_token_ids) or req.output_token_ids[idx] != PENDING_TOKEN:
+                continue  # finished or aborted meanwhile
+            req.output_token_ids[idx] = res.token_id
+            req.num_pending -= 1
+            so = StepOutput(req.request_id, [res.token_id], num_prompt_tokens=req.num_prompt_tokens,
+                            num_cached_tokens=req.num_cached_tokens, finish_reason=req.stop_reason_at(idx + 1))
+            if so.finish_reason is not None:
+                req.keep_outputs(idx + 1)
+                self.scheduler.cache_known(req)
+                done.append((req, so.finish_reason))
+            outputs.append(so)
+        self.scheduler.finish_many(done)
+        return outputs
 
     def _execute(self, batch: ScheduledBatch) -> RunnerOutput:
         """Run ``batch``; when it raises, run its sequences one at a time so that only those that raise fail."""
@@ -318,12 +400,24 @@ class LLMEngine:
                     so.logprobs.append(res.logprob)
                 if len(req.output_token_ids) == 1 and req.wants_prompt_logprobs:
                     so.prompt_logprobs = list(req.prompt_logprobs)
-                so.finish_reason = req.check_stop()
+                so.finish_reason = req.check_stop() or self._grammar_step(req, res.token_id, so)
                 if so.finish_reason is not None:
                     done.append((req, so.finish_reason))
                 outputs.append(so)
         self.scheduler.finish_many(done)
+        if len(self.grammars):
+            self.grammars.retain(self.scheduler.requests)
         return outputs
+
+    def _grammar_step(self, req: Request, token_id: int, so: StepOutput) -> str | None:
+        """Advance the request's grammar with its new token: ``"stop"`` when it terminates, ``"error"`` (with
+        ``so.error``) when it refuses the token; None to continue (and for requests without a grammar)."""
+        try:
+            return self.grammars.accept(req.request_id, token_id)
+        except ValueError as exc:
+            so.error = error_text("structured output", exc)
+            logger.warning("request %s: %s", req.request_id, so.error)
+            return "error"
 
     def _fail_errors(self, out: RunnerOutput) -> list[StepOutput]:
         """Finish with ``finish_reason="error"`` every request whose sequence failed; their pages are freed."""

@@ -7,6 +7,11 @@ Flow of :meth:`ModelRunner.execute`:
    row and report the rows that still raise in :attr:`SeqResult.error` (the engine fails those requests).
 4. Add prompt logprobs where asked.
 
+Overlapped decode (:meth:`ModelRunner.launch`, plain greedy decode rows only): steps 1-3 are queued on the device
+without waiting for them, the argmax is copied to host memory behind an event, and the returned :class:`InFlight`
+reads it later. A row whose input token is the previous step's pending token reads it from that step's device
+tensor, so the host never waits between steps.
+
 It reads nothing but the batch it is handed; the KV pool, the model and the attention backend are
 collaborators given at construction.
 """
@@ -14,7 +19,7 @@ collaborators given at construction.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -23,9 +28,11 @@ from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult
 from splitserve.core.engine.sampler import SampleInput, sample_batch, top_logprobs
 from splitserve.core.messages import TokenLogprob
 from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
+from splitserve.core.request import PENDING_TOKEN
 
 if TYPE_CHECKING:
     from splitserve.core.engine.cuda_graphs import DecodeGraphs
+    from splitserve.core.engine.grammar import GrammarStates
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,42 @@ class KVPoolSpec:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
 
+@dataclass
+class InFlight:
+    """A launched decode step whose sampled tokens have not been read on the host yet."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor
+    """int64 ``[len(batch.seqs)]`` on the model's device: each row's greedy token."""
+    host: torch.Tensor
+    """int64 ``[len(batch.seqs)]`` host copy of ``tokens`` (pinned on CUDA), valid once ``done`` has completed."""
+    done: "torch.cuda.Event | None"
+    rows: dict[str, int]
+    """request id -> row."""
+    placeholders: dict[str, int] = field(default_factory=dict)
+    """request id -> index of the row's pending token in the request's ``output_token_ids`` (set by the engine)."""
+    retirees: list[str] = field(default_factory=list)
+    """Page owner keys to free once this step has completed (set by the engine)."""
+
+    @classmethod
+    def start(cls, batch: ScheduledBatch, tokens: torch.Tensor) -> "InFlight":
+        rows = {s.request_id: i for i, s in enumerate(batch.seqs)}
+        if not tokens.is_cuda:
+            return cls(batch, tokens, tokens, None, rows)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(batch, tokens, host, done, rows)
+
+    def results(self) -> RunnerOutput:
+        """Wait for the step, then one :class:`SeqResult` per row."""
+        if self.done is not None:
+            self.done.synchronize()
+        toks = self.host.tolist()
+        return RunnerOutput(results=tuple(SeqResult(s.request_id, t) for s, t in zip(self.batch.seqs, toks)))
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -77,15 +120,17 @@ class ModelRunner:
         self.hook_filter: Callable[[ScheduledBatch], bool] | None = None
         """Says whether a batch needs the layer hook (steps that need none may replay a CUDA graph)."""
         self.graphs = graphs
+        self.grammars: "GrammarStates | None" = None
+        """Structured output: the engine's matchers, looked up by request id for each sampled row."""
 
-    def _needs_hook(self, batch: ScheduledBatch) -> bool:
+    def needs_hook(self, batch: ScheduledBatch) -> bool:
         if self.layer_hook is None:
             return False
         return self.hook_filter is None or self.hook_filter(batch)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
-        needs_hook = self._needs_hook(batch)
+        needs_hook = self.needs_hook(batch)
         key = self.graphs.key(batch) if self.graphs is not None and not needs_hook else None
         if key is not None:
             return self._postprocess(batch, self.graphs.run(batch, key))
@@ -95,6 +140,35 @@ class ModelRunner:
             meta.on_layer_done = lambda layer: hook(layer, batch)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         return self._postprocess(batch, hidden)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: InFlight | None) -> InFlight:
+        """Queue a decode step of plain greedy rows (one token each) without waiting for it.
+
+        Rows whose input token is :data:`PENDING_TOKEN` take ``prev``'s sampled token for the same request, on the
+        device. Raises ``ValueError`` when such a row has no row in ``prev``.
+        """
+        carry = self._carry(batch, prev)
+        key = self.graphs.key(batch) if self.graphs is not None else None
+        if key is not None:
+            hidden = self.graphs.run(batch, key, carry)
+        else:
+            input_ids, positions, meta = self._prepare(batch)
+            if carry is not None:
+                input_ids.index_copy_(0, *carry)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        return InFlight.start(batch, torch.argmax(self.model.compute_logits(hidden), dim=-1))
+
+    def _carry(self, batch: ScheduledBatch, prev: InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of ``batch`` whose token is pending, their tokens from ``prev``) as device tensors, or None."""
+        rows = [i for i, s in enumerate(batch.seqs) if s.token_ids[0] == PENDING_TOKEN]
+        if not rows:
+            return None
+        missing = [batch.seqs[i].request_id for i in rows if prev is None or batch.seqs[i].request_id not in prev.rows]
+        if missing:
+            raise ValueError(f"requests {missing}: pending input token without a step in flight")
+        src = self._tensor([prev.rows[batch.seqs[i].request_id] for i in rows], torch.long)
+        return self._tensor(rows, torch.long), prev.tokens.index_select(0, src)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor; on CUDA through pinned memory without a host sync."""
@@ -176,6 +250,7 @@ class ModelRunner:
             prompt_token_ids=s.prompt_token_ids,
             output_token_ids=s.output_token_ids,
             eos_token_ids=self.eos_token_ids,
+            grammar=self.grammars.get(s.request_id) if self.grammars is not None and s.params.grammar else None,
         )
 
     def _prompt_logprobs(self, s: SeqWork, hidden: torch.Tensor) -> tuple:

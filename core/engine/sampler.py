@@ -1,7 +1,12 @@
 """Token sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs.
 
 Flow for one row of logits (:func:`sample_one`; :func:`sample_batch` takes one batched argmax instead when every
-row is plain greedy: no bias, penalty or min_tokens):
+row is greedy with no bias, penalty or min_tokens):
+
+0. Structured output (:func:`sample_batch`): rows with a grammar get its token mask first, for the whole batch at once
+   (core/engine/grammar.py; on a copy when a row wants logprobs, which stay the model's own), so whichever path
+   follows, only tokens the grammar allows can be drawn. A grammar row is never "plain" (:func:`argmax_only` is
+   False), so the engine's overlapped decode path, which samples nothing but the raw argmax, never takes it.
 
 1. Check the parameters (:func:`check_params`; :func:`sample_batch` checks every row, whichever path it then
    takes): NaN, infinite or impossible values raise ``ValueError``.
@@ -25,11 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from splitserve.core.messages import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from splitserve.core.engine.grammar import RequestGrammar
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
@@ -57,6 +65,8 @@ class SampleInput:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     eos_token_ids: frozenset[int] = frozenset()
+    grammar: "RequestGrammar | None" = None
+    """Structured output: the request's matcher (its mask is applied by :func:`sample_batch`)."""
 
 
 def check_params(params: SamplingParams) -> None:
@@ -219,10 +229,13 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
     """
     for inp in inputs:  # every row, so that whether a row fails never depends on the rows batched with it
         check_params(inp.params)
-    if all(i.params.greedy and _plain(i.params) for i in inputs):
-        tokens = torch.argmax(logits, dim=-1).tolist()
+    x, masked = _masked(logits, inputs)
+    if all(i.params.greedy and _no_processing(i.params) for i in inputs):
+        if masked and not bool(torch.isfinite(x).any(dim=-1).all()):
+            raise ValueError("no token is left to sample: the grammar and the logits allow no token")
+        tokens = torch.argmax(x, dim=-1).tolist()
     else:
-        tokens = [_sample_checked(logits[r], inp) for r, inp in enumerate(inputs)]
+        tokens = [_sample_checked(x[r], inp) for r, inp in enumerate(inputs)]
     lps: list[TokenLogprob | None] = [None] * len(inputs)
     want = [r for r, inp in enumerate(inputs) if inp.params.logprobs is not None]
     if want:
@@ -232,7 +245,37 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
     return tokens, lps
 
 
-def _plain(p: SamplingParams) -> bool:
-    """No logit bias, no penalties and no min_tokens: a batched argmax gives the same token."""
+def argmax_only(p: SamplingParams) -> bool:
+    """The token is the logits' argmax and nothing else is asked (no logprobs): a device-side argmax serves it."""
+    return p.greedy and p.logprobs is None and _plain(p)
+
+
+def _masked(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[torch.Tensor, bool]:
+    """(``logits`` with every grammar row masked, whether any was) (module flow, step 0): masked in place, or on a
+    copy when logprobs are asked (they are the model's own). A row whose request has a grammar but no matcher raises
+    ``ValueError`` (it is never sampled unconstrained)."""
+    rows = []
+    for r, inp in enumerate(inputs):
+        if inp.params.grammar is not None and inp.grammar is None:
+            raise ValueError("the request has a grammar but no matcher on this worker")
+        if inp.grammar is not None:
+            rows.append((r, inp.grammar))
+    if not rows:
+        return logits, False
+    from splitserve.core.engine.grammar import apply_masks
+
+    x = logits.clone() if any(inp.params.logprobs is not None for inp in inputs) else logits
+    apply_masks(x, rows)
+    return x, True
+
+
+def _no_processing(p: SamplingParams) -> bool:
+    """No logit bias, no penalties and no min_tokens: once the grammar masks are applied, a batched argmax gives the
+    same token."""
     return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.min_tokens == 0
             and not p.logit_bias)
+
+
+def _plain(p: SamplingParams) -> bool:
+    """No logit bias, no penalties, no min_tokens and no grammar: the raw batched argmax gives the same token."""
+    return _no_processing(p) and p.grammar is None

@@ -5,6 +5,12 @@ oldest first), then waiting requests (prefix-cache hits skip their cached pages)
 full, the newest running request is preempted: its pages are freed and it waits again at the front of
 the queue, to be recomputed from its prompt plus the tokens it already generated.
 
+Overlapped decode steps (the engine launches step N+1 before it reads step N's tokens): :meth:`start_in_flight`
+commits a launched step at once, each row's sampled token a :data:`PENDING_TOKEN` placeholder that the next step
+reads on the device. While a step is in flight its requests' pages are still being written, so a request of it
+that finishes or aborts gives its pages up only when the step has completed (:meth:`take_retiring`); a request
+that cannot take another token (``max_tokens``, context) is not scheduled again while its last token is pending.
+
 Waiting requests can hold pages too: a decode worker's request whose KV arrived from a prefill worker
 (``LLMEngine.add_prefilled``) waits with its reserved pages. When nothing runs and the head of the queue
 cannot get pages, those holders would block it for ever, so the newest of them gives its pages up and will be
@@ -13,6 +19,7 @@ recomputed, like a preempted request; a head that cannot fit in the whole pool f
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ from typing import Iterable
 
 from splitserve.core.cache.manager import KVCacheBlocks, KVCacheManager
 from splitserve.core.engine.batch import ScheduledBatch, SeqWork
-from splitserve.core.request import Request, RequestStatus
+from splitserve.core.request import PENDING_TOKEN, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,11 @@ class Scheduler:
         """Times a request lost its pages to make room (it is recomputed); a counter for metrics."""
         self.out_of_memory: list[Request] = []
         """Requests that cannot grow even with the whole pool to themselves; the engine finishes them ("length")."""
+        self.in_flight: frozenset[str] = frozenset()
+        """Requests of the step in flight (overlapped decode): their pages are still being written."""
+        self._retiring: list[str] = []
+        """Page owner keys of finished requests of the step in flight, freed once it completes."""
+        self._retire_ids = itertools.count()
 
     # --- queue management -------------------------------------------------------------------------
 
@@ -75,7 +87,21 @@ class Scheduler:
         if self.kv.has(req.request_id):
             if req.session_key is not None and reason in ("stop", "length"):
                 self.kv.pin(req.request_id, req.session_key)  # the next turn hits these pages
-            self.kv.free(req.request_id)
+            self._release_pages(req.request_id)
+
+    def _release_pages(self, request_id: str) -> None:
+        """Free the request's pages, or hold them under a retiring key while the step in flight may write them."""
+        if request_id in self.in_flight:
+            key = f"{request_id}#retiring-{next(self._retire_ids)}"
+            self.kv.rename(request_id, key)
+            self._retiring.append(key)
+        else:
+            self.kv.free(request_id)
+
+    def take_retiring(self) -> list[str]:
+        """Owner keys of pages that wait for the step in flight; the caller frees them once it has completed."""
+        keys, self._retiring = self._retiring, []
+        return keys
 
     @property
     def num_unfinished(self) -> int:
@@ -108,6 +134,8 @@ class Scheduler:
         return ScheduledBatch(seqs=tuple(work), page_size=self.kv.page_size)
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
+        if req.num_pending and req.at_length_limit:
+            return 0  # its pending token is its last
         return max(0, min(req.num_tokens - req.num_computed_tokens, self.limits.chunk_size, budget))
 
     def _allocate_or_preempt(self, req: Request, n: int) -> bool:
@@ -138,7 +166,7 @@ class Scheduler:
     def _drop_pages(self, req: Request) -> None:
         """Free ``req``'s pages; it will be recomputed from its prompt plus the tokens it already generated."""
         logger.info("request %s: preempted (pool full), will recompute %d tokens", req.request_id, req.num_tokens)
-        self.kv.free(req.request_id)
+        self._release_pages(req.request_id)
         req.num_computed_tokens = 0
         req.num_cached_tokens = 0
         req.num_preemptions += 1
@@ -218,8 +246,27 @@ class Scheduler:
             if req is None:
                 continue
             req.num_computed_tokens = seq.start_pos + seq.num_tokens
-            if self.limits.enable_prefix_caching:
-                self.kv.cache_pages(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self.cache_known(req)
+
+    def cache_known(self, req: Request) -> None:
+        """Publish ``req``'s full pages whose tokens are computed and known (not pending) to the prefix cache."""
+        if self.limits.enable_prefix_caching:
+            known = min(req.num_computed_tokens, req.num_known_tokens)
+            self.kv.cache_pages(req.request_id, req.all_token_ids, known)
+
+    def start_in_flight(self, batch: ScheduledBatch) -> dict[str, int]:
+        """Commit a launched decode step whose tokens are not read yet: each request advances one position and gets a
+        :data:`PENDING_TOKEN`; returns request id -> index of that placeholder in its ``output_token_ids``."""
+        where = {}
+        for seq in batch.seqs:
+            req = self.requests[seq.request_id]
+            req.num_computed_tokens = seq.start_pos + seq.num_tokens
+            req.output_token_ids.append(PENDING_TOKEN)
+            req.num_pending += 1
+            where[req.request_id] = len(req.output_token_ids) - 1
+            self.cache_known(req)
+        self.in_flight = frozenset(where)
+        return where
 
     def finish_many(self, reqs: Iterable[tuple[Request, str]]) -> None:
         for req, reason in reqs:

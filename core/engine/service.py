@@ -2,7 +2,9 @@
 
 One thread does everything, in this order, forever: read control messages (router and peers), poll
 the registered pollers (KV transfer endpoints), run one engine step, hand each output to the service that
-owns the request, send a heartbeat when due. Role services (prefill/, decode/) plug in by registering
+owns the request, send a heartbeat when due. A side thread only keeps the worker visibly alive while that loop is
+inside a long step (a compile, a huge prefill): when no heartbeat left for ``1.5 * heartbeat_s`` it resends the
+last one without its prefix-cache events, under the lock that serialises every use of the router socket. Role services (prefill/, decode/) plug in by registering
 message handlers, pollers and output owners; they never share a request.
 """
 
@@ -11,11 +13,13 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+import msgspec
 import zmq
 
 from splitserve.core import keys
@@ -24,6 +28,7 @@ from splitserve.core.engine.engine import LLMEngine, StepOutput, limits_for_role
 from splitserve.core.messages import (
     AbortReq,
     Drain,
+    EndSession,
     GenerateReq,
     Heartbeat,
     Message,
@@ -42,7 +47,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[bytes | None, Message], None]
 """``handler(peer_identity_or_None_for_router, message)``."""
 
-FROM_ROUTER = frozenset({GenerateReq, AbortReq, SetRole, Drain, Reregister})
+FROM_ROUTER = frozenset({GenerateReq, AbortReq, SetRole, Drain, Reregister, EndSession})
 """What the router socket accepts (the router owns requests, roles and drains)."""
 FROM_PEERS = frozenset({PrefillReq, AbortReq})
 """What the peer socket accepts: a decode worker asking this worker to prefill, or taking that back."""
@@ -105,6 +110,8 @@ class WorkerCore:
         self.abort_handlers: list[Callable[[AbortReq, bytes | None], None]] = []
         self.waiting_sources: list[Callable[[], int]] = []
         """Requests a role holds outside the engine's queue (the decode worker's page wait), for heartbeats."""
+        self.heartbeat_fields: list[Callable[[], dict]] = []
+        """Extra ``Heartbeat`` fields a role service reports (the decode worker's agent sessions)."""
         self.counters = Counters()
         self.draining = False
         self.stopping = False
@@ -112,6 +119,11 @@ class WorkerCore:
         self._orphaned: set[str] = set()
         """Requests whose output could not be queued for the router: aborted here on the next loop."""
         self._router_backlogged = False
+        self._router_lock = threading.Lock()
+        """Serialises the router socket between the loop and the heartbeat thread (ZeroMQ sockets are not
+        thread-safe; a lock gives the exclusive use and memory barrier they need)."""
+        self._last_heartbeat: Heartbeat | None = None
+        self._hb_stop = threading.Event()
         engine.kv.record_cache_events()
         engine.scheduler.limits = limits_for_role(cfg.engine, self.role)
         self.on(AbortReq, self._on_abort)
@@ -135,7 +147,8 @@ class WorkerCore:
         streamed to anyone, so it is aborted here (next loop turn), which frees its pages.
         """
         try:
-            self.router.send(encode(msg), zmq.NOBLOCK)
+            with self._router_lock:
+                self.router.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             self._on_router_backlog(msg)
             return False
@@ -206,6 +219,32 @@ class WorkerCore:
 
     def run(self) -> None:
         self.register()
+        self.heartbeat(force=True)  # also what the side thread resends if the first step is long
+        beat = threading.Thread(target=self._heartbeat_while_busy, name=f"{self.worker_id}-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._run_loop()
+        finally:
+            self._hb_stop.set()
+            beat.join(timeout=5)
+
+    def _heartbeat_while_busy(self) -> None:
+        """Side thread: resend the last heartbeat (without cache events) while the loop has sent none for a while."""
+        period = self.cfg.heartbeat_s
+        while not self._hb_stop.wait(period / 2):
+            last = self._last_heartbeat
+            if last is None or time.monotonic() - self._last_hb < 1.5 * period:
+                continue
+            payload = encode(msgspec.structs.replace(last, cache_events=()))
+            with self._router_lock:
+                try:
+                    self.router.send(payload, zmq.NOBLOCK)
+                except zmq.Again:  # the router is unreachable: the loop handles that once the step ends
+                    continue
+            self._last_hb = time.monotonic()
+            logger.debug("worker %s: heartbeat from the side thread (the loop is in a long step)", self.worker_id)
+
+    def _run_loop(self) -> None:
         deadline = None
         while True:
             if self.stopping and deadline is None:
@@ -254,12 +293,16 @@ class WorkerCore:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.peer, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_ms))
+        with self._router_lock:
+            ready = dict(poller.poll(timeout_ms))
         for _ in range(256):  # bounded per loop so engine steps keep flowing
             got = False
-            if ready.get(self.router) and self.router.poll(0):
-                self._dispatch(None, self.router.recv())
-                got = True
+            if ready.get(self.router):
+                with self._router_lock:
+                    payload = self.router.recv() if self.router.poll(0) else None
+                if payload is not None:
+                    self._dispatch(None, payload)
+                    got = True
             if ready.get(self.peer) and self.peer.poll(0):
                 frames = self.peer.recv_multipart()
                 if len(frames) == 2:
@@ -308,26 +351,27 @@ class WorkerCore:
         usage = self.engine.kv.usage()
         sched = self.engine.scheduler
         c = self.counters
-        self.send_router(
-            Heartbeat(
-                worker_id=self.worker_id,
-                role=self.role,
-                role_epoch=self.role_epoch,
-                running=len(sched.running),
-                waiting=len(sched.waiting) + sum(source() for source in self.waiting_sources),
-                queued_tokens=sched.queued_tokens(),
-                kv_pages_used=usage.used,
-                kv_pages_free=usage.free,
-                kv_pages_cached=usage.cached,
-                draining=self.draining,
-                prefill_tokens_total=c.prefill_tokens,
-                decode_tokens_total=c.decode_tokens,
-                transfer_bytes_total=c.transfer_bytes,
-                transfer_seconds_total=c.transfer_seconds,
-                transfers_failed_total=c.transfers_failed,
-                preemptions_total=sched.num_preemptions,
-                session_hits_total=c.session_hits,
-                session_tokens_reused_total=c.session_tokens_reused,
-                cache_events=tuple(self.engine.kv.take_cache_events()),
-            )
+        hb = Heartbeat(
+            worker_id=self.worker_id,
+            role=self.role,
+            role_epoch=self.role_epoch,
+            running=len(sched.running),
+            waiting=len(sched.waiting) + sum(source() for source in self.waiting_sources),
+            queued_tokens=sched.queued_tokens(),
+            kv_pages_used=usage.used,
+            kv_pages_free=usage.free,
+            kv_pages_cached=usage.cached,
+            draining=self.draining,
+            prefill_tokens_total=c.prefill_tokens,
+            decode_tokens_total=c.decode_tokens,
+            transfer_bytes_total=c.transfer_bytes,
+            transfer_seconds_total=c.transfer_seconds,
+            transfers_failed_total=c.transfers_failed,
+            preemptions_total=sched.num_preemptions,
+            session_hits_total=c.session_hits,
+            session_tokens_reused_total=c.session_tokens_reused,
+            cache_events=tuple(self.engine.kv.take_cache_events()),
+            **{k: v for fields in self.heartbeat_fields for k, v in fields().items()},
         )
+        self._last_heartbeat = hb
+        self.send_router(hb)

@@ -41,6 +41,9 @@ PORT_TAKEN = "address already in use"
 
 
 class RouterHarness:
+    ssl: Any = None
+    """``ssl.SSLContext`` that :meth:`request` trusts over HTTPS (an HTTPS harness sets it)."""
+
     def __init__(self, tmp: Path, model: str = BUILTIN, **flags: Any) -> None:
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
@@ -100,7 +103,7 @@ class RouterHarness:
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=self.ssl) as r:
                 status, text = r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             status, text = e.code, e.read().decode()

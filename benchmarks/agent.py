@@ -1,0 +1,340 @@
+"""``splitserve bench agent``: a multi-turn agent trace against any OpenAI-compatible server (issue 11).
+
+1. :func:`build_script` draws, from the seed alone, each session's texts and pauses: a context shared by every
+   session (a system prompt and tool schemas; ``--shared-words``) behind a per-run salt, then per turn new user or tool
+   text (``--turn-words``; whole sentences ending mid-sentence, so the model continues rather than ends the text), and between turns a tool pause from a heavy-tailed distribution (``--pause-dist``
+   lognormal or pareto, ``--pause-scale`` seconds, capped at ``--max-pause-s``): most short, a few long.
+2. :func:`run_trace` runs ``--sessions`` sessions concurrently, ``--turns`` turns each. Every turn sends the whole
+   conversation so far (the previous turns' outputs included) as one streaming greedy completion; with sessions on it
+   carries ``session_id`` (and the ``X-Session-Id`` header), ``expected_return_s`` (the pause actually drawn, with
+   ``--hints``) and ``session_end`` on the last turn. It measures each turn's TTFT and keeps its text.
+3. Before and after, the server's ``/metrics`` is read when it has SplitServe's worker counters: prompt tokens
+   prefilled (``splitserve_worker_prefill_tokens_total``, prefill workers and decode workers' local prefills) and
+   session hits / tokens reused.
+4. :func:`summarize` reports TTFT percentiles of turn 1 and of turns 2+, and the tokens prefilled.
+5. ``--compare``: a sessions-on run, a sessions-off run with another salt (measured: no cache left by the first run
+   helps it), then the sessions-on run's conversations replayed without sessions and without pauses; every turn's
+   text must equal the sessions-on run's (greedy). ``--sessions-off`` runs only without sessions.
+
+Top-level imports stay light (aiohttp is imported where requests are sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.benchmarks.serve import fetch_metrics_text, fetch_model_name, latency_stats_ms, parse_sse_line
+
+log = logging.getLogger(__name__)
+
+SENTENCES = (
+    "Lily went to the park with her mom.", "She saw a big red ball under a tree.", "Tom wanted to play with the ball.",
+    "The sun was warm and the sky was blue.", "A little dog ran to them and barked.", "They laughed and played all day.",
+    "Then they found a small green box.", "Inside the box was a shiny key.", "Mom said they could keep it.",
+    "A bird sang a happy song in the tree.", "The cat jumped over the fence.", "Dad made a big cake for everyone.",
+    "It started to rain, so they ran home.", "Ben had a new blue car.", "The old man smiled at the children.",
+)
+OPEN_ENDS = ("Then", "One day,", "After that,", "So", "But then", "The next day,")
+"""Each turn's new text ends mid-sentence, so the model continues the story instead of ending it."""
+COUNTERS = {"prefill_tokens": "splitserve_worker_prefill_tokens_total",
+            "session_hits": "splitserve_worker_session_hits_total",
+            "session_tokens_reused": "splitserve_worker_session_tokens_reused_total"}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    base_url: str
+    model: str | None = None
+    sessions: int = 4
+    turns: int = 3
+    shared_words: int = 40
+    turn_words: int = 12
+    max_tokens: int = 16
+    pause_dist: str = "lognormal"
+    pause_scale: float = 1.0
+    """Median pause (lognormal) or the smallest pause (pareto), seconds."""
+    pause_shape: float = 1.5
+    """Lognormal sigma, or the Pareto tail index (smaller: heavier tail)."""
+    max_pause_s: float = 300.0
+    hints: bool = False
+    seed: int = 0
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Script:
+    """One session's trace: its opening text, the new text of each turn, and the pause after each turn."""
+
+    session_id: str
+    opening: str
+    turn_texts: list[str]
+    pauses: list[float]
+
+
+@dataclass
+class TurnResult:
+    session_id: str
+    turn: int
+    prompt: str
+    ok: bool = False
+    text: str = ""
+    ttft_s: float | None = None
+    error: str = ""
+
+
+def draw_pause(rng: random.Random, cfg: AgentConfig) -> float:
+    """A heavy-tailed tool pause in seconds (0 when ``pause_scale`` is 0)."""
+    if cfg.pause_scale <= 0:
+        return 0.0
+    if cfg.pause_dist == "pareto":
+        pause = cfg.pause_scale * rng.paretovariate(cfg.pause_shape)
+    else:
+        pause = rng.lognormvariate(math.log(cfg.pause_scale), cfg.pause_shape)
+    return min(pause, cfg.max_pause_s)
+
+
+def _sentences(rng: random.Random, words: int) -> str:
+    """Whole sentences until about ``words`` words."""
+    out: list[str] = []
+    while sum(len(x.split()) for x in out) < words:
+        out.append(rng.choice(SENTENCES))
+    return " ".join(out)
+
+
+def _text(rng: random.Random, words: int) -> str:
+    """New text of one turn: sentences, then an open ending."""
+    return f"{_sentences(rng, words)} {rng.choice(OPEN_ENDS)}"
+
+
+def build_script(cfg: AgentConfig, salt: str) -> list[Script]:
+    """Every session's texts and pauses, from ``cfg.seed`` alone; ``salt`` opens the shared context."""
+    shared = f"{salt}. {_sentences(random.Random(f'{cfg.seed}/shared'), cfg.shared_words)}"
+    scripts = []
+    for i in range(cfg.sessions):
+        rng = random.Random(f"{cfg.seed}/session/{i}")
+        opening = f"{shared} Once upon a time, agent {i} said: {_text(rng, cfg.turn_words)}"
+        texts = [""] + [f" {_text(rng, cfg.turn_words)}" for _ in range(cfg.turns - 1)]  # the opening is turn 1's
+        pauses = [draw_pause(rng, cfg) for _ in range(cfg.turns - 1)] + [0.0]
+        scripts.append(Script(f"agent-{cfg.seed}-{salt.replace(' ', '-')}-{i}", opening, texts, pauses))
+    return scripts
+
+
+def salt_for(seed: int, label: str) -> str:
+    """Opening words that differ between runs, so that no cache one run left helps another."""
+    rng = random.Random(f"{seed}/salt/{label}")
+    return "Run " + " ".join(rng.choice(SENTENCES).split()[rng.randrange(4)] for _ in range(3))
+
+
+async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResult, session: dict | None) -> None:
+    """One streaming greedy completion; fills ``result`` (failures recorded, never raised)."""
+    import aiohttp
+
+    body = {"model": model, "prompt": result.prompt, "max_tokens": cfg.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, **(session or {})}
+    headers = {"X-Session-Id": session["session_id"]} if session else {}
+    start, parts = time.perf_counter(), []
+    try:
+        async with http.post(f"{cfg.base_url}/v1/completions", json=body, headers=headers) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for raw in resp.content:
+                chunk = parse_sse_line(raw)
+                if chunk is None:
+                    continue
+                if "error" in chunk:
+                    raise RuntimeError(f"error in stream: {chunk['error']}")
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") and result.ttft_s is None:
+                        result.ttft_s = time.perf_counter() - start
+                    parts.append(choice.get("text") or "")
+        result.text, result.ok = "".join(parts), True
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RuntimeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:200]
+    if not result.ok:
+        log.warning("session %s turn %d failed: %s", result.session_id, result.turn, result.error)
+
+
+async def run_session(http: Any, cfg: AgentConfig, model: str, script: Script, sessions_on: bool,
+                      pauses_on: bool) -> list[TurnResult]:
+    """The session's turns in order; a failed turn ends the session (later turns would build on nothing)."""
+    results, text = [], script.opening
+    for turn in range(cfg.turns):
+        text += script.turn_texts[turn]
+        result = TurnResult(script.session_id, turn + 1, text)
+        session = None
+        if sessions_on:
+            session = {"session_id": script.session_id, "session_end": turn == cfg.turns - 1}
+            if cfg.hints and turn < cfg.turns - 1:
+                session["expected_return_s"] = script.pauses[turn]
+        await stream_turn(http, cfg, model, result, session)
+        results.append(result)
+        if not result.ok:
+            break
+        text += result.text
+        if pauses_on and script.pauses[turn] > 0:
+            await asyncio.sleep(script.pauses[turn])
+    return results
+
+
+async def scrape_counters(http: Any, base_url: str) -> dict[str, float] | None:
+    """SplitServe's worker counters summed over workers; ``None`` when ``/metrics`` has none of them."""
+    text = await fetch_metrics_text(http, base_url)
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    for key, metric in COUNTERS.items():
+        values = re.findall(rf"^{metric}(?:\{{[^}}]*\}})?\s+(\S+)$", text, re.M)
+        if values:
+            out[key] = sum(float(v) for v in values)
+    return out or None
+
+
+async def run_trace(cfg: AgentConfig, sessions_on: bool, salt: str, pauses_on: bool = True) -> dict[str, Any]:
+    """One run of the whole trace: every turn's result, the wall time and the server counters' change."""
+    import aiohttp
+
+    scripts = build_script(cfg, salt)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+        model = cfg.model or await fetch_model_name(http, cfg.base_url)
+        before = await scrape_counters(http, cfg.base_url)
+        start = time.perf_counter()
+        per_session = await asyncio.gather(*(run_session(http, cfg, model, s, sessions_on, pauses_on) for s in scripts))
+        duration = time.perf_counter() - start
+        after = await _settled_counters(http, cfg.base_url, before)
+    counters = None
+    if before is not None and after is not None:
+        counters = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+    return {"model": model, "results": [r for rs in per_session for r in rs], "duration_s": duration,
+            "counters": counters}
+
+
+async def _settled_counters(http: Any, base_url: str, before: dict | None) -> dict[str, float] | None:
+    """Counters after the run, read until two reads a heartbeat apart agree (workers report them every second)."""
+    if before is None:
+        return None
+    last = await scrape_counters(http, base_url)
+    for _ in range(20):
+        await asyncio.sleep(1.0)
+        now = await scrape_counters(http, base_url)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def summarize(run: dict[str, Any]) -> dict[str, Any]:
+    """TTFT of turn 1 and of turns 2+ (ms), failures and the server counters of one run."""
+    results = run["results"]
+    ok = [r for r in results if r.ok and r.ttft_s is not None]
+    return {
+        "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
+        "duration_s": round(run["duration_s"], 3),
+        "ttft_turn1_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn == 1),
+        "ttft_later_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn > 1),
+        "server": run["counters"],
+        "errors": sorted({r.error for r in results if not r.ok})[:10],
+    }
+
+
+def compare_texts(a: list[TurnResult], b: list[TurnResult]) -> list[str]:
+    """``session/turn`` of every turn whose text differs between two runs of the same script (or is missing)."""
+    other = {(r.session_id, r.turn): r for r in b}
+    return [f"{r.session_id}/{r.turn}" for r in a
+            if (r.session_id, r.turn) not in other or other[(r.session_id, r.turn)].text != r.text
+            or not r.ok or not other[(r.session_id, r.turn)].ok]
+
+
+def run_all(cfg: AgentConfig, mode: str) -> dict[str, Any]:
+    """``mode``: ``on``, ``off`` or ``compare`` (on, off with another salt, then on's script replayed off)."""
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k != "base_url"}, "mode": mode}
+    if mode in ("on", "compare"):
+        on = asyncio.run(run_trace(cfg, True, salt_for(cfg.seed, "on")))
+        report["model"], report["sessions_on"] = on["model"], summarize(on)
+    if mode in ("off", "compare"):
+        off = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "off")))
+        report["model"], report["sessions_off"] = off["model"], summarize(off)
+    if mode == "compare":
+        replay = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "on"), pauses_on=False))
+        mismatches = compare_texts(on["results"], replay["results"])
+        report["outputs_match"], report["mismatches"] = not mismatches, mismatches[:20]
+        report["speedup"] = _speedups(report["sessions_on"], report["sessions_off"])
+    return report
+
+
+def _speedups(on: dict[str, Any], off: dict[str, Any]) -> dict[str, float | None]:
+    p50_on, p50_off = on["ttft_later_ms"]["p50"], off["ttft_later_ms"]["p50"]
+    pre_on = (on["server"] or {}).get("prefill_tokens")
+    pre_off = (off["server"] or {}).get("prefill_tokens")
+    return {"ttft_later_p50_x": round(p50_off / p50_on, 2) if p50_on and p50_off else None,
+            "prefill_tokens_x": round(pre_off / pre_on, 2) if pre_on and pre_off else None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="model name to request (default: first of /v1/models)")
+    parser.add_argument("--sessions", type=int, default=4, help="concurrent agent sessions")
+    parser.add_argument("--turns", type=int, default=3, help="turns per session")
+    parser.add_argument("--shared-words", type=int, default=40, help="words of context every session shares")
+    parser.add_argument("--turn-words", type=int, default=12, help="new user/tool words per turn")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (ignore_eos)")
+    parser.add_argument("--pause-dist", choices=("lognormal", "pareto"), default="lognormal")
+    parser.add_argument("--pause-scale", type=float, default=1.0,
+                        help="seconds: lognormal median or pareto minimum of tool pauses (0: no pauses)")
+    parser.add_argument("--pause-shape", type=float, default=1.5, help="lognormal sigma or pareto tail index")
+    parser.add_argument("--max-pause-s", type=float, default=300.0)
+    parser.add_argument("--hints", action="store_true", help="send expected_return_s (the pause drawn) each turn")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sessions-off", action="store_true", help="run without session ids")
+    mode.add_argument("--compare", action="store_true",
+                      help="sessions on, then off (measured), then on's conversations replayed off: texts must match")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"model {report.get('model')}  mode {report['mode']}"]
+    for key in ("sessions_on", "sessions_off"):
+        run = report.get(key)
+        if run is None:
+            continue
+        t1, t2 = run["ttft_turn1_ms"], run["ttft_later_ms"]
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"{key:<13} turns ok {run['turns_ok']} failed {run['turns_failed']}  "
+                     f"TTFT turn 1 p50 {fmt(t1['p50'])} p90 {fmt(t1['p90'])} ms  "
+                     f"turns 2+ p50 {fmt(t2['p50'])} p90 {fmt(t2['p90'])} ms  "
+                     f"prefill tokens {'-' if not run['server'] else int(run['server']['prefill_tokens'])}")
+        lines.extend(f"  error: {e}" for e in run["errors"])
+    if "outputs_match" in report:
+        lines.append(f"outputs match a session-less run: {report['outputs_match']}  speedups {report['speedup']}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.sessions < 1 or args.turns < 1:
+        raise ValueError("--sessions and --turns must be >= 1")
+    cfg = AgentConfig(
+        base_url=args.url.rstrip("/"), model=args.model, sessions=args.sessions, turns=args.turns,
+        shared_words=args.shared_words, turn_words=args.turn_words, max_tokens=args.max_tokens,
+        pause_dist=args.pause_dist, pause_scale=args.pause_scale, pause_shape=args.pause_shape,
+        max_pause_s=args.max_pause_s, hints=args.hints, seed=args.seed, timeout_s=args.timeout_s,
+    )
+    mode = "compare" if args.compare else ("off" if args.sessions_off else "on")
+    report = run_all(cfg, mode)
+    print(json.dumps(report) if args.json else format_report(report))
+    sys.stdout.flush()
+    runs = [report[k] for k in ("sessions_on", "sessions_off") if k in report]
+    failed = any(r["turns_failed"] for r in runs) or report.get("outputs_match") is False
+    return 1 if failed else 0

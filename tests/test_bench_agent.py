@@ -1,0 +1,73 @@
+"""``splitserve bench agent`` (issue 11): the trace is a pure function of the seed, pauses are heavy-tailed, and a
+``--compare`` run against a real cluster (TinyStories-656K, CPU, tiny pauses) finds every turn's greedy text equal
+with sessions on and off, and reads the server's prefill and session counters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import pytest
+
+from conftest import shared_model_path
+from splitserve.benchmarks import agent
+from splitserve.benchmarks.agent import AgentConfig, TurnResult, build_script, compare_texts, draw_pause, salt_for
+from test_e2e import start_cluster
+
+
+def test_the_script_depends_on_the_seed_and_salt_only_and_grows_each_turn():
+    cfg = AgentConfig(base_url="http://unused", sessions=3, turns=4, pause_scale=2.0)
+    one, again = build_script(cfg, salt_for(0, "on")), build_script(cfg, salt_for(0, "on"))
+    assert [vars(s) for s in one] == [vars(s) for s in again]
+    other = build_script(cfg, salt_for(0, "off"))
+    assert other[0].opening != one[0].opening and other[0].turn_texts == one[0].turn_texts
+    shared = one[0].opening.split(" Once upon a time")[0]
+    assert all(s.opening.startswith(shared) for s in one) and len({s.session_id for s in one}) == 3
+    assert all(len(s.turn_texts) == 4 and s.turn_texts[0] == "" and all(s.turn_texts[1:]) for s in one)
+    assert all(len(s.pauses) == 4 and s.pauses[-1] == 0.0 for s in one)
+
+
+@pytest.mark.parametrize("dist,shape", [("lognormal", 1.5), ("pareto", 1.2)])
+def test_pauses_are_heavy_tailed_and_capped(dist, shape):
+    cfg = AgentConfig(base_url="http://unused", pause_dist=dist, pause_scale=1.0, pause_shape=shape, max_pause_s=120.0)
+    rng = random.Random(7)
+    pauses = [draw_pause(rng, cfg) for _ in range(2000)]
+    median = statistics.median(pauses)
+    assert 0.5 < median < 2.0 and max(pauses) <= 120.0
+    assert sum(p > 10 * median for p in pauses) >= 20  # a few long ones: at least 1 % ten times the median
+    assert draw_pause(rng, AgentConfig(base_url="http://unused", pause_scale=0.0)) == 0.0
+
+
+def test_compare_names_every_turn_that_differs_or_failed():
+    a = [TurnResult("s", 1, "p", ok=True, text="x"), TurnResult("s", 2, "p", ok=True, text="y"),
+         TurnResult("t", 1, "p", ok=True, text="z")]
+    b = [TurnResult("s", 1, "p", ok=True, text="x"), TurnResult("s", 2, "p", ok=True, text="Y")]
+    assert compare_texts(a, b) == ["s/2", "t/1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, "bench-agent", model=str(shared_model_path("TinyStories-656K")),
+                      worker_args=["--page-size", "8", "--num-pages", "256", "--heartbeat-s", "0.3"])
+    yield c
+    c.stop()
+
+
+def test_bench_agent_compare_against_a_real_cluster(cluster, capsys):
+    parser = argparse.ArgumentParser()
+    agent.add_arguments(parser)
+    args = parser.parse_args(["--url", cluster.url, "--sessions", "3", "--turns", "3", "--pause-scale", "0.02",
+                              "--max-pause-s", "0.5", "--hints", "--compare", "--json"])
+    assert agent.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs_match"] is True and report["mismatches"] == []
+    on, off = report["sessions_on"], report["sessions_off"]
+    assert on["turns_ok"] == off["turns_ok"] == 9 and on["turns_failed"] == off["turns_failed"] == 0
+    assert on["ttft_turn1_ms"]["p50"] is not None and on["ttft_later_ms"]["p50"] is not None
+    assert on["server"]["session_hits"] == 6 and on["server"]["session_tokens_reused"] > 0
+    assert off["server"]["session_hits"] == 0 and on["server"]["prefill_tokens"] > 0
+    assert report["speedup"]["prefill_tokens_x"] is not None
+    used = cluster.wait_pages_free()
+    assert used and not any(used.values()), used  # every session's last turn ended it

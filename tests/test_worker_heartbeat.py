@@ -1,0 +1,59 @@
+"""A worker stays visibly alive while its loop is inside a long step: the side thread resends its heartbeat."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+
+from splitserve.core.config import EngineConfig, WorkerConfig
+from splitserve.core.engine.engine import LLMEngine
+from splitserve.core.engine.service import WorkerCore
+from splitserve.core.messages import Heartbeat, Register, SamplingParams, decode
+
+
+def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    engine = LLMEngine(EngineConfig(num_pages=64))
+    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}", heartbeat_s=0.1), engine)
+    in_step, release = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def long_step():
+        in_step.set()
+        release.wait(30)
+        return real_step()
+
+    engine.step = long_step
+    engine.add_request("r0", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+    loop = threading.Thread(target=core.run, daemon=True)
+    loop.start()
+    try:
+        assert in_step.wait(30)
+        during = _receive(router, until=lambda got: sum(isinstance(m, Heartbeat) for m in got) >= 3, timeout_s=30)
+        assert not release.is_set()  # all of them arrived while the step was still blocked
+        beats = [m for m in during if isinstance(m, Heartbeat)]
+        assert len(beats) >= 3 and all(b.worker_id == core.worker_id and b.cache_events == () for b in beats)
+    finally:
+        release.set()
+        core.request_stop()
+        loop.join(30)
+        core.close()
+        router.close(0)
+    assert not loop.is_alive()
+
+
+def _receive(sock: zmq.Socket, until, timeout_s: float) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while not until(got) and time.monotonic() < deadline:
+        if sock.poll(100):
+            _identity, payload = sock.recv_multipart()
+            msg = decode(payload)
+            if not isinstance(msg, Register):
+                got.append(msg)
+    return got
