@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +62,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @functools.cached_property
+    def prompt_key(self) -> tuple[int, int]:
+        """(length, hash) of the prompt: equal for the copies of one prompt (``n`` > 1)."""
+        return len(self.prompt_token_ids), hash(tuple(self.prompt_token_ids))
 
     @property
     def num_known_tokens(self) -> int:

@@ -3,7 +3,8 @@
 1. :func:`plan_choices`: admission for all the choices at once, then per prompt the vocabulary and context checks
    and its :class:`SamplingParams`; copy ``j`` of prompt ``i`` is choice ``i * n + j`` (vLLM's order) with seed
    ``seed + j`` (:func:`~splitserve.router.openai_api.copy_params`). Each choice is its own request on the
-   workers, with its own output state and formatter.
+   workers, with its own output state and formatter; the copies of one prompt share a routing group, so they go to
+   one prefill worker, which computes the prompt once and serves the other copies from its prefix cache.
 2. :func:`merged`: every choice's token stream runs in its own task; their deltas come out in arrival order. The
    first failure ends the whole request, and every other choice is then aborted on its workers (closing its
    generator sends ``AbortReq``), as is every choice when the client goes away.
@@ -40,6 +41,8 @@ class Choice:
     prompt_ids: list[int]
     params: SamplingParams
     session: SessionHint | None = None
+    group: str | None = None
+    """The copies of one prompt share it: :meth:`RouterService.pick` sends them to the same prefill worker."""
 
 
 MakeFormatter = Callable[[int, int], Formatter]
@@ -67,7 +70,8 @@ def plan_choices(svc: RouterService, req: CommonRequest, prompts: Sequence[list[
             index = i * req.n + j
             fmt = make_fmt(index, i)
             proc = svc.processor(f"{fmt.id}-{index}", ids, req.stop_strings, **options)
-            choices.append(Choice(index, j, fmt, proc, ids, copy_params(params, j), session))
+            group = f"{fmt.id}-p{i}" if req.n > 1 else None
+            choices.append(Choice(index, j, fmt, proc, ids, copy_params(params, j), session, group))
     return choices
 
 
@@ -84,7 +88,7 @@ async def merged(svc: RouterService, choices: Sequence[Choice]) -> AsyncIterator
 
     async def pump(ch: Choice) -> None:
         try:
-            gen = svc.generate(ch.proc, ch.prompt_ids, ch.params, admitted=True, session=ch.session)
+            gen = svc.generate(ch.proc, ch.prompt_ids, ch.params, admitted=True, session=ch.session, group=ch.group)
             async with contextlib.aclosing(gen):
                 async for delta in gen:
                     queue.put_nowait((ch, delta))

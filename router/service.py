@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_THREADS = 4
 MAX_SESSIONS = 100_000
+MAX_GROUPS = 4096
+"""Routing groups (the copies of one prompt, ``n`` > 1) remembered, newest first: long enough for one request."""
 """Sessions the router remembers the holder of (the oldest is forgotten first: its next turn is a full prefill)."""
 """Threads that tokenize and render chat templates (the HF tokenizer releases the GIL in ``encode_batch``)."""
 _T = TypeVar("_T")
@@ -85,6 +87,8 @@ class RouterService:
         self.tokenizer = tokenizer
         self.sessions: OrderedDict[str, str] = OrderedDict()
         """session id -> the decode worker that holds its KV after its last turn."""
+        self._groups: OrderedDict[str, str] = OrderedDict()
+        """Routing group -> the prefill worker its first request went to (bounded by ``MAX_GROUPS``)."""
         self.registry = WorkerRegistry(config.heartbeat_timeout_s, max_workers=config.max_workers,
                                        forget_after_s=config.forget_worker_after_s)
         self.metrics = RouterMetrics(self.registry)
@@ -161,9 +165,23 @@ class RouterService:
             raise APIError(429, f"too many requests in flight (limit {self.config.max_queued_requests}); "
                            "retry later", type="rate_limit_exceeded", code="overloaded")
 
-    def pick(self, prompt_ids: Sequence[int], session: SessionHint | None = None) -> tuple[WorkerState, WorkerState | None]:
+    def pick(self, prompt_ids: Sequence[int], session: SessionHint | None = None,
+             group: str | None = None) -> tuple[WorkerState, WorkerState | None]:
         """(decode worker, prefill worker or ``None`` when the decode worker prefills itself). A session's turn goes
-        to the decode worker that holds its KV while that worker can take it; else anywhere (a full prefill)."""
+        to the decode worker that holds its KV while that worker can take it; else anywhere (a full prefill). The
+        requests of one ``group`` (copies of one prompt) go to the same prefill worker while it can take them."""
+        decode, prefill = self._pick(prompt_ids, session)
+        if group is None or prefill is None:
+            return decode, prefill
+        earlier = self.registry.get(self._groups.get(group, ""))
+        if earlier is not None and earlier is not decode and earlier in self.registry.candidates("prefill"):
+            return decode, earlier
+        self._groups[group] = prefill.worker_id
+        while len(self._groups) > MAX_GROUPS:
+            self._groups.popitem(last=False)
+        return decode, prefill
+
+    def _pick(self, prompt_ids: Sequence[int], session: SessionHint | None) -> tuple[WorkerState, WorkerState | None]:
         route = RouteRequest(prompt_ids)
         decode = self._session_holder(session) or self.decode_policy.choose(self.registry.candidates("decode"), route)
         prefill_cands = self.registry.candidates("prefill")
@@ -208,12 +226,13 @@ class RouterService:
                                StopChecker(stop_strings), num_prompt_tokens=len(prompt_ids), **options)
 
     async def generate(self, proc: OutputProcessor, prompt_ids: Sequence[int], params: SamplingParams,
-                       admitted: bool = False, session: SessionHint | None = None) -> AsyncIterator[Delta]:
+                       admitted: bool = False, session: SessionHint | None = None,
+                       group: str | None = None) -> AsyncIterator[Delta]:
         """Route and run one request, yielding deltas until it finishes (see module docstring). ``admitted``: the
         caller already checked :meth:`admit` for it (the choices of one API request are admitted together)."""
         if not admitted:
             self.admit()
-        decode, prefill = self.pick(prompt_ids, session)
+        decode, prefill = self.pick(prompt_ids, session, group)
         moved_from = self._remember_session(session, decode)
         if moved_from is not None:  # its holder is draining or not decoding: it lets the old copy go
             await self.control.send(moved_from, EndSession(session_id=session.session_id))

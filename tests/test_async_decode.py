@@ -122,3 +122,32 @@ def test_a_launch_that_raises_falls_back_to_the_synchronous_step(s260k):
     engine.runner.launch = flaky
     assert run(engine, prompts, params) == sync
     assert calls[0] > 6
+
+
+@pytest.mark.parametrize("num_pages", [14, 20, 28])
+def test_stops_and_preemptions_in_flight_under_a_tight_pool(s260k, num_pages):
+    """Requests that stop (common stop ids) at a step whose successor preempted them, in pools that keep preempting."""
+    rng = random.Random(num_pages)
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(3, 12))] for _ in range(16)]
+    common = (261, 286, 298, 315, 317, 338)  # ids stories260K emits often: stops land anywhere
+    params = [SamplingParams(max_tokens=rng.randrange(8, 40), temperature=0.0,
+                             stop_token_ids=common[: rng.randrange(0, 4)]) for _ in prompts]
+    sync = run(make_engine(s260k, False, num_pages=num_pages), prompts, params)
+    engine = make_engine(s260k, True, num_pages=num_pages)
+    assert run(engine, prompts, params) == sync
+    assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("seed", [1, 5, 9, 17, 28, 33])  # 1 and 28 once left a placeholder in a request out of pages
+def test_random_workloads_overlapped_equal_synchronous(s260k, seed):
+    """Random pools (some smaller than one request), prompts, stop ids, min_tokens and prefix caching."""
+    rng = random.Random(seed)
+    num_pages = rng.choice([10, 12, 16, 24, 40, 256])
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 20))] for _ in range(rng.randrange(1, 20))]
+    common = (261, 286, 298, 315, 317, 338, 1)
+    params = [SamplingParams(max_tokens=rng.randrange(1, 40), temperature=0.0, ignore_eos=rng.random() < 0.3,
+                             stop_token_ids=common[: rng.randrange(0, 5)], min_tokens=rng.choice([0, 0, 0, 2]))
+              for _ in prompts]
+    caching = rng.random() < 0.7
+    sync = run(make_engine(s260k, False, num_pages=num_pages, enable_prefix_caching=caching), prompts, params)
+    assert run(make_engine(s260k, True, num_pages=num_pages, enable_prefix_caching=caching), prompts, params) == sync

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import time
 import urllib.request
@@ -299,3 +300,28 @@ def test_logit_bias_max_tokens_zero_and_tokenize_on_real_workers(pd, client):
             f"{pd.url}/detokenize", data=json.dumps({"tokens": tok["tokens"]}).encode(),
             headers={"Content-Type": "application/json"})) as r:
         assert json.load(r)["prompt"].strip() == "Once upon a time"
+
+
+def test_n_copies_prefill_their_prompt_once(pd, client):
+    """The copies of one prompt go to one prefill worker, which computes the prompt once and serves the other
+    copies from its prefix cache (each copy still gets the same greedy text)."""
+    m = model_id(pd)
+    rng = random.Random(11)
+    prompt = [1] + [rng.randrange(3, 500) for _ in range(80)]
+    before = _prefill_tokens_settled(pd)
+    out = complete(client, m, prompt, max_tokens=6, n=4)
+    assert len({c.text for c in out.choices}) == 1
+    computed = _prefill_tokens_settled(pd, above=before + len(prompt)) - before
+    assert len(prompt) <= computed < 2 * len(prompt)  # 4 x 81 without sharing; 81 + 3 short tails with it
+
+
+def _prefill_tokens_settled(c: Cluster, above: float = 0.0, timeout_s: float = 20.0) -> float:
+    """The workers' prefill token counters summed, once at least ``above`` and unchanged over two heartbeats."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        total = sum(c.worker_gauge("prefill_tokens_total").values())
+        if total >= above and total == last:
+            return total
+        last = total
+        time.sleep(2.5)
+    raise AssertionError(f"prefill token counters did not settle (last {last}, wanted >= {above})")

@@ -303,3 +303,15 @@ def test_engine_steps_with_an_extreme_request_among_normal_ones(shared_engine, p
         assert extreme.finish_reason in ("stop", "length") and all(0 <= t < 512 for t in extreme.output_token_ids)
     engine.kv.check_integrity()
     assert engine.kv.usage().used == 0
+
+
+def test_copies_of_one_prompt_compute_it_once(s260k):
+    prompt = [1] + [(7 * i) % 480 + 3 for i in range(47)]  # 48 tokens, 12 pages of 4
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    alone = make_engine(s260k).generate([prompt], params)[0].output_token_ids
+    engine = make_engine(s260k, enable_prefix_caching=True)
+    reqs = engine.generate([prompt] * 4 + [[1, 9, 10, 11, 12]], params)
+    assert all(r.output_token_ids == alone for r in reqs[:4])
+    assert reqs[0].num_cached_tokens == 0 and [r.num_cached_tokens for r in reqs[1:4]] == [44, 44, 44]
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0

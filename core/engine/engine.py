@@ -285,9 +285,9 @@ class LLMEngine:
         if prev is None:
             return self._step_now()
         batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
-        outputs = self._finish_out_of_memory()
         launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev)
-        outputs += self._complete(prev)
+        outputs = self._complete(prev)
+        outputs += self._finish_out_of_memory()  # after prev: a request that cannot grow keeps its last token
         if launched or batch.is_empty:
             return outputs
         return outputs + self._step_now()  # scheduled again: every token is known now
@@ -374,7 +374,7 @@ class LLMEngine:
         return SeqResult(request_id=seq.request_id, token_id=None, error=error_text("the model step", exc))
 
     def _finish_out_of_memory(self) -> list[StepOutput]:
-        done = self.scheduler.out_of_memory
+        done = [r for r in self.scheduler.out_of_memory if r.request_id in self.scheduler.requests]
         self.scheduler.out_of_memory = []
         self.scheduler.finish_many((req, "length") for req in done)
         return [StepOutput(r.request_id, finish_reason="length", num_prompt_tokens=r.num_prompt_tokens) for r in done]

@@ -11,6 +11,9 @@ reads on the device. While a step is in flight its requests' pages are still bei
 that finishes or aborts gives its pages up only when the step has completed (:meth:`take_retiring`); a request
 that cannot take another token (``max_tokens``, context) is not scheduled again while its last token is pending.
 
+A waiting request whose prompt is identical to one still being prefilled (the copies of one prompt, ``n`` > 1)
+waits until that prefill is done, then takes its pages from the prefix cache instead of computing them again.
+
 Waiting requests can hold pages too: a decode worker's request whose KV arrived from a prefill worker
 (``LLMEngine.add_prefilled``) waits with its reserved pages. When nothing runs and the head of the queue
 cannot get pages, those holders would block it for ever, so the newest of them gives its pages up and will be
@@ -193,6 +196,8 @@ class Scheduler:
     def _admit_waiting(self, work: list[SeqWork], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             req = self.waiting[0]
+            if self._same_prompt_in_prefill(req):
+                break  # its copy's pages are about to be cached: first come, first served behind it
             computed = self._prefix_hit(req)
             n = self._num_new_tokens(req, budget)
             total = req.num_computed_tokens + n
@@ -213,6 +218,14 @@ class Scheduler:
             work.append(self._seq_work(req, n))
             budget -= n
         return budget
+
+    def _same_prompt_in_prefill(self, req: Request) -> bool:
+        """A running request has ``req``'s prompt and is still computing it (``req`` would hit its pages later)."""
+        if (not self.limits.enable_prefix_caching or req.wants_prompt_logprobs or self.kv.has(req.request_id)
+                or req.num_prompt_tokens < self.kv.page_size):
+            return False
+        return any(r.num_computed_tokens < r.num_prompt_tokens and r.prompt_key == req.prompt_key
+                   for r in self.running)
 
     def _prefix_hit(self, req: Request) -> KVCacheBlocks | None:
         """Adopt cached full pages for a request that has no pages yet (not with prompt logprobs)."""
@@ -249,8 +262,9 @@ class Scheduler:
             self.cache_known(req)
 
     def cache_known(self, req: Request) -> None:
-        """Publish ``req``'s full pages whose tokens are computed and known (not pending) to the prefix cache."""
-        if self.limits.enable_prefix_caching:
+        """Publish ``req``'s full pages whose tokens are computed and known (not pending) to the prefix cache (a
+        request preempted while its step was in flight has no pages: nothing to publish)."""
+        if self.limits.enable_prefix_caching and self.kv.has(req.request_id):
             known = min(req.num_computed_tokens, req.num_known_tokens)
             self.kv.cache_pages(req.request_id, req.all_token_ids, known)
 
@@ -269,7 +283,10 @@ class Scheduler:
         return where
 
     def finish_many(self, reqs: Iterable[tuple[Request, str]]) -> None:
+        """Finish each request wherever it is: running, or waiting (preempted while its last step was in flight)."""
         for req, reason in reqs:
             if req in self.running:
                 self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
             self.finish(req, reason)
