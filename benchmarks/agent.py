@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.benchmarks.serve import fetch_metrics_text, fetch_model_name, latency_stats_ms, parse_sse_line
+from splitserve.benchmarks.serve import fetch_metrics_text, fetch_model_name, latency_stats_ms, sse_chunks
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,7 @@ async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResul
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
-            async for raw in resp.content:
-                chunk = parse_sse_line(raw)
-                if chunk is None:
-                    continue
-                if "error" in chunk:
-                    raise RuntimeError(f"error in stream: {chunk['error']}")
+            async for chunk in sse_chunks(resp):
                 for choice in chunk.get("choices") or []:
                     if choice.get("text") and result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - start

@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, AsyncIterator, Iterable, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,17 @@ def parse_sse_line(raw: bytes) -> dict[str, Any] | None:
     return obj
 
 
+async def sse_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of an SSE completion stream, in order; ``RuntimeError`` on an error event."""
+    async for raw in resp.content:
+        chunk = parse_sse_line(raw)
+        if chunk is None:
+            continue
+        if "error" in chunk:
+            raise RuntimeError(f"error in stream: {chunk['error']}")
+        yield chunk
+
+
 def _is_token_chunk(chunk: dict[str, Any]) -> bool:
     """True for a chunk that carries generated output (not the trailing usage-only chunk)."""
     choices = chunk.get("choices") or []
@@ -320,12 +331,7 @@ def _is_token_chunk(chunk: dict[str, Any]) -> bool:
 async def _read_stream(resp: Any, result: RequestResult, start: float) -> None:
     """Consume an SSE completion stream, filling TTFT, ITL, token counts and e2e time."""
     last, chunks, usage_tokens = start, 0, None
-    async for raw in resp.content:
-        chunk = parse_sse_line(raw)
-        if chunk is None:
-            continue
-        if "error" in chunk:
-            raise RuntimeError(f"error in stream: {chunk['error']}")
+    async for chunk in sse_chunks(resp):
         usage = chunk.get("usage")
         if usage:
             usage_tokens = usage.get("completion_tokens")

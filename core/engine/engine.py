@@ -247,8 +247,7 @@ class LLMEngine:
         req.num_computed_tokens = len(prompt)
         reason = req.check_stop() or self.grammars.accept(request_id, first_token)  # replay: the mask of token 1
         if reason is not None:
-            if session_key is not None and reason in ("stop", "length"):
-                self.kv.pin(request_id, session_key)
+            self.scheduler.keep_session(req, reason)
             self.release(request_id)
             return StepOutput(request_id, finish_reason=reason, num_prompt_tokens=len(prompt))
         self.scheduler.add(req)

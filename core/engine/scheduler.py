@@ -88,9 +88,13 @@ class Scheduler:
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         if self.kv.has(req.request_id):
-            if req.session_key is not None and reason in ("stop", "length"):
-                self.kv.pin(req.request_id, req.session_key)  # the next turn hits these pages
+            self.keep_session(req, reason)
             self._release_pages(req.request_id)
+
+    def keep_session(self, req: Request, reason: str) -> None:
+        """An agent session's turn that ended normally keeps its pages pinned: the next turn hits them."""
+        if req.session_key is not None and reason in ("stop", "length"):
+            self.kv.pin(req.request_id, req.session_key)
 
     def _release_pages(self, request_id: str) -> None:
         """Free the request's pages, or hold them under a retiring key while the step in flight may write them."""
@@ -274,11 +278,10 @@ class Scheduler:
         where = {}
         for seq in batch.seqs:
             req = self.requests[seq.request_id]
-            req.num_computed_tokens = seq.start_pos + seq.num_tokens
             req.output_token_ids.append(PENDING_TOKEN)
             req.num_pending += 1
             where[req.request_id] = len(req.output_token_ids) - 1
-            self.cache_known(req)
+        self.commit(batch)  # publishes only pages whose tokens are known
         self.in_flight = frozenset(where)
         return where
 
