@@ -67,6 +67,8 @@ class DecodeService:
         self.peers: dict[str, zmq.Socket] = {}
         self._seq = itertools.count()
         core.transfer_addr = receiver.address
+        if receiver.wake_socket is not None:
+            core.wake_sockets.append(receiver.wake_socket)
         core.on(GenerateReq, self._on_generate)
         core.abort_handlers.append(self._on_abort)
         core.waiting_sources.append(lambda: len(self.pending))

@@ -56,6 +56,7 @@ class PrefillService:
         core.on(PrefillReq, self._on_prefill_req)
         core.abort_handlers.append(self._on_abort)
         core.pollers.append(self._poll_sender)
+        core.busy_hints.append(sender.writes_in_flight)
         core.engine.runner.hook_filter = lambda batch: any(s.request_id in self.outgoing for s in batch.seqs)
 
     def accepts_prefill(self) -> bool:

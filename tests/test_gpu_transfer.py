@@ -23,13 +23,29 @@ from splitserve.core.tokenizer import decode_continuation, load_tokenizer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_cuda_ipc_bench_transfer_every_byte_verified():
+def test_pinned_uploads_ring_reuses_buffers_without_overwriting_pending_copies():
+    import numpy as np
+
+    from splitserve.transfer.cuda_ipc import PinnedUploads
+
+    stream = torch.cuda.Stream()
+    uploads = PinnedUploads(torch.device("cuda", 0), ring=3)
+    rng = np.random.default_rng(0)
+    wanted = [rng.integers(0, 1 << 40, size=int(n)) for n in rng.integers(1, 5000, size=20)]
+    got = [uploads.upload(v, stream) for v in wanted]  # more uploads than buffers: each reuse waits for its copy
+    stream.synchronize()
+    for v, t in zip(wanted, got):
+        assert t.dtype == torch.int64 and t.tolist() == v.tolist()
+
+
+@pytest.mark.parametrize("mode", [[], ["--requests", "1", "--layers-per-call", "1"]])
+def test_cuda_ipc_bench_transfer_every_byte_verified(mode):
     from splitserve.benchmarks.transfer import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--backend", "cuda_ipc", "--device", "cuda", "--model-shape", "tiny", "--tokens", "300",
-                              "--src-page-size", "16", "--dst-page-size", "8", "--repeat", "2"])
+                              "--src-page-size", "16", "--dst-page-size", "8", "--repeat", "2", *mode])
     result = run(args)
     assert result["verified"] and result["transport"] == "cuda_ipc"
     assert result["gbps"] > 0

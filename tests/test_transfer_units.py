@@ -116,13 +116,18 @@ def test_ucx_gpu_over_tcp_warning(caplog):
     assert not warn_if_gpu_over_tcp(tcp_only, torch.device("cpu"))
 
 
-def test_bench_transfer_cli_json():
+@pytest.mark.parametrize("backend,extra", [
+    ("zmq", []),  # defaults: 8 requests in flight, every layer in one call
+    ("shm", ["--requests", "1", "--layers-per-call", "1"]),  # one request, layer by layer as a prefill step sends
+])
+def test_bench_transfer_cli_json(backend, extra):
     out = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "bench", "transfer", "--backend", "zmq", "--model-shape", "tiny",
-         "--tokens", "40", "--src-page-size", "16", "--dst-page-size", "8", "--repeat", "1", "--json"],
+        [sys.executable, "-m", "splitserve.cli", "bench", "transfer", "--backend", backend, "--model-shape", "tiny",
+         "--tokens", "40", "--src-page-size", "16", "--dst-page-size", "8", "--repeat", "1", "--json", *extra],
         capture_output=True, text=True, timeout=120, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["verified"] is True
-    assert result["gbps"] > 0 and result["baseline_gbps"] > 0
+    assert result["requests"] == (1 if extra else 8) and result["layers_per_call"] == (1 if extra else 4)
+    assert result["gbps"] > 0 and result["baseline_gbps"] > 0 and result["sender_gbps"] > 0
     assert result["ratio"] == pytest.approx(result["gbps"] / result["baseline_gbps"], rel=0.01)

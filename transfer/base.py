@@ -315,6 +315,12 @@ class KVReceiver(abc.ABC):
         """What a same-host sender needs to write into this pool directly (``None``: inline data only)."""
         return None
 
+    @property
+    def wake_socket(self) -> object | None:
+        """A ZeroMQ socket (or file descriptor) that becomes readable when :meth:`poll` has frames to take: an
+        idle owner waits on it with its own sockets, so a transfer that completes wakes it at once."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release sockets; outstanding transfers are forgotten (no events)."""
@@ -375,6 +381,12 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def poll(self) -> list[TransferEvent]:
         """Process acknowledgements; report completed transfers and failures (receiver gone or refusing)."""
+
+    def writes_in_flight(self) -> bool:
+        """True while a write this sender issued will complete without any message arriving (a device copy behind
+        a fence): its owner then calls :meth:`poll` again without blocking, so that ``Landed``/``Finish`` leave as
+        soon as the copy completes instead of after the owner's idle wait."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None:

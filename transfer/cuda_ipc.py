@@ -9,6 +9,8 @@
    stream waits on it and runs one Triton copy (kernels/cache.py ``copy_slots_layers``) for every token of every
    request bound for that pool (and every layer of the range). Compute goes on meanwhile; the host never waits.
    The per-call host cost is kept to an event record, a stream wait and a launch (events come from a ring).
+   Slot vectors reach the device through a ring of reused pinned buffers (:class:`PinnedUploads`): no pinned
+   allocation per step.
 4. :meth:`CudaIpcCopyEngine.fence`: an event on the side stream, which the compute stream also waits on, so the
    source pages are never rewritten (freed, then reused by a later step) before the copies have read them.
    ``done()`` is ``event.query()``.
@@ -43,6 +45,38 @@ class _EventFence:
         return None
 
 
+class PinnedUploads:
+    """Small host vectors -> device tensors through a ring of reused pinned buffers.
+
+    Buffer ``i`` is rewritten only after the copy that last read it completed (an event per buffer), so an upload
+    never waits for anything but a copy queued ``ring`` uploads ago. Used from one thread.
+    """
+
+    def __init__(self, device: torch.device, ring: int = 8) -> None:
+        self.device = device
+        self._bufs: list[torch.Tensor | None] = [None] * ring
+        self._events: list[torch.cuda.Event | None] = [None] * ring
+        self._next = 0
+
+    def upload(self, values: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
+        """int64 ``[N]`` ``values`` -> a ``[N]`` int64 tensor on the device, copied on ``stream`` (not waited for)."""
+        i, n = self._next, int(values.size)
+        self._next = (i + 1) % len(self._bufs)
+        event, buf = self._events[i], self._bufs[i]
+        if event is None:
+            event = self._events[i] = torch.cuda.Event()
+        else:
+            event.synchronize()  # the copy that read this buffer last (queued ``ring`` uploads ago)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[i] = torch.empty(max(1024, 1 << max(n - 1, 0).bit_length()), dtype=torch.int64,
+                                              pin_memory=True)
+        np.copyto(buf[:n].numpy(), values, casting="unsafe")
+        with torch.cuda.stream(stream):
+            out = buf[:n].to(self.device, non_blocking=True)
+        event.record(stream)
+        return out
+
+
 class CudaIpcCopyEngine(CopyEngine):
     """See :class:`~splitserve.transfer.direct.CopyEngine`. ``device``: this worker's GPU."""
 
@@ -56,6 +90,7 @@ class CudaIpcCopyEngine(CopyEngine):
         self._side: torch.cuda.Stream | None = None
         self._ready: list[torch.cuda.Event] = []
         self._next = 0
+        self._uploads = PinnedUploads(self.device)
 
     @property
     def side(self) -> torch.cuda.Stream:
@@ -96,9 +131,7 @@ class CudaIpcCopyEngine(CopyEngine):
         return pool
 
     def slots(self, values: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).pin_memory()
-        with torch.cuda.stream(self.side):  # ordered before this stream's copies; pinned memory outlives the copy
-            return host.to(self.device, non_blocking=True)
+        return self._uploads.upload(values, self.side)  # on the side stream: ordered before its copies
 
     def write(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,

@@ -331,6 +331,9 @@ class DirectKVSender(ZmqKVSender):
 
     # -- progress --
 
+    def writes_in_flight(self) -> bool:
+        return any(d.landed or d.closing is not None for d in self._direct.values())
+
     def poll(self) -> list[TransferEvent]:
         events = super().poll()
         events.extend(self._events)

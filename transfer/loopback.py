@@ -56,6 +56,8 @@ class SenderReport(msgspec.Struct, frozen=True):
     """(transfer_id, reason)."""
     seconds: float
     """From the first begin() to the last event."""
+    started_at: float = 0.0
+    """``time.perf_counter()`` at the first begin() (CLOCK_MONOTONIC: comparable with the parent's on one host)."""
     checksums: tuple[str, ...] = ()
 
 
@@ -217,7 +219,8 @@ def _wait_events(sender: Any, ids: set[str], wait_s: float) -> list[TransferEven
             if isinstance(ev, (TransferComplete, TransferFailed)):
                 pending.discard(ev.transfer_id)
                 events.append(ev)
-        time.sleep(0.0002)
+        if not sender.writes_in_flight():  # as a worker's loop does: no idle wait while a copy may complete
+            time.sleep(0.0002)
     return events
 
 
@@ -269,6 +272,7 @@ def _run_spec(spec: SenderSpec, conn: "Connection") -> SenderReport:
             completed=tuple(e.transfer_id for e in events if isinstance(e, TransferComplete)),
             failed=tuple((e.transfer_id, e.reason) for e in events if isinstance(e, TransferFailed)),
             seconds=seconds,
+            started_at=t0,
             checksums=tuple(sums),
         )
     finally:

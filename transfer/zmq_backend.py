@@ -167,6 +167,10 @@ class ZmqKVReceiver(KVReceiver):
     def address(self) -> str:
         return self._control_addr
 
+    @property
+    def wake_socket(self) -> zmq.Socket:
+        return self._sock
+
     def expect(self, desc: KVDescriptor, request_id: str = "") -> None:
         """See the base class; ``request_id`` (optional) labels log lines and events."""
         self._layout.check_compatible(desc)

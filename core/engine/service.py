@@ -106,6 +106,11 @@ class WorkerCore:
         self.transfer_addr = ""
         self.handlers: dict[type, Handler] = {}
         self.pollers: list[Callable[[], None]] = []
+        self.wake_sockets: list[object] = []
+        """Sockets of the roles' own endpoints (a KV receiver's) that wake the idle wait when readable."""
+        self.busy_hints: list[Callable[[], bool]] = []
+        """Work that completes without a message (a KV sender's device writes): while one says True the loop polls
+        without blocking, so what completes leaves at once rather than after the idle wait."""
         self.owners: dict[str, OutputOwner] = {}
         self.abort_handlers: list[Callable[[AbortReq, bytes | None], None]] = []
         self.waiting_sources: list[Callable[[], int]] = []
@@ -269,7 +274,8 @@ class WorkerCore:
     def loop_once(self) -> None:
         if self._orphaned:
             self._abort_orphans()
-        self.read_messages(timeout_ms=0 if self.engine.has_unfinished() else 5)
+        idle = not self.engine.has_unfinished() and not any(hint() for hint in self.busy_hints)
+        self.read_messages(timeout_ms=5 if idle else 0)
         for poll in self.pollers:
             poll()
         if self.engine.has_unfinished():
@@ -293,6 +299,8 @@ class WorkerCore:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.peer, zmq.POLLIN)
+        for sock in self.wake_sockets:  # read by the pollers; here they only end the wait
+            poller.register(sock, zmq.POLLIN)
         with self._router_lock:
             ready = dict(poller.poll(timeout_ms))
         for _ in range(256):  # bounded per loop so engine steps keep flowing
