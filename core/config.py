@@ -63,7 +63,7 @@ class EngineConfig(FrozenConfig):
     """``auto``: triton on CUDA, torch reference on CPU."""
     cuda_graphs: bool = True
     async_scheduling: bool = True
-    """Overlap host work with the device: launch a plain greedy decode step before reading the previous step's
+    """Overlap host work with the device: launch a greedy decode step (plain or grammar-masked) before reading the previous step's
     tokens (core/engine/engine.py). Off: every step waits for its tokens before the next is scheduled."""
     extra_stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""

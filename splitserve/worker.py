@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each plain greedy decode step before reading the previous step's tokens, so host work "
+                   help="launch each greedy decode step (plain or grammar-masked) before reading the previous step's tokens, so host work "
                         "overlaps the device (default on)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None)
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,

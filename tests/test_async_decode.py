@@ -1,5 +1,7 @@
 """Overlapped decode steps (``EngineConfig.async_scheduling``): the same tokens as synchronous steps, pages freed only
-after the step that writes them has completed, and a clean fallback when a launch raises."""
+after the step that writes them has completed, and a clean fallback when a launch raises. Greedy rows with a grammar
+take the same path (mask filled while the step's forward runs): the same tokens, finish reasons and errors as the
+synchronous path, matchers and pages released."""
 
 from __future__ import annotations
 
@@ -151,3 +153,180 @@ def test_random_workloads_overlapped_equal_synchronous(s260k, seed):
     caching = rng.random() < 0.7
     sync = run(make_engine(s260k, False, num_pages=num_pages, enable_prefix_caching=caching), prompts, params)
     assert run(make_engine(s260k, True, num_pages=num_pages, enable_prefix_caching=caching), prompts, params) == sync
+
+
+# --- grammar rows (structured output) on the overlapped path ------------------------------------------------------
+
+GRAMMARS = (
+    ("regex", "[a-z ]{1,24}\\."),  # ends after a few tokens (the matcher then allows only the stop token)
+    ("choice", '["Once upon a time", "the end", "a big dog"]'),
+    ("json", '{"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer",'
+             ' "minimum": 0, "maximum": 99}}, "required": ["name", "age"], "additionalProperties": false}'),
+    ("grammar", 'root ::= "{\\"text\\": \\"" body\nbody ::= [^"\\\\\\x00-\\x1f] body'),  # never ends: "length"
+)
+
+
+def grammar_workload(seed: int, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Greedy rows, about two thirds with a grammar (ending at various steps, with and without ignore_eos), the rest
+    plain, so that batches mix them and grammar requests finish while others go on."""
+    rng = random.Random(seed)
+    prompts, params = workload(seed, n)
+    out = []
+    for i, p in enumerate(params):
+        if i % 3 == 2:
+            out.append(p)
+            continue
+        out.append(SamplingParams(max_tokens=rng.randrange(6, 40), temperature=0.0, ignore_eos=rng.random() < 0.4,
+                                  grammar=GRAMMARS[rng.randrange(len(GRAMMARS))]))
+    return prompts, out
+
+
+def count_grammar_launches(engine: LLMEngine) -> list[int]:
+    """Counts launches of steps that have grammar rows."""
+    calls = [0]
+    real = engine.runner.launch
+
+    def launch(batch, prev):
+        calls[0] += any(s.params.grammar is not None for s in batch.seqs)
+        return real(batch, prev)
+
+    engine.runner.launch = launch
+    return calls
+
+
+def run_streams(engine: LLMEngine, prompts, params, setup=None) -> dict[str, tuple[list[int], str | None, str | None]]:
+    """Every request's streamed tokens, finish reason and error, from the step outputs; also checks that the
+    streamed tokens are the request's own, that no page leaks and that the matchers left with their requests."""
+    reqs = [engine.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    if setup is not None:
+        setup(engine)
+    streams = {r.request_id: ([], None, None) for r in reqs}
+    while engine.has_unfinished():
+        for so in engine.step():
+            toks, reason, err = streams[so.request_id]
+            assert reason is None, f"{so.request_id}: output after it finished"
+            streams[so.request_id] = (toks + so.new_token_ids, so.finish_reason, so.error)
+    for r in reqs:
+        assert streams[r.request_id][0] == r.output_token_ids and streams[r.request_id][1] == r.finish_reason
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0 and len(engine.grammars) == 0
+    return streams
+
+
+@pytest.mark.parametrize("num_pages, seed, batch_fill", [(256, 1, 16), (256, 4, 2), (24, 2, 2), (16, 3, 16)])
+def test_grammar_rows_overlapped_give_the_synchronous_tokens(s260k, num_pages, seed, batch_fill):
+    """24 and 16 pages: preemptions while steps are in flight; ``batch_fill`` 2: the threaded bitmask fill."""
+    prompts, params = grammar_workload(seed, 18)
+    sync = run_streams(make_engine(s260k, False, num_pages=num_pages), prompts, params)
+    engine = make_engine(s260k, True, num_pages=num_pages)
+    engine.grammars.batch_fill_min_rows = batch_fill
+    launches = count_grammar_launches(engine)
+    assert run_streams(engine, prompts, params) == sync
+    assert launches[0] > 15  # grammar rows really took the overlapped path
+    reasons = {reason for toks, reason, _ in sync.values()}
+    assert {"stop", "length"} <= reasons  # grammars ended mid-batch while other rows went on
+    if num_pages < 256:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def refuse_token(at: int, victim: str = "r0"):
+    """A setup that makes ``victim``'s grammar refuse its ``at``-th accepted token (as an engine bug or a matcher out of
+    step would): the request must fail with "error" on both paths, the others go on."""
+    def setup(engine: LLMEngine) -> None:
+        real, seen = engine.grammars.accept, [0]
+
+        def accept(request_id, token_id):
+            if request_id == victim:
+                seen[0] += 1
+                if seen[0] == at:
+                    raise ValueError(f"token {token_id} is not allowed by the request's grammar")
+            return real(request_id, token_id)
+
+        engine.grammars.accept = accept
+    return setup
+
+
+def test_a_refused_token_fails_its_request_alike(s260k):
+    prompts, params = grammar_workload(5, 8)
+    params[0] = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, grammar=GRAMMARS[3])
+    sync = run_streams(make_engine(s260k, False), prompts, params, refuse_token(4))
+    engine = make_engine(s260k, True)
+    launches = count_grammar_launches(engine)
+    assert run_streams(engine, prompts, params, refuse_token(4)) == sync
+    toks, reason, err = sync["r0"]
+    assert reason == "error" and "not allowed by the request's grammar" in err and len(toks) == 4
+    assert launches[0] > 5
+
+
+def starve(after: int, victim: str = "r0"):
+    """A setup whose ``victim`` matcher allows no token at all once it has accepted ``after`` tokens."""
+    from splitserve.core.engine.grammar import RequestGrammar
+
+    class Starved(RequestGrammar):
+        __slots__ = ("accepted",)
+
+        def accept(self, token_id: int) -> bool:
+            self.accepted = getattr(self, "accepted", 0) + 1
+            return super().accept(token_id)
+
+        def fill(self, bitmask, row: int) -> None:
+            super().fill(bitmask, row)
+            if getattr(self, "accepted", 0) >= after:
+                bitmask[row].zero_()
+
+    def setup(engine: LLMEngine) -> None:
+        engine.grammars._states[victim] = Starved(victim, engine.grammars._states[victim].matcher)
+    return setup
+
+
+def test_a_row_with_no_token_left_fails_its_request_alike(s260k):
+    prompts, params = grammar_workload(6, 8)
+    params[0] = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, grammar=GRAMMARS[3])
+    sync = run_streams(make_engine(s260k, False), prompts, params, starve(5))
+    assert run_streams(make_engine(s260k, True), prompts, params, starve(5)) == sync
+    toks, reason, err = sync["r0"]
+    assert reason == "error" and "no token is left to sample" in err and len(toks) == 5
+
+
+def test_a_grammar_request_aborted_in_flight_frees_its_pages_after_its_step(s260k):
+    engine = make_engine(s260k, True)
+    endless = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, grammar=GRAMMARS[3])
+    keep = engine.add_request("keep", [1, 40, 41, 42], endless)
+    engine.add_request("plain", [1, 60, 61], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    engine.add_request("gone", [1, 50, 51, 52, 53], endless)
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight is not None and "gone" in engine.scheduler.in_flight
+    engine.abort("gone")
+    assert any(k.startswith("gone#retiring") for k in engine.kv._requests) and not engine.kv.has("gone")
+    engine.step()  # its row of the step in flight is dropped, its row of the next step is left unmasked
+    assert not any(k.startswith("gone#retiring") for k in engine.kv._requests)
+    assert engine.grammars.get("gone") is None
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.usage().used == 0 and len(engine.grammars) == 0
+    alone = make_engine(s260k, False).generate([[1, 40, 41, 42]], endless)[0]
+    assert keep.output_token_ids == alone.output_token_ids
+
+
+def test_a_prefilled_grammar_request_continues_on_the_overlapped_path(s260k):
+    """Decode worker side: the first token (from a prefill worker) is replayed into the matcher, then the decode
+    steps overlap (one engine plays the prefill side; the decode side's pages hold no real KV, so both decode
+    engines see the same zero KV)."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, grammar=GRAMMARS[2])
+    prompt = [1, 70, 71, 72, 73]
+    first = make_engine(s260k, False).generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                                        grammar=GRAMMARS[2]))[0].output_token_ids[0]
+    outs = []
+    for overlap in (False, True):
+        engine = make_engine(s260k, overlap)
+        launches = count_grammar_launches(engine)
+        assert engine.reserve("d", len(prompt) + 1) is not None
+        assert engine.add_prefilled("d", prompt, params, first) is None
+        req = engine.scheduler.requests["d"]
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.kv.usage().used == 0 and len(engine.grammars) == 0
+        outs.append((req.output_token_ids, req.finish_reason))
+        assert (launches[0] > 3) == overlap
+    assert outs[0] == outs[1] and outs[0][1] == "stop"

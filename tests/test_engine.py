@@ -315,3 +315,21 @@ def test_copies_of_one_prompt_compute_it_once(s260k):
     assert reqs[0].num_cached_tokens == 0 and [r.num_cached_tokens for r in reqs[1:4]] == [44, 44, 44]
     engine.kv.check_integrity()
     assert engine.kv.usage().used == 0
+
+
+def test_copies_of_one_prompt_start_together_once_its_pages_are_cached(s260k):
+    prompt = [1] + [(7 * i) % 480 + 3 for i in range(47)]  # 48 tokens, 12 pages of 4
+    engine = make_engine(s260k, enable_prefix_caching=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    for i in range(4):
+        engine.add_request(f"copy{i}", prompt, params)
+    engine.add_request("other", [1, 9, 10, 11, 12], params)
+    engine.step()  # copy0 computes the prompt; the others wait to hit its pages
+    assert [r.request_id for r in engine.scheduler.running] == ["copy0"]
+    engine.step()  # then every copy starts at once (and the request queued behind them)
+    assert sorted(r.request_id for r in engine.scheduler.running) == ["copy0", "copy1", "copy2", "copy3", "other"]
+    assert [engine.scheduler.requests[f"copy{i}"].num_cached_tokens for i in (1, 2, 3)] == [44, 44, 44]
+    while engine.has_unfinished():
+        engine.step()
+    engine.kv.check_integrity()
+    assert engine.kv.usage().used == 0

@@ -19,8 +19,9 @@ from cluster import Cluster
 from conftest import shared_model_path
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.engine import LLMEngine
-from splitserve.core.engine.grammar import GrammarStates, apply_masks
-from splitserve.core.engine.sampler import SampleInput, argmax_only, sample_batch
+from splitserve.core.engine.grammar import (BATCH_FILL_MIN_ROWS, GrammarStates, StepBitmask, apply_bitmask_reference,
+                                            apply_masks)
+from splitserve.core.engine.sampler import SampleInput, argmax_only, masked_argmax_only, sample_batch
 from splitserve.core.messages import SamplingParams
 from splitserve.core.tokenizer import decode_continuation, load_tokenizer
 from splitserve.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
@@ -108,7 +109,8 @@ def test_masks_sampler_and_cache(builtin_grammars):
     logits = torch.randn(3, tok.vocab_size)
     raw = logits.clone()
     greedy = SamplingParams(temperature=0.0, grammar=spec)
-    assert not argmax_only(greedy)  # the engine's overlapped decode never takes a grammar row
+    assert not argmax_only(greedy) and masked_argmax_only(greedy)  # overlapped decode: mask and argmax on the device
+    assert not masked_argmax_only(SamplingParams(temperature=0.0, grammar=spec, logprobs=1))
     inputs = [SampleInput(greedy, (1,), (), grammar=a), SampleInput(SamplingParams(temperature=0.0), (1,), ()),
               SampleInput(SamplingParams(temperature=1.0, seed=3, logprobs=2, grammar=spec), (1,), (), grammar=b)]
     tokens, lps = sample_batch(logits, inputs)
@@ -120,6 +122,58 @@ def test_masks_sampler_and_cache(builtin_grammars):
     assert tokens[0] in allowed
     states.retain(set())
     assert len(states) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_step_bitmask_matches_the_torch_reference(device):
+    """The overlapped path's reused bitmask (xgrammar's kernel on the logits' device) against a torch reference, on
+    random bits, rows and vocabularies (not multiples of 32), reusing the buffer across steps and growing it."""
+    gen = torch.Generator().manual_seed(0)
+    step = StepBitmask(1000, torch.device(device), capacity=4)
+    for n in (3, 1, 4, 9, 6):
+        logits = torch.randn(n, 1000, generator=gen).to(device)
+        rows = step.rows(n)
+        assert rows.shape == (n, 32) and rows.dtype == torch.int32
+        masked = sorted(torch.randperm(n, generator=gen)[: max(1, n // 2)].tolist())
+        for r in masked:
+            rows[r] = torch.randint(-2**31, 2**31, (32,), generator=gen, dtype=torch.int64).to(torch.int32)
+        expect = logits.clone()
+        expect[masked] = apply_bitmask_reference(logits[masked], rows[masked].to(device))
+        step.apply(logits, masked)
+        assert torch.equal(logits.cpu(), expect.cpu())
+
+
+def test_fill_rows_batched_equals_row_by_row_and_isolates_a_failing_matcher(builtin_grammars):
+    tok, states = builtin_grammars
+    specs = [("choice", json.dumps(["yes", "no"])), ("regex", "[0-9]{2}"), ("json_object", "")]
+    for i in range(6):
+        states.add(f"f{i}", specs[i % 3])
+        states.accept(f"f{i}", tok.encode("{" if i % 3 == 2 else ("y" if i % 3 == 0 else "4"),
+                                          add_special_tokens=False)[0])
+    rows = [(5 - i, f"f{i}") for i in range(6)]
+    one = torch.zeros(6, (tok.vocab_size + 31) // 32, dtype=torch.int32)
+    for row, rid in rows:
+        states.get(rid).fill(one, row)
+    states.batch_fill_min_rows = 2
+    batched = torch.zeros_like(one)
+    assert states.fill_rows(batched, rows) == []
+    assert torch.equal(batched, one)
+
+    class Broken:  # the threaded call raises; row by row, only the broken matcher's request fails
+        def batch_fill_next_token_bitmask(self, *args):
+            raise RuntimeError("injected")
+
+    class BrokenGrammar(type(states.get("f0"))):
+        def fill(self, bitmask, row):
+            raise RuntimeError("matcher out of step")
+
+    states._batch_matcher, states._states["f3"] = Broken(), BrokenGrammar("f3", states.get("f3").matcher)
+    again = torch.zeros_like(one)
+    failed = states.fill_rows(again, rows)
+    assert [(rid, str(exc)) for rid, exc in failed] == [("f3", "matcher out of step")]
+    assert torch.equal(again[[0, 1, 3, 4, 5]], one[[0, 1, 3, 4, 5]])
+    states._batch_matcher, states.batch_fill_min_rows = None, BATCH_FILL_MIN_ROWS
+    states.retain(set())
 
 
 def test_invalid_grammars_fail_naming_the_field(builtin_grammars):

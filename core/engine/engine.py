@@ -8,13 +8,19 @@ Flow of :meth:`LLMEngine.step`:
 3. Postprocess: such a request is finished with ``finish_reason="error"`` and its ``error`` (pages freed,
    one WARNING line); the others append their tokens and finish on EOS, stop ids or length.
 
-Overlapped decode (``EngineConfig.async_scheduling``): when every row of a step is a plain greedy decode token, the
-step is launched without waiting for it (:meth:`ModelRunner.launch`) and committed with pending placeholder tokens.
-The next :meth:`LLMEngine.step` schedules and launches step N+1 (its inputs read step N's tokens on the device),
-then waits for step N and postprocesses it, so host work (scheduling, outputs, the worker's messages) runs while the
-GPU computes. A step that cannot overlap (prefill chunks, sampling beyond argmax, logprobs, a layer hook) first
-completes the step in flight and runs synchronously. A request that stops at step N still has a row in step N+1:
-its extra token is dropped and its pages are freed once N+1 has completed.
+Overlapped decode (``EngineConfig.async_scheduling``): when every row of a step is a greedy decode token with nothing
+else asked (plain, or masked by a grammar), the step is launched without waiting for it (:meth:`ModelRunner.launch`)
+and committed with pending placeholder tokens. The next :meth:`LLMEngine.step`:
+1'. schedules step N+1 and queues its forward pass (its inputs read step N's tokens on the device);
+2'. waits for step N and resolves it (:meth:`LLMEngine._resolve`): placeholders become tokens, each token goes to its
+    request's grammar matcher as on the synchronous path (a refused token fails the request with ``"error"``, a
+    terminated matcher finishes it with ``"stop"``), and the requests that stop there finish;
+3'. with grammar rows in N+1, fills their bitmask from the matchers (rows of requests that ended in 2' are skipped),
+    and the runner applies it and queues the argmax (:meth:`LLMEngine._seal`);
+so host work (scheduling, grammar matchers, outputs, the worker's messages) runs while the GPU computes. A step that
+cannot overlap (prefill chunks, sampling beyond argmax, logprobs, a layer hook) first completes the step in flight
+and runs synchronously. A request that stops at step N still has a row in step N+1: its extra token is dropped and
+its pages are freed once N+1 has completed.
 
 Requests are checked when they are added (:meth:`LLMEngine.make_request`): a prompt this engine can never
 serve, or sampling parameters the sampler cannot honour (NaN, infinite, impossible ranges), raise ``ValueError``.
@@ -39,7 +45,7 @@ from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.grammar import GrammarStates
 from splitserve.core.engine.runner import InFlight, KVPoolSpec, LayerHook, ModelRunner
-from splitserve.core.engine.sampler import argmax_only, check_params
+from splitserve.core.engine.sampler import argmax_only, check_params, masked_argmax_only
 from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
 from splitserve.core.messages import SamplingParams, TokenLogprob
 from splitserve.core.model.attention import make_backend
@@ -286,6 +292,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
         launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev)
         outputs = self._complete(prev)
+        if launched:
+            outputs += self._seal(self._in_flight)  # prev's tokens reached the matchers: mask this step's rows
         outputs += self._finish_out_of_memory()  # after prev: a request that cannot grow keeps its last token
         if launched or batch.is_empty:
             return outputs
@@ -298,13 +306,34 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         if self._overlappable(batch) and self._launch(batch, None):
-            return outputs
+            return outputs + self._seal(self._in_flight)
         return outputs + self.postprocess(batch, self._execute(batch))
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
         return self.cfg.async_scheduling and not self.runner.needs_hook(batch) and all(
-            s.num_tokens == 1 and s.sample and not s.prompt_logprobs and argmax_only(s.params) for s in batch.seqs
+            s.num_tokens == 1 and s.sample and not s.prompt_logprobs and self._argmax_row(s) for s in batch.seqs
         )
+
+    def _argmax_row(self, s: SeqWork) -> bool:
+        """The row's token is the argmax of its logits, masked by its grammar (whose matcher is here) if it has one."""
+        if s.params.grammar is None:
+            return argmax_only(s.params)
+        return masked_argmax_only(s.params) and self.grammars.get(s.request_id) is not None
+
+    def _seal(self, flight: InFlight) -> list[StepOutput]:
+        """Fill the bitmask rows of ``flight``'s grammar rows from their matchers, then have the runner mask and argmax
+        them (module flow, step 3'). Rows of requests that ended meanwhile stay unmasked (their tokens are dropped);
+        a request whose matcher raises fails with ``finish_reason="error"``."""
+        if flight.sealed:
+            return []
+        rows = [(row, s.request_id) for row, s in enumerate(flight.batch.seqs)
+                if s.params.grammar is not None and s.request_id in self.scheduler.requests
+                and self.grammars.get(s.request_id) is not None]
+        failed = self.grammars.fill_rows(self.runner.mask_rows(flight), rows) if rows else []
+        bad = {rid for rid, _ in failed}
+        self.runner.seal(flight, [row for row, rid in rows if rid not in bad])
+        return self._fail_errors(RunnerOutput(results=tuple(
+            SeqResult(rid, None, error=error_text("structured output", exc)) for rid, exc in failed)))
 
     def _launch(self, batch: ScheduledBatch, prev: InFlight | None) -> bool:
         """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised."""
@@ -332,23 +361,32 @@ class LLMEngine:
         return self._resolve(prev, out)
 
     def _resolve(self, prev: InFlight, out: RunnerOutput) -> list[StepOutput]:
-        """Put each row's token in place of its placeholder; finish the requests that stop there."""
-        outputs, done = [], []
+        """Put each row's token in place of its placeholder and feed it to the request's grammar; finish the requests
+        that stop there (a refused token: ``"error"``), and fail those whose row had no token left."""
+        outputs, done, failed = [], [], []
         for res in out.results:
             req = self.scheduler.requests.get(res.request_id)
             idx = prev.placeholders.get(res.request_id)
             if req is None or idx is None or idx >= len(req.output_token_ids) or req.output_token_ids[idx] != PENDING_TOKEN:
                 continue  # finished or aborted meanwhile
+            if res.token_id is None:  # its grammar and logits allowed no token: fails as on the synchronous path
+                req.keep_outputs(idx)
+                failed.append(res)
+                continue
             req.output_token_ids[idx] = res.token_id
             req.num_pending -= 1
             so = StepOutput(req.request_id, [res.token_id], num_prompt_tokens=req.num_prompt_tokens,
-                            num_cached_tokens=req.num_cached_tokens, finish_reason=req.stop_reason_at(idx + 1))
+                            num_cached_tokens=req.num_cached_tokens)
+            so.finish_reason = req.stop_reason_at(idx + 1) or self._grammar_step(req, res.token_id, so)
             if so.finish_reason is not None:
                 req.keep_outputs(idx + 1)
                 self.scheduler.cache_known(req)
                 done.append((req, so.finish_reason))
             outputs.append(so)
         self.scheduler.finish_many(done)
+        outputs += self._fail_errors(RunnerOutput(results=tuple(failed)))
+        if len(self.grammars):
+            self.grammars.retain(self.scheduler.requests)
         return outputs
 
     def _execute(self, batch: ScheduledBatch) -> RunnerOutput:

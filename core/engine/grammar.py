@@ -12,9 +12,13 @@ Flow of one constrained request on a worker:
    fails the request with it.
 3. A decode worker continuing a request prefilled elsewhere replays the first token into its fresh matcher
    (:meth:`GrammarStates.accept`) before it masks token 1.
-4. Each step, :func:`apply_masks` (called by the sampler) fills one bitmask row per constrained row from its matcher
-   and applies it to the logits with xgrammar's kernel (CPU, or CUDA where the logits are): tokens the grammar does
-   not allow become -inf.
+4. Each synchronous step, :func:`apply_masks` (called by the sampler) fills one bitmask row per constrained row from
+   its matcher and applies it to the logits with xgrammar's kernel (CPU, or CUDA where the logits are): tokens the
+   grammar does not allow become -inf.
+   Overlapped decode steps (greedy rows with nothing else asked; core/engine/engine.py): step N+1's forward is queued
+   first; once step N's tokens were fed to the matchers (step 5), they fill the rows of one preallocated
+   :class:`StepBitmask` (pinned host memory on CUDA), which is uploaded on a side stream and applied on the device
+   just before the step's argmax.
 5. The engine feeds every sampled token to :meth:`GrammarStates.accept`: a refused token fails the request, a matcher
    that terminates (the grammar is complete and its stop token was taken) finishes it with ``"stop"``.
 6. :meth:`GrammarStates.retain` drops the matchers of requests that left the engine.
@@ -52,6 +56,8 @@ FIELD_OF_KIND = {
 answers that with a 400 naming the field)."""
 
 DEFAULT_CACHE_SIZE = 256
+BATCH_FILL_MIN_ROWS = 16
+"""Below this many rows a threaded bitmask fill costs more in dispatch than it saves."""
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
@@ -201,6 +207,9 @@ class GrammarStates:
         self.cache_size = cache_size
         self._cache: GrammarCache | None = None
         self._states: dict[str, RequestGrammar] = {}
+        self._batch_matcher: Any = None
+        self.batch_fill_min_rows = BATCH_FILL_MIN_ROWS
+        """:meth:`fill_rows` fills this many rows or more in one threaded call (fewer: row by row, cheaper)."""
 
     def __len__(self) -> int:
         return len(self._states)
@@ -237,6 +246,35 @@ class GrammarStates:
             raise ValueError(f"token {token_id} is not allowed by the request's grammar")
         return "stop" if state.terminated else None
 
+    def fill_rows(self, bitmask: "torch.Tensor", rows: Sequence[tuple[int, str]]) -> list[tuple[str, Exception]]:
+        """Fill row ``row`` of host int32 ``bitmask`` ``[N, ceil(V / 32)]`` from the matcher of ``request_id`` for each
+        ``(row, request_id)`` (every id must have a matcher). From :attr:`batch_fill_min_rows` rows on, in one call on
+        xgrammar's threads; when that raises, row by row. Returns ``(request id, exception)`` for each matcher that
+        raised (its row is left as it was), so that only those requests fail."""
+        states = [(row, self._states[rid]) for row, rid in rows]
+        if len(states) >= self.batch_fill_min_rows:
+            try:
+                self.batch_matcher.batch_fill_next_token_bitmask(
+                    [st.matcher for _, st in states], bitmask, [row for row, _ in states])
+                return []
+            except (RuntimeError, ValueError, TypeError) as exc:  # retried row by row below, the failures returned
+                logger.info("requests %s: filling the bitmask in one call raised %s; filling row by row",
+                            ",".join(st.request_id for _, st in states), type(exc).__name__)
+        failed: list[tuple[str, Exception]] = []
+        for row, state in states:
+            try:
+                state.fill(bitmask, row)
+            except (RuntimeError, ValueError, TypeError) as exc:  # this request's matcher: the caller fails it
+                failed.append((state.request_id, exc))
+        return failed
+
+    @property
+    def batch_matcher(self) -> Any:
+        """xgrammar's ``BatchGrammarMatcher`` (its own threads: half the host's cores), created on first use."""
+        if self._batch_matcher is None:
+            self._batch_matcher = _xgr().BatchGrammarMatcher("auto")
+        return self._batch_matcher
+
     def discard(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
@@ -254,18 +292,108 @@ def apply_masks(logits: "torch.Tensor", rows: Sequence[tuple[int, RequestGrammar
     """
     if not rows:
         return
-    import torch
-
-    xgr = _xgr()
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
+    bitmask = _xgr().allocate_token_bitmask(logits.shape[0], logits.shape[-1])
     for row, state in rows:
         state.fill(bitmask, row)
     indices = [row for row, _ in rows]
     if logits.is_cuda:
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    apply_bitmask(logits, bitmask, indices)
+
+
+def apply_bitmask(logits: "torch.Tensor", bitmask: "torch.Tensor", indices: Sequence[int] | None = None) -> None:
+    """xgrammar's kernel on the logits' device: ``logits`` ``[N, V]`` (float32 / float16 / bfloat16 in place, other
+    float dtypes through a float32 copy) and ``bitmask`` int32 ``[N, ceil(V / 32)]`` on the same device; where bit
+    ``j`` of row ``i`` is 0, ``logits[i, j]`` becomes -inf. ``indices``: only those rows (None: every row)."""
+    import torch
+
+    xgr = _xgr()
+    idx = None if indices is None else list(indices)
     if logits.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=indices)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=idx)
         return
     tmp = logits.float()
-    xgr.apply_token_bitmask_inplace(tmp, bitmask, indices=indices)
+    xgr.apply_token_bitmask_inplace(tmp, bitmask, indices=idx)
     logits.copy_(tmp)
+
+
+def apply_bitmask_reference(logits: "torch.Tensor", bitmask: "torch.Tensor") -> "torch.Tensor":
+    """Torch reference of :func:`apply_bitmask` over every row, for the tests: float ``[N, V]`` logits and int32
+    ``[N, ceil(V / 32)]`` bitmask -> new logits with -inf where the token's bit is 0."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    return logits.masked_fill(bits == 0, float("-inf"))
+
+
+ALL_ALLOWED = -1
+"""An int32 bitmask word with every bit set: a row of them leaves its logits as they are."""
+
+
+class StepBitmask:
+    """The token bitmask of overlapped decode steps (module flow, step 4), allocated once and reused every step.
+
+    ``host``: int32 ``[capacity, ceil(V / 32)]`` that the matchers fill (pinned on CUDA); ``device_rows``: the same
+    shape on the logits' device (the host buffer itself on CPU). On CUDA the upload runs on a side stream, so it overlaps
+    the forward pass queued before it, and the compute stream waits for it before the kernel reads it. The host rows
+    are handed out again only after the previous upload from them has completed (:meth:`rows`), and an upload waits
+    for the previous kernel that read the device rows; both are normally long done, so neither wait costs anything.
+    """
+
+    def __init__(self, vocab_size: int, device: "torch.device", capacity: int = 64) -> None:
+        import torch
+
+        self.vocab_size = vocab_size
+        self.width = (vocab_size + 31) // 32
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._uploaded: "torch.cuda.Event | None" = None
+        """Recorded on the side stream after the last upload: the host rows are free once it has completed."""
+        self._applied: "torch.cuda.Event | None" = None
+        """Recorded on the compute stream after the last kernel: the device rows are free once it has completed."""
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        import torch
+
+        self.capacity = capacity
+        self.host = torch.full((capacity, self.width), ALL_ALLOWED, dtype=torch.int32, pin_memory=self.cuda)
+        self.device_rows = torch.empty_like(self.host, device=self.device) if self.cuda else self.host
+
+    def rows(self, n: int) -> "torch.Tensor":
+        """Host int32 ``[n, ceil(V / 32)]`` to fill for a step of ``n`` rows (contents left from earlier steps)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        if n > self.capacity:
+            if self._applied is not None:
+                self._applied.synchronize()  # the old device rows may still be read
+            self._allocate(max(n, 2 * self.capacity))
+        return self.host[:n]
+
+    def apply(self, logits: "torch.Tensor", masked: Sequence[int]) -> None:
+        """Mask ``logits`` ``[n, V]`` (on :attr:`device`) in place with the ``masked`` rows of :meth:`rows`; the other
+        rows stay as they are."""
+        if not masked:
+            return
+        if not self.cuda:
+            apply_bitmask(logits, self.host[: logits.shape[0]], masked)
+            return
+        import torch
+
+        n = logits.shape[0]
+        rest = sorted(set(range(n)) - set(masked))
+        if rest:  # every row goes through the kernel (no index list to upload): the others allow everything
+            self.host[:n].index_fill_(0, torch.tensor(rest, dtype=torch.long), ALL_ALLOWED)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            if self._applied is not None:
+                self._stream.wait_event(self._applied)
+            self.device_rows[:n].copy_(self.host[:n], non_blocking=True)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record(self._stream)
+        compute.wait_event(self._uploaded)
+        apply_bitmask(logits, self.device_rows[:n])
+        self._applied = torch.cuda.Event()
+        self._applied.record(compute)

@@ -7,10 +7,16 @@ Flow of :meth:`ModelRunner.execute`:
    row and report the rows that still raise in :attr:`SeqResult.error` (the engine fails those requests).
 4. Add prompt logprobs where asked.
 
-Overlapped decode (:meth:`ModelRunner.launch`, plain greedy decode rows only): steps 1-3 are queued on the device
-without waiting for them, the argmax is copied to host memory behind an event, and the returned :class:`InFlight`
-reads it later. A row whose input token is the previous step's pending token reads it from that step's device
-tensor, so the host never waits between steps.
+Overlapped decode (greedy decode rows with nothing else asked):
+1'. :meth:`ModelRunner.launch` queues steps 1-2 and the logits on the device without waiting for them. A row whose
+    input token is the previous step's pending token reads it from that step's device tensor, so the host never
+    waits between steps.
+2'. Without grammar rows the argmax follows at once (:meth:`InFlight.seal`). With grammar rows the step stays
+    unsealed: the engine first finishes the previous step on the host (its tokens advance the matchers), fills the
+    rows' bitmask, and :meth:`ModelRunner.seal` applies it on the device and queues the argmax, all while the
+    forward pass runs.
+3'. The argmax is copied to host memory behind an event, and the :class:`InFlight` reads it later
+    (:meth:`InFlight.results`).
 
 It reads nothing but the batch it is handed; the KV pool, the model and the attention backend are
 collaborators given at construction.
@@ -25,14 +31,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
-from splitserve.core.engine.sampler import SampleInput, sample_batch, top_logprobs
+from splitserve.core.engine.sampler import NO_TOKEN_LEFT, SampleInput, sample_batch, top_logprobs
 from splitserve.core.messages import TokenLogprob
 from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 from splitserve.core.request import PENDING_TOKEN
 
 if TYPE_CHECKING:
     from splitserve.core.engine.cuda_graphs import DecodeGraphs
-    from splitserve.core.engine.grammar import GrammarStates
+    from splitserve.core.engine.grammar import GrammarStates, StepBitmask
 
 logger = logging.getLogger(__name__)
 
@@ -65,40 +71,67 @@ class KVPoolSpec:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 
 
+NO_TOKEN = -2
+"""Host value of a masked row whose grammar and logits allow no token (never a real id, never on the device)."""
+
+
 @dataclass
 class InFlight:
     """A launched decode step whose sampled tokens have not been read on the host yet."""
 
     batch: ScheduledBatch
-    tokens: torch.Tensor
-    """int64 ``[len(batch.seqs)]`` on the model's device: each row's greedy token."""
-    host: torch.Tensor
-    """int64 ``[len(batch.seqs)]`` host copy of ``tokens`` (pinned on CUDA), valid once ``done`` has completed."""
-    done: "torch.cuda.Event | None"
     rows: dict[str, int]
     """request id -> row."""
+    logits: torch.Tensor | None = None
+    """float32 ``[len(batch.seqs), V]`` on the model's device while the step waits for its grammar mask; then None."""
+    tokens: torch.Tensor | None = None
+    """int64 ``[len(batch.seqs)]`` on the model's device: each row's greedy token (set by :meth:`seal`)."""
+    host: torch.Tensor | None = None
+    """int64 ``[len(batch.seqs)]`` host copy of ``tokens`` (pinned on CUDA; :data:`NO_TOKEN` where a masked row has
+    no token left), valid once ``done`` has completed."""
+    done: "torch.cuda.Event | None" = None
     placeholders: dict[str, int] = field(default_factory=dict)
     """request id -> index of the row's pending token in the request's ``output_token_ids`` (set by the engine)."""
     retirees: list[str] = field(default_factory=list)
     """Page owner keys to free once this step has completed (set by the engine)."""
 
     @classmethod
-    def start(cls, batch: ScheduledBatch, tokens: torch.Tensor) -> "InFlight":
-        rows = {s.request_id: i for i, s in enumerate(batch.seqs)}
+    def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool) -> "InFlight":
+        """The step of ``batch`` from its logits float32 ``[len(batch.seqs), V]``: sealed at once unless ``masked``
+        (it has grammar rows, whose mask comes later through :meth:`ModelRunner.seal`)."""
+        flight = cls(batch, {s.request_id: i for i, s in enumerate(batch.seqs)}, logits=logits)
+        if not masked:
+            flight.seal(torch.argmax(logits, dim=-1))
+        return flight
+
+    @property
+    def sealed(self) -> bool:
+        return self.tokens is not None
+
+    def seal(self, tokens: torch.Tensor, report: torch.Tensor | None = None) -> None:
+        """Set the step's device tokens int64 ``[len(batch.seqs)]`` and queue their copy to the host (``report``, same
+        shape: what the host reads instead, when it differs)."""
+        report = tokens if report is None else report
+        self.tokens, self.logits = tokens, None
         if not tokens.is_cuda:
-            return cls(batch, tokens, tokens, None, rows)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return cls(batch, tokens, host, done, rows)
+            self.host = report
+            return
+        self.host = torch.empty(report.shape, dtype=report.dtype, pin_memory=True)
+        self.host.copy_(report, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
 
     def results(self) -> RunnerOutput:
-        """Wait for the step, then one :class:`SeqResult` per row."""
+        """Wait for the step, then one :class:`SeqResult` per row (an error for a row that had no token left)."""
+        if self.host is None:
+            raise RuntimeError("the overlapped step was never sealed (its grammar mask was not applied)")
         if self.done is not None:
             self.done.synchronize()
-        toks = self.host.tolist()
-        return RunnerOutput(results=tuple(SeqResult(s.request_id, t) for s, t in zip(self.batch.seqs, toks)))
+        out = []
+        for s, t in zip(self.batch.seqs, self.host.tolist()):
+            err = error_text("sampling", ValueError(NO_TOKEN_LEFT)) if t == NO_TOKEN else None
+            out.append(SeqResult(s.request_id, None if err else t, error=err))
+        return RunnerOutput(results=tuple(out))
 
 
 class ModelRunner:
@@ -122,6 +155,8 @@ class ModelRunner:
         self.graphs = graphs
         self.grammars: "GrammarStates | None" = None
         """Structured output: the engine's matchers, looked up by request id for each sampled row."""
+        self._bitmask: "StepBitmask | None" = None
+        """Structured output on overlapped steps: the reused bitmask (created on first use)."""
 
     def needs_hook(self, batch: ScheduledBatch) -> bool:
         if self.layer_hook is None:
@@ -143,10 +178,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: InFlight | None) -> InFlight:
-        """Queue a decode step of plain greedy rows (one token each) without waiting for it.
+        """Queue a decode step of greedy rows (one token each) without waiting for it (module flow, step 1').
 
         Rows whose input token is :data:`PENDING_TOKEN` take ``prev``'s sampled token for the same request, on the
-        device. Raises ``ValueError`` when such a row has no row in ``prev``.
+        device. Raises ``ValueError`` when such a row has no row in ``prev``. A batch with grammar rows comes back
+        unsealed: call :meth:`seal` once their matchers have filled :meth:`mask_rows`.
         """
         carry = self._carry(batch, prev)
         key = self.graphs.key(batch) if self.graphs is not None else None
@@ -157,7 +193,38 @@ class ModelRunner:
             if carry is not None:
                 input_ids.index_copy_(0, *carry)
             hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
-        return InFlight.start(batch, torch.argmax(self.model.compute_logits(hidden), dim=-1))
+        masked = any(s.params.grammar is not None for s in batch.seqs)
+        return InFlight.start(batch, self.model.compute_logits(hidden), masked)
+
+    def mask_rows(self, flight: InFlight) -> torch.Tensor:
+        """Host int32 ``[len(flight.batch.seqs), ceil(V / 32)]`` bitmask rows of an unsealed step, for the matchers to
+        fill (reused every step; see core/engine/grammar.py :class:`StepBitmask`)."""
+        if flight.logits is None:
+            raise RuntimeError("this overlapped step is already sealed")
+        vocab = flight.logits.shape[-1]
+        if self._bitmask is None or self._bitmask.vocab_size != vocab:
+            from splitserve.core.engine.grammar import StepBitmask
+
+            self._bitmask = StepBitmask(vocab, self.device)
+        return self._bitmask.rows(len(flight.batch.seqs))
+
+    @torch.inference_mode()
+    def seal(self, flight: InFlight, masked: list[int]) -> None:
+        """Mask the ``masked`` rows of ``flight``'s logits with the rows of :meth:`mask_rows`, then queue the argmax
+        and its copy to the host (module flow, step 2'). A masked row with no token left reads as :data:`NO_TOKEN`
+        on the host; on the device it keeps the argmax (a valid id, for a next step's input that is never used)."""
+        logits = flight.logits
+        if logits is None:
+            raise RuntimeError("this overlapped step is already sealed")
+        if not masked:
+            flight.seal(torch.argmax(logits, dim=-1))
+            return
+        if self._bitmask is None:
+            raise RuntimeError("masked rows without a bitmask: fill mask_rows(flight) first")
+        self._bitmask.apply(logits, masked)
+        tokens = torch.argmax(logits, dim=-1)
+        best = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)  # -inf only where every token is -inf
+        flight.seal(tokens, tokens.masked_fill(best == float("-inf"), NO_TOKEN))
 
     def _carry(self, batch: ScheduledBatch, prev: InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows of ``batch`` whose token is pending, their tokens from ``prev``) as device tensors, or None."""

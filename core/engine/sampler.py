@@ -6,7 +6,8 @@ row is greedy with no bias, penalty or min_tokens):
 0. Structured output (:func:`sample_batch`): rows with a grammar get its token mask first, for the whole batch at once
    (core/engine/grammar.py; on a copy when a row wants logprobs, which stay the model's own), so whichever path
    follows, only tokens the grammar allows can be drawn. A grammar row is never "plain" (:func:`argmax_only` is
-   False), so the engine's overlapped decode path, which samples nothing but the raw argmax, never takes it.
+   False); a greedy grammar row with nothing else asked (:func:`masked_argmax_only`) is the argmax of its masked
+   logits, which the engine's overlapped decode path computes on the device (core/engine/runner.py ``seal``).
 
 1. Check the parameters (:func:`check_params`; :func:`sample_batch` checks every row, whichever path it then
    takes): NaN, infinite or impossible values raise ``ValueError``.
@@ -101,6 +102,8 @@ def _id_tensor(ids: Iterable[int], vocab: int, device: torch.device) -> torch.Te
 
 
 BAN_BIAS, FORCE_BIAS = -100.0, 100.0
+NO_TOKEN_LEFT = "no token is left to sample: the grammar and the logits allow no token"
+"""Why a masked greedy row cannot be sampled (the same words on the synchronous and the overlapped path)."""
 
 
 def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -232,7 +235,7 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
     x, masked = _masked(logits, inputs)
     if all(i.params.greedy and _no_processing(i.params) for i in inputs):
         if masked and not bool(torch.isfinite(x).any(dim=-1).all()):
-            raise ValueError("no token is left to sample: the grammar and the logits allow no token")
+            raise ValueError(NO_TOKEN_LEFT)
         tokens = torch.argmax(x, dim=-1).tolist()
     else:
         tokens = [_sample_checked(x[r], inp) for r, inp in enumerate(inputs)]
@@ -248,6 +251,12 @@ def sample_batch(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[list[
 def argmax_only(p: SamplingParams) -> bool:
     """The token is the logits' argmax and nothing else is asked (no logprobs): a device-side argmax serves it."""
     return p.greedy and p.logprobs is None and _plain(p)
+
+
+def masked_argmax_only(p: SamplingParams) -> bool:
+    """The token is the argmax of the logits after the grammar's mask (if any) and nothing else is asked: a
+    device-side mask and argmax serve it (the overlapped decode path of grammar rows)."""
+    return p.greedy and p.logprobs is None and _no_processing(p)
 
 
 def _masked(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[torch.Tensor, bool]:

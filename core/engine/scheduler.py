@@ -224,12 +224,15 @@ class Scheduler:
         return budget
 
     def _same_prompt_in_prefill(self, req: Request) -> bool:
-        """A running request has ``req``'s prompt and is still computing it (``req`` would hit its pages later)."""
+        """A running request has ``req``'s prompt and is still computing full pages of it that ``req`` would hit
+        later (a prefix hit stops one token short of the prompt, so only its first ``(len - 1) // page_size`` pages
+        count: a copy that has those waits for nothing, and all copies behind it start together)."""
+        ps = self.kv.page_size
         if (not self.limits.enable_prefix_caching or req.wants_prompt_logprobs or self.kv.has(req.request_id)
-                or req.num_prompt_tokens < self.kv.page_size):
+                or req.num_prompt_tokens < ps):
             return False
-        return any(r.num_computed_tokens < r.num_prompt_tokens and r.prompt_key == req.prompt_key
-                   for r in self.running)
+        hit_pages = (req.num_prompt_tokens - 1) // ps
+        return any(r.num_computed_tokens // ps < hit_pages and r.prompt_key == req.prompt_key for r in self.running)
 
     def _prefix_hit(self, req: Request) -> KVCacheBlocks | None:
         """Adopt cached full pages for a request that has no pages yet (not with prompt logprobs)."""
