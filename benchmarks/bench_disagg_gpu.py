@@ -77,7 +77,14 @@ def run_topology(name: str, args: argparse.Namespace, workloads: list[tuple[int,
     url = f"http://127.0.0.1:{args.port}"
     result: dict[str, Any] = {}
     try:
-        result["startup_s"] = wait_healthy(url, proc, args.start_timeout_s)
+        try:
+            result["startup_s"] = wait_healthy(url, proc, args.start_timeout_s)
+        except (RuntimeError, TimeoutError):
+            log.flush()
+            with open(log.name, encoding="utf-8", errors="replace") as f:
+                print(f"{name}: splitserve up did not start; the end of {log.name}:\n" + "".join(f.readlines()[-20:]),
+                      file=sys.stderr, flush=True)
+            raise
         for w in workloads:  # warm-up: every path (prompts alone and batched, transfers, decode batches)
             bench(url, args, w, float("inf"), 4)
             bench(url, args, w, 2.0, 4, max_concurrency=1)
@@ -95,11 +102,18 @@ def run_topology(name: str, args: argparse.Namespace, workloads: list[tuple[int,
                                for k, v in result.items()}, f)
         return result
     finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole ``splitserve up`` process group (it drains), SIGKILL it after 60 s; gone already is fine."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def goodput_per_gpu(by_rate: dict[float, dict], tpot_ms: str) -> float:

@@ -277,8 +277,11 @@ def preflight(args: argparse.Namespace) -> str | None:
         if not port:
             continue
         with socket.socket() as s:
+            # as the servers bind: connections of a stopped server in TIME_WAIT do not hold the port, a listener does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((args.host, port))
+                s.listen()
             except OSError as exc:
                 return f"{flag} {port}: cannot listen on {args.host}:{port} ({exc.strerror or exc})"
     return None

@@ -140,6 +140,27 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
             proc.wait(60)
 
 
+def test_preflight_takes_a_port_whose_last_server_left_connections_in_time_wait():
+    import argparse
+    import socket
+
+    from splitserve.launcher import preflight
+
+    with socket.socket() as server:  # a server that closed its side first: its connection stays in TIME_WAIT
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()
+        client.recv(1)
+        client.close()
+    args = argparse.Namespace(device="cpu", model="builtin:tiny-random-llama", served_model_name=None, host="127.0.0.1",
+                              port=port, control_port=0, tls_certfile=None, tls_keyfile=None, tls_ca_certs=None)
+    assert preflight(args) is None  # `splitserve up` right after another one stopped on the same port
+
+
 def test_splitserve_up_refuses_a_port_in_use_and_a_missing_model_in_one_line():
     import socket
 
