@@ -122,9 +122,14 @@ def test_data_is_reported_only_after_the_writes_completed(pair):
     pair.tx.finish("t0", PrefillDone(request_id="req-t0", transfer_id="t0", first_token=5))
     pair.pump()
     assert not pair.rx_events  # writes in flight: no Landed, no Finish
+    assert pair.tx.writes_in_flight()  # so the prefill worker's loop keeps polling instead of idling
     assert not pair.rx._transfers["t0"].covered.any()
     assert torch.count_nonzero(pair.dst) == 0  # and nothing was written yet
     pair.copies.release()
+    assert pair.tx.writes_in_flight()  # complete, but Finish not sent yet: the next poll sends it
+    pair.tx_events += pair.tx.poll()
+    assert not pair.tx.writes_in_flight()
+    assert pair.rx.wake_socket.poll(5000)  # the frames wake a decode worker waiting on its receiver's socket
     pair.pump()
     assert [type(e) for e in pair.rx_events if not hasattr(e, "layer")] == [TransferComplete]
     assert any(isinstance(e, TransferComplete) for e in pair.tx_events)

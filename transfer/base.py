@@ -52,6 +52,8 @@ processes). Steps 1-6 hold with these differences:
     kernels) after those writes, so the prefill engine may free them as usual.
 3'. ``Landed`` frames, sent only after the writes completed, mark tokens covered. ``Finish`` and ``Abort``
     are sent only after the sender's last write completed: they also promise that nothing more is written.
+    While a write may still complete the sender says so (:meth:`KVSender.writes_in_flight`): its owner keeps
+    polling without an idle wait, so these frames leave as soon as the writes complete.
 4'. **Write window.** The sender writes into a transfer's pages only until ``lease_s / 2`` after the send time
     of its latest acknowledged frame (before the first ack: after its ``Begin``), and sends ``Ping`` frames to
     keep the window open. The receiver renews its lease on receipt of each frame, so the window always closes
