@@ -284,17 +284,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-words", type=int, default=40, help="words of context every session shares")
     parser.add_argument("--turn-words", type=int, default=12, help="new user/tool words per turn")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (ignore_eos)")
-    parser.add_argument("--pause-dist", choices=("lognormal", "pareto"), default="lognormal")
+    parser.add_argument("--pause-dist", choices=("lognormal", "pareto"), default="lognormal", help="heavy-tailed distribution of tool pauses")
     parser.add_argument("--pause-scale", type=float, default=1.0,
                         help="seconds: lognormal median or pareto minimum of tool pauses (0: no pauses)")
     parser.add_argument("--pause-shape", type=float, default=1.5, help="lognormal sigma or pareto tail index")
-    parser.add_argument("--max-pause-s", type=float, default=300.0)
+    parser.add_argument("--max-pause-s", type=float, default=300.0, help="longest tool pause drawn")
     parser.add_argument("--hints", action="store_true", help="send expected_return_s (the pause drawn) each turn")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sessions-off", action="store_true", help="run without session ids")
     mode.add_argument("--compare", action="store_true",
                       help="sessions on, then off (measured), then on's conversations replayed off: texts must match")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the trace")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

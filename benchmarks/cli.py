@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH")
     sub.required = True
     for name, (module, help_text) in BENCHES.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=parser.formatter_class)  # the CLI's defaults help
         try:
             importlib.import_module(module).add_arguments(p)
         except ModuleNotFoundError as exc:

@@ -36,18 +36,18 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--load", default=None, help="validate and print this profile JSON instead of measuring")
+    parser.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000 (default: none; with --load not needed)")
+    parser.add_argument("--load", default=None, help="validate and print this profile JSON instead of measuring (default: none)")
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
-    parser.add_argument("--prefill-lens", type=_int_list, default=[128, 512, 1024, 2048])
-    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--decode-input-len", type=int, default=32)
-    parser.add_argument("--decode-output-len", type=int, default=32)
+    parser.add_argument("--prefill-lens", type=_int_list, default=[128, 512, 1024, 2048], help="comma-separated prompt lengths timed")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32], help="comma-separated decode batch sizes timed")
+    parser.add_argument("--decode-input-len", type=int, default=32, help="prompt tokens of the decode runs")
+    parser.add_argument("--decode-output-len", type=int, default=32, help="tokens decoded per run")
     parser.add_argument("--repeats", type=int, default=3, help="prefill requests per length")
     parser.add_argument("--vocab-size", type=int, default=256, help="id range of the token-id prompts")
     parser.add_argument("--max-batch-size", type=int, default=256, help="decode worker's max running requests")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the profile JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    parser.add_argument("--out", default=None, help="write the profile JSON here (default: stdout only)")
     parser.add_argument("--json", action="store_true", help="print the profile as one JSON object")
 
 

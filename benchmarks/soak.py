@@ -354,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst-concurrency", type=int, default=16, help="client loops during bursts")
     parser.add_argument("--max-requests", type=int, default=None,
                         help="hard bound on requests sent (default: 100 per second of --duration-s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the job sequence (job i depends on seed and i only)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON after the table")
 
 

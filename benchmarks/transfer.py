@@ -38,13 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "zmq", "ucx", "cuda_ipc", "shm", "nixl"), default="auto",
                         help="auto: cuda_ipc on GPUs, shm on CPUs (one-sided writes into the receiver's pages); "
                              "nixl: one-sided over NIXL/UCX")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama3-8b")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: sender on cuda:0, receiver on cuda:1 when there are two GPUs")
+    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama3-8b", help="layers, KV heads and head size of the pages moved")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens of the request (default 2048)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--src-page-size", type=int, default=16)
-    parser.add_argument("--dst-page-size", type=int, default=16)
+    parser.add_argument("--src-page-size", type=int, default=16, help="tokens per page in the sender's pool")
+    parser.add_argument("--dst-page-size", type=int, default=16, help="tokens per page in the receiver's pool")
     parser.add_argument("--chunk-tokens", type=int, default=0, help="tokens per send_layer call (0: whole prompt)")
     parser.add_argument("--page-order", choices=("scattered", "contiguous"), default="scattered",
                         help="scattered: every request's pages in reverse order on both sides (no two adjacent); "
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "them, every request of the round in one send_step_layer call, whose per-layer launches "
                              "serving hides under the layers' compute)")
     parser.add_argument("--ipc", action="store_true", help="ZeroMQ over ipc:// instead of tcp://")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="host the receiver binds")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each side (best is reported)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

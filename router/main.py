@@ -65,20 +65,30 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
+def _with_default(help_text: str, name: str) -> str:
+    """``help_text`` ending with ``RouterConfig``'s default for ``name`` (what applies when neither the flag nor
+    ``SPLITSERVE_<NAME>`` is given), unless the text already says it."""
+    if "default" in help_text:
+        return help_text
+    value = RouterConfig.model_fields[name].default
+    return f"{help_text} (default: {'none' if value is None else value})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, typ, help_text in _FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                            help=_with_default(help_text, name))
     parser.add_argument("--served-model-name", dest="served_model_name", nargs="+", default=None, metavar="NAME",
                         help="names clients may use in 'model', the first one in responses (several: aliases; "
                              "default: --model)")
     parser.add_argument("--extra-stop-token-ids", dest="extra_stop_token_ids", default=None,
-                        help="comma-separated token ids that end generation besides EOS")
+                        help="comma-separated token ids that end generation besides EOS (default: none)")
     parser.add_argument("--auto-ratio", dest="auto_ratio", action="store_const", const=True, default=None,
                         help="switch worker roles automatically to keep TTFT/TPOT within the SLO")
     parser.add_argument("--api-key", dest="api_key", action="append", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize (repeat or "
                              "comma-separate for several keys; argv shows in ps: prefer SPLITSERVE_API_KEY or "
-                             "--api-key-file)")
+                             "--api-key-file; default: none, no key needed)")
     parser.add_argument("--allowed-origins", dest="allowed_origins", nargs="+", default=None, metavar="ORIGIN",
                         help="browser origins allowed cross-origin (CORS; '*': any); default: none")
     parser.add_argument("--grace-period", type=float, default=30.0,

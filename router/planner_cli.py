@@ -32,20 +32,20 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, help="profile JSON written by `splitserve bench profile`")
-    parser.add_argument("--request-rate", type=float, default=None, help="target requests per second")
-    parser.add_argument("--input-len", type=int, default=None, help="mean prompt length (tokens)")
-    parser.add_argument("--output-len", type=int, default=None, help="mean output length (tokens)")
+    parser.add_argument("--request-rate", type=float, default=None, help="target requests per second (default: none; or --workload)")
+    parser.add_argument("--input-len", type=int, default=None, help="mean prompt length in tokens (default: none; or --workload)")
+    parser.add_argument("--output-len", type=int, default=None, help="mean output length in tokens (default: none; or --workload)")
     parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [n*(1-r), n*(1+r)]")
     parser.add_argument(
         "--workload",
         default=None,
-        help='JSON file {"rate": R, "input_lens": [...], "output_lens": [...]} (instead of the three flags above)',
+        help='JSON file {"rate": R, "input_lens": [...], "output_lens": [...]} (instead of the three flags above; default: none)',
     )
     parser.add_argument("--slo-ttft-ms", type=float, required=True, help="TTFT p90 bound")
     parser.add_argument("--slo-tpot-ms", type=float, required=True, help="TPOT p90 bound")
-    parser.add_argument("--total-workers", type=int, default=None, help="split exactly this many workers")
+    parser.add_argument("--total-workers", type=int, default=None, help="split exactly this many workers (default: as many as the SLO needs)")
     parser.add_argument("--simulate-s", type=float, default=0.0, help="also simulate the plan for this many seconds")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -28,9 +28,22 @@ COMMANDS: Mapping[str, tuple[str, str]] = MappingProxyType({
 })
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default: argparse's value where the flag holds one; flags whose default
+    comes from a config or an environment variable (value ``None`` here) say it in their own help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        unset = action.default is None or action.default is argparse.SUPPRESS or action.default is False
+        if not text or "default" in text or action.nargs == 0 or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _global_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="splitserve", description="Disaggregated prefill/decode LLM serving", add_help=add_help
+        prog="splitserve", description="Disaggregated prefill/decode LLM serving", add_help=add_help,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--version", action="version", version=f"splitserve {package_version()}",
@@ -52,7 +65,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub.required = True
     wanted = _wanted_command(argv)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=DefaultsFormatter)
         if name == wanted:  # import only the module that runs
             importlib.import_module(module).add_arguments(p)
             p.set_defaults(_module=module, _command=name)

@@ -52,11 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0, help="colocated (prefill+decode) workers")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the workers run on")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs to spread workers over (default: all visible)")
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default="auto",
                    help="KV transfer backend (auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="host every listener binds (HTTP, control, peer, KV)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the router")
     p.add_argument("--control-port", type=int, default=0, help="router control port (0: any free port)")
     p.add_argument("--extra-arg", action="append", default=[], help="extra flag passed to every worker (repeatable)")

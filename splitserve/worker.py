@@ -45,58 +45,85 @@ _WORKER_FLAGS = MappingProxyType({
 })
 
 
+def _d(config: type, name: str) -> object:
+    """The default of field ``name`` of a config model (what an unset flag and variable leave in place)."""
+    return config.model_fields[name].default
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", choices=["prefill", "decode", "both"], default=None, help="default: the command name")
-    p.add_argument("--worker-id", default=None)
-    p.add_argument("--router-addr", default=None, help="router control socket, e.g. tcp://127.0.0.1:8100")
-    p.add_argument("--host", default=None, help="bind host for the peer socket")
-    p.add_argument("--port", type=int, default=None, help="peer socket port (0: any)")
-    p.add_argument("--heartbeat-s", type=float, default=None)
-    p.add_argument("--local-prefill-threshold", type=int, default=None, help="prefill prompts shorter than this locally")
+    p.add_argument("--worker-id", default=None, help="this worker's name on the router (default: ROLE-PID)")
+    p.add_argument("--router-addr", default=None, help=f"router control socket (default {_d(WorkerConfig, 'router_addr')})")
+    p.add_argument("--host", default=None, help=f"bind host for the peer socket (default {_d(WorkerConfig, 'host')})")
+    p.add_argument("--port", type=int, default=None, help="peer socket port (default 0: any free port)")
+    p.add_argument("--heartbeat-s", type=float, default=None,
+                   help=f"seconds between heartbeats to the router (default {_d(WorkerConfig, 'heartbeat_s')})")
+    p.add_argument("--local-prefill-threshold", type=int, default=None,
+                   help="decode role: prefill prompts shorter than this itself (default 0: never)")
     p.add_argument("--session-kv-fraction", type=float, default=None,
                    help="share of the KV pool agent sessions may keep pinned between turns (default 0.5)")
     p.add_argument("--session-host-gib", type=float, default=None,
                    help="host-memory tier (GiB) for sessions let go from the KV pool (default 0: off)")
-    p.add_argument("--session-disk-dir", default=None, help="disk tier directory for sessions (with --session-disk-gib)")
+    p.add_argument("--session-disk-dir", default=None, help="disk tier directory for sessions (with --session-disk-gib; default: none)")
     p.add_argument("--session-disk-gib", type=float, default=None, help="disk tier budget in GiB (default 0: off)")
     p.add_argument("--session-ttl-s", type=float, default=None,
                    help="drop a session idle this long from every tier (default 3600)")
     p.add_argument("--session-policy", choices=["expected_return", "lru"], default=None,
                    help="session to let go first under KV pressure (default expected_return)")
-    p.add_argument("--drain-timeout-s", type=float, default=None)
+    p.add_argument("--drain-timeout-s", type=float, default=None,
+                   help=f"on SIGTERM, seconds to finish running requests (default {_d(WorkerConfig, 'drain_timeout_s')})")
     p.add_argument("--keys-dir", default=None,
-                   help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets")
+                   help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets "
+                        "(default: none; `splitserve up` makes its own)")
     p.add_argument("--router-queue-limit", type=int, default=None,
-                   help="messages queued for an unreachable router before its requests are aborted here")
+                   help="messages queued for an unreachable router before its requests are aborted here "
+                        f"(default {_d(WorkerConfig, 'router_queue_limit')})")
     p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
-    p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--device-index", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--num-pages", type=int, default=None)
-    p.add_argument("--cpu-kv-cache-mb", type=int, default=None)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None, help="decode/colocated role: longest prompt piece per step")
+    p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None,
+                   help=f"how weights load; dummy: random weights of the model's shape (default {_d(EngineConfig, 'load_format')})")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
+                   help="weights and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help=f"device to run on (default {_d(EngineConfig, 'device')})")
+    p.add_argument("--device-index", type=int, default=None,
+                   help=f"GPU index with --device cuda (default {_d(EngineConfig, 'device_index')})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of dummy weights and of sampling without a request seed (default {_d(EngineConfig, 'seed')})")
+    p.add_argument("--page-size", type=int, default=None, help=f"tokens per KV page (default {_d(EngineConfig, 'page_size')})")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages (default: from --kv-cache-memory-fraction on cuda, --cpu-kv-cache-mb on cpu)")
+    p.add_argument("--cpu-kv-cache-mb", type=int, default=None,
+                   help=f"KV pool size on cpu in MB (default {_d(EngineConfig, 'cpu_kv_cache_mb')})")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help=f"share of free GPU memory for the KV pool (default {_d(EngineConfig, 'kv_cache_memory_fraction')})")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"requests running at once (default {_d(EngineConfig, 'max_num_seqs')})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per step, decode/colocated role (default {_d(EngineConfig, 'max_num_batched_tokens')})")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help=f"decode/colocated role: longest prompt piece per step (default {_d(EngineConfig, 'chunk_size')})")
     p.add_argument("--prefill-token-budget", type=int, default=None,
                    help="prefill role: tokens per step, whole prompts first come first served (default 8192)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt plus output in tokens (default: the model's context length)")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None,
+                   help="attention kernels (default auto: triton on cuda, torch on cpu)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each greedy decode step (plain or grammar-masked) before reading the previous step's tokens, so host work "
                         "overlaps the device (default on)")
-    p.add_argument("--extra-stop-token-id", type=int, action="append", default=None)
+    p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
+                   help="a token id that ends generation besides EOS; repeat for several (default: none)")
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,
                    help="KV transfer backend (default auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
-    p.add_argument("--transfer-host", default=None)
-    p.add_argument("--transfer-port", type=int, default=None)
-    p.add_argument("--lease-s", type=float, default=None)
-    p.add_argument("--failure-policy", choices=["fail", "recompute"], default=None)
+    p.add_argument("--transfer-host", default=None,
+                   help=f"bind host of the KV transfer listener (default {_d(TransferConfig, 'host')})")
+    p.add_argument("--transfer-port", type=int, default=None, help="KV transfer port (default 0: any free port)")
+    p.add_argument("--lease-s", type=float, default=None,
+                   help=f"a KV transfer with no frame for this long fails (default {_d(TransferConfig, 'lease_s')})")
+    p.add_argument("--failure-policy", choices=["fail", "recompute"], default=None,
+                   help=f"decode role, after a lost KV transfer (default {_d(TransferConfig, 'failure_policy')})")
     p.add_argument("--ucx-progress", choices=["auto", "polling", "blocking"], default=None,
-                   help="UCX progress thread: auto = polling on CUDA (cuda_ipc raises no wakeup), blocking on CPU")
+                   help="UCX progress thread: auto = polling on CUDA (cuda_ipc raises no wakeup), blocking on CPU "
+                        f"(default {_d(TransferConfig, 'ucx_progress')})")
 
 
 def _pick(args: argparse.Namespace, env: dict[str, str], names: Mapping[str, type]) -> dict[str, object]:
@@ -141,14 +168,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _curve(cfg: WorkerConfig) -> dict[str, str]:
-    """The KV sockets' CurveZMQ settings from ``--keys-dir`` (every worker holds the worker key pair)."""
+    """The KV sockets' CurveZMQ settings from ``--keys-dir``: this worker's own named key pair when the folder has one
+    for ``--worker-id``, else the shared worker key pair. A sender takes each receiver's public key from the
+    descriptor (``KVDescriptor.receiver_key``), the shared worker public key when the descriptor has none."""
     if not cfg.keys_dir:
         return {}
     from splitserve.core import keys
 
-    k = keys.load(cfg.keys_dir, "worker")
+    k = keys.load(cfg.keys_dir, "worker", name=cfg.worker_id)
     return {"curve_public_key": k.public.decode(), "curve_secret_key": k.secret.decode(),
-            "curve_server_key": k.worker_public.decode(), "curve_allowed_dir": k.allowed_dir}
+            "curve_server_key": k.worker_public.decode() if k.worker_public else None,
+            "curve_allowed_dir": k.allowed_dir}
 
 
 def run_worker(cfg: WorkerConfig) -> int:

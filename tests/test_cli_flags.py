@@ -1,4 +1,5 @@
-"""CLI flags of issue 10: ``splitserve --version`` and ``--served-model-name`` aliases on the router and ``up``."""
+"""CLI flags of issue 10: ``splitserve --version``, ``--served-model-name`` aliases on the router and ``up``, and help
+that shows every flag's default on every command."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from splitserve import launcher
+from splitserve.cli import COMMANDS, build_parser
 from splitserve.router.main import add_arguments, config_from_args
 from splitserve.router.service import served_names
 from splitserve.router.version import package_version
@@ -45,3 +49,30 @@ def test_up_passes_the_chat_template_and_tool_call_parser_to_the_router_only(tmp
     assert router[router.index("--chat-template") + 1] == str(template)
     assert router[router.index("--tool-call-parser") + 1] == "hermes"
     assert all("--chat-template" not in c.argv and "--tool-call-parser" not in c.argv for c in children[1:])
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...]):
+    """(command path, its parser, option) for every option of ``parser`` and of its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield path, parser, action
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_has_help_that_shows_its_default(command):
+    """Defaults come from argparse (``DefaultsFormatter``) or, for flags that fall back to a config field or an
+    environment variable, from the help text itself."""
+    parser = build_parser([command])  # imports the command's module, as a real invocation does
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    missing, no_default = [], []
+    for path, owner, action in _options(sub, (command,)):
+        if not action.help or action.help == argparse.SUPPRESS:
+            missing.append((path, action.option_strings or action.dest))
+        elif action.option_strings and action.nargs != 0 and not action.required:
+            if "default" not in owner._get_formatter()._get_help_string(action):
+                no_default.append((path, action.option_strings))
+    assert not missing, f"flags without help: {missing}"
+    assert not no_default, f"flags whose help does not show a default: {no_default}"
