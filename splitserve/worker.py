@@ -51,6 +51,13 @@ def _d(config: type, name: str) -> object:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Worker, engine and KV transfer flags; each unset one falls back to ``SPLITSERVE_*`` and then the config."""
+    _add_worker_flags(p)
+    _add_engine_flags(p)
+    _add_transfer_flags(p)
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", choices=["prefill", "decode", "both"], default=None, help="default: the command name")
     p.add_argument("--worker-id", default=None, help="this worker's name on the router (default: ROLE-PID)")
     p.add_argument("--router-addr", default=None, help=f"router control socket (default {_d(WorkerConfig, 'router_addr')})")
@@ -78,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-queue-limit", type=int, default=None,
                    help="messages queued for an unreachable router before its requests are aborted here "
                         f"(default {_d(WorkerConfig, 'router_queue_limit')})")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
     p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None,
                    help=f"how weights load; dummy: random weights of the model's shape (default {_d(EngineConfig, 'load_format')})")
@@ -112,6 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "overlaps the device (default on)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
                    help="a token id that ends generation besides EOS; repeat for several (default: none)")
+
+
+def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,
                    help="KV transfer backend (default auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
     p.add_argument("--transfer-host", default=None,
