@@ -127,6 +127,8 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease_s: float
     pool: KVPoolExport | None = None
     """Set when the receiver accepts one-sided writes into its pool (same host); the sender may still send inline."""
+    receiver_key: str | None = None
+    """The receiver's CurveZMQ public key (z85; its KV socket is a CURVE server with it); ``None`` without keys."""
 
 
 # --- worker <-> router ---------------------------------------------------------------------------
@@ -226,6 +228,8 @@ class GenerateReq(_Msg, frozen=True):
     """Worker id of the prefill worker; ``None``: the receiving worker prefills itself."""
     prefill_addr: str | None = None
     session: SessionHint | None = None
+    prefill_key: str | None = None
+    """The prefill worker's CurveZMQ public key (z85) as the router authenticated it; its peer socket serves with it."""
 
 
 class EndSession(_Msg, frozen=True):

@@ -64,7 +64,8 @@ class DecodeService:
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.settling: dict[str, str] = {}
         """transfer id -> page owner key of an aborted request whose pages may still be written (one-sided path)."""
-        self.peers: dict[str, zmq.Socket] = {}
+        self.peers: dict[tuple[str, str | None], zmq.Socket] = {}
+        """Peer sockets by (prefill address, its public key)."""
         self._seq = itertools.count()
         core.transfer_addr = receiver.address
         if receiver.wake_socket is not None:
@@ -135,6 +136,10 @@ class DecodeService:
 
     def _ask_prefill(self, msg: GenerateReq, pages: list[int]) -> None:
         rid = msg.request_id
+        if self.core.keys and not (msg.prefill_key or self.core.keys.worker_public):
+            self.core.engine.release(rid)
+            return self.core.fail_request(rid, f"no CurveZMQ public key known for prefill worker {msg.prefill_worker} "
+                                               "(the router sent none and this key set has no shared worker key)")
         tid = f"{rid}/{self.core.worker_id}/{next(self._seq)}"
         desc = KVDescriptor(
             transfer_id=tid,
@@ -149,6 +154,7 @@ class DecodeService:
             num_tokens=len(msg.prompt_token_ids),
             lease_s=self.tcfg.lease_s,
             pool=self.receiver.pool_export,
+            receiver_key=self.core.keys.public.decode("ascii") if self.core.keys else None,
         )
         try:
             self.receiver.expect(desc, request_id=rid)
@@ -161,19 +167,21 @@ class DecodeService:
             request_id=rid, prompt_token_ids=msg.prompt_token_ids, params=msg.params, dst=desc, reply_to=self.core.worker_id,
             sent_at=time.time(),
         )
-        self._peer(msg.prefill_addr or "").send(encode(req))
+        self._peer(msg.prefill_addr or "", msg.prefill_key).send(encode(req))
         logger.info("request %s: %d pages reserved, prefill asked of %s", rid, len(pages), msg.prefill_worker)
 
-    def _peer(self, addr: str) -> zmq.Socket:
-        sock = self.peers.get(addr)
+    def _peer(self, addr: str, server_key: str | None) -> zmq.Socket:
+        """The socket to the prefill worker at ``addr``: a CURVE client of its own public key as the router sent it
+        (``GenerateReq.prefill_key``), else of the shared worker key."""
+        sock = self.peers.get((addr, server_key))
         if sock is None:
             sock = self.core.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            if self.core.keys:  # every worker holds the worker key: peers are CURVE servers with it
-                keys.connect_to(sock, self.core.keys, self.core.keys.worker_public)
+            if self.core.keys:
+                keys.connect_to(sock, self.core.keys, server_key or self.core.keys.worker_public)
             sock.setsockopt(zmq.SNDHWM, 10000)
             sock.connect(addr)
-            self.peers[addr] = sock
+            self.peers[(addr, server_key)] = sock
         return sock
 
     # --- transfers ------------------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ class DecodeService:
                 key = f"{rid}#settling"
                 self.core.engine.kv.rename(rid, key)
                 self.settling[inc.transfer_id] = key
-            self._peer(inc.prefill_addr).send(encode(AbortReq(request_id=rid, reason=msg.reason)))
+            self._peer(inc.prefill_addr, inc.req.prefill_key).send(encode(AbortReq(request_id=rid, reason=msg.reason)))
         self.core.engine.abort(rid)
         if self.core.owners.pop(rid, None) is not None:
             logger.info("request %s: aborted (%s)", rid, msg.reason)

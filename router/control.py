@@ -1,18 +1,29 @@
 """The router's control plane: one ZeroMQ ROUTER socket that every worker's DEALER connects to.
 
-Frames are ``[identity, payload]`` with ``payload = messages.encode(msg)``. Workers send
-:class:`Register`, :class:`Heartbeat` and :class:`TokenOut`; the router sends :class:`GenerateReq`,
-:class:`AbortReq`, :class:`SetRole` and :class:`Drain`. A frame that does not decode is logged and
-dropped. Each in-flight request has a :class:`RequestStream` (an asyncio queue of ``TokenOut``); a
-worker that dies (missed heartbeats, re-registration, deregistration) fails its streams with a clear
-error so no client waits forever.
+1. Frames are ``[identity, payload]`` with ``payload = messages.encode(msg)``. Workers send :class:`Register`,
+   :class:`Heartbeat` and :class:`TokenOut`; the router sends :class:`GenerateReq`, :class:`AbortReq`,
+   :class:`SetRole` and :class:`Drain`. A frame that does not decode is logged and dropped.
+2. With keys (``--keys-dir``) only allow-listed CurveZMQ clients get through, and every frame carries the public key
+   its sender authenticated with (ZAP's User-Id). A worker id is bound to a key: to its named key in the allow-list
+   (``<id>.key``, core/keys.py), else to the key it registered with while it stays registered. A Register,
+   Heartbeat or TokenOut for worker id X from any other key is refused (counted in :attr:`ControlPlane.refused`,
+   logged at most once per ``REFUSAL_LOG_INTERVAL_S`` per worker id and kind), whatever ZeroMQ identity it comes
+   on; a named key speaks only for its own id. With one shared worker key every worker has the same key, and what
+   is left is step 3's connection check (docs/security.md: the trust boundary of a shared key).
+3. A heartbeat counts only from the connection (identity) that registered its worker id, token output only from
+   the request's decode worker. Workers pick an unguessable identity per process start (core/engine/service.py),
+   so another client cannot take over a registered connection through ``ROUTER_HANDOVER``.
+4. Each in-flight request has a :class:`RequestStream` (an asyncio queue of ``TokenOut``); a worker that dies
+   (missed heartbeats, re-registration, deregistration) fails its streams with a clear error so no client waits
+   forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 ABORTED_MEMORY = 4096
 """How many recently aborted request ids the control plane remembers (late outputs of those are just dropped)."""
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""A refused message (wrong key for a worker id) is logged at most this often per worker id and message kind."""
+REFUSAL_LOG_MEMORY = 1024
+"""How many (kind, worker id) pairs the refusal log remembers (bounded whatever a client sends)."""
 
 
 @dataclass(eq=False)
@@ -86,6 +101,13 @@ class ControlPlane:
         self.address = ""
         self._keys = control_keys
         self._auth: object | None = None
+        self._bound: dict[str, str] = {}
+        """Worker id -> its named public key (z85) from the allow-list; those ids speak only with that key."""
+        self._named: dict[str, str] = {}
+        """Named public key -> the only worker id it may speak for."""
+        self.refused: Counter[str] = Counter()
+        """Messages refused for a worker id's key, by kind (``Register``, ``Heartbeat``, ``TokenOut``)."""
+        self._refusal_logged: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -97,6 +119,9 @@ class ControlPlane:
             self._auth.start()
             self._auth.configure_curve(domain="*", location=self._keys.allowed_dir)
             keys.serve(sock, self._keys)
+            self._bound = keys.named_workers(self._keys.allowed_dir)
+            self._named = {key: wid for wid, key in self._bound.items()}
+            logger.info("control socket: %d worker ids bound to named keys", len(self._bound))
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker with the same id takes over its identity
         if self._port == 0:
@@ -219,51 +244,96 @@ class ControlPlane:
         if self._sock is None:
             raise RuntimeError("control plane is not started")
         while True:
-            frames = await self._sock.recv_multipart()
+            frames = await self._sock.recv_multipart(copy=False)
             if len(frames) != 2:
                 logger.warning("dropped control message with %d frames (want 2)", len(frames))
                 continue
+            identity = frames[0].bytes
             try:
-                msg = m.decode(frames[1])
+                msg = m.decode(frames[1].bytes)
             except m.MessageError as exc:
-                logger.warning("dropped undecodable control message from %r: %s", frames[0][:64], exc)
+                logger.warning("dropped undecodable control message from %r: %s", identity[:64], exc)
                 continue
+            key = keys.client_key(frames[1]) if self._keys is not None else None
             try:
-                self._dispatch(frames[0], msg)
+                self._dispatch(identity, msg, key)
             except Exception:  # a bug in one message's handling must not stop the control plane
-                logger.exception("error handling %s from %r", type(msg).__name__, frames[0][:64])
+                logger.exception("error handling %s from %r", type(msg).__name__, identity[:64])
 
-    def _dispatch(self, identity: bytes, msg: m.Message) -> None:
+    def _dispatch(self, identity: bytes, msg: m.Message, key: str | None = None) -> None:
+        """``key``: the sender's authenticated public key (z85), ``None`` on a socket without keys."""
         if isinstance(msg, m.TokenOut):
-            self._on_token_out(identity, msg)
+            self._on_token_out(identity, msg, key)
         elif isinstance(msg, m.Heartbeat):
-            known = self.registry.get(msg.worker_id)
-            if known is not None and known.identity != identity:  # only the connection that registered the id
-                logger.warning("heartbeat for worker %s from another connection: dropped", msg.worker_id)
-                return
-            w = self.registry.heartbeat(msg)
-            if w is None:
-                logger.warning("heartbeat from unregistered worker %s: asking it to register", msg.worker_id)
-                self._send_nowait(identity, m.Reregister())
-            elif self._on_heartbeat is not None:
-                self._on_heartbeat(w)
+            self._on_heartbeat_msg(identity, msg, key)
         elif isinstance(msg, m.Register):
-            try:
-                old = self.registry.register(identity, msg)
-            except RegistryFull as exc:
-                logger.warning("registration refused: %s", exc)
-                return
-            if old is not None:
-                self.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} restarted (re-registered)")
+            self._on_register(identity, msg, key)
         else:
             logger.warning("unexpected %s on the control socket dropped", type(msg).__name__)
+
+    def _on_heartbeat_msg(self, identity: bytes, msg: m.Heartbeat, key: str | None) -> None:
+        if self._refuse_key("Heartbeat", msg.worker_id, key):
+            return
+        known = self.registry.get(msg.worker_id)
+        if known is not None and known.identity != identity:  # only the connection that registered the id
+            logger.warning("heartbeat for worker %s from another connection: dropped", msg.worker_id)
+            return
+        w = self.registry.heartbeat(msg)
+        if w is None:
+            logger.warning("heartbeat from unregistered worker %s: asking it to register", msg.worker_id)
+            self._send_nowait(identity, m.Reregister())
+        elif self._on_heartbeat is not None:
+            self._on_heartbeat(w)
+
+    def _on_register(self, identity: bytes, msg: m.Register, key: str | None) -> None:
+        if self._refuse_key("Register", msg.worker_id, key):
+            return
+        try:
+            old = self.registry.register(identity, msg, curve_key=key)
+        except RegistryFull as exc:
+            logger.warning("registration refused: %s", exc)
+            return
+        if old is not None:
+            self.fail_worker_streams(msg.worker_id, f"worker {msg.worker_id} restarted (re-registered)")
+
+    def key_mismatch(self, worker_id: str, key: str | None) -> str | None:
+        """Why ``key`` may not speak for ``worker_id`` (step 2 of the module's flow); ``None`` when it may."""
+        if key is None:  # a socket without keys: nothing to check
+            return None
+        bound = self._bound.get(worker_id)
+        if bound is not None:
+            return None if key == bound else f"worker id {worker_id} has a named key and this is another key"
+        other = self._named.get(key)
+        if other is not None:
+            return f"the named key of worker {other} speaks only for {other}"
+        w = self.registry.get(worker_id)
+        if w is not None and w.curve_key is not None and w.curve_key != key:
+            return f"worker {worker_id} registered with another key"
+        return None
+
+    def _refuse_key(self, kind: str, worker_id: str, key: str | None) -> bool:
+        """Count and (rate-limited) log a ``kind`` message for ``worker_id`` from a key that may not send it."""
+        why = self.key_mismatch(worker_id, key)
+        if why is None:
+            return False
+        self.refused[kind] += 1
+        now, slot = time.monotonic(), (kind, worker_id)
+        last = self._refusal_logged.get(slot)
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL_S:
+            self._refusal_logged[slot] = now
+            self._refusal_logged.move_to_end(slot)
+            while len(self._refusal_logged) > REFUSAL_LOG_MEMORY:
+                self._refusal_logged.popitem(last=False)
+            logger.warning("%s for worker %s refused: %s (client key %s..., %d %s refused so far)", kind, worker_id,
+                           why, key[:8] if key else "-", self.refused[kind], kind)
+        return True
 
     def _remember_aborted(self, request_id: str) -> None:
         self._aborted[request_id] = None
         while len(self._aborted) > ABORTED_MEMORY:
             self._aborted.popitem(last=False)
 
-    def _on_token_out(self, identity: bytes, msg: m.TokenOut) -> None:
+    def _on_token_out(self, identity: bytes, msg: m.TokenOut, key: str | None = None) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is None:
             if msg.finish_reason is None and msg.request_id not in self._aborted:
@@ -272,6 +342,8 @@ class ControlPlane:
                 logger.info("request %s: output for a request this router does not know: abort sent", msg.request_id)
                 self._remember_aborted(msg.request_id)
                 self._send_nowait(identity, m.AbortReq(request_id=msg.request_id, reason="unknown to the router"))
+            return
+        if self._refuse_key("TokenOut", stream.decode_worker, key):  # only the decode worker's key
             return
         owner = self.registry.get(stream.decode_worker)
         if owner is None or owner.identity != identity:  # only the request's decode worker streams its tokens

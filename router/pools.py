@@ -58,6 +58,8 @@ class WorkerState:
     """Prompt tokens routed here for prefill whose first token has not come back yet."""
     cached_hashes: set[int] = field(default_factory=set)
     """Prefix-cache page hashes this worker published (``cache_events``)."""
+    curve_key: str | None = None
+    """The CurveZMQ public key (z85) this worker id registered with; ``None`` without keys (never a secret)."""
     external: bool = False
     """Registered through the admin API rather than by the worker itself."""
     role_epoch: int = 0
@@ -149,7 +151,8 @@ class WorkerRegistry:
     def now(self) -> float:
         return self._clock()
 
-    def register(self, identity: bytes, msg: Register, external: bool = False) -> WorkerState | None:
+    def register(self, identity: bytes, msg: Register, external: bool = False,
+                 curve_key: str | None = None) -> WorkerState | None:
         """Add or replace a worker; returns the replaced entry (its in-flight work is gone) or ``None``.
 
         Raises :class:`RegistryFull` for a new id when ``max_workers`` are registered already.
@@ -171,6 +174,7 @@ class WorkerRegistry:
             last_heartbeat=self._clock(),
             external=external,
             restarts=0 if old is None else old.restarts + 1,
+            curve_key=curve_key,
         )
         logger.info("worker %s registered: role=%s model=%s%s", msg.worker_id, msg.role, msg.model_id,
                     " (replaces previous entry)" if old else "")

@@ -252,7 +252,8 @@ class RouterService:
                     prefill.worker_id if prefill else "(local)", len(prompt_ids))
         try:
             req = GenerateReq(request_id, tuple(prompt_ids), params, prefill.worker_id if prefill else None,
-                              prefill.peer_addr if prefill else None, session=session)
+                              prefill.peer_addr if prefill else None, session=session,
+                              prefill_key=prefill.curve_key if prefill else None)
             if not await self.control.send(decode, req):
                 raise APIError(503, f"worker {decode.worker_id} is unreachable", type="service_unavailable")
             async for delta in self._deltas(stream, proc):

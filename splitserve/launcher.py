@@ -2,8 +2,11 @@
 
 1. :func:`plan_commands` builds the command lines, exactly the ones the compose files run (``splitserve router
    ...``, ``splitserve prefill ...``; the tests check both agree), and the children start, each with
-   ``--keys-dir``: a fresh CurveZMQ key set in a private temporary folder (removed at exit) unless ``--keys-dir``
-   names one, so only these processes reach each other's control, peer and KV sockets.
+   ``--keys-dir``: unless ``--keys-dir`` names a set, the launcher makes one CurveZMQ key pair per child in a
+   private temporary folder (removed at exit), and each child's ``--keys-dir`` is a folder holding only its own
+   secret key plus every public key (the allow-list), so only these processes reach each other's control, peer and
+   KV sockets, and the router binds each worker id to its child's key. A restarted child gets the same folder, so
+   the same key. Keys travel only as files: never in a child's argv or environment.
 2. Start-up: once the router answers ``/health`` the stack is up; a child that exits before that is a
    configuration error and stops everything.
 3. Supervision (:class:`Supervisor`): a child that exits later is restarted with the same command after a backoff
@@ -239,9 +242,11 @@ def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             p.wait()
 
 
-def with_keys(children: list[Child], keys_dir: str) -> list[Child]:
-    """Every child authenticates on the control plane with the keys in ``keys_dir``."""
-    return [Child(c.name, [*c.argv, "--keys-dir", keys_dir], c.env) for c in children]
+def with_keys(children: list[Child], keys_dir: str | dict[str, str]) -> list[Child]:
+    """Every child authenticates on the control plane with the keys in ``keys_dir`` (one folder for all, or
+    ``{child name: its own folder}`` from :func:`splitserve.core.keys.write_process_sets`)."""
+    folder = (lambda c: keys_dir[c.name]) if isinstance(keys_dir, dict) else (lambda c: keys_dir)
+    return [Child(c.name, [*c.argv, "--keys-dir", folder(c)], c.env) for c in children]
 
 
 def preflight(args: argparse.Namespace) -> str | None:
@@ -291,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from splitserve.core.keys import write_keys
+    from splitserve.core.keys import write_process_sets
 
     problem = preflight(args)
     if problem is not None:
@@ -301,10 +306,10 @@ def main(args: argparse.Namespace) -> int:
     policy = RestartPolicy(args.max_restarts, args.restart_window_s, args.restart_backoff_s)
     own_keys = args.keys_dir is None
     keys_dir = tempfile.mkdtemp(prefix="splitserve-keys-") if own_keys else args.keys_dir
-    if own_keys:
-        write_keys(keys_dir)
     try:
-        return _run(args, Supervisor(with_keys(plan_commands(args, control_port), keys_dir), _spawn, policy))
+        children = plan_commands(args, control_port)
+        folders = write_process_sets(keys_dir, [c.name for c in children]) if own_keys else keys_dir
+        return _run(args, Supervisor(with_keys(children, folders), _spawn, policy))
     finally:
         if own_keys:
             shutil.rmtree(keys_dir, ignore_errors=True)

@@ -110,6 +110,13 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
         old = _pid_of(decode)
         environ = {p: open(f"/proc/{p}/environ", "rb").read() for p in (router_pid, old)}
         assert b"SPLITSERVE_ADMIN_TOKEN=" in environ[router_pid] and b"SPLITSERVE_ADMIN_TOKEN" not in environ[old]
+        argv = open(f"/proc/{old}/cmdline", "rb").read().split(b"\0")
+        keys_dir = argv[argv.index(b"--keys-dir") + 1].decode()  # per-process keys: only its own secret is there
+        assert sorted(os.listdir(keys_dir)) == ["decode-1.key_secret", "public"]
+        assert sorted(os.listdir(os.path.join(keys_dir, "public"))) == ["decode-1.key", "prefill-0.key", "router.key"]
+        secret = [ln.split('"')[1] for ln in open(os.path.join(keys_dir, "decode-1.key_secret"))
+                  if "secret-key" in ln][0].encode()
+        assert secret not in b"".join(argv) and secret not in environ[old]
         subprocess.run(["kill", "-9", str(old)], check=True)
         served, deadline = None, time.monotonic() + 90
         while served is None and time.monotonic() < deadline:  # the router fails over once the worker is back
@@ -123,6 +130,9 @@ def test_splitserve_up_restarts_a_killed_decode_worker_and_keeps_serving(tmp_pat
         assert _metric(url, "splitserve_worker_restarts_total", "decode-1") == 1.0
         text = (tmp_path / "up.log").read_text()
         assert "decode-1 exited with code -9; restarting it" in text and "restarted decode-1" in text
+        pids = {ln.split()[3] for ln in text.splitlines() if "CurveZMQ: decode-1 uses the decode-1 key pair" in ln}
+        assert len(pids) >= 2  # the restarted process loaded the same key pair
+        assert "2 worker ids bound to named keys" in text and " refused: " not in text
         for _ in range(2):  # two more exits: more than --max-restarts (2) within the window is a crash loop
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

@@ -4,8 +4,9 @@ Each send is one multipart message: a small msgpack header (:mod:`splitserve.tra
 one raw payload frame sent with ``copy=False`` straight from the staging buffer (the only copy on the send
 side is the gather out of the pages; on GPU that gather runs on the device and is followed by one
 device->host copy). The receiver validates every header and payload size before it touches a page.
-Optional CurveZMQ: a receiver with ``curve_secret_key``/``curve_public_key`` is a CURVE server; a sender with
-``curve_server_key`` encrypts to it (with its own ``curve_public_key``/``curve_secret_key``, or a fresh pair).
+Optional CurveZMQ: a receiver with ``curve_secret_key``/``curve_public_key`` is a CURVE server; a sender encrypts to
+the descriptor's ``receiver_key`` (else ``curve_server_key``) with its own ``curve_public_key``/``curve_secret_key``
+(or a fresh pair).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def _allow_list(ctx: zmq.Context, cfg: "TransferConfig") -> Any:
     return auth
 
 
-def _curve_client(sock: zmq.Socket, cfg: "TransferConfig") -> None:
-    if cfg.curve_server_key is None:
+def _curve_client(sock: zmq.Socket, cfg: "TransferConfig", server_key: str | None = None) -> None:
+    """CURVE client of ``server_key`` (the receiver's own key, from its descriptor), else ``cfg.curve_server_key``."""
+    server_key = server_key or cfg.curve_server_key
+    if server_key is None:
         return
     if (cfg.curve_public_key is None) != (cfg.curve_secret_key is None):
         raise ValueError("set both curve_public_key and curve_secret_key, or neither")
@@ -105,7 +108,7 @@ def _curve_client(sock: zmq.Socket, cfg: "TransferConfig") -> None:
         if cfg.curve_public_key is not None
         else zmq.curve_keypair()
     )
-    sock.curve_serverkey = _key(cfg.curve_server_key)
+    sock.curve_serverkey = _key(server_key)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
 
@@ -573,14 +576,14 @@ class ZmqKVSender(KVSender):
         host.copy_(dev)
         return host
 
-    def _connection(self, addr: str) -> _Conn:
+    def _connection(self, addr: str, server_key: str | None = None) -> _Conn:
         conn = self._conns.get(addr)
         if conn is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-            _curve_client(sock, self._cfg)
+            _curve_client(sock, self._cfg, server_key)
             sock.connect(addr)
             conn = self._conns[addr] = _Conn(sock)
         return conn
@@ -590,7 +593,8 @@ class ZmqKVSender(KVSender):
 
     def _send(self, transfer_id: str, make_frame: Any, payload: Any = None) -> None:
         """Send ``make_frame(seq)`` (plus an optional zero-copy payload) and track its ack."""
-        conn = self._connection(self._control_addr(self._out[transfer_id].desc))
+        desc = self._out[transfer_id].desc
+        conn = self._connection(self._control_addr(desc), desc.receiver_key)
         conn.seq += 1
         header = wire.encode(make_frame(conn.seq))
         # the numpy view keeps ``payload`` alive until ZeroMQ has sent it

@@ -89,12 +89,14 @@ class WorkerCore:
         self.worker_id = cfg.worker_id or f"{cfg.role}-{uuid.uuid4().hex[:8]}"
         self.engine = engine
         self.ctx = zmq.Context.instance()
-        self.keys = keys.load(cfg.keys_dir, "worker") if cfg.keys_dir else None
+        # its own named key when the folder has one for this id, else the shared worker key (core/keys.py)
+        self.keys = keys.load(cfg.keys_dir, "worker", name=self.worker_id) if cfg.keys_dir else None
         self._auth = keys.start_authenticator(self.ctx, self.keys) if self.keys else None
         self.router = self.ctx.socket(zmq.DEALER)
         if self.keys:
             keys.connect_to(self.router, self.keys, self.keys.router_public)
-        self.router.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        # unguessable per process start: no other client can take this connection over (router/control.py step 3)
+        self.router.setsockopt(zmq.IDENTITY, self.worker_id.encode()[:200] + b"/" + uuid.uuid4().hex.encode())
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.SNDHWM, cfg.router_queue_limit)
         self.router.connect(cfg.router_addr)
