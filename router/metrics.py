@@ -3,15 +3,16 @@
 Request-level histograms (TTFT, TPOT, ITL, end to end) and counters are observed by the request
 path. Worker-level numbers (running/waiting, KV pages, transfer totals, health) are read from the
 worker registry at scrape time by :class:`_WorkerCollector`, so a deregistered worker disappears
-from the output instead of leaving stale gauges behind. A short in-memory history of TTFT/TPOT feeds
-the status page's charts.
+from the output instead of leaving stale gauges behind. Control-plane messages refused for a worker id's key
+(router/control.py) are read the same way (:meth:`RouterMetrics.watch_refusals`). A short in-memory history of
+TTFT/TPOT feeds the status page's charts.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -129,6 +130,18 @@ _BREAKDOWN = (
 """``splitserve_<name>_seconds`` histograms from ``TokenOut.timing`` (``<name>_s`` fields; kv_transfer: transfer_s)."""
 
 
+class _RefusalCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator:
+        family = CounterMetricFamily("splitserve_control_refused", "control-plane messages refused because the "
+                                     "client key is not the one bound to the worker id", labels=["kind"])
+        for kind, n in sorted(self._counts().items()):
+            family.add_metric([kind], n)
+        yield family
+
+
 class RouterMetrics:
     """All metrics of one router; ``render()`` gives the Prometheus text exposition."""
 
@@ -177,6 +190,10 @@ class RouterMetrics:
                 self.breakdown[name].observe(value)
         if timing.transfer_bytes is not None:
             self.transfer_bytes.observe(timing.transfer_bytes)
+
+    def watch_refusals(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``counts()`` (message kind -> messages refused for a worker id's key) at every scrape."""
+        self.registry.register(_RefusalCollector(counts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

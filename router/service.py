@@ -102,6 +102,7 @@ class RouterService:
         control_keys = keys.load(config.keys_dir, "router") if config.keys_dir else None
         self.control = ControlPlane(ctx, self.registry, config.control_host, config.control_port,
                                     control_keys=control_keys)
+        self.metrics.watch_refusals(lambda: self.control.refused)
         self.prefill_policy = make_policy(config.prefill_policy, "prefill", rng)
         self.decode_policy = make_policy(config.decode_policy, "decode", rng)
         self.inflight = 0

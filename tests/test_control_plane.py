@@ -227,6 +227,9 @@ def test_named_keys_another_workers_key_cannot_speak_for_a_worker_id(named):
         assert "worker id decode-1 has a named key and this is another key" in log
         assert "worker decode-1 registered" in log and "(replaces previous entry)" not in log
         assert log.count("Heartbeat for worker decode-1 refused") == 1  # rate-limited: 9 refused, one line
+        with urllib.request.urlopen(f"{c.url}/metrics", timeout=10) as resp:  # but every one is counted
+            metrics = resp.read().decode()
+        assert 'splitserve_control_refused_total{kind="Heartbeat"} 9.0' in metrics
         assert "CurveZMQ: decode-1 uses the decode-1 key pair" in (c.log_dir / "decode-1.log").read_text()
     finally:
         for s in socks:
