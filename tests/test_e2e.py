@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import shutil
+import signal
 import time
 import urllib.request
 
@@ -108,22 +109,50 @@ def test_sampling_params_through_the_api(pd, client):
     assert len(echo.choices[0].logprobs.tokens) == 5 + 3
 
 
-def test_client_disconnect_aborts_and_frees_pages(pd, client):
-    m = model_id(pd)
-    before = sum(pd.worker_gauge("decode_tokens_total").values())
-    stream = complete(client, m, "Once upon a time", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
-    got = 0
-    for chunk in stream:
-        got += 1
-        if got == 3:
+def _log_has(path, text: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _disconnect_while_decode_is_frozen(pd, client) -> tuple[str, bool]:
+    """Stream a long request, freeze the decode worker (SIGSTOP) at the first chunk, close the stream, and thaw
+    the worker once the router sent its abort. Returns (request id, whether the router sent one: it does not when
+    the worker had already finished before it froze, i.e. the router lagged behind a whole generation)."""
+    decode = pd.procs["decode-1"]
+    stream = complete(client, model_id(pd), "Once upon a time", max_tokens=400, stream=True,
+                      extra_body={"ignore_eos": True})
+    rid = ""
+    try:
+        for chunk in stream:
+            decode.send_signal(signal.SIGSTOP)  # mid-decode: every later token waits for the abort
+            rid = chunk.id
             break
-    stream.close()
-    used = pd.wait_pages_free()
-    assert used and not any(used.values())
+        stream.close()
+        return rid, _log_has(pd.log_dir / "router.log", f"request {rid}-0: abort sent to worker decode-1", 4.0)
+    finally:
+        decode.send_signal(signal.SIGCONT)  # well inside the router's heartbeat timeout
+
+
+def test_client_disconnect_aborts_and_frees_pages(pd, client):
+    """A client that closes its stream mid-decode: the router aborts the request, the decode worker stops it there
+    and frees its pages. Deterministic: the worker is frozen from the first chunk until the abort is queued."""
+    for _attempt in range(3):
+        before = sum(pd.worker_gauge("decode_tokens_total").values())
+        rid, aborted = _disconnect_while_decode_is_frozen(pd, client)
+        used = pd.wait_pages_free()
+        assert used and not any(used.values())
+        if aborted:
+            break
+    assert aborted, "three times the generation ended before the router saw the client go"
+    assert _log_has(pd.log_dir / "decode-1.log", f"request {rid}-0: aborted (client went away", 10.0)
     time.sleep(1.5)  # a heartbeat carries the final count
     generated = sum(pd.worker_gauge("decode_tokens_total").values()) - before
-    # 3 chunks read: the first token came with the prefill, so at least 2 were decoded
-    assert 2 <= generated < 300, f"the request was not aborted: {generated} of 399 tokens generated"
+    # frozen at its first token (the prefill's), the worker may have decoded none of the other 399 yet
+    assert 0 <= generated < 399, f"the request was not aborted: {generated} of 399 tokens generated"
 
 
 def test_bad_input_is_a_400_naming_the_field(pd, client):

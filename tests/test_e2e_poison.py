@@ -36,6 +36,8 @@ class FakeRouter:
         self.port = free_port()
         self.sock.bind(f"tcp://127.0.0.1:{self.port}")
         self.workers: dict[str, Register] = {}
+        self.identities: dict[str, bytes] = {}
+        """worker id -> the ZeroMQ identity it connected with (unguessable, one per process start)."""
         self.beats: dict[str, Heartbeat] = {}
         self.outputs: dict[str, list[TokenOut]] = {}
 
@@ -48,13 +50,14 @@ class FakeRouter:
             msg = decode(payload)
             if isinstance(msg, Register):
                 self.workers[msg.worker_id] = msg
+                self.identities[msg.worker_id] = ident
             elif isinstance(msg, Heartbeat):
                 self.beats[msg.worker_id] = msg
             elif isinstance(msg, TokenOut):
                 self.outputs.setdefault(msg.request_id, []).append(msg)
 
     def send(self, worker_id: str, msg: GenerateReq) -> None:
-        self.sock.send_multipart([worker_id.encode(), encode(msg)])
+        self.sock.send_multipart([self.identities[worker_id], encode(msg)])
 
     def finished(self, rid: str) -> TokenOut | None:
         return next((o for o in self.outputs.get(rid, []) if o.finish_reason is not None), None)
