@@ -217,6 +217,13 @@ class RouterConfig(FrozenConfig):
         return v
 
 
+def help_with_default(help_text: str, config: type[BaseModel], field: str) -> str:
+    """``help_text`` ending with the default of ``config``'s ``field``: what ``--help`` shows for a flag whose unset
+    value falls back to ``SPLITSERVE_*`` and then the config (read from the model, so it stays true)."""
+    value = config.model_fields[field].default
+    return f"{help_text} (default: {'none' if value is None else value})"
+
+
 def env_overrides(prefix: str = ENV_PREFIX, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``SPLITSERVE_PAGE_SIZE=32`` -> ``{"page_size": "32"}`` (values are validated by the model)."""
     env = os.environ if environ is None else environ

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 from aiohttp import web
 
-from splitserve.core.config import RouterConfig, env_overrides
+from splitserve.core.config import RouterConfig, env_overrides, help_with_default
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +65,11 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
-def _with_default(help_text: str, name: str) -> str:
-    """``help_text`` ending with ``RouterConfig``'s default for ``name`` (what applies when neither the flag nor
-    ``SPLITSERVE_<NAME>`` is given), unless the text already says it."""
-    if "default" in help_text:
-        return help_text
-    value = RouterConfig.model_fields[name].default
-    return f"{help_text} (default: {'none' if value is None else value})"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, typ, help_text in _FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                            help=_with_default(help_text, name))
+                            help=help_text if "default" in help_text else help_with_default(help_text, RouterConfig,
+                                                                                            name))
     parser.add_argument("--served-model-name", dest="served_model_name", nargs="+", default=None, metavar="NAME",
                         help="names clients may use in 'model', the first one in responses (several: aliases; "
                              "default: --model)")

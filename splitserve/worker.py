@@ -13,7 +13,9 @@ import socket
 from types import MappingProxyType
 from typing import Mapping
 
-from splitserve.core.config import BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides
+from splitserve.core.config import (
+    BUILTIN_MODEL, EngineConfig, TransferConfig, WorkerConfig, env_overrides, help_with_default,
+)
 from splitserve.transfer.registry import BACKENDS as TRANSFER_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -45,11 +47,6 @@ _WORKER_FLAGS = MappingProxyType({
 })
 
 
-def _d(config: type, name: str) -> object:
-    """The default of field ``name`` of a config model (what an unset flag and variable leave in place)."""
-    return config.model_fields[name].default
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Worker, engine and KV transfer flags; each unset one falls back to ``SPLITSERVE_*`` and then the config."""
     _add_worker_flags(p)
@@ -60,57 +57,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", choices=["prefill", "decode", "both"], default=None, help="default: the command name")
     p.add_argument("--worker-id", default=None, help="this worker's name on the router (default: ROLE-PID)")
-    p.add_argument("--router-addr", default=None, help=f"router control socket (default {_d(WorkerConfig, 'router_addr')})")
-    p.add_argument("--host", default=None, help=f"bind host for the peer socket (default {_d(WorkerConfig, 'host')})")
+    p.add_argument("--router-addr", default=None,
+                   help=help_with_default("router control socket", WorkerConfig, "router_addr"))
+    p.add_argument("--host", default=None,
+                   help=help_with_default("bind host for the peer socket", WorkerConfig, "host"))
     p.add_argument("--port", type=int, default=None, help="peer socket port (default 0: any free port)")
     p.add_argument("--heartbeat-s", type=float, default=None,
-                   help=f"seconds between heartbeats to the router (default {_d(WorkerConfig, 'heartbeat_s')})")
+                   help=help_with_default("seconds between heartbeats to the router", WorkerConfig, "heartbeat_s"))
     p.add_argument("--local-prefill-threshold", type=int, default=None,
                    help="decode role: prefill prompts shorter than this itself (default 0: never)")
     p.add_argument("--session-kv-fraction", type=float, default=None,
-                   help="share of the KV pool agent sessions may keep pinned between turns (default 0.5)")
+                   help=help_with_default("share of the KV pool agent sessions may keep pinned between turns",
+                                          WorkerConfig, "session_kv_fraction"))
     p.add_argument("--session-host-gib", type=float, default=None,
                    help="host-memory tier (GiB) for sessions let go from the KV pool (default 0: off)")
-    p.add_argument("--session-disk-dir", default=None, help="disk tier directory for sessions (with --session-disk-gib; default: none)")
+    p.add_argument("--session-disk-dir", default=None,
+                   help="disk tier directory for sessions (with --session-disk-gib; default: none)")
     p.add_argument("--session-disk-gib", type=float, default=None, help="disk tier budget in GiB (default 0: off)")
     p.add_argument("--session-ttl-s", type=float, default=None,
-                   help="drop a session idle this long from every tier (default 3600)")
+                   help=help_with_default("drop a session idle this long from every tier", WorkerConfig, "session_ttl_s"))
     p.add_argument("--session-policy", choices=["expected_return", "lru"], default=None,
-                   help="session to let go first under KV pressure (default expected_return)")
+                   help=help_with_default("session to let go first under KV pressure", WorkerConfig, "session_policy"))
     p.add_argument("--drain-timeout-s", type=float, default=None,
-                   help=f"on SIGTERM, seconds to finish running requests (default {_d(WorkerConfig, 'drain_timeout_s')})")
+                   help=help_with_default("on SIGTERM, seconds to finish running requests",
+                                          WorkerConfig, "drain_timeout_s"))
     p.add_argument("--keys-dir", default=None,
                    help="CurveZMQ keys (splitserve keys DIR): only allow-listed peers reach this worker's sockets "
                         "(default: none; `splitserve up` makes its own)")
     p.add_argument("--router-queue-limit", type=int, default=None,
-                   help="messages queued for an unreachable router before its requests are aborted here "
-                        f"(default {_d(WorkerConfig, 'router_queue_limit')})")
+                   help=help_with_default("messages queued for an unreachable router before its requests are "
+                                          "aborted here", WorkerConfig, "router_queue_limit"))
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"HF model dir, dummy:<shape> or {BUILTIN_MODEL} (default)")
     p.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None,
-                   help=f"how weights load; dummy: random weights of the model's shape (default {_d(EngineConfig, 'load_format')})")
+                   help=help_with_default("how weights load; dummy: random weights of the model's shape",
+                                          EngineConfig, "load_format"))
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
                    help="weights and KV dtype (default auto: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help=f"device to run on (default {_d(EngineConfig, 'device')})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help=help_with_default("device to run on", EngineConfig, "device"))
     p.add_argument("--device-index", type=int, default=None,
-                   help=f"GPU index with --device cuda (default {_d(EngineConfig, 'device_index')})")
+                   help=help_with_default("GPU index with --device cuda", EngineConfig, "device_index"))
     p.add_argument("--seed", type=int, default=None,
-                   help=f"seed of dummy weights and of sampling without a request seed (default {_d(EngineConfig, 'seed')})")
-    p.add_argument("--page-size", type=int, default=None, help=f"tokens per KV page (default {_d(EngineConfig, 'page_size')})")
+                   help=help_with_default("seed of dummy weights and of sampling without a request seed",
+                                          EngineConfig, "seed"))
+    p.add_argument("--page-size", type=int, default=None,
+                   help=help_with_default("tokens per KV page", EngineConfig, "page_size"))
     p.add_argument("--num-pages", type=int, default=None,
                    help="KV pages (default: from --kv-cache-memory-fraction on cuda, --cpu-kv-cache-mb on cpu)")
     p.add_argument("--cpu-kv-cache-mb", type=int, default=None,
-                   help=f"KV pool size on cpu in MB (default {_d(EngineConfig, 'cpu_kv_cache_mb')})")
+                   help=help_with_default("KV pool size on cpu in MB", EngineConfig, "cpu_kv_cache_mb"))
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
-                   help=f"share of free GPU memory for the KV pool (default {_d(EngineConfig, 'kv_cache_memory_fraction')})")
+                   help=help_with_default("share of free GPU memory for the KV pool",
+                                          EngineConfig, "kv_cache_memory_fraction"))
     p.add_argument("--max-num-seqs", type=int, default=None,
-                   help=f"requests running at once (default {_d(EngineConfig, 'max_num_seqs')})")
+                   help=help_with_default("requests running at once", EngineConfig, "max_num_seqs"))
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help=f"tokens per step, decode/colocated role (default {_d(EngineConfig, 'max_num_batched_tokens')})")
+                   help=help_with_default("tokens per step, decode/colocated role",
+                                          EngineConfig, "max_num_batched_tokens"))
     p.add_argument("--chunk-size", type=int, default=None,
-                   help=f"decode/colocated role: longest prompt piece per step (default {_d(EngineConfig, 'chunk_size')})")
+                   help=help_with_default("decode/colocated role: longest prompt piece per step",
+                                          EngineConfig, "chunk_size"))
     p.add_argument("--prefill-token-budget", type=int, default=None,
                    help="prefill role: tokens per step, whole prompts first come first served (default 8192)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -128,15 +137,15 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", choices=list(TRANSFER_BACKENDS), default=None,
                    help="KV transfer backend (default auto: one-sided cuda_ipc/shm writes on one host, zmq otherwise)")
     p.add_argument("--transfer-host", default=None,
-                   help=f"bind host of the KV transfer listener (default {_d(TransferConfig, 'host')})")
+                   help=help_with_default("bind host of the KV transfer listener", TransferConfig, "host"))
     p.add_argument("--transfer-port", type=int, default=None, help="KV transfer port (default 0: any free port)")
     p.add_argument("--lease-s", type=float, default=None,
-                   help=f"a KV transfer with no frame for this long fails (default {_d(TransferConfig, 'lease_s')})")
+                   help=help_with_default("a KV transfer with no frame for this long fails", TransferConfig, "lease_s"))
     p.add_argument("--failure-policy", choices=["fail", "recompute"], default=None,
-                   help=f"decode role, after a lost KV transfer (default {_d(TransferConfig, 'failure_policy')})")
+                   help=help_with_default("decode role, after a lost KV transfer", TransferConfig, "failure_policy"))
     p.add_argument("--ucx-progress", choices=["auto", "polling", "blocking"], default=None,
-                   help="UCX progress thread: auto = polling on CUDA (cuda_ipc raises no wakeup), blocking on CPU "
-                        f"(default {_d(TransferConfig, 'ucx_progress')})")
+                   help=help_with_default("UCX progress thread: auto = polling on CUDA (cuda_ipc raises no wakeup), "
+                                          "blocking on CPU", TransferConfig, "ucx_progress"))
 
 
 def _pick(args: argparse.Namespace, env: dict[str, str], names: Mapping[str, type]) -> dict[str, object]:
