@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def poll_until(pred, timeout_s: float = 15.0, interval_s: float = 0.05) -> bool:
+    """Whether ``pred()`` became truthy within ``timeout_s`` (polled; a bound on a wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

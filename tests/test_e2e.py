@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from cluster import Cluster
+from cluster import Cluster, poll_until
 from conftest import shared_model_path
 
 REF_TEXT = ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw"
@@ -110,12 +110,7 @@ def test_sampling_params_through_the_api(pd, client):
 
 
 def _log_has(path, text: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
+    return poll_until(lambda: text in path.read_text(errors="replace"), timeout_s)
 
 
 def _disconnect_while_decode_is_frozen(pd, client) -> tuple[str, bool]:

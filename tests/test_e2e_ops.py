@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from cluster import Cluster, free_port
+from cluster import Cluster, free_port, poll_until
 from conftest import shared_model_path
 
 TOKEN = "test-admin-token"
@@ -27,15 +27,6 @@ def admin(c: Cluster, method: str, path: str, body: dict | None = None, token: s
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
-
-
-def wait_for(pred, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_splitserve_up_serves_and_stops_on_sigterm():
@@ -97,7 +88,7 @@ def test_prefix_aware_routing_keeps_a_prefix_on_one_worker(ops_cluster):
     before = prefill_tokens()
     for suffix in (". One day", ". She saw", ". Then"):
         client.completions.create(model=model, prompt=story + suffix, max_tokens=2, temperature=0)
-    assert wait_for(lambda: sum(prefill_tokens().values()) > sum(before.values()))
+    assert poll_until(lambda: sum(prefill_tokens().values()) > sum(before.values()))
     time.sleep(1.0)
     grew = [w for w, v in prefill_tokens().items() if v > before.get(w, 0)]
     assert len(grew) == 1, f"prefix-sharing prompts were spread over {grew}"
@@ -109,17 +100,17 @@ def test_switch_role_and_drain_on_live_workers(ops_cluster):
     model = client.models.list().data[0].id
     code, body = admin(c, "POST", "/admin/workers/decode-2/role", {"role": "prefill"})
     assert code == 200 and body["role"] == "prefill"
-    assert wait_for(lambda: c.health() == 503)  # no decode-capable worker any more
+    assert poll_until(lambda: c.health() == 503)  # no decode-capable worker any more
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model=model, prompt="Hi", max_tokens=2)
     assert e.value.status_code == 503
     assert admin(c, "POST", "/admin/workers/prefill-1/role", {"role": "decode"})[0] == 200
-    assert wait_for(lambda: c.health() == 200)
+    assert poll_until(lambda: c.health() == 200)
     out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert out.choices[0].text.startswith(", there was a little")
     code, body = admin(c, "POST", "/admin/workers/prefill-1/drain")
     assert code == 200 and body["draining"]
-    assert wait_for(lambda: c.health() == 503)
+    assert poll_until(lambda: c.health() == 503)
     assert c.wait_pages_free()["prefill-1"] == 0
 
 
@@ -137,7 +128,7 @@ def test_decode_worker_prefills_short_prompts_itself(tmp_path_factory):
         assert c.worker_gauge("prefill_tokens_total").get("prefill-0") == 0  # 5 tokens < 32: prefilled locally
         long_prompt = "Once upon a time there was a little girl named Lily who loved to play in the park every day. " * 2
         client.completions.create(model=model, prompt=long_prompt, max_tokens=4, temperature=0)
-        assert wait_for(lambda: c.worker_gauge("prefill_tokens_total").get("prefill-0", 0) > 32)
+        assert poll_until(lambda: c.worker_gauge("prefill_tokens_total").get("prefill-0", 0) > 32)
         assert c.wait_pages_free()["decode-1"] == 0
     finally:
         c.stop()
@@ -192,7 +183,7 @@ def test_auto_ratio_moves_live_workers_toward_the_pressured_pool(tmp_path_factor
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     try:
-        assert wait_for(lambda: roles() == expect, timeout_s=30), roles()
+        assert poll_until(lambda: roles() == expect, timeout_s=30), roles()
         time.sleep(2.0)
         assert roles() == expect  # hysteresis + cooldown: no flapping back
     finally:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 
 import openai
 import pytest
 
 from conftest import shared_model_path
+from fakes.router_harness import wait_for
 from test_e2e import complete, model_id, start_cluster
 
 TOKEN = "session-admin-token"
@@ -64,17 +64,6 @@ def session_metrics(c) -> dict[str, float]:
     return out
 
 
-def wait_for(check, what: str, timeout_s: float = 30.0):
-    """Poll ``check()`` (heartbeat-fed state) until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Agent:
     """One agent session: each turn sends the whole conversation so far plus new text."""
 
@@ -99,15 +88,15 @@ def test_sessions_go_to_host_then_disk_and_come_back_with_identical_outputs(tier
     b.turn(" Later that day,")  # a and b pin more than half the pool: a (back last) goes to host memory
     c.turn(" The next morning")  # c goes to host too; the host tier (15 pages) spills a (back last) to disk
     listed = wait_for(lambda: {s["session_id"]: s for s in admin(tiered, "GET", "/admin/sessions")["sessions"]
-                               if s["session_id"].startswith("agent-") and s["tier"]} or None, "session reports")
+                               if s["session_id"].startswith("agent-") and s["tier"]} or None, timeout=30.0, what="session reports")
     wait_for(lambda: {s["session_id"]: s["tier"] for s in admin(tiered, "GET", "/admin/sessions")["sessions"]}
-             == {"agent-a": "disk", "agent-b": "gpu", "agent-c": "host"}, "sessions in gpu, host and disk")
+             == {"agent-a": "disk", "agent-b": "gpu", "agent-c": "host"}, timeout=30.0, what="sessions in gpu, host and disk")
     assert all(s["worker"] == "decode-1" and s["tokens"] > 0 for s in listed.values())
-    wait_for(lambda: list(tiered.disk.glob("*.kv")), "agent-a's file (written in the background)")
+    wait_for(lambda: list(tiered.disk.glob("*.kv")), timeout=30.0, what="agent-a's file (written in the background)")
     a.turn(" When they got home,")  # restored from disk
     c.turn(" At the end,")  # restored from host memory
     b.turn(" Finally,", end=True)  # held in the pool all along; its last turn
-    stats = wait_for(lambda: (s := session_metrics(tiered)).get("turns_total") == 6 and s, "a heartbeat after turn 6")
+    stats = wait_for(lambda: (s := session_metrics(tiered)).get("turns_total") == 6 and s, timeout=30.0, what="a heartbeat after turn 6")
     assert stats["restores_total"] == 2 and stats["restore_bytes_total"] > 0
     assert stats["evictions_total:to_host"] >= 2 and stats["evictions_total:to_disk"] >= 1
     log = (tiered.log_dir / "decode-1.log").read_text()
@@ -122,7 +111,7 @@ def test_sessions_go_to_host_then_disk_and_come_back_with_identical_outputs(tier
             assert complete(client, m, prompt, max_tokens=24).choices[0].text == out
     used = tiered.wait_pages_free()
     assert used and not any(used.values()), used
-    wait_for(lambda: sum(tiered.worker_gauge("sessions").values()) == 0, "no live sessions")
+    wait_for(lambda: sum(tiered.worker_gauge("sessions").values()) == 0, timeout=30.0, what="no live sessions")
     left = session_metrics(tiered)
     assert left["pages:gpu"] == left["pages:host"] == left["pages:disk"] == 0
     assert list(tiered.disk.glob("*")) == [] and admin(tiered, "GET", "/admin/sessions")["sessions"] == []
@@ -136,9 +125,9 @@ def test_a_session_whose_holder_is_killed_falls_back_to_a_full_prefill_elsewhere
     d = Agent(client, m, "agent-d", 60)
     d.turn(" Then")
     holder = wait_for(lambda: next((s["worker"] for s in admin(tiered, "GET", "/admin/sessions")["sessions"]
-                                    if s["session_id"] == "agent-d" and s["tier"]), None), "the holder's report")
+                                    if s["session_id"] == "agent-d" and s["tier"]), None), timeout=30.0, what="the holder's report")
     tiered.kill(holder)
-    wait_for(lambda: tiered.worker_gauge("healthy").get(holder) == 0, "the router to see the holder gone")
+    wait_for(lambda: tiered.worker_gauge("healthy").get(holder) == 0, timeout=30.0, what="the router to see the holder gone")
     d.turn(" The next day,", end=True)  # routed to the other decode worker: a full prefill there
     for prompt, out in d.turns:
         assert complete(client, m, prompt, max_tokens=24).choices[0].text == out
@@ -154,11 +143,11 @@ def test_a_worker_switched_to_prefill_drops_its_sessions_and_their_next_turn_is_
     f = Agent(client, m, "agent-f", 60)
     f.turn(" Then")
     wait_for(lambda: any(s["session_id"] == "agent-f" and s["worker"] == survivor and s["tier"]
-                         for s in admin(tiered, "GET", "/admin/sessions")["sessions"]), "agent-f held")
+                         for s in admin(tiered, "GET", "/admin/sessions")["sessions"]), timeout=30.0, what="agent-f held")
     admin_json(tiered, "POST", f"/admin/workers/{survivor}/role", {"role": "prefill"})
-    wait_for(lambda: session_metrics(tiered).get("evictions_total:role_change", 0) >= 1, "the drop reported")
+    wait_for(lambda: session_metrics(tiered).get("evictions_total:role_change", 0) >= 1, timeout=30.0, what="the drop reported")
     admin_json(tiered, "POST", f"/admin/workers/{survivor}/role", {"role": "decode"})
-    wait_for(lambda: tiered.health() == 200 and tiered.worker_gauge("healthy").get(survivor) == 1, "decode again")
+    wait_for(lambda: tiered.health() == 200 and tiered.worker_gauge("healthy").get(survivor) == 1, timeout=30.0, what="decode again")
     f.turn(" The next day,", end=True)  # the router still names the survivor, which no longer holds it: full prefill
     for prompt, out in f.turns:
         assert complete(client, m, prompt, max_tokens=24).choices[0].text == out
