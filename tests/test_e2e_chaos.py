@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from cluster import Cluster
+from cluster import Cluster, poll_until
 from conftest import shared_model_path
 from test_e2e import PROMPTS, complete, model_id, start_cluster
-from test_e2e_ops import TOKEN, admin, wait_for
+from test_e2e_ops import TOKEN, admin
 
 N_REQUESTS = 36
 
@@ -177,7 +177,7 @@ def test_a_router_gone_for_good_never_blocks_a_worker(tmp_path_factory):
         results = asyncio.run(storm(c, model_id(c), [Job(p, 480, None) for p in PROMPTS * 2], "router"))
         assert all(isinstance(res, openai.APIError) for res in results), results
         log = c.log_dir / "decode-1.log"
-        assert wait_for(lambda: "output could not reach the router; aborting" in log.read_text(), timeout_s=120), \
+        assert poll_until(lambda: "output could not reach the router; aborting" in log.read_text(), timeout_s=120), \
             "the decode worker never gave up on the unreachable router"
         for name in ("decode-1", "prefill-0"):
             c.procs[name].send_signal(signal.SIGTERM)
