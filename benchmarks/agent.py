@@ -7,14 +7,24 @@
 2. :func:`run_trace` runs ``--sessions`` sessions concurrently, ``--turns`` turns each. Every turn sends the whole
    conversation so far (the previous turns' outputs included) as one streaming greedy completion; with sessions on it
    carries ``session_id`` (and the ``X-Session-Id`` header), ``expected_return_s`` (the pause actually drawn, with
-   ``--hints``) and ``session_end`` on the last turn. It measures each turn's TTFT and keeps its text.
+   ``--hints``) and ``session_end`` on the last turn. It measures each turn's TTFT and keeps its text, and asks
+   for the stream's usage (``stream_options.include_usage``): each turn's prompt tokens less the part the server
+   served from cache (``usage.prompt_tokens_details.cached_tokens``, as vLLM and SplitServe report it) are the
+   tokens it computed.
 3. Before and after, the server's ``/metrics`` is read when it has SplitServe's worker counters: prompt tokens
    prefilled (``splitserve_worker_prefill_tokens_total``, prefill workers and decode workers' local prefills) and
    session hits / tokens reused.
-4. :func:`summarize` reports TTFT percentiles of turn 1 and of turns 2+, and the tokens prefilled.
+4. :func:`summarize` reports TTFT percentiles of turn 1 and of turns 2+, the tokens prefilled (server counters,
+   all turns) and the prompt tokens turns 2+ computed (from usage: where sessions can help; turn 1 is the same work
+   with sessions on or off).
 5. ``--compare``: a sessions-on run, a sessions-off run with another salt (measured: no cache left by the first run
    helps it), then the sessions-on run's conversations replayed without sessions and without pauses; every turn's
    text must equal the sessions-on run's (greedy). ``--sessions-off`` runs only without sessions.
+6. ``--token-ids``: prompts are token-id lists, for models whose text does not re-tokenize to the ids they generated
+   (dummy random-weight models). Step 1 then draws ids in [``--id-low``, ``--vocab-size``) instead of words: the
+   shared context is ``--shared-tokens`` ids drawn from the seed and the salt (so runs with another salt share no
+   prefix), each turn's new user/tool text ``--turn-tokens`` ids (:func:`build_token_script`); step 2 asks
+   ``return_token_ids`` and appends the streamed ``token_ids`` to the conversation; step 5 compares id lists.
 
 Top-level imports stay light (aiohttp is imported where requests are sent).
 """
@@ -30,7 +40,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.benchmarks.serve import fetch_metrics_text, fetch_model_name, latency_stats_ms, sse_chunks
@@ -69,15 +79,28 @@ class AgentConfig:
     hints: bool = False
     seed: int = 0
     timeout_s: float = 600.0
+    token_ids: bool = False
+    """Module flow, step 6: prompts are token ids (the fields below apply only then)."""
+    shared_tokens: int = 64
+    turn_tokens: int = 16
+    id_low: int = 10
+    """Lowest id drawn (the ids below are mostly special tokens)."""
+    vocab_size: int = 32000
+    """Ids are drawn below it."""
+
+
+TOKEN_FIELDS = ("token_ids", "shared_tokens", "turn_tokens", "id_low", "vocab_size")
+""":class:`AgentConfig` fields of ``--token-ids``, in the report's config only in that mode."""
 
 
 @dataclass
 class Script:
-    """One session's trace: its opening text, the new text of each turn, and the pause after each turn."""
+    """One session's trace: its opening, the new text of each turn, and the pause after each turn (text, or token-id
+    lists with ``--token-ids``)."""
 
     session_id: str
-    opening: str
-    turn_texts: list[str]
+    opening: str | list[int]
+    turn_texts: list[str] | list[list[int]]
     pauses: list[float]
 
 
@@ -85,11 +108,16 @@ class Script:
 class TurnResult:
     session_id: str
     turn: int
-    prompt: str
+    prompt: str | list[int]
     ok: bool = False
     text: str = ""
     ttft_s: float | None = None
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    """The generated ids (``--token-ids`` only: the stream's ``token_ids``)."""
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    """From the stream's usage chunk, when the server sends one (``cached_tokens`` 0 when it reports no details)."""
 
 
 def draw_pause(rng: random.Random, cfg: AgentConfig) -> float:
@@ -118,6 +146,8 @@ def _text(rng: random.Random, words: int) -> str:
 
 def build_script(cfg: AgentConfig, salt: str) -> list[Script]:
     """Every session's texts and pauses, from ``cfg.seed`` alone; ``salt`` opens the shared context."""
+    if cfg.token_ids:
+        return build_token_script(cfg, salt)
     shared = f"{salt}. {_sentences(random.Random(f'{cfg.seed}/shared'), cfg.shared_words)}"
     scripts = []
     for i in range(cfg.sessions):
@@ -125,7 +155,30 @@ def build_script(cfg: AgentConfig, salt: str) -> list[Script]:
         opening = f"{shared} Once upon a time, agent {i} said: {_text(rng, cfg.turn_words)}"
         texts = [""] + [f" {_text(rng, cfg.turn_words)}" for _ in range(cfg.turns - 1)]  # the opening is turn 1's
         pauses = [draw_pause(rng, cfg) for _ in range(cfg.turns - 1)] + [0.0]
-        scripts.append(Script(f"agent-{cfg.seed}-{salt.replace(' ', '-')}-{i}", opening, texts, pauses))
+        scripts.append(Script(_session_id(cfg, salt, i), opening, texts, pauses))
+    return scripts
+
+
+def _session_id(cfg: AgentConfig, salt: str, i: int) -> str:
+    return f"agent-{cfg.seed}-{salt.replace(' ', '-')}-{i}"
+
+
+def _ids(rng: random.Random, cfg: AgentConfig, n: int) -> list[int]:
+    """``n`` random token ids in [``id_low``, ``vocab_size``)."""
+    return [rng.randrange(cfg.id_low, cfg.vocab_size) for _ in range(n)]
+
+
+def build_token_script(cfg: AgentConfig, salt: str) -> list[Script]:
+    """:func:`build_script` in token ids (module flow, step 6): the shared context is drawn from the seed and
+    ``salt``, each session's ids and pauses from the seed alone."""
+    shared = _ids(random.Random(f"{cfg.seed}/shared-ids/{salt}"), cfg, cfg.shared_tokens)
+    scripts = []
+    for i in range(cfg.sessions):
+        rng = random.Random(f"{cfg.seed}/session/{i}")
+        opening = shared + _ids(rng, cfg, cfg.turn_tokens)
+        turns: list[list[int]] = [[]] + [_ids(rng, cfg, cfg.turn_tokens) for _ in range(cfg.turns - 1)]
+        pauses = [draw_pause(rng, cfg) for _ in range(cfg.turns - 1)] + [0.0]
+        scripts.append(Script(_session_id(cfg, salt, i), opening, turns, pauses))
     return scripts
 
 
@@ -140,7 +193,9 @@ async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResul
     import aiohttp
 
     body = {"model": model, "prompt": result.prompt, "max_tokens": cfg.max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, **(session or {})}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(session or {})}
+    if cfg.token_ids:
+        body["return_token_ids"] = True
     headers = {"X-Session-Id": session["session_id"]} if session else {}
     start, parts = time.perf_counter(), []
     try:
@@ -150,9 +205,12 @@ async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResul
                 return
             async for chunk in sse_chunks(resp):
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text") and result.ttft_s is None:
+                    output = choice.get("text") or (cfg.token_ids and choice.get("token_ids"))
+                    if output and result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - start
                     parts.append(choice.get("text") or "")
+                    result.token_ids.extend(choice.get("token_ids") or ())
+                _read_usage(chunk, result)
         result.text, result.ok = "".join(parts), True
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RuntimeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
@@ -160,12 +218,19 @@ async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResul
         log.warning("session %s turn %d failed: %s", result.session_id, result.turn, result.error)
 
 
+def _read_usage(chunk: dict, result: TurnResult) -> None:
+    usage = chunk.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        result.prompt_tokens = usage["prompt_tokens"]
+        result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
 async def run_session(http: Any, cfg: AgentConfig, model: str, script: Script, sessions_on: bool,
                       pauses_on: bool) -> list[TurnResult]:
     """The session's turns in order; a failed turn ends the session (later turns would build on nothing)."""
     results, text = [], script.opening
     for turn in range(cfg.turns):
-        text += script.turn_texts[turn]
+        text = text + script.turn_texts[turn]  # a new str or list: each result keeps its own prompt
         result = TurnResult(script.session_id, turn + 1, text)
         session = None
         if sessions_on:
@@ -176,7 +241,7 @@ async def run_session(http: Any, cfg: AgentConfig, model: str, script: Script, s
         results.append(result)
         if not result.ok:
             break
-        text += result.text
+        text = text + (result.token_ids if cfg.token_ids else result.text)
         if pauses_on and script.pauses[turn] > 0:
             await asyncio.sleep(script.pauses[turn])
     return results
@@ -239,21 +304,38 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "ttft_turn1_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn == 1),
         "ttft_later_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn > 1),
         "server": run["counters"],
+        "computed_later": _computed(r for r in ok if r.turn > 1),
         "errors": sorted({r.error for r in results if not r.ok})[:10],
     }
 
 
-def compare_texts(a: list[TurnResult], b: list[TurnResult]) -> list[str]:
-    """``session/turn`` of every turn whose text differs between two runs of the same script (or is missing)."""
+def _computed(results: Any) -> dict[str, int] | None:
+    """Prompt tokens and the part computed (not served from cache) over ``results``; ``None`` without usage."""
+    with_usage = [r for r in results if r.prompt_tokens is not None]
+    if not with_usage:
+        return None
+    prompt = sum(r.prompt_tokens for r in with_usage)
+    return {"turns": len(with_usage), "prompt_tokens": prompt,
+            "computed_tokens": prompt - sum(r.cached_tokens or 0 for r in with_usage)}
+
+
+def compare_texts(a: list[TurnResult], b: list[TurnResult], token_ids: bool = False) -> list[str]:
+    """``session/turn`` of every turn whose text (``token_ids``: generated ids) differs between two runs of the same
+    script (or is missing, or failed)."""
     other = {(r.session_id, r.turn): r for r in b}
+
+    def output(r: TurnResult) -> str | list[int]:
+        return r.token_ids if token_ids else r.text
+
     return [f"{r.session_id}/{r.turn}" for r in a
-            if (r.session_id, r.turn) not in other or other[(r.session_id, r.turn)].text != r.text
+            if (r.session_id, r.turn) not in other or output(other[(r.session_id, r.turn)]) != output(r)
             or not r.ok or not other[(r.session_id, r.turn)].ok]
 
 
 def run_all(cfg: AgentConfig, mode: str) -> dict[str, Any]:
     """``mode``: ``on``, ``off`` or ``compare`` (on, off with another salt, then on's script replayed off)."""
-    report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k != "base_url"}, "mode": mode}
+    skip = {"base_url", *(() if cfg.token_ids else TOKEN_FIELDS)}
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k not in skip}, "mode": mode}
     if mode in ("on", "compare"):
         on = asyncio.run(run_trace(cfg, True, salt_for(cfg.seed, "on")))
         report["model"], report["sessions_on"] = on["model"], summarize(on)
@@ -262,7 +344,7 @@ def run_all(cfg: AgentConfig, mode: str) -> dict[str, Any]:
         report["model"], report["sessions_off"] = off["model"], summarize(off)
     if mode == "compare":
         replay = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "on"), pauses_on=False))
-        mismatches = compare_texts(on["results"], replay["results"])
+        mismatches = compare_texts(on["results"], replay["results"], cfg.token_ids)
         report["outputs_match"], report["mismatches"] = not mismatches, mismatches[:20]
         report["speedup"] = _speedups(report["sessions_on"], report["sessions_off"])
     return report
@@ -272,8 +354,14 @@ def _speedups(on: dict[str, Any], off: dict[str, Any]) -> dict[str, float | None
     p50_on, p50_off = on["ttft_later_ms"]["p50"], off["ttft_later_ms"]["p50"]
     pre_on = (on["server"] or {}).get("prefill_tokens")
     pre_off = (off["server"] or {}).get("prefill_tokens")
-    return {"ttft_later_p50_x": round(p50_off / p50_on, 2) if p50_on and p50_off else None,
-            "prefill_tokens_x": round(pre_off / pre_on, 2) if pre_on and pre_off else None}
+    later_on = (on["computed_later"] or {}).get("computed_tokens")
+    later_off = (off["computed_later"] or {}).get("computed_tokens")
+    return {"ttft_later_p50_x": _ratio(p50_off, p50_on), "prefill_tokens_x": _ratio(pre_off, pre_on),
+            "computed_later_x": _ratio(later_off, later_on)}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return round(num / den, 2) if num and den else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,7 +381,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sessions-off", action="store_true", help="run without session ids")
     mode.add_argument("--compare", action="store_true",
-                      help="sessions on, then off (measured), then on's conversations replayed off: texts must match")
+                      help="sessions on, then off (measured), then on's conversations replayed off: texts (with "
+                           "--token-ids: generated ids) must match")
+    tokens = parser.add_argument_group("token-id prompts (for models whose text does not re-tokenize to its ids)")
+    tokens.add_argument("--token-ids", action="store_true",
+                        help="prompts are random token ids; each turn appends the ids generated (return_token_ids)")
+    tokens.add_argument("--shared-tokens", type=int, default=64, help="ids of context every session shares")
+    tokens.add_argument("--turn-tokens", type=int, default=16, help="new user/tool ids per turn")
+    tokens.add_argument("--id-low", type=int, default=10, help="lowest id drawn (avoids the low special ids)")
+    tokens.add_argument("--vocab-size", type=int, default=32000, help="ids are drawn below it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -310,22 +406,33 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{key:<13} turns ok {run['turns_ok']} failed {run['turns_failed']}  "
                      f"TTFT turn 1 p50 {fmt(t1['p50'])} p90 {fmt(t1['p90'])} ms  "
                      f"turns 2+ p50 {fmt(t2['p50'])} p90 {fmt(t2['p90'])} ms  "
-                     f"prefill tokens {'-' if not run['server'] else int(run['server']['prefill_tokens'])}")
+                     f"prefill tokens {'-' if not run['server'] else int(run['server']['prefill_tokens'])}  "
+                     f"computed by turns 2+ {(run['computed_later'] or {}).get('computed_tokens', '-')}")
         lines.extend(f"  error: {e}" for e in run["errors"])
     if "outputs_match" in report:
         lines.append(f"outputs match a session-less run: {report['outputs_match']}  speedups {report['speedup']}")
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
     if args.sessions < 1 or args.turns < 1:
         raise ValueError("--sessions and --turns must be >= 1")
-    cfg = AgentConfig(
+    if args.token_ids and not 0 <= args.id_low < args.vocab_size:
+        raise ValueError("--id-low must be >= 0 and below --vocab-size")
+    if args.token_ids and (min(args.shared_tokens, args.turn_tokens) < 0 or args.shared_tokens + args.turn_tokens < 1):
+        raise ValueError("--shared-tokens and --turn-tokens must be >= 0, and not both 0")
+    return AgentConfig(
         base_url=args.url.rstrip("/"), model=args.model, sessions=args.sessions, turns=args.turns,
         shared_words=args.shared_words, turn_words=args.turn_words, max_tokens=args.max_tokens,
         pause_dist=args.pause_dist, pause_scale=args.pause_scale, pause_shape=args.pause_shape,
         max_pause_s=args.max_pause_s, hints=args.hints, seed=args.seed, timeout_s=args.timeout_s,
+        token_ids=args.token_ids, shared_tokens=args.shared_tokens, turn_tokens=args.turn_tokens,
+        id_low=args.id_low, vocab_size=args.vocab_size,
     )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     mode = "compare" if args.compare else ("off" if args.sessions_off else "on")
     report = run_all(cfg, mode)
     print(json.dumps(report) if args.json else format_report(report))

@@ -17,6 +17,7 @@ Usage (2 GPUs): python -m splitserve.benchmarks.bench_disagg_gpu --workloads 409
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Iterator
 
 TOPOLOGIES = {
     "1P1D": ["--prefill", "1", "--decode", "1"],
@@ -68,23 +69,37 @@ def bench(url: str, args: argparse.Namespace, workload: tuple[int, int], rate: f
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def running_server(cmd: list[str], log_path: str, port: int, start_timeout_s: float) -> Iterator[tuple[str, float]]:
+    """Run ``splitserve up`` (``cmd``), logging to ``log_path``; yields (URL, start-up seconds, warm-up included).
+
+    A server that does not become healthy prints the end of its log to stderr; the whole process group is stopped
+    on the way out (SIGTERM, then SIGKILL after 60 s)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            startup_s = wait_healthy(url, proc, start_timeout_s)
+        except (RuntimeError, TimeoutError):
+            log.flush()
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                print(f"splitserve up did not start; the end of {log_path}:\n" + "".join(f.readlines()[-20:]),
+                      file=sys.stderr, flush=True)
+            raise
+        yield url, startup_s
+    finally:
+        stop_server(proc)
+        log.close()
+
+
 def run_topology(name: str, args: argparse.Namespace, workloads: list[tuple[int, int]], rates: list[float]) -> dict:
     topo = [a.format(local=args.local_threshold) for a in TOPOLOGIES[name]]
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", args.model, "--device", args.device,
            "--port", str(args.port), "--transfer", args.transfer, *topo, *(f"--extra-arg={a}" for a in args.worker_arg)]
-    log = open(os.path.join(args.log_dir, f"{name}.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{args.port}"
     result: dict[str, Any] = {}
-    try:
-        try:
-            result["startup_s"] = wait_healthy(url, proc, args.start_timeout_s)
-        except (RuntimeError, TimeoutError):
-            log.flush()
-            with open(log.name, encoding="utf-8", errors="replace") as f:
-                print(f"{name}: splitserve up did not start; the end of {log.name}:\n" + "".join(f.readlines()[-20:]),
-                      file=sys.stderr, flush=True)
-            raise
+    with running_server(cmd, os.path.join(args.log_dir, f"{name}.log"), args.port, args.start_timeout_s) as (url, up_s):
+        result["startup_s"] = up_s
         for w in workloads:  # warm-up: every path (prompts alone and batched, transfers, decode batches)
             bench(url, args, w, float("inf"), 4)
             bench(url, args, w, 2.0, 4, max_concurrency=1)
@@ -100,12 +115,10 @@ def run_topology(name: str, args: argparse.Namespace, workloads: list[tuple[int,
                 with open(os.path.join(args.log_dir, f"partial_{name}.json"), "w") as f:  # survives a cut-off run
                     json.dump({k: ({str(x): y for x, y in v.items()} if isinstance(v, dict) else v)
                                for k, v in result.items()}, f)
-        return result
-    finally:
-        _stop(proc)
+    return result
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     """SIGTERM the whole ``splitserve up`` process group (it drains), SIGKILL it after 60 s; gone already is fine."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -174,13 +187,18 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--local-threshold", type=int, default=1024)
     ap.add_argument("--transfer", default="auto")
     ap.add_argument("--vocab-size", type=int, default=32000, help="token-id prompts are drawn below this")
+    add_server_arguments(ap, port=8300)
+    return ap.parse_args()
+
+
+def add_server_arguments(ap: argparse.ArgumentParser, port: int) -> None:
+    """Flags of every GPU serving benchmark: where the workers run, extra worker flags, the port and the limits."""
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script on a machine without GPUs")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra worker flag, e.g. --worker-arg=--seed=1")
-    ap.add_argument("--port", type=int, default=8300)
+    ap.add_argument("--port", type=int, default=port)
     ap.add_argument("--start-timeout-s", type=float, default=300.0)
-    ap.add_argument("--timeout-s", type=float, default=400.0)
+    ap.add_argument("--timeout-s", type=float, default=400.0, help="limit of one benchmark client run")
     ap.add_argument("--log-dir", default="/tmp")
-    return ap.parse_args()
 
 
 def main() -> None:

@@ -7,6 +7,12 @@ choices (several prompts, ``n`` copies) has one formatter per choice, all with t
 :mod:`splitserve.router.choices`, which merges them and sums the usage). A chat choice with tools passes its text
 through a :class:`~splitserve.router.tools.ToolCallStream` (router/tools.py): content and ``tool_calls`` deltas,
 ``finish_reason`` ``"tool_calls"`` when the model called tools.
+
+``return_token_ids`` (vLLM's layout): every choice, and every streamed chunk's choice, carries ``token_ids``, the ids
+generated (in that chunk), from the same deltas, so streamed ids concatenate to the non-streamed ones; an echoed prompt
+is not among them, and an echo-only choice has none. The prompt's ids, ``prompt_token_ids``, are on each choice for
+completions (streamed: on the choice's first chunk) and at the top level for chat (streamed: on the role chunks).
+Without it the bodies have neither key.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class Formatter:
         self.id = head.id
         self.created = head.created
         self.index = index
+        self.return_token_ids = False
+        """The request asked for ``token_ids`` / ``prompt_token_ids`` (set by the subclasses from the request)."""
+        self.prompt_ids: list[int] = []
+        """The prompt's token ids (:func:`~splitserve.router.choices.plan_choices` sets them for every formatter)."""
 
     def body(self, choice: dict[str, Any] | None, chunk: bool, usage_: dict[str, Any] | None) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
@@ -81,6 +91,9 @@ class CompletionFormatter(Formatter):
         super().__init__(tokenizer, model, head, index)
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
+        self.return_token_ids = req.return_token_ids
+        self._prompt_ids_pending = req.return_token_ids
+        """Streamed: the choice's first chunk still has to carry ``prompt_token_ids``."""
         self._echo_pending = req.echo
         self._logprobs = CompletionLogprobs(tokenizer) if req.logprobs is not None else None
 
@@ -103,21 +116,27 @@ class CompletionFormatter(Formatter):
             return text, None
         return text, self._logprobs.format(ids, entries)
 
-    def _choice(self, text: str, logprobs: dict[str, Any] | None, finish: str | None,
-                proc: OutputProcessor) -> dict[str, Any]:
-        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
-                "stop_reason": self.stop_reason(finish, proc)}
+    def _choice(self, text: str, logprobs: dict[str, Any] | None, finish: str | None, proc: OutputProcessor,
+                deltas: Sequence[Delta]) -> dict[str, Any]:
+        choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                  "stop_reason": self.stop_reason(finish, proc)}
+        if self.return_token_ids:
+            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+            if self._prompt_ids_pending:
+                choice["prompt_token_ids"] = list(self.prompt_ids)
+                self._prompt_ids_pending = False
+        return choice
 
     def chunk(self, delta: Delta, proc: OutputProcessor) -> dict[str, Any] | None:
         text, logprobs = self._piece([delta], proc)
         if not text and not delta.finish_reason and not delta.token_ids:
             return None
-        return self.body(self._choice(text, logprobs, delta.finish_reason, proc), True, None)
+        return self.body(self._choice(text, logprobs, delta.finish_reason, proc, [delta]), True, None)
 
     def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
         text, logprobs = self._piece(deltas, proc)
         finish = deltas[-1].finish_reason if deltas else None
-        return self.body(self._choice(text, logprobs, finish, proc), False, self.usage(proc))
+        return self.body(self._choice(text, logprobs, finish, proc, deltas), False, self.usage(proc))
 
 
 class ChatFormatter(Formatter):
@@ -131,6 +150,7 @@ class ChatFormatter(Formatter):
         super().__init__(tokenizer, model, head, index)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.req, self.tool_parser = req, tool_parser
+        self.return_token_ids = req.return_token_ids
         self.tools = ToolCallStream.for_request(req, tool_parser)
         """Tool calls of this choice (None: no tools, or ``tool_choice="none"``)."""
 
@@ -139,10 +159,16 @@ class ChatFormatter(Formatter):
             return None
         return chat_logprobs(self.tokenizer, [e for d in deltas for e in d.logprobs], self.top_n)
 
+    def _with_prompt_ids(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Chat puts ``prompt_token_ids`` at the top level of the response (vLLM's layout)."""
+        if self.return_token_ids:
+            body["prompt_token_ids"] = list(self.prompt_ids)
+        return body
+
     def start_chunks(self) -> list[dict[str, Any]]:
         choice = {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
-        return [self.body(choice, True, None)]
+        return [self._with_prompt_ids(self.body(choice, True, None))]
 
     def _split(self, delta: Delta) -> tuple[str, list[dict[str, Any]], str | None]:
         """(content, tool-call deltas, finish reason) of one delta."""
@@ -163,6 +189,8 @@ class ChatFormatter(Formatter):
             body["tool_calls"] = calls
         choice = {"index": self.index, "delta": body, "logprobs": self._logprobs([delta]), "finish_reason": finish,
                   "stop_reason": self.stop_reason(finish, proc)}
+        if self.return_token_ids:
+            choice["token_ids"] = list(delta.token_ids)
         return self.body(choice, True, None)
 
     def full(self, deltas: Sequence[Delta], proc: OutputProcessor) -> dict[str, Any]:
@@ -176,4 +204,6 @@ class ChatFormatter(Formatter):
             finish = tools.finish_reason(finish)
         choice = {"index": self.index, "message": message, "logprobs": self._logprobs(deltas), "finish_reason": finish,
                   "stop_reason": self.stop_reason(finish, proc)}
-        return self.body(choice, False, self.usage(proc))
+        if self.return_token_ids:
+            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+        return self._with_prompt_ids(self.body(choice, False, self.usage(proc)))

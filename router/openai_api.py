@@ -23,7 +23,8 @@ Flow for one request body:
    as vLLM does: the prompt and its logprobs come back, nothing generated). :func:`copy_params` gives copy ``j`` of
    ``n`` its seed: ``seed + j`` (vLLM's rule), so seeded copies differ and each is reproducible.
 
-Responses are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion`` and their streaming chunks).
+Responses are plain dicts in OpenAI's shapes (``text_completion``, ``chat.completion`` and their streaming chunks);
+``return_token_ids`` adds vLLM's ``token_ids`` / ``prompt_token_ids`` (router/formatting.py).
 """
 
 from __future__ import annotations
@@ -225,6 +226,10 @@ class _CommonRequest(BaseModel):
     """This is the session's last turn: release what it holds once it finishes."""
     expected_return_s: Optional[FiniteFloat] = Field(default=None, ge=0.0, le=30 * 86400.0)
     """When the agent expects to send the next turn, in seconds (what is released first under memory pressure)."""
+    return_token_ids: StrictBool = False
+    """vLLM extra: each choice also carries ``token_ids`` (the ids it generated) and the response its prompt's ids
+    (``prompt_token_ids``: on each choice for completions, at the top level for chat, as vLLM lays them out).
+    Streamed: each chunk's choice has the ids of that chunk, the first chunk the prompt's ids."""
     response_format: Optional[ResponseFormat] = None
     guided_json: Optional[Union[dict[str, Any], StrictStr]] = None
     """vLLM extra: a JSON schema (object or JSON text) the output must match."""

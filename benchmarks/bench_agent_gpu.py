@@ -1,0 +1,173 @@
+"""Agent sessions on GPUs (issue 11): sessions on against off, and the return-time-aware policy against LRU.
+
+1. ``on_off``: start ``splitserve up`` (1 prefill + 1 decode worker, ``--model``, default pools), warm it with a
+   small trace, then run ``splitserve bench agent --compare --hints --token-ids``: ``--sessions`` concurrent
+   sessions of ``--turns`` turns, each starting from ``--shared-tokens`` ids of context every session shares, with
+   ``--turn-tokens`` new tool/user ids per turn and ``--max-tokens`` generated. Token-id prompts, because a
+   random-weight model's text does not re-tokenize to the ids it generated. The sessions-off run uses another
+   salt (no cache left by the first run helps it); the replay checks every turn's ids against a session-less run.
+   ``on_off_small`` repeats it with ``--small-pages`` KV pages per worker and a ``--small-host-gib`` host tier for
+   sessions: many agents on a small pool, where a prefix cache alone forgets contexts that sessions keep.
+2. ``pressure``: for each of ``--policies``, a fresh cluster whose workers hold ``--pressure-pages`` KV pages
+   (at most ``--session-kv-fraction`` of them kept for idle sessions), the same heavy-tailed trace with hints
+   (``--pressure-sessions`` x ``--pressure-turns``, lognormal pauses), sessions on.
+3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side), prefill tokens computed (server
+   counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
+   response's usage), session hits; ratios against the baseline measured in the same run (sessions off; LRU).
+   JSON of every run lands in ``--log-dir``.
+
+Usage (2 GPUs): python -m splitserve.benchmarks.bench_agent_gpu --log-dir /tmp/agent
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from splitserve.benchmarks.bench_disagg_gpu import add_server_arguments, running_server
+
+
+def agent_cmd(url: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "splitserve.cli", "bench", "agent", "--url", url, "--token-ids", "--hints",
+            "--shared-tokens", str(args.shared_tokens), "--turn-tokens", str(args.turn_tokens),
+            "--max-tokens", str(args.max_tokens), "--vocab-size", str(args.vocab_size), "--json", *extra]
+
+
+def run_agent(cmd: list[str], timeout_s: float) -> dict[str, Any]:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench agent failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def up_cmd(args: argparse.Namespace, *worker_args: str) -> list[str]:
+    return [sys.executable, "-m", "splitserve.cli", "up", "--model", args.model, "--device", args.device,
+            "--port", str(args.port), "--prefill", "1", "--decode", "1",
+            *(f"--extra-arg={a}" for a in (*args.worker_arg, *worker_args))]
+
+
+def run_on_off(args: argparse.Namespace, part: str) -> dict[str, Any]:
+    workers = () if part == "on_off" else (f"--num-pages={args.small_pages}", f"--session-host-gib={args.small_host_gib}")
+    log = os.path.join(args.log_dir, f"agent_{part}.log")
+    with running_server(up_cmd(args, *workers), log, args.port, args.start_timeout_s) as (url, startup_s):
+        run_agent(agent_cmd(url, args, "--sessions", "4", "--turns", "2", "--pause-scale", "0.05",
+                            "--seed", str(args.seed + 1000)), args.timeout_s)  # warm-up: both paths, other ids
+        report = run_agent(agent_cmd(url, args, "--compare", "--sessions", str(args.sessions), "--turns",
+                                     str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
+                                     str(args.max_pause_s), "--seed", str(args.seed)), args.timeout_s)
+    report["startup_s"] = startup_s
+    return report
+
+
+def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
+    log = os.path.join(args.log_dir, f"agent_pressure_{policy}.log")
+    workers = (f"--num-pages={args.pressure_pages}", f"--session-kv-fraction={args.session_kv_fraction}",
+               f"--session-policy={policy}")
+    with running_server(up_cmd(args, *workers), log, args.port, args.start_timeout_s) as (url, _):
+        run_agent(agent_cmd(url, args, "--sessions", "4", "--turns", "2", "--pause-scale", "0.05",
+                            "--seed", str(args.seed + 1000)), args.timeout_s)
+        return run_agent(agent_cmd(url, args, "--sessions", str(args.pressure_sessions), "--turns",
+                                   str(args.pressure_turns), "--pause-scale", str(args.pressure_pause_scale),
+                                   "--pause-shape", "2.0", "--max-pause-s", str(args.pressure_max_pause_s),
+                                   "--seed", str(args.seed)), args.timeout_s)
+
+
+def row(label: str, s: dict[str, Any]) -> str:
+    server = s.get("server") or {}
+    t1, tl, later = s["ttft_turn1_ms"], s["ttft_later_ms"], s.get("computed_later") or {}
+    return (f"| {label} | {s['turns_ok']} / {s['turns_ok'] + s['turns_failed']} | {t1['p50']:.1f} | {tl['p50']:.1f} | "
+            f"{tl['p90']:.1f} | {server.get('prefill_tokens', 0):.0f} | {later.get('computed_tokens', '-')} / "
+            f"{later.get('prompt_tokens', '-')} | {server.get('session_hits', 0):.0f} |")
+
+
+HEAD = ["| run | turns ok | TTFT turn 1 p50 ms | TTFT turns 2+ p50 ms | turns 2+ p90 ms | prefill tokens (all turns) | "
+        "turns 2+ computed / prompt tokens | session hits |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
+def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> None:
+    on, off = rep["sessions_on"], rep["sessions_off"]
+    pool = "default KV pools" if part == "on_off" else \
+        f"{args.small_pages} KV pages per worker, session host tier {args.small_host_gib} GiB"
+    print(f"\n## Sessions on vs off, {pool}: {rep['config']['sessions']} sessions x {rep['config']['turns']} turns, "
+          f"{args.shared_tokens} shared + {args.turn_tokens} new ids per turn, {args.max_tokens} generated "
+          f"(start-up {rep['startup_s']:.0f} s)")
+    print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off)]))
+    print(f"turns 2+ TTFT p50 off / on = {ratio(off['ttft_later_ms']['p50'], on['ttft_later_ms']['p50'])} "
+          f"(target >= 3x); prefill tokens off / on = "
+          f"{ratio((off['server'] or {}).get('prefill_tokens'), (on['server'] or {}).get('prefill_tokens'))} "
+          f"(target >= 5x); turns 2+ computed off / on = {ratio(*_later_computed(off, on))}; every turn's ids equal a session-less replay: {rep['outputs_match']}")
+
+
+def _later_computed(*runs: dict[str, Any]) -> list[float | None]:
+    return [(r.get("computed_later") or {}).get("computed_tokens") for r in runs]
+
+
+def print_pressure(reps: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"\n## Under memory pressure: {args.pressure_pages} pages per worker, session share "
+          f"{args.session_kv_fraction}, {args.pressure_sessions} sessions x {args.pressure_turns} turns, "
+          f"lognormal pauses (scale {args.pressure_pause_scale} s, cap {args.pressure_max_pause_s} s)")
+    print("\n".join([*HEAD, *(row(p, r["sessions_on"]) for p, r in reps.items())]))
+    if "lru" in reps and "expected_return" in reps:
+        lru, er = reps["lru"]["sessions_on"], reps["expected_return"]["sessions_on"]
+        print(f"turns 2+ TTFT p50 lru / expected_return = {ratio(lru['ttft_later_ms']['p50'], er['ttft_later_ms']['p50'])}, "
+              f"p90 {ratio(lru['ttft_later_ms']['p90'], er['ttft_later_ms']['p90'])}")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="dummy:llama3-8b")
+    ap.add_argument("--parts", default="on_off,on_off_small,pressure",
+                    help="on_off (default pools), on_off_small (--small-pages, a host tier), pressure")
+    ap.add_argument("--sessions", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--shared-tokens", type=int, default=2048)
+    ap.add_argument("--turn-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--pause-scale", type=float, default=0.5)
+    ap.add_argument("--max-pause-s", type=float, default=10.0)
+    ap.add_argument("--small-pages", type=int, default=4096, help="KV pages per worker in on_off_small")
+    ap.add_argument("--small-host-gib", type=float, default=16.0, help="session host tier in on_off_small")
+    ap.add_argument("--policies", default="expected_return,lru")
+    ap.add_argument("--pressure-pages", type=int, default=2048)
+    ap.add_argument("--session-kv-fraction", type=float, default=0.4)
+    ap.add_argument("--pressure-sessions", type=int, default=16)
+    ap.add_argument("--pressure-turns", type=int, default=6)
+    ap.add_argument("--pressure-pause-scale", type=float, default=1.0)
+    ap.add_argument("--pressure-max-pause-s", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=7)
+    add_server_arguments(ap, port=8310)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    parts = args.parts.split(",")
+    card = "CPU"
+    if args.device == "cuda":
+        import torch
+
+        card = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    print(f"# Agent sessions -- {card}, {datetime.date.today()}, model {args.model}, 1 prefill + 1 decode worker")
+    results: dict[str, Any] = {}
+    for part in (p for p in parts if p in ("on_off", "on_off_small")):
+        results[part] = run_on_off(args, part)
+        print_on_off(results[part], part, args)
+    if "pressure" in parts:
+        results["pressure"] = {p: run_pressure(args, p) for p in args.policies.split(",")}
+        print_pressure(results["pressure"], args)
+    with open(os.path.join(args.log_dir, "agent_results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
