@@ -346,6 +346,7 @@ def run_all(cfg: AgentConfig, mode: str) -> dict[str, Any]:
         replay = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "on"), pauses_on=False))
         mismatches = compare_texts(on["results"], replay["results"], cfg.token_ids)
         report["outputs_match"], report["mismatches"] = not mismatches, mismatches[:20]
+        report["mismatch_count"] = len(mismatches)
         report["speedup"] = _speedups(report["sessions_on"], report["sessions_off"])
     return report
 
