@@ -13,7 +13,8 @@
    tokens it computed.
 3. Before and after, the server's ``/metrics`` is read when it has SplitServe's worker counters: prompt tokens
    prefilled (``splitserve_worker_prefill_tokens_total``, prefill workers and decode workers' local prefills) and
-   session hits / tokens reused.
+   session hits / tokens reused; and its time breakdown (mean ms per request of each stage: prefill queue and
+   compute, transfer, join for disaggregated turns; ``local_prefill`` for turns prefilled on the decode worker).
 4. :func:`summarize` reports TTFT percentiles of turn 1 and of turns 2+, the tokens prefilled (server counters,
    all turns) and the prompt tokens turns 2+ computed (from usage: where sessions can help; turn 1 is the same work
    with sessions on or off).
@@ -43,7 +44,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.benchmarks.serve import fetch_metrics_text, fetch_model_name, latency_stats_ms, sse_chunks
+from splitserve.benchmarks.serve import (breakdown_ms, fetch_metrics_text, fetch_model_name, latency_stats_ms,
+                                         scrape_breakdown, sse_chunks)
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +271,17 @@ async def run_trace(cfg: AgentConfig, sessions_on: bool, salt: str, pauses_on: b
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
         model = cfg.model or await fetch_model_name(http, cfg.base_url)
         before = await scrape_counters(http, cfg.base_url)
+        stages_before = await scrape_breakdown(http, cfg.base_url)
         start = time.perf_counter()
         per_session = await asyncio.gather(*(run_session(http, cfg, model, s, sessions_on, pauses_on) for s in scripts))
         duration = time.perf_counter() - start
+        stages = breakdown_ms(stages_before, await scrape_breakdown(http, cfg.base_url))
         after = await _settled_counters(http, cfg.base_url, before)
     counters = None
     if before is not None and after is not None:
         counters = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
     return {"model": model, "results": [r for rs in per_session for r in rs], "duration_s": duration,
-            "counters": counters}
+            "counters": counters, "breakdown_ms": stages}
 
 
 async def _settled_counters(http: Any, base_url: str, before: dict | None) -> dict[str, float] | None:
@@ -305,6 +309,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "ttft_later_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn > 1),
         "server": run["counters"],
         "computed_later": _computed(r for r in ok if r.turn > 1),
+        "server_breakdown_ms": run["breakdown_ms"],
         "errors": sorted({r.error for r in results if not r.ok})[:10],
     }
 

@@ -96,6 +96,11 @@ def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x" if num and den else "-"
 
 
+def stages(label: str, s: dict[str, Any]) -> str:
+    parts = [f"{k} {v:.1f}" for k, v in (s.get("server_breakdown_ms") or {}).items() if v is not None]
+    return f"  {label}: server time per request, mean ms: {', '.join(parts) or '-'}"
+
+
 def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> None:
     on, off = rep["sessions_on"], rep["sessions_off"]
     pool = "default KV pools" if part == "on_off" else \
@@ -103,7 +108,8 @@ def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> No
     print(f"\n## Sessions on vs off, {pool}: {rep['config']['sessions']} sessions x {rep['config']['turns']} turns, "
           f"{args.shared_tokens} shared + {args.turn_tokens} new ids per turn, {args.max_tokens} generated "
           f"(start-up {rep['startup_s']:.0f} s)")
-    print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off)]))
+    print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off), stages("sessions on", on),
+                     stages("sessions off", off)]))
     print(f"turns 2+ TTFT p50 off / on = {ratio(off['ttft_later_ms']['p50'], on['ttft_later_ms']['p50'])} "
           f"(target >= 3x); prefill tokens off / on = "
           f"{ratio((off['server'] or {}).get('prefill_tokens'), (on['server'] or {}).get('prefill_tokens'))} "
@@ -120,7 +126,8 @@ def print_pressure(reps: dict[str, dict[str, Any]], args: argparse.Namespace) ->
     print(f"\n## Under memory pressure: {args.pressure_pages} pages per worker, session share "
           f"{args.session_kv_fraction}, {args.pressure_sessions} sessions x {args.pressure_turns} turns, "
           f"lognormal pauses (scale {args.pressure_pause_scale} s, cap {args.pressure_max_pause_s} s)")
-    print("\n".join([*HEAD, *(row(p, r["sessions_on"]) for p, r in reps.items())]))
+    print("\n".join([*HEAD, *(row(p, r["sessions_on"]) for p, r in reps.items()),
+                     *(stages(p, r["sessions_on"]) for p, r in reps.items())]))
     if "lru" in reps and "expected_return" in reps:
         lru, er = reps["lru"]["sessions_on"], reps["expected_return"]["sessions_on"]
         print(f"turns 2+ TTFT p50 lru / expected_return = {ratio(lru['ttft_later_ms']['p50'], er['ttft_later_ms']['p50'])}, "

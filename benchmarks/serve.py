@@ -414,7 +414,7 @@ class RunConfig:
     seed: int = 0
 
 
-BREAKDOWN_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "kv_join")
+BREAKDOWN_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "kv_join", "local_prefill")
 """SplitServe's per-request time breakdown (``splitserve_<stage>_seconds`` histograms in ``/metrics``)."""
 
 

@@ -263,7 +263,9 @@ class RequestTiming(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     The first ``TokenOut`` carries the prefill side (``prefill_queue_s``, ``prefill_compute_s``) and the transfer
     (``transfer_s``: from the end of the prefill compute until the decode worker had the KV, i.e. the part of the
     transfer that was not hidden behind compute; ``transfer_bytes``); the second carries ``join_s``, from the KV
-    landing to the request's first decode step.
+    landing to the request's first decode step. A request prefilled on the decode worker itself (a short prompt,
+    an agent session's next turn) has ``local_prefill_s`` instead: from its ``GenerateReq`` reaching the decode
+    worker to its first token.
     """
 
     prefill_queue_s: float | None = None
@@ -271,6 +273,7 @@ class RequestTiming(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transfer_s: float | None = None
     transfer_bytes: int | None = None
     join_s: float | None = None
+    local_prefill_s: float | None = None
 
 
 class TokenOut(_Msg, frozen=True):

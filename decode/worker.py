@@ -58,7 +58,8 @@ class DecodeService:
         self.landed: dict[str, float] = {}
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
         self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg)
-        self.local: set[str] = set()
+        self.local: dict[str, float] = {}
+        """Requests prefilled here, until their first token: when their ``GenerateReq`` arrived (monotonic)."""
         """Requests prefilled here, until their first output (counts the prompt tokens computed)."""
         self.session_hits: set[str] = set()
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
@@ -87,6 +88,7 @@ class DecodeService:
     # --- admission ------------------------------------------------------------------------------------------
 
     def _on_generate(self, _peer: bytes | None, msg: GenerateReq) -> None:
+        arrived = time.monotonic()
         rid = msg.request_id
         if self.core.draining or self.core.role == "prefill":
             return self.core.fail_request(rid, f"worker {self.core.worker_id} is not accepting decode work")
@@ -97,13 +99,13 @@ class DecodeService:
             if self.sessions.claim(sid):  # its KV is here (or restored from a tier): only the suffix is computed
                 self.core.counters.session_hits += 1
                 self.session_hits.add(rid)
-                return self._prefill_locally(msg)
+                return self._prefill_locally(msg, arrived)
         local = (
             msg.prefill_addr is None
             or len(msg.prompt_token_ids) < self.core.cfg.local_prefill_threshold
         )
         if local:
-            return self._prefill_locally(msg)
+            return self._prefill_locally(msg, arrived)
         try:  # before pages are reserved and a prefill worker is asked: a prompt that can never run fails now
             self.core.engine.check_prompt(rid, msg.prompt_token_ids)
         except ValueError as exc:
@@ -111,13 +113,13 @@ class DecodeService:
         self.pending[rid] = msg
         self._start_pending()
 
-    def _prefill_locally(self, msg: GenerateReq) -> None:
-        self.local.add(msg.request_id)
+    def _prefill_locally(self, msg: GenerateReq, arrived: float | None = None) -> None:
+        self.local[msg.request_id] = time.monotonic() if arrived is None else arrived
         try:
             self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
                                          session_key=_session_key(msg))
         except ValueError as exc:
-            self.local.discard(msg.request_id)
+            self.local.pop(msg.request_id, None)
             self.core.fail_request(msg.request_id, str(exc))
         if msg.session is not None and msg.session.end:  # the request holds its hits; release the session itself
             self.sessions.end(msg.session.session_id)
@@ -259,9 +261,11 @@ class DecodeService:
 
     def _on_output(self, so: StepOutput) -> None:
         self.core.counters.decode_tokens += len(so.new_token_ids)
-        landed = self.landed.pop(so.request_id, None)
+        landed, timing = self.landed.pop(so.request_id, None), None
+        if landed is not None:
+            timing = RequestTiming(join_s=time.monotonic() - landed)
         if so.request_id in self.local and (so.new_token_ids or so.finished):
-            self.local.discard(so.request_id)
+            timing = RequestTiming(local_prefill_s=time.monotonic() - self.local.pop(so.request_id))
             self.core.counters.prefill_tokens += max(0, so.num_prompt_tokens - so.num_cached_tokens)
         if so.request_id in self.session_hits:
             self.session_hits.discard(so.request_id)
@@ -279,7 +283,7 @@ class DecodeService:
                 error=so.error,
                 num_prompt_tokens=so.num_prompt_tokens,
                 num_cached_tokens=so.num_cached_tokens,
-                timing=None if landed is None else RequestTiming(join_s=time.monotonic() - landed),
+                timing=timing,
             )
         )
 
@@ -290,7 +294,7 @@ class DecodeService:
         self.pending.pop(rid, None)
         self.landed.pop(rid, None)
         self.session_hits.discard(rid)
-        self.local.discard(rid)
+        self.local.pop(rid, None)
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)

@@ -126,6 +126,7 @@ _BREAKDOWN = (
     ("prefill_compute", "disaggregated requests: prefill compute up to the first token"),
     ("kv_transfer", "disaggregated requests: KV transfer time left after the prefill compute (not hidden)"),
     ("kv_join", "disaggregated requests: from the KV landing to the first decode step"),
+    ("local_prefill", "requests prefilled on the decode worker (short prompts, session turns): arrival to first token"),
 )
 """``splitserve_<name>_seconds`` histograms from ``TokenOut.timing`` (``<name>_s`` fields; kv_transfer: transfer_s)."""
 
@@ -184,7 +185,8 @@ class RouterMetrics:
 
     def observe_timing(self, timing: RequestTiming) -> None:
         """One request's time breakdown (core/messages.py ``RequestTiming``), as the workers measured it."""
-        values = (timing.prefill_queue_s, timing.prefill_compute_s, timing.transfer_s, timing.join_s)
+        values = (timing.prefill_queue_s, timing.prefill_compute_s, timing.transfer_s, timing.join_s,
+                  timing.local_prefill_s)
         for (name, _doc), value in zip(_BREAKDOWN, values):
             if value is not None:
                 self.breakdown[name].observe(value)

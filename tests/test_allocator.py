@@ -14,7 +14,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from splitserve.core.cache.allocator import CacheIntegrityError, PageAllocator
+from splitserve.core.cache.allocator import CacheIntegrityError, FreeQueue, PageAllocator
 from splitserve.core.cache.prefix import hash_page, page_hashes
 
 
@@ -279,6 +279,45 @@ def _check_contiguous(alloc: PageAllocator, n: int) -> list[int]:
         assert pages == sorted(free_queue) + lru[: n - len(free_queue)] and not alloc._free
         assert all(alloc.hash_of(p) is None for p in pages)
     return pages
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["append", "popleft", "remove", "remove"]), st.integers(0, 199)),
+                    min_size=200, max_size=600))
+def test_free_queue_keeps_the_order_of_a_plain_deque(ops):
+    """FreeQueue against a plain deque model (delete from the middle = ``deque.remove``): same pages in the same
+    order, the byte map in step, through enough removals that its stale entries get dropped (more than 64)."""
+    queue, model = FreeQueue(200), collections.deque(range(200))
+    compacted = False
+    for op, k in ops:
+        if op == "append" and not queue.flags[k]:
+            queue.append(k)
+            model.append(k)
+        elif op == "popleft" and model:
+            assert queue.popleft() == model.popleft()
+        elif op == "remove" and model:
+            page = model[k % len(model)]
+            entries = queue.entries()
+            queue.remove(page)
+            model.remove(page)
+            compacted |= queue.entries() < entries
+        assert list(queue) == list(model) and len(queue) == len(model)
+        assert bytes(queue.flags) == bytes(1 if p in model else 0 for p in range(200))
+    event("compacted" if compacted else "no compaction")
+
+
+def test_free_queue_refuses_a_page_twice_or_a_page_it_does_not_hold():
+    queue = FreeQueue(3)
+    with pytest.raises(CacheIntegrityError):
+        queue.append(1)
+    assert queue.popleft() == 0
+    with pytest.raises(CacheIntegrityError):
+        queue.remove(0)
+    queue.remove(2)
+    queue.append(0)
+    assert list(queue) == [1, 0] and queue.popleft() == 1 and queue.popleft() == 0 and len(queue) == 0
+    with pytest.raises(IndexError):
+        queue.popleft()
 
 
 # ---- prefix cache -------------------------------------------------------------------------------

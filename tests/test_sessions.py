@@ -6,6 +6,8 @@ The pure part (which sessions a worker lets go first) runs on a real KVCacheMana
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from splitserve.core.cache.manager import KVCacheManager
@@ -81,6 +83,8 @@ def test_turns_of_a_session_reuse_its_kv_and_match_a_run_without_sessions(sess):
     used = sess.wait_pages_free()
     assert used and not any(used.values()), used  # the last turn ended the session: nothing stays pinned
     assert len(set(outputs)) == 3
+    local = re.search(r"^splitserve_local_prefill_seconds_count (\S+)$", sess.metrics(), re.M)
+    assert local and float(local.group(1)) >= 2  # turns 2 and 3 were prefilled on the decode worker, and timed
 
 
 def test_a_session_holds_pages_between_turns_until_it_ends(sess):

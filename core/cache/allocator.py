@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,65 @@ def _fewest_runs(runs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     raise ValueError(f"{n} pages asked of runs holding {n - remaining}")
 
 
+class FreeQueue:
+    """The free pages: a FIFO queue that also removes any page in O(1) and keeps a byte map of who is free.
+
+    :meth:`PageAllocator.allocate_contiguous` finds runs of consecutive free ids in :attr:`flags` (one C-level scan)
+    and takes pages from the middle of the queue; a taken page leaves a stale entry behind (its generation moved
+    on), skipped when it reaches the front and dropped when stale entries outnumber live ones. The live pages keep
+    exactly the order they would have had if the taken ones were deleted from a plain deque, at O(1) per page
+    instead of O(pool) per transfer (a 50,000-page pool cost the decode loop about 7 ms per reservation).
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        self.flags = bytearray(b"\x01") * num_pages
+        """``flags[page] == 1`` exactly when the page is in the queue."""
+        self._gen = [0] * num_pages
+        self._queue: collections.deque[tuple[int, int]] = collections.deque((p, 0) for p in range(num_pages))
+        self._count = num_pages
+        self._stale = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        """Live pages, front first."""
+        return (page for page, gen in self._queue if gen == self._gen[page])
+
+    def append(self, page: int) -> None:
+        if self.flags[page]:
+            raise CacheIntegrityError(f"page {page} is already in the free queue")
+        self.flags[page] = 1
+        self._queue.append((page, self._gen[page]))
+        self._count += 1
+
+    def popleft(self) -> int:
+        while True:
+            page, gen = self._queue.popleft()  # IndexError when empty, like a deque
+            if gen == self._gen[page]:
+                self._gen[page] += 1
+                self.flags[page] = 0
+                self._count -= 1
+                return page
+            self._stale -= 1
+
+    def remove(self, page: int) -> None:
+        """Take ``page`` (which must be free) out of the queue wherever it is."""
+        if not self.flags[page]:
+            raise CacheIntegrityError(f"page {page} is not in the free queue")
+        self.flags[page] = 0
+        self._gen[page] += 1
+        self._count -= 1
+        self._stale += 1
+        if self._stale > max(64, self._count):
+            self._queue = collections.deque((p, g) for p, g in self._queue if g == self._gen[p])
+            self._stale = 0
+
+    def entries(self) -> int:
+        """Queue entries, stale ones included (for integrity checks)."""
+        return len(self._queue)
+
+
 class PageAllocator:
     """Hands out page ids with reference counts and keeps the prefix cache (hash <-> page).
 
@@ -78,7 +137,7 @@ class PageAllocator:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
         self._refs = [0] * num_pages
-        self._free: collections.deque[int] = collections.deque(range(num_pages))
+        self._free = FreeQueue(num_pages)
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._hash_to_page: dict[int, int] = {}
         self._page_to_hash: dict[int, int] = {}
@@ -167,7 +226,7 @@ class PageAllocator:
            least recently released first, exactly as :meth:`allocate` would evict them.
 
         Free pages not taken keep their queue order. All or nothing: ``None`` and no change
-        when fewer than ``n`` pages are available. O(num_pages).
+        when fewer than ``n`` pages are available. One C-level scan of the free map, then O(runs + n).
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of pages: {n}")
@@ -184,14 +243,10 @@ class PageAllocator:
         """Remove ``n`` free pages, chosen as :meth:`allocate_contiguous` step 1 says, from the queue."""
         if n == 0:
             return []
-        is_free = bytearray(self.num_pages)
-        for page in self._free:
-            is_free[page] = 1
-        runs = [(m.start(), m.end() - m.start()) for m in re.finditer(rb"\x01+", is_free)]
+        runs = [(m.start(), m.end() - m.start()) for m in re.finditer(rb"\x01+", self._free.flags)]
         pages = [p for start, count in sorted(_fewest_runs(runs, n)) for p in range(start, start + count)]
         for page in pages:
-            is_free[page] = 0
-        self._free = collections.deque(page for page in self._free if is_free[page])
+            self._free.remove(page)
         return pages
 
     def incref(self, ids: Iterable[int]) -> None:
@@ -319,8 +374,11 @@ class PageAllocator:
 
     def _structure_problems(self) -> list[str]:
         problems = []
-        if len(set(self._free)) != len(self._free):
-            problems.append("free queue holds a page twice")
+        live = list(self._free)
+        if len(set(live)) != len(live) or len(live) != len(self._free):
+            problems.append("free queue holds a page twice or miscounts its pages")
+        if sum(self._free.flags) != len(live) or any(not self._free.flags[p] for p in live):
+            problems.append("free map disagrees with the free queue")
         if set(self._free) & set(self._evictable):
             problems.append("a page is both free and evictable")
         if len(self._hash_to_page) != len(self._page_to_hash):
