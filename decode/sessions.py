@@ -138,14 +138,18 @@ class SessionKeeper:
             nonlocal copied
             copied = self.tiers.restore_into(session_id, pages, indices)
 
-        pages = self.kv.pin_hashed(session_id, entry.hashes, fill)
-        while pages is None and self.make_room("a session's restore needs the pages"):
+        why = "no room"
+        try:  # a failed read (a file gone or cut short) is this session's loss only: its turn recomputes
             pages = self.kv.pin_hashed(session_id, entry.hashes, fill)
+            while pages is None and self.make_room("a session's restore needs the pages"):
+                pages = self.kv.pin_hashed(session_id, entry.hashes, fill)
+        except OSError as exc:
+            pages, why = None, f"reading it failed ({exc})"
         self.tiers.drop(session_id)
         if pages is None:
             self.evictions["restore_failed"] += 1
-            logger.info("session %s: no room to restore its %d pages from %s; the turn recomputes", session_id,
-                        len(entry.hashes), entry.tier)
+            logger.info("session %s: %s to restore its %d pages from %s; the turn recomputes", session_id,
+                        why, len(entry.hashes), entry.tier)
             return False
         c = self.counters
         c.restores, c.restore_bytes = c.restores + 1, c.restore_bytes + copied

@@ -3,7 +3,10 @@
 1. :meth:`SessionTiers.offload` copies a session's pages out of the KV pool (``[layers, 2, pages, page_size, heads,
    head_dim]``) into one host tensor: on CUDA a pinned buffer filled by a side stream that first waits for the
    current stream (so it sees every write a step made to those pages), ``non_blocking``, with an event recorded
-   after it; on CPU a plain copy. Until :meth:`SessionTiers.offloaded` says the copy is done, the caller keeps the
+   after it; on CPU a plain copy. The buffer is a run of the :class:`HostArena`, host memory of the tier's budget
+   allocated once when the tier starts (pinned on CUDA): allocating 300 MB of pinned memory per offload took the
+   worker's loop about 200 ms and synchronised the device (measured on an H200). A buffer goes back to the arena
+   when its last holder lets go of it; when no run is free the buffer is allocated as before. Until :meth:`SessionTiers.offloaded` says the copy is done, the caller keeps the
    GPU pages pinned.
 2. :meth:`SessionTiers.settle` keeps the budgets: while the host tier holds more than ``host_bytes``, victims (the
    caller's order) move to the disk tier (one raw file each, ``disk_dir``) while it has room, else are dropped;
@@ -24,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import os
+import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,60 @@ logger = logging.getLogger(__name__)
 Tier = Literal["host", "disk"]
 
 
+class HostArena:
+    """Host memory allocated once (pinned when ``pin``), handed out as tensors over runs of whole ``unit_bytes`` units.
+
+    1. :meth:`take` carves the first free run long enough (first fit) and returns a contiguous tensor viewing it, or
+       ``None`` when no run is (the caller allocates on its own then).
+    2. The run comes back when that tensor object is collected (``weakref.finalize``): holders keep the tensor
+       itself (not a derived view) for as long as anything reads or writes it. Returned runs merge with their free
+       neighbours. A lock guards the runs: the last holder may be a disk-writer thread.
+    """
+
+    def __init__(self, capacity_bytes: int, unit_bytes: int, pin: bool) -> None:
+        if pin and capacity_bytes > 0:  # pinned blocks are rounded up to a power of two: never pin more than asked
+            capacity_bytes = 1 << (capacity_bytes.bit_length() - 1)
+        self.unit_bytes = unit_bytes
+        self.units = capacity_bytes // unit_bytes if unit_bytes > 0 else 0
+        self._buf = torch.empty(self.units * unit_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._free: list[list[int]] = [[0, self.units]] if self.units else []
+        """Free runs ``[start, length]`` in units, ascending, never adjacent."""
+        self._lock = threading.Lock()
+
+    def free_units(self) -> int:
+        with self._lock:
+            return sum(n for _, n in self._free)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A contiguous tensor of ``shape`` and ``dtype`` on a free run, or ``None``."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        units = -(-nbytes // self.unit_bytes) if self.unit_bytes else 0
+        if units == 0:
+            return None
+        with self._lock:
+            found = next((run for run in self._free if run[1] >= units), None)
+            if found is None:
+                return None
+            start = found[0]
+            found[0] += units
+            found[1] -= units
+            if found[1] == 0:
+                self._free.remove(found)
+        begin = start * self.unit_bytes
+        out = self._buf[begin:begin + nbytes].view(dtype).view(shape)
+        weakref.finalize(out, self._give_back, start, units)
+        return out
+
+    def _give_back(self, start: int, units: int) -> None:
+        with self._lock:
+            i = next((k for k, run in enumerate(self._free) if run[0] > start), len(self._free))
+            self._free.insert(i, [start, units])
+            if i + 1 < len(self._free) and start + units == self._free[i + 1][0]:  # merge with the run after
+                self._free[i][1] += self._free.pop(i + 1)[1]
+            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # and with the run before
+                self._free[i - 1][1] += self._free.pop(i)[1]
+
+
 class PageCopier:
     """Page copies between one KV pool and host tensors; asynchronous on CUDA (a side stream and events)."""
 
@@ -46,6 +106,8 @@ class PageCopier:
         self.kv_cache = kv_cache
         self.cuda = kv_cache.is_cuda
         self.side = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.arena: HostArena | None = None
+        """Where host buffers come from first (set by :class:`SessionTiers`)."""
         self._in_flight: list[tuple[Any, torch.Tensor]] = []
         """(event, host buffer) of host-to-device copies not known to be done: the buffer must outlive the copy."""
 
@@ -56,12 +118,20 @@ class PageCopier:
     def _index(self, pages: list[int]) -> torch.Tensor:
         return torch.tensor(pages, dtype=torch.long, device=self.kv_cache.device)
 
+    def host_buffer(self, num_pages: int) -> torch.Tensor:
+        """A host tensor ``[layers, 2, num_pages, ...]`` of the pool's dtype: from the arena, else a new one."""
+        shape = (*self.kv_cache.shape[:2], num_pages, *self.kv_cache.shape[3:])
+        buf = self.arena.take(shape, self.kv_cache.dtype) if self.arena is not None else None
+        if buf is None:
+            buf = torch.empty(shape, dtype=self.kv_cache.dtype, pin_memory=self.cuda)
+        return buf
+
     def to_host(self, pages: list[int]) -> tuple[torch.Tensor, Any]:
         """The pages' KV as one host tensor ``[layers, 2, len(pages), ...]`` and the event that says it is filled."""
+        buf = self.host_buffer(len(pages))
         if not self.cuda:
-            return self.kv_cache.index_select(2, self._index(pages)), None
-        shape = (*self.kv_cache.shape[:2], len(pages), *self.kv_cache.shape[3:])
-        buf = torch.empty(shape, dtype=self.kv_cache.dtype, pin_memory=True)
+            torch.index_select(self.kv_cache, 2, self._index(pages), out=buf)
+            return buf, None
         self.side.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
         with torch.cuda.stream(self.side):
             gathered = self.kv_cache.index_select(2, self._index(pages))
@@ -113,6 +183,20 @@ def _write(data: torch.Tensor, path: Path) -> None:
     data.contiguous().view(torch.uint8).numpy().tofile(path)
 
 
+def _arena(host_bytes: int, page_bytes: int, pin: bool) -> HostArena | None:
+    """The host tier's arena, allocated now; ``None`` (buffers allocated per offload) when the host refuses it."""
+    started = time.monotonic()
+    try:
+        arena = HostArena(host_bytes, page_bytes, pin=pin)
+    except RuntimeError as exc:  # out of (pinnable) host memory: the tier still works, each offload allocates
+        logger.warning("session host tier: could not allocate %d bytes up front (%s); allocating per offload",
+                       host_bytes, exc)
+        return None
+    logger.info("session host tier: %d bytes of %shost memory allocated in %.1f s", arena.units * page_bytes,
+                "pinned " if pin else "", time.monotonic() - started)
+    return arena
+
+
 class SessionTiers:
     """The host and disk tiers of one decode worker; ``host_bytes`` / ``disk_bytes`` of 0 turn a tier off."""
 
@@ -123,6 +207,8 @@ class SessionTiers:
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
         self.page_bytes = copier.page_bytes()
+        if host_bytes > 0 and copier.arena is None:
+            copier.arena = _arena(host_bytes, self.page_bytes, copier.cuda)
         self.stored: dict[str, Stored] = {}
         self._files = itertools.count()
         self._prefix = f"{os.getpid()}-{int(time.time())}"
@@ -214,10 +300,12 @@ class SessionTiers:
         """The entry's KV as a host tensor (read from its file for the disk tier)."""
         if entry.data is not None:
             return entry.data
-        pool = self.copier.kv_cache
-        raw = torch.from_numpy(np.fromfile(entry.path, dtype=np.uint8))
-        data = raw.view(pool.dtype).reshape(*pool.shape[:2], len(entry.hashes), *pool.shape[3:])
-        return data.pin_memory() if self.copier.cuda else data
+        data = self.copier.host_buffer(len(entry.hashes))
+        with open(entry.path, "rb") as f:
+            read = f.readinto(memoryview(data.view(-1).view(torch.uint8).numpy()))
+        if read != data.numel() * data.element_size():
+            raise OSError(f"{entry.path}: {read} bytes, expected {data.numel() * data.element_size()}")
+        return data
 
     def restore_into(self, session_id: str, pages: list[int], indices: list[int]) -> int:
         """Write stored pages ``indices`` of the session into pool ``pages``; returns the bytes copied."""
@@ -225,7 +313,10 @@ class SessionTiers:
         if not pages:
             return 0
         data = self._load(entry)
-        picked = data if len(indices) == len(entry.hashes) else data[:, :, indices].contiguous()
+        picked = data
+        if len(indices) != len(entry.hashes):  # some pages are still cached: copy only the others (pinned on CUDA)
+            picked = self.copier.host_buffer(len(indices))
+            torch.index_select(data, 2, torch.tensor(indices, dtype=torch.long), out=picked)
         self.copier.to_pool(pages, picked)
         return len(pages) * self.page_bytes
 

@@ -13,7 +13,7 @@ from splitserve.core.cache.manager import KVCacheManager
 from splitserve.core.cache.prefix import page_hashes
 from splitserve.core.messages import SessionHint
 from splitserve.decode.sessions import SessionKeeper
-from splitserve.decode.tiers import PageCopier, SessionTiers
+from splitserve.decode.tiers import HostArena, PageCopier, SessionTiers
 
 PAGE = 4
 LAYERS, HEADS, DIM = 2, 2, 3
@@ -256,12 +256,81 @@ def test_cuda_offload_and_restore_run_on_a_side_stream_after_the_current_one_and
     kv.check_integrity()
 
 
-def test_a_failed_disk_write_drops_the_session_and_counts_it(tmp_path):
+def test_the_host_arena_hands_out_runs_first_fit_and_takes_them_back_when_their_tensor_goes():
+    arena = HostArena(10 * 8, 8, pin=False)  # 10 units of 8 bytes
+    a = arena.take((4, 2), torch.float32)  # 32 bytes: units 0-3
+    b = arena.take((3,), torch.float64)  # 24 bytes: units 4-6
+    c = arena.take((2, 2), torch.float32)  # units 7-8
+    assert a.is_contiguous() and a.shape == (4, 2) and arena.free_units() == 1
+    assert arena.take((3,), torch.float32) is None  # 12 bytes need 2 units; 1 is free
+    a.fill_(1.0), b.fill_(2.0), c.fill_(3.0)
+    assert a.sum() == 8 and b.sum() == 6 and c.sum() == 12  # the runs do not overlap
+    del b
+    assert arena.free_units() == 4 and arena._free == [[4, 3], [9, 1]]
+    d = arena.take((5,), torch.float32)  # 20 bytes, 3 units: first fit is the run b left
+    assert arena._free == [[9, 1]]
+    del a, d
+    assert arena._free == [[0, 7], [9, 1]]  # merged with its free neighbour
+    del c
+    assert arena._free == [[0, 10]] and arena.free_units() == 10
+    assert HostArena(0, 8, pin=False).take((1,), torch.float32) is None
+
+
+def test_offloads_use_the_arena_fall_back_when_it_is_full_and_give_their_runs_back(tmp_path):
+    kv, pool = KVCacheManager(num_pages=32, page_size=PAGE), _pool(32)
+    page_bytes = PageCopier(pool).page_bytes()
+    tiers = SessionTiers(PageCopier(pool), 6 * page_bytes, str(tmp_path / "d"), 100 * page_bytes)
+    keeper = SessionKeeper(kv, kv.release_pinned, 0.5, tiers=tiers)
+    arena = tiers.copier.arena
+    before = {}
+    for name, first in (("a", 100), ("b", 200)):  # 4 full pages each: the second does not fit the arena's 6
+        keeper.touch(SessionHint(name))
+        before[name] = pool[:, :, _turn(kv, pool, name, list(range(first, first + 17)))[:4]].clone()
+    def in_arena(entry) -> bool:
+        return entry.data.untyped_storage().data_ptr() == arena._buf.untyped_storage().data_ptr()
+
+    assert keeper.make_room("test") and arena.free_units() == 2
+    (first,) = tiers.stored.values()
+    assert in_arena(first)  # 4 of the arena's 6 pages
+    assert keeper.make_room("test")
+    (second,) = [e for e in tiers.stored.values() if e is not first]
+    assert not in_arena(second) and second.data.shape == first.data.shape  # 2 pages left: allocated on its own
+    tiers.flush()
+    keeper.poll()  # the host tier keeps 6 pages: one session went on to disk, its host copy let go
+    kv.reset_prefix_cache()
+    pool.fill_(float("nan"))
+    for name in ("a", "b"):  # one from host memory, one from disk (read into the arena)
+        assert keeper.restore(name)
+        assert torch.equal(pool[:, :, kv.pinned_pages(name)], before[name])
+    assert tiers.stored == {} and arena.free_units() == arena.units  # every run came back
+    kv.check_integrity()
+
+
+def _disk_tier_session(disk_dir) -> tuple[KVCacheManager, SessionTiers, SessionKeeper]:
+    """A pool with a disk tier only, and session ``s`` (3 pages) already let go to it, its write not waited for."""
     kv, pool = KVCacheManager(num_pages=16, page_size=PAGE), _pool(16)
-    tiers = SessionTiers(PageCopier(pool), 0, str(tmp_path / "gone"), 1 << 20)
+    tiers = SessionTiers(PageCopier(pool), 0, str(disk_dir), 1 << 20)
     keeper = SessionKeeper(kv, kv.release_pinned, 0.5, tiers=tiers)
     keeper.touch(SessionHint("s"))
-    _turn(kv, pool, "s", list(range(9)))
+    _turn(kv, pool, "s", list(range(13)))
+    return kv, tiers, keeper
+
+
+def test_a_session_file_cut_short_fails_its_restore_alone(tmp_path):
+    kv, tiers, keeper = _disk_tier_session(tmp_path / "d")
+    assert keeper.make_room("test") and keeper.where() == {"s": "disk"}
+    tiers.flush()
+    keeper.poll()
+    path = tiers.stored["s"].path
+    path.write_bytes(path.read_bytes()[:10])
+    kv.reset_prefix_cache()
+    assert not keeper.restore("s") and keeper.evictions["restore_failed"] == 1
+    assert keeper.where() == {} and list((tmp_path / "d").glob("*.kv")) == [] and kv.usage().pinned == 0
+    kv.check_integrity()
+
+
+def test_a_failed_disk_write_drops_the_session_and_counts_it(tmp_path):
+    kv, tiers, keeper = _disk_tier_session(tmp_path / "gone")
     (tmp_path / "gone").rmdir()  # the write cannot create its file
     assert keeper.make_room("test") and keeper.where() == {"s": "disk"}
     tiers.flush()
