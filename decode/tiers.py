@@ -4,10 +4,11 @@
    head_dim]``) into one host tensor: on CUDA a pinned buffer filled by a side stream that first waits for the
    current stream (so it sees every write a step made to those pages), ``non_blocking``, with an event recorded
    after it; on CPU a plain copy. The buffer is a run of the :class:`HostArena`, host memory of the tier's budget
-   allocated once when the tier starts (pinned on CUDA): allocating 300 MB of pinned memory per offload took the
-   worker's loop about 200 ms and synchronised the device (measured on an H200). A buffer goes back to the arena
-   when its last holder lets go of it; when no run is free the buffer is allocated as before. Until :meth:`SessionTiers.offloaded` says the copy is done, the caller keeps the
-   GPU pages pinned.
+   allocated once when the tier starts (pinned on CUDA). With a fresh pinned buffer per offload, offloads of 291 MB
+   ran 200-220 ms apart on an H200 (the likely cost: allocating it on the worker's loop). A buffer goes back to the arena
+   when its last holder lets go of it (a copy still in flight holds it: :meth:`PageCopier.keep_until_done`); when
+   no run is free the buffer is allocated as before. Until :meth:`SessionTiers.offloaded` says the copy is done,
+   the caller keeps the GPU pages pinned.
 2. :meth:`SessionTiers.settle` keeps the budgets: while the host tier holds more than ``host_bytes``, victims (the
    caller's order) move to the disk tier (one raw file each, ``disk_dir``) while it has room, else are dropped;
    the disk tier over ``disk_bytes`` drops its victims. Each move is reported as an eviction with its reason.
@@ -109,7 +110,8 @@ class PageCopier:
         self.arena: HostArena | None = None
         """Where host buffers come from first (set by :class:`SessionTiers`)."""
         self._in_flight: list[tuple[Any, torch.Tensor]] = []
-        """(event, host buffer) of host-to-device copies not known to be done: the buffer must outlive the copy."""
+        """(event, host buffer) of copies not known to be done (restores; offloads of sessions dropped meanwhile):
+        the buffer must outlive the copy."""
 
     def page_bytes(self) -> int:
         per_page = self.kv_cache[:, :, :1]
@@ -154,6 +156,12 @@ class PageCopier:
             event.record(self.side)
         current.wait_event(event)
         self._in_flight.append((event, data))
+
+    def keep_until_done(self, event: Any, data: torch.Tensor) -> None:
+        """Hold ``data`` until ``event`` (a copy into or out of it) completes: an arena run must not be handed out
+        again while a device copy may still write it."""
+        if not self.done(event):
+            self._in_flight.append((event, data))
 
     @staticmethod
     def done(event: Any) -> bool:
@@ -322,6 +330,8 @@ class SessionTiers:
 
     def drop(self, session_id: str) -> Stored | None:
         entry = self.stored.pop(session_id, None)
+        if entry is not None and entry.data is not None:  # ended while its copy out of the pool still runs
+            self.copier.keep_until_done(entry.event, entry.data)
         if entry is None or entry.path is None:
             return entry
         if entry.write is not None and not entry.write.cancel():  # running: delete the file once it is written

@@ -59,8 +59,8 @@ class DecodeService:
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
         self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg)
         self.local: dict[str, float] = {}
-        """Requests prefilled here, until their first token: when their ``GenerateReq`` arrived (monotonic)."""
-        """Requests prefilled here, until their first output (counts the prompt tokens computed)."""
+        """Requests prefilled here, until their first output (counts the prompt tokens computed, times
+        ``local_prefill_s``): when their ``GenerateReq`` arrived (monotonic; a recompute: when it started)."""
         self.session_hits: set[str] = set()
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.settling: dict[str, str] = {}

@@ -386,3 +386,21 @@ def test_while_a_copy_to_host_is_in_flight_the_pages_stay_pinned_and_no_second_v
         keeper.end(name)
     assert kv.usage().pinned == 0 and keeper.tiers.stored == {}
     kv.check_integrity()
+
+
+def test_an_arena_run_whose_copy_out_is_in_flight_comes_back_only_once_the_copy_is_done():
+    kv, pool = KVCacheManager(num_pages=32, page_size=PAGE), _pool(32)
+    copier = _AsyncCopier(pool)
+    keeper = SessionKeeper(kv, kv.release_pinned, 0.5, tiers=SessionTiers(copier, 1 << 20))
+    arena = copier.arena
+    keeper.touch(SessionHint("s"))
+    _turn(kv, pool, "s", list(range(13)))  # 3 full pages
+    assert not keeper.make_room("test") and arena.free_units() == arena.units - 3  # the copy out runs
+    keeper.end("s")  # the session ends meanwhile: its buffer stays out of the arena while the copy may write it
+    assert keeper.tiers.stored == {} and arena.free_units() == arena.units - 3
+    keeper.poll()
+    assert arena.free_units() == arena.units - 3
+    copier.events[0].done = True
+    keeper.poll()
+    assert arena.free_units() == arena.units and kv.usage().pinned == 0
+    kv.check_integrity()
