@@ -39,6 +39,8 @@ class Request:
     """Prefill workers: finish right after the first token is sampled (KV goes to a decode worker)."""
     session_key: str | None = None
     """Agent sessions: when the request finishes, its pages stay pinned under this key for the next turn."""
+    continues: str | None = None
+    """Agent sessions: the pinned key whose partial last page this request may take over (its prompt continues it)."""
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

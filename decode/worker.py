@@ -61,6 +61,8 @@ class DecodeService:
         self.local: dict[str, float] = {}
         """Requests prefilled here, until their first output (counts the prompt tokens computed, times
         ``local_prefill_s``): when their ``GenerateReq`` arrived (monotonic; a recompute: when it started)."""
+        self.ending: dict[str, str] = {}
+        """A session's last turn -> the session, ended once the turn has taken its pages (its first output)."""
         self.session_hits: set[str] = set()
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.settling: dict[str, str] = {}
@@ -117,12 +119,16 @@ class DecodeService:
         self.local[msg.request_id] = time.monotonic() if arrived is None else arrived
         try:
             self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
-                                         session_key=_session_key(msg))
+                                         session_key=_session_key(msg),
+                                         continues=None if msg.session is None else msg.session.session_id)
         except ValueError as exc:
             self.local.pop(msg.request_id, None)
             self.core.fail_request(msg.request_id, str(exc))
-        if msg.session is not None and msg.session.end:  # the request holds its hits; release the session itself
-            self.sessions.end(msg.session.session_id)
+            if msg.session is not None and msg.session.end:
+                self.sessions.end(msg.session.session_id)
+            return
+        if msg.session is not None and msg.session.end:  # ended once the turn took its pages (its partial one too)
+            self.ending[msg.request_id] = msg.session.session_id
 
     def _start_pending(self) -> None:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
@@ -267,6 +273,8 @@ class DecodeService:
         if so.request_id in self.local and (so.new_token_ids or so.finished):
             timing = RequestTiming(local_prefill_s=time.monotonic() - self.local.pop(so.request_id))
             self.core.counters.prefill_tokens += max(0, so.num_prompt_tokens - so.num_cached_tokens)
+        if so.request_id in self.ending:
+            self.sessions.end(self.ending.pop(so.request_id))
         if so.request_id in self.session_hits:
             self.session_hits.discard(so.request_id)
             self.core.counters.session_tokens_reused += so.num_cached_tokens
@@ -295,6 +303,8 @@ class DecodeService:
         self.landed.pop(rid, None)
         self.session_hits.discard(rid)
         self.local.pop(rid, None)
+        if rid in self.ending:
+            self.sessions.end(self.ending.pop(rid))
         inc = self.incoming.pop(rid, None)
         if inc is not None:
             self.by_transfer.pop(inc.transfer_id, None)

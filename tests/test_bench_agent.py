@@ -134,7 +134,9 @@ def test_bench_agent_token_ids_compare_against_a_real_cluster(small_cluster, cap
     later = [r for r in results if r.turn > 1]  # the sessions-on run's later turns
     assert off["computed_later"]["turns"] == on["computed_later"]["turns"] == 4
     assert on["computed_later"]["prompt_tokens"] == sum(len(r.prompt) for r in later)
-    assert 0 < on["computed_later"]["computed_tokens"] < on["computed_later"]["prompt_tokens"]  # held KV reused
+    # each later turn computes its 8 new ids and the last generated one (its KV was never computed): the held
+    # session gives everything else, its partial last page included
+    assert on["computed_later"]["computed_tokens"] == 4 * 9
     assert report["speedup"]["computed_later_x"] is not None
     used = small_cluster.wait_pages_free()
     assert used and not any(used.values()), used

@@ -261,6 +261,52 @@ def test_repinning_a_key_replaces_its_pages():
     mgr.check_integrity()
 
 
+def test_a_session_partial_last_page_is_taken_over_once_by_the_turn_that_continues_it():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    turn1 = list(range(10))  # KV for 10 tokens: pages 0, 1 full, page 2 holds 8, 9
+    _prefill(mgr, "t1", turn1)
+    mgr.pin("t1", "s", turn1, 10)
+    mgr.free("t1")
+    turn2 = turn1 + [50, 51, 52]
+    hits, n = mgr.get_computed_pages(turn2)
+    assert hits.page_ids == (0, 1) and n == 8
+    assert mgr.session_tail_hit("s", turn1[:9] + [99, 98], hits, n) == (hits, n)  # continues 8 but not 9: no
+    assert mgr.session_tail_hit("s", turn1, *mgr.get_computed_pages(turn1)) == mgr.get_computed_pages(turn1)  # nothing left to compute
+    blocks, n2 = mgr.session_tail_hit("s", turn2, hits, n)
+    assert blocks.page_ids == (0, 1, 2) and blocks.tail_tokens == 2 and n2 == 10
+    assert mgr.session_tail_hit("s", turn2, hits, n) == (hits, n)  # claimed: a second request does not get it
+    assert mgr.allocate_slots("t2", len(turn2), blocks) == KVCacheBlocks((3,))  # 13 tokens: one fresh page
+    assert mgr.page_table("t2") == [0, 1, 2, 3] and mgr._allocator.ref_count(2) == 2  # page 2: the pin and t2
+    mgr.check_integrity()
+    mgr.cache_pages("t2", turn2, 12)  # the page fills up: now published like any full page
+    assert mgr.get_computed_pages(turn2 + [7])[0].page_ids == (0, 1, 2)
+    mgr.pin("t2", "s", turn2, 13)  # replaces the pin; the next turn's record: page 3, holding token 12
+    mgr.free("t2")
+    assert mgr.pinned_pages("s") == [0, 1, 2, 3] and mgr._pinned_tail == {"s": (3, (52,))}
+    mgr.check_integrity()
+    mgr.release_pinned("s")
+    assert mgr.usage().used == 0 and mgr._pinned_tail == {}
+    mgr.check_integrity()
+
+
+def test_a_session_tail_needs_the_sessions_whole_chain_and_its_page_still_owned():
+    mgr = KVCacheManager(num_pages=8, page_size=PAGE)
+    turn1 = list(range(6))  # page 0 full, page 1 holds 4, 5
+    _prefill(mgr, "t1", turn1)
+    mgr.pin("t1", "s", turn1, 6)
+    mgr.free("t1")
+    diverged = [0, 1, 2, 99, 4, 5, 6]  # no full-page hit: the session's first page is not matched
+    assert mgr.session_tail_hit("s", diverged, *mgr.get_computed_pages(diverged)) == (KVCacheBlocks(()), 0)
+    hits, n = mgr.get_computed_pages(turn1 + [9])
+    blocks, n2 = mgr.session_tail_hit("s", turn1 + [9], hits, n)
+    assert blocks.page_ids == (0, 1) and n2 == 6
+    mgr.release_pinned("s")  # released between the claim and the allocation: page 1 has no owner left
+    with pytest.raises(ValueError, match="released"):
+        mgr.allocate_slots("t2", 7, blocks)
+    assert not mgr.has("t2")
+    mgr.check_integrity()
+
+
 def test_reserve_and_export():
     sender = KVCacheManager(num_pages=8, page_size=PAGE)
     receiver = KVCacheManager(num_pages=8, page_size=PAGE)

@@ -14,6 +14,10 @@ Page ownership, step by step (every reference is held by exactly one of these ow
    prefix cache. Ownership does not change; other requests may now share them read-only.
 4. :meth:`KVCacheManager.pin` adds one more reference per page under a session key, so the
    pages outlive the request; :meth:`KVCacheManager.release_pinned` drops those references.
+   The session's trailing partial page (KV for fewer than ``page_size`` tokens, never in the
+   prefix cache) can be claimed once, by the session's next request whose prompt continues
+   those tokens (:meth:`KVCacheManager.session_tail_hit`): it adopts the page like a hit and
+   writes the rest of it; nobody else reads past the claimed tokens.
 5. :meth:`KVCacheManager.free` drops the request's references, last page first. Pages nobody
    references any more become cached-evictable (if hashed) or free. The caller must not read
    or write the request's pages after this.
@@ -53,6 +57,9 @@ class KVCacheBlocks:
 
     page_ids: tuple[int, ...]
     page_hashes: tuple[int, ...] = ()
+    tail_tokens: int = 0
+    """Tokens of KV in a trailing partial page (the last of ``page_ids``, unhashed), claimed from a pinned
+    session by :meth:`KVCacheManager.session_tail_hit`; 0 when every page is a full prefix-cache hit."""
 
     def __len__(self) -> int:
         return len(self.page_ids)
@@ -102,6 +109,8 @@ class KVCacheManager:
         self._allocator = PageAllocator(num_pages)
         self._requests: dict[str, _RequestPages] = {}
         self._pinned: dict[str, tuple[int, ...]] = {}
+        self._pinned_tail: dict[str, tuple[int, tuple[int, ...]]] = {}
+        """(page, token ids) of a pinned key's trailing partial page: KV for exactly those tokens, claimable once."""
         self._pinned_chain: dict[str, tuple[int, ...]] = {}
         """Chained hashes of each pinned key's leading full pages (known even where the page itself stayed
         unpublished because another page already held its content)."""
@@ -207,8 +216,12 @@ class KVCacheManager:
         return KVCacheBlocks(tuple(fresh))
 
     def _validated_hashes(self, request_id: str, computed: KVCacheBlocks) -> list[int]:
-        """Hashes of ``computed``'s pages; ``ValueError`` if any page no longer holds its hit."""
-        hashes = [self._allocator.hash_of(page) for page in computed.page_ids]
+        """Hashes of ``computed``'s full pages; ``ValueError`` if any page no longer holds its hit (or a claimed
+        partial tail page has no owner left)."""
+        full = computed.page_ids[:len(computed.page_ids) - 1] if computed.tail_tokens else computed.page_ids
+        if computed.tail_tokens and self._allocator.ref_count(computed.page_ids[-1]) == 0:
+            raise ValueError(f"request {request_id}: the session page it claimed was released since")
+        hashes = [self._allocator.hash_of(page) for page in full]
         stale = any(h is None for h in hashes) or (
             computed.page_hashes and tuple(hashes) != computed.page_hashes
         )
@@ -295,13 +308,20 @@ class KVCacheManager:
         self._requests[new_id] = state
         del self._requests[request_id]
 
-    def pin(self, request_id: str, key: str) -> None:
+    def pin(self, request_id: str, key: str, token_ids: Sequence[int] = (), num_computed_tokens: int = 0) -> None:
         """Keep the request's current pages alive under ``key`` (one extra reference each).
 
         Pinning an existing key replaces its pages (the new ones are referenced before the old
-        ones are released, so shared pages never drop to zero in between).
+        ones are released, so shared pages never drop to zero in between). With the request's
+        ``token_ids`` and the count whose KV is written, a trailing partial page is recorded for
+        :meth:`session_tail_hit`.
         """
         state = self._get(request_id)
+        self._pinned_tail.pop(key, None)
+        full, rest = divmod(min(num_computed_tokens, len(token_ids)), self.page_size)
+        if rest and len(state.page_ids) > full:
+            start = full * self.page_size
+            self._pinned_tail[key] = (state.page_ids[full], tuple(token_ids[start:start + rest]))
         pages = tuple(state.page_ids)
         self._allocator.incref(pages)
         old = self._pinned.get(key)
@@ -317,7 +337,28 @@ class KVCacheManager:
         if pages is None:
             raise ValueError(f"unknown pinned key {key!r}")
         self._pinned_chain.pop(key, None)
+        self._pinned_tail.pop(key, None)
         self._allocator.decref(reversed(pages))
+
+    def session_tail_hit(
+        self, key: str, token_ids: Sequence[int], hits: KVCacheBlocks, num_hit: int
+    ) -> tuple[KVCacheBlocks, int]:
+        """``hits`` / ``num_hit`` (from :meth:`get_computed_pages`) extended by the session's partial last page when
+        the hits hold the same content as every full page of the session (same chained hashes, whichever pages hold
+        it) and ``token_ids`` continue with that page's tokens (at least one token still left to compute). The page
+        is claimed: no later call gets it (its claimer writes the rest of it). Otherwise the hits come back
+        unchanged."""
+        tail = self._pinned_tail.get(key)
+        if tail is None:
+            return hits, num_hit
+        page, tokens = tail
+        pinned, m = self._pinned.get(key, ()), len(hits.page_ids)
+        if (num_hit != m * self.page_size or hits.page_hashes != self._pinned_chain.get(key) or len(pinned) <= m
+                or pinned[m] != page or num_hit + len(tokens) >= len(token_ids)
+                or tuple(token_ids[num_hit:num_hit + len(tokens)]) != tokens):
+            return hits, num_hit
+        del self._pinned_tail[key]
+        return KVCacheBlocks((*hits.page_ids, page), hits.page_hashes, len(tokens)), num_hit + len(tokens)
 
     def pinned_keys(self) -> list[str]:
         return list(self._pinned)
@@ -416,6 +457,9 @@ class KVCacheManager:
             expected.update(state.page_ids)
         for pages in self._pinned.values():
             expected.update(pages)
+        for key, (page, tokens) in self._pinned_tail.items():
+            if page not in self._pinned.get(key, ()) or not 0 < len(tokens) < self.page_size:
+                raise CacheIntegrityError(f"pinned key {key!r}: its partial page record does not match its pages")
         self._allocator.check_integrity(expected)
 
     def _get(self, request_id: str) -> _RequestPages:

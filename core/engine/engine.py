@@ -210,10 +210,14 @@ class LLMEngine:
         params: SamplingParams,
         prefill_only: bool = False,
         session_key: str | None = None,
+        continues: str | None = None,
     ) -> Request:
-        """Queue a request. With ``session_key`` its pages stay pinned after it finishes (see :meth:`release_session`)."""
+        """Queue a request. With ``session_key`` its pages stay pinned after it finishes (see :meth:`release_session`);
+        ``continues``: the session whose KV it continues (default ``session_key``; a session's last turn pins nothing
+        but still takes over the session's partial last page)."""
         req = self.make_request(request_id, prompt, params, prefill_only)
         req.session_key = session_key
+        req.continues = continues or session_key
         self.scheduler.add(req)
         return req
 

@@ -94,7 +94,8 @@ class Scheduler:
     def keep_session(self, req: Request, reason: str) -> None:
         """An agent session's turn that ended normally keeps its pages pinned: the next turn hits them."""
         if req.session_key is not None and reason in ("stop", "length"):
-            self.kv.pin(req.request_id, req.session_key)
+            self.kv.pin(req.request_id, req.session_key, req.all_token_ids,
+                        min(req.num_computed_tokens, req.num_known_tokens))
 
     def _release_pages(self, request_id: str) -> None:
         """Free the request's pages, or hold them under a retiring key while the step in flight may write them."""
@@ -239,6 +240,8 @@ class Scheduler:
         if self.kv.has(req.request_id) or not self.limits.enable_prefix_caching or req.wants_prompt_logprobs:
             return None
         blocks, n_cached = self.kv.get_computed_pages(req.all_token_ids)
+        if req.continues is not None:  # the session's partial last page too, when the prompt continues it
+            blocks, n_cached = self.kv.session_tail_hit(req.continues, req.all_token_ids, blocks, n_cached)
         req.num_computed_tokens = req.num_cached_tokens = n_cached
         return blocks if n_cached else None
 
