@@ -244,7 +244,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = _with_session_header(request, req)
 
     def make_fmt(index: int, _prompt: int) -> ChatFormatter:
-        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req, svc.config.tool_call_parser)
+        return ChatFormatter(svc.tokenizer, svc.model_name, head, index, req, prompt_ids, svc.config.tool_call_parser)
 
     return await _serve(request, svc, req, plan_choices(svc, req, [prompt_ids], "messages", make_fmt))
 

@@ -3,9 +3,8 @@
 1. :func:`plan_choices`: admission for all the choices at once, then per prompt the vocabulary and context checks
    and its :class:`SamplingParams`; copy ``j`` of prompt ``i`` is choice ``i * n + j`` (vLLM's order) with seed
    ``seed + j`` (:func:`~splitserve.router.openai_api.copy_params`). Each choice is its own request on the
-   workers, with its own output state and formatter (given its prompt's token ids); the copies of one prompt
-   share a routing group, so they go to one prefill worker, which computes the prompt once and serves the other
-   copies from its prefix cache.
+   workers, with its own output state and formatter; the copies of one prompt share a routing group, so they go to
+   one prefill worker, which computes the prompt once and serves the other copies from its prefix cache.
 2. :func:`merged`: every choice's token stream runs in its own task; their deltas come out in arrival order. The
    first failure ends the whole request, and every other choice is then aborted on its workers (closing its
    generator sends ``AbortReq``), as is every choice when the client goes away.
@@ -70,7 +69,6 @@ def plan_choices(svc: RouterService, req: CommonRequest, prompts: Sequence[list[
         for j in range(req.n):
             index = i * req.n + j
             fmt = make_fmt(index, i)
-            fmt.prompt_ids = ids  # what ``return_token_ids`` answers as ``prompt_token_ids``
             proc = svc.processor(f"{fmt.id}-{index}", ids, req.stop_strings, **options)
             group = f"{fmt.id}-p{i}" if req.n > 1 else None
             choices.append(Choice(index, j, fmt, proc, ids, copy_params(params, j), session, group))

@@ -44,16 +44,17 @@ class Formatter:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int = 0,
+                 prompt_ids: Sequence[int] = (), return_token_ids: bool = False) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.id = head.id
         self.created = head.created
         self.index = index
-        self.return_token_ids = False
-        """The request asked for ``token_ids`` / ``prompt_token_ids`` (set by the subclasses from the request)."""
-        self.prompt_ids: list[int] = []
-        """The prompt's token ids (:func:`~splitserve.router.choices.plan_choices` sets them for every formatter)."""
+        self.prompt_ids = list(prompt_ids)
+        """The token ids of this choice's prompt."""
+        self.return_token_ids = return_token_ids
+        """The request asked for ``token_ids`` / ``prompt_token_ids``."""
 
     def body(self, choice: dict[str, Any] | None, chunk: bool, usage_: dict[str, Any] | None) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
@@ -88,10 +89,8 @@ class CompletionFormatter(Formatter):
 
     def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int, req: CompletionRequest,
                  prompt: str | Sequence[int], prompt_ids: Sequence[int]) -> None:
-        super().__init__(tokenizer, model, head, index)
+        super().__init__(tokenizer, model, head, index, prompt_ids, req.return_token_ids)
         self.prompt = prompt
-        self.prompt_ids = list(prompt_ids)
-        self.return_token_ids = req.return_token_ids
         self._prompt_ids_pending = req.return_token_ids
         """Streamed: the choice's first chunk still has to carry ``prompt_token_ids``."""
         self._echo_pending = req.echo
@@ -146,11 +145,10 @@ class ChatFormatter(Formatter):
     chunk_object_name = "chat.completion.chunk"
 
     def __init__(self, tokenizer: Tokenizer, model: str, head: ResponseHead, index: int,
-                 req: ChatCompletionRequest, tool_parser: str | None = None) -> None:
-        super().__init__(tokenizer, model, head, index)
+                 req: ChatCompletionRequest, prompt_ids: Sequence[int], tool_parser: str | None = None) -> None:
+        super().__init__(tokenizer, model, head, index, prompt_ids, req.return_token_ids)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.req, self.tool_parser = req, tool_parser
-        self.return_token_ids = req.return_token_ids
         self.tools = ToolCallStream.for_request(req, tool_parser)
         """Tool calls of this choice (None: no tools, or ``tool_choice="none"``)."""
 
