@@ -54,30 +54,30 @@ def up_cmd(args: argparse.Namespace, *worker_args: str) -> list[str]:
             *(f"--extra-arg={a}" for a in (*args.worker_arg, *worker_args))]
 
 
-def run_on_off(args: argparse.Namespace, part: str) -> dict[str, Any]:
-    workers = () if part == "on_off" else (f"--num-pages={args.small_pages}", f"--session-host-gib={args.small_host_gib}")
-    log = os.path.join(args.log_dir, f"agent_{part}.log")
+def measure(args: argparse.Namespace, name: str, workers: tuple[str, ...], *trace: str) -> dict[str, Any]:
+    """A fresh cluster (extra worker flags ``workers``, log ``agent_<name>.log``), a small warm-up trace of other
+    ids over both paths, then ``bench agent`` with ``trace``: its report, with the start-up time."""
+    log = os.path.join(args.log_dir, f"agent_{name}.log")
     with running_server(up_cmd(args, *workers), log, args.port, args.start_timeout_s) as (url, startup_s):
         run_agent(agent_cmd(url, args, "--sessions", "4", "--turns", "2", "--pause-scale", "0.05",
-                            "--seed", str(args.seed + 1000)), args.timeout_s)  # warm-up: both paths, other ids
-        report = run_agent(agent_cmd(url, args, "--compare", "--sessions", str(args.sessions), "--turns",
-                                     str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
-                                     str(args.max_pause_s), "--seed", str(args.seed)), args.timeout_s)
+                            "--seed", str(args.seed + 1000)), args.timeout_s)
+        report = run_agent(agent_cmd(url, args, *trace, "--seed", str(args.seed)), args.timeout_s)
     report["startup_s"] = startup_s
     return report
 
 
+def run_on_off(args: argparse.Namespace, part: str) -> dict[str, Any]:
+    workers = () if part == "on_off" else (f"--num-pages={args.small_pages}", f"--session-host-gib={args.small_host_gib}")
+    return measure(args, part, workers, "--compare", "--sessions", str(args.sessions), "--turns", str(args.turns),
+                   "--pause-scale", str(args.pause_scale), "--max-pause-s", str(args.max_pause_s))
+
+
 def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
-    log = os.path.join(args.log_dir, f"agent_pressure_{policy}.log")
     workers = (f"--num-pages={args.pressure_pages}", f"--session-kv-fraction={args.session_kv_fraction}",
                f"--session-policy={policy}")
-    with running_server(up_cmd(args, *workers), log, args.port, args.start_timeout_s) as (url, _):
-        run_agent(agent_cmd(url, args, "--sessions", "4", "--turns", "2", "--pause-scale", "0.05",
-                            "--seed", str(args.seed + 1000)), args.timeout_s)
-        return run_agent(agent_cmd(url, args, "--sessions", str(args.pressure_sessions), "--turns",
-                                   str(args.pressure_turns), "--pause-scale", str(args.pressure_pause_scale),
-                                   "--pause-shape", "2.0", "--max-pause-s", str(args.pressure_max_pause_s),
-                                   "--seed", str(args.seed)), args.timeout_s)
+    return measure(args, f"pressure_{policy}", workers, "--sessions", str(args.pressure_sessions), "--turns",
+                   str(args.pressure_turns), "--pause-scale", str(args.pressure_pause_scale), "--pause-shape", "2.0",
+                   "--max-pause-s", str(args.pressure_max_pause_s))
 
 
 def row(label: str, s: dict[str, Any]) -> str:
@@ -96,6 +96,11 @@ def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x" if num and den else "-"
 
 
+def times(x: float | None) -> str:
+    """A ratio ``bench agent`` computed (its ``speedup``), as printed here."""
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def stages(label: str, s: dict[str, Any]) -> str:
     parts = [f"{k} {v:.1f}" for k, v in (s.get("server_breakdown_ms") or {}).items() if v is not None]
     return f"  {label}: server time per request, mean ms: {', '.join(parts) or '-'}"
@@ -110,16 +115,12 @@ def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> No
           f"(start-up {rep['startup_s']:.0f} s)")
     print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off), stages("sessions on", on),
                      stages("sessions off", off)]))
-    print(f"turns 2+ TTFT p50 off / on = {ratio(off['ttft_later_ms']['p50'], on['ttft_later_ms']['p50'])} "
-          f"(target >= 3x); prefill tokens off / on = "
-          f"{ratio((off['server'] or {}).get('prefill_tokens'), (on['server'] or {}).get('prefill_tokens'))} "
-          f"(target >= 5x); turns 2+ computed off / on = {ratio(*_later_computed(off, on))}; every turn's ids equal a "
+    x = rep["speedup"]
+    print(f"turns 2+ TTFT p50 off / on = {times(x['ttft_later_p50_x'])} (target >= 3x); prefill tokens off / on = "
+          f"{times(x['prefill_tokens_x'])} (target >= 5x); turns 2+ computed off / on = "
+          f"{times(x['computed_later_x'])}; every turn's ids equal a "
           f"session-less replay: {rep['outputs_match']} (turns that differ: {rep['mismatch_count']} of {off['turns_ok']}"
           f"{', first ' + ', '.join(rep['mismatches'][:5]) if rep['mismatches'] else ''})")
-
-
-def _later_computed(*runs: dict[str, Any]) -> list[float | None]:
-    return [(r.get("computed_later") or {}).get("computed_tokens") for r in runs]
 
 
 def print_pressure(reps: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
