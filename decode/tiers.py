@@ -72,7 +72,7 @@ class HostArena:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A contiguous tensor of ``shape`` and ``dtype`` on a free run, or ``None``."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         units = -(-nbytes // self.unit_bytes) if self.unit_bytes else 0
         if units == 0:
             return None
@@ -311,8 +311,8 @@ class SessionTiers:
         data = self.copier.host_buffer(len(entry.hashes))
         with open(entry.path, "rb") as f:
             read = f.readinto(memoryview(data.view(-1).view(torch.uint8).numpy()))
-        if read != data.numel() * data.element_size():
-            raise OSError(f"{entry.path}: {read} bytes, expected {data.numel() * data.element_size()}")
+        if read != data.nbytes:
+            raise OSError(f"{entry.path}: {read} bytes, expected {data.nbytes}")
         return data
 
     def restore_into(self, session_id: str, pages: list[int], indices: list[int]) -> int:
