@@ -414,8 +414,6 @@ class RunConfig:
     seed: int = 0
 
 
-BREAKDOWN_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "kv_join", "local_prefill")
-"""SplitServe's per-request time breakdown (``splitserve_<stage>_seconds`` histograms in ``/metrics``)."""
 
 
 async def fetch_metrics_text(session: Any, base_url: str) -> str | None:
@@ -433,6 +431,8 @@ async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float
     """``{stage: (sum_s, count)}`` from the server's ``/metrics``; ``None`` when it does not expose the breakdown."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    from splitserve.router.metrics import BREAKDOWN_STAGES
+
     text = await fetch_metrics_text(session, base_url)
     if text is None:
         return None
@@ -448,6 +448,8 @@ async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float
 
 def breakdown_ms(before: dict | None, after: dict | None) -> dict[str, float | None] | None:
     """Mean milliseconds per stage over the requests observed between two scrapes."""
+    from splitserve.router.metrics import BREAKDOWN_STAGES
+
     if before is None or after is None:
         return None
     out: dict[str, float | None] = {}

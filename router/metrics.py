@@ -122,13 +122,17 @@ def _session_families(workers: WorkerRegistry) -> Iterator:
 
 
 _BREAKDOWN = (
-    ("prefill_queue", "disaggregated requests: waiting on the prefill worker before its first step"),
-    ("prefill_compute", "disaggregated requests: prefill compute up to the first token"),
-    ("kv_transfer", "disaggregated requests: KV transfer time left after the prefill compute (not hidden)"),
-    ("kv_join", "disaggregated requests: from the KV landing to the first decode step"),
-    ("local_prefill", "requests prefilled on the decode worker (short prompts, session turns): arrival to first token"),
+    ("prefill_queue", "prefill_queue_s", "disaggregated requests: waiting on the prefill worker before its first step"),
+    ("prefill_compute", "prefill_compute_s", "disaggregated requests: prefill compute up to the first token"),
+    ("kv_transfer", "transfer_s",
+     "disaggregated requests: KV transfer time left after the prefill compute (not hidden)"),
+    ("kv_join", "join_s", "disaggregated requests: from the KV landing to the first decode step"),
+    ("local_prefill", "local_prefill_s",
+     "requests prefilled on the decode worker (short prompts, session turns): arrival to first token"),
 )
-"""``splitserve_<name>_seconds`` histograms from ``TokenOut.timing`` (``<name>_s`` fields; kv_transfer: transfer_s)."""
+"""``splitserve_<name>_seconds`` histograms, each from one ``RequestTiming`` field of ``TokenOut.timing``."""
+BREAKDOWN_STAGES = tuple(name for name, _field, _doc in _BREAKDOWN)
+"""The stages of the per-request time breakdown, as named in ``/metrics`` (what ``bench serve`` reads)."""
 
 
 class _RefusalCollector(Collector):
@@ -159,7 +163,7 @@ class RouterMetrics:
                              registry=r)
         self.breakdown = {
             name: Histogram(f"splitserve_{name}_seconds", doc, buckets=_LATENCY_BUCKETS, registry=r)
-            for name, doc in _BREAKDOWN
+            for name, _field, doc in _BREAKDOWN
         }
         self.transfer_bytes = Histogram("splitserve_kv_transfer_bytes", "KV bytes of one request's transfer",
                                         buckets=tuple(2.0 ** k for k in range(16, 36, 2)), registry=r)
@@ -185,9 +189,8 @@ class RouterMetrics:
 
     def observe_timing(self, timing: RequestTiming) -> None:
         """One request's time breakdown (core/messages.py ``RequestTiming``), as the workers measured it."""
-        values = (timing.prefill_queue_s, timing.prefill_compute_s, timing.transfer_s, timing.join_s,
-                  timing.local_prefill_s)
-        for (name, _doc), value in zip(_BREAKDOWN, values):
+        for name, field, _doc in _BREAKDOWN:
+            value = getattr(timing, field)
             if value is not None:
                 self.breakdown[name].observe(value)
         if timing.transfer_bytes is not None:

@@ -270,7 +270,8 @@ def test_time_breakdown_reaches_metrics_and_bench_serve(pd, client):
     """Where each disaggregated request's time went: prefill queue and compute, transfer, join, per request."""
     import asyncio
 
-    from splitserve.benchmarks.serve import BREAKDOWN_STAGES, Prompt, RunConfig, run_requests
+    from splitserve.benchmarks.serve import Prompt, RunConfig, run_requests
+    from splitserve.router.metrics import BREAKDOWN_STAGES
 
     prompts = [Prompt(prompt=[1, 403, 407, 261, 378 + i], prompt_len=5, output_len=6) for i in range(3)]
     cfg = RunConfig(base_url=pd.url, model=None, request_rate=float("inf"))
