@@ -107,6 +107,9 @@ class WorkerConfig(FrozenConfig):
     heartbeat_s: float = Field(default=1.0, gt=0)
     local_prefill_threshold: int = Field(default=0, ge=0)
     """A decode worker prefills prompts shorter than this itself (0: never)."""
+    session_suffix_threshold: int = Field(default=512, ge=1)
+    """A session turn held here whose new suffix has at least this many tokens is prefilled by a prefill worker
+    given the held prefix (only the suffix is computed there and sent back); shorter suffixes are prefilled here."""
     session_kv_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     """At most this share of the KV pool stays pinned for agent sessions between turns (decode/sessions.py)."""
     session_host_gib: float = Field(default=0.0, ge=0.0)

@@ -129,6 +129,10 @@ class KVDescriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Set when the receiver accepts one-sided writes into its pool (same host); the sender may still send inline."""
     receiver_key: str | None = None
     """The receiver's CurveZMQ public key (z85; its KV socket is a CURVE server with it); ``None`` without keys."""
+    held_tokens: int = 0
+    """The receiver already holds the KV of tokens ``[0, held_tokens)`` in the first pages (an agent session's
+    prefix; a multiple of ``page_size``): the sender sends only ``[held_tokens, num_tokens)``, and on the one-sided
+    path may read the held pages instead of computing them (transfer/base.py, "Held prefix")."""
 
 
 # --- worker <-> router ---------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Flow for one request (see docs/architecture.md):
    send ``PrefillReq`` (with the page descriptor) to the chosen prefill worker.
 3. K/V land in the reserved pages inside ``receiver.poll()`` on this thread. ``TransferComplete`` brings the
    first token: the request joins the continuous batch, and its tokens stream to the router.
+   An agent session's turn whose KV is held here (decode/sessions.py) prefills its new suffix here when it is
+   short (``session_suffix_threshold``); a longer suffix goes to step 2 with the session's pages reserved first
+   (``KVDescriptor.held_tokens``): the prefill worker is given the held prefix and sends back only the suffix.
 4. Finish, abort, or failure frees the pages. A failed transfer (lease expired, prefill worker gone or
    refusing) either fails the request with a clear error or recomputes the prompt here (``failure_policy``).
    An aborted request whose prefill worker may still be writing into its pages (one-sided path) keeps them,
@@ -44,6 +47,8 @@ class _Incoming:
     transfer_id: str
     prefill_addr: str
     started: float
+    held_tokens: int = 0
+    """Tokens of a session's prefix held here already (not transferred)."""
 
 
 class DecodeService:
@@ -65,6 +70,8 @@ class DecodeService:
         """A session's last turn -> the session, ended once the turn has taken its pages (its first output)."""
         self.session_hits: set[str] = set()
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
+        self.held_turns: set[str] = set()
+        """Session turns waiting in ``pending`` whose pages are reserved behind the session's held prefix."""
         self.settling: dict[str, str] = {}
         """transfer id -> page owner key of an aborted request whose pages may still be written (one-sided path)."""
         self.peers: dict[tuple[str, str | None], zmq.Socket] = {}
@@ -101,16 +108,31 @@ class DecodeService:
             if self.sessions.claim(sid):  # its KV is here (or restored from a tier): only the suffix is computed
                 self.core.counters.session_hits += 1
                 self.session_hits.add(rid)
-                return self._prefill_locally(msg, arrived)
+                if not self._suffix_elsewhere(msg):
+                    return self._prefill_locally(msg, arrived)
+                self.held_turns.add(rid)
+                return self._queue_prefill(msg)
         local = (
             msg.prefill_addr is None
             or len(msg.prompt_token_ids) < self.core.cfg.local_prefill_threshold
         )
         if local:
             return self._prefill_locally(msg, arrived)
+        self._queue_prefill(msg)
+
+    def _suffix_elsewhere(self, msg: GenerateReq) -> bool:
+        """A held session's turn whose new suffix is long enough for a prefill worker (given the held prefix)."""
+        if msg.prefill_addr is None or msg.params.prompt_logprobs is not None:
+            return False
+        _, held = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
+        return len(msg.prompt_token_ids) - held >= self.core.cfg.session_suffix_threshold
+
+    def _queue_prefill(self, msg: GenerateReq) -> None:
+        rid = msg.request_id
         try:  # before pages are reserved and a prefill worker is asked: a prompt that can never run fails now
             self.core.engine.check_prompt(rid, msg.prompt_token_ids)
         except ValueError as exc:
+            self.held_turns.discard(rid)
             return self.core.fail_request(rid, str(exc))
         self.pending[rid] = msg
         self._start_pending()
@@ -134,15 +156,21 @@ class DecodeService:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
         while self.pending:
             rid, msg = next(iter(self.pending.items()))
-            pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids))
+            held = None
+            if rid in self.held_turns:  # the session's pages first (looked up now: a victim may have left since)
+                held, _ = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
+            pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids), held)
             if pages is None and self.sessions.make_room("a transfer needs the pages"):
                 continue
             if pages is None:
                 return
             del self.pending[rid]
-            self._ask_prefill(msg, pages)
+            if rid in self.held_turns and msg.session.end:  # its last turn holds its pages now: the session ends
+                self.sessions.end(msg.session.session_id)
+            self.held_turns.discard(rid)
+            self._ask_prefill(msg, pages, len(held) * self.layout.page_size if held else 0)
 
-    def _ask_prefill(self, msg: GenerateReq, pages: list[int]) -> None:
+    def _ask_prefill(self, msg: GenerateReq, pages: list[int], held_tokens: int = 0) -> None:
         rid = msg.request_id
         if self.core.keys and not (msg.prefill_key or self.core.keys.worker_public):
             self.core.engine.release(rid)
@@ -163,20 +191,22 @@ class DecodeService:
             lease_s=self.tcfg.lease_s,
             pool=self.receiver.pool_export,
             receiver_key=self.core.keys.public.decode("ascii") if self.core.keys else None,
+            held_tokens=held_tokens,
         )
         try:
             self.receiver.expect(desc, request_id=rid)
         except TransferError as exc:
             self.core.engine.release(rid)
             return self.core.fail_request(rid, str(exc))
-        self.incoming[rid] = _Incoming(msg, tid, msg.prefill_addr or "", time.monotonic())
+        self.incoming[rid] = _Incoming(msg, tid, msg.prefill_addr or "", time.monotonic(), held_tokens)
         self.by_transfer[tid] = rid
         req = PrefillReq(
             request_id=rid, prompt_token_ids=msg.prompt_token_ids, params=msg.params, dst=desc, reply_to=self.core.worker_id,
             sent_at=time.time(),
         )
         self._peer(msg.prefill_addr or "", msg.prefill_key).send(encode(req))
-        logger.info("request %s: %d pages reserved, prefill asked of %s", rid, len(pages), msg.prefill_worker)
+        logger.info("request %s: %d pages reserved (%d tokens held), prefill asked of %s", rid, len(pages),
+                    held_tokens, msg.prefill_worker)
 
     def _peer(self, addr: str, server_key: str | None) -> zmq.Socket:
         """The socket to the prefill worker at ``addr``: a CURVE client of its own public key as the router sent it
@@ -235,6 +265,9 @@ class DecodeService:
         except ValueError as exc:
             self.core.engine.release(rid)
             return self.core.fail_request(rid, str(exc))
+        if rid in self.session_hits:  # a held turn: the held prefix the prefill worker did not compute
+            self.session_hits.discard(rid)
+            self.core.counters.session_tokens_reused += min(inc.held_tokens, done.num_cached_tokens)
         if finished is not None:
             self.core.owners.pop(rid, None)
             first = msgspec.structs.replace(first, finish_reason=finished.finish_reason)
@@ -244,7 +277,7 @@ class DecodeService:
     def _timing(self, inc: _Incoming, done: PrefillDone) -> RequestTiming:
         """The prefill worker's queue and compute time, and what is left of the wait: the transfer not hidden."""
         waited = time.monotonic() - inc.started
-        nbytes = len(inc.req.prompt_token_ids) * self.layout.token_bytes() * self.layout.num_layers
+        nbytes = (len(inc.req.prompt_token_ids) - inc.held_tokens) * self.layout.token_bytes() * self.layout.num_layers
         timing = RequestTiming(prefill_queue_s=done.queue_s, prefill_compute_s=done.compute_s,
                                transfer_s=max(0.0, waited - done.queue_s - done.compute_s), transfer_bytes=nbytes)
         logger.debug("request %s: prefill queue %.1f ms, compute %.1f ms, transfer %.1f ms after compute, %.1f MB "
@@ -300,6 +333,7 @@ class DecodeService:
         if peer is not None:  # decode requests belong to the router: a peer cannot abort them
             return
         self.pending.pop(rid, None)
+        self.held_turns.discard(rid)
         self.landed.pop(rid, None)
         self.session_hits.discard(rid)
         self.local.pop(rid, None)

@@ -11,6 +11,12 @@ Flow for one request (see docs/architecture.md):
 4. When the first token is sampled, ``PrefillDone`` follows the data (on the one-sided path, once the writes
    completed); the engine then frees (or prefix-caches) this worker's pages -- the sender has copied them out,
    or ordered their reuse after its writes.
+
+An agent session's turn whose decode worker holds the conversation (``KVDescriptor.held_tokens``): before step 2
+the held pages this worker's prefix cache lacks are copied from the decode worker's pool into fresh pages here
+(``KVSender.read_held``, one-sided path), registered in the prefix cache and held under ``<id>#held`` until the
+request ends, so the step computes only the new suffix; step 3 sends only tokens past the held prefix. Where the
+pool cannot be read, this worker computes what its prefix cache lacks and still sends only the suffix.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from splitserve.core.cache.prefix import page_hashes
 from splitserve.core.engine.batch import ScheduledBatch
 from splitserve.core.engine.engine import StepOutput
 from splitserve.core.engine.service import WorkerCore
@@ -42,6 +49,12 @@ class _Outgoing:
     queue_s: float = 0.0
     """From the decode worker sending ``PrefillReq`` (wall clock; else from its arrival) to the first step."""
     sent_at: float = 0.0
+    held_key: str | None = None
+    """The holder id of the held prefix pages copied in for it (freed when it ends)."""
+
+
+class _CannotRead(Exception):
+    """The transfer cannot read the decode worker's pool (inline path): the prefix is computed here."""
 
 
 class PrefillService:
@@ -73,13 +86,45 @@ class PrefillService:
             return self._refuse(tid, rid, str(exc))
         if not self.accepts_prefill():
             return self._refuse(tid, rid, f"worker {self.core.worker_id} is not accepting prefill work")
+        started, held_key = time.monotonic(), self._take_held(msg)
         try:
             self.core.engine.add_request(rid, msg.prompt_token_ids, msg.params, prefill_only=True)
         except ValueError as exc:  # a request this engine can never serve: recomputing it would fail too
+            self._release_held(held_key)
             return self._refuse(tid, rid, str(exc), retryable=False)
-        self.outgoing[rid] = _Outgoing(tid, rid, started=time.monotonic(), sent_at=msg.sent_at, peer=_peer)
+        self.outgoing[rid] = _Outgoing(tid, rid, sent_upto=msg.dst.held_tokens, started=started,
+                                       sent_at=msg.sent_at, peer=_peer, held_key=held_key)
         self.core.own(rid, self._on_output)
-        logger.info("request %s: prefill of %d tokens for transfer %s", rid, len(msg.prompt_token_ids), tid)
+        logger.info("request %s: prefill of %d tokens (%d held by the decode worker) for transfer %s", rid,
+                    len(msg.prompt_token_ids), msg.dst.held_tokens, tid)
+
+    def _take_held(self, msg: PrefillReq) -> str | None:
+        """Copy the held pages this prefix cache lacks from the decode worker, held under ``<id>#held`` (returned);
+        ``None`` when nothing was taken (no held prefix, page sizes differ, inline path, pool short)."""
+        kv, dst = self.core.engine.kv, msg.dst
+        num_pages = dst.held_tokens // kv.page_size
+        if (not num_pages or dst.page_size != kv.page_size or not kv.enable_prefix_caching
+                or msg.params.prompt_logprobs is not None):
+            return None
+        key = f"{msg.request_id}#held"
+
+        def fill(pages: list[int], indices: list[int]) -> None:
+            if indices and not self.sender.read_held(dst.transfer_id, [dst.page_ids[i] for i in indices], pages):
+                raise _CannotRead
+
+        try:
+            pinned = kv.hold_hashed(key, page_hashes(msg.prompt_token_ids[:num_pages * kv.page_size], kv.page_size),
+                                   fill)
+        except _CannotRead:
+            return None
+        except TransferError as exc:
+            logger.warning("request %s: cannot read the held prefix (%s); computing it here", msg.request_id, exc)
+            return None
+        return key if pinned is not None else None
+
+    def _release_held(self, key: str | None) -> None:
+        if key is not None:
+            self.core.engine.release(key)
 
     def _refuse(self, tid: str, rid: str, error: str, retryable: bool = True) -> None:
         try:
@@ -96,6 +141,7 @@ class PrefillService:
             return
         del self.outgoing[msg.request_id]
         self.core.engine.abort(msg.request_id)
+        self._release_held(out.held_key)
         self.core.owners.pop(msg.request_id, None)
         self._refuse(out.transfer_id, out.request_id, f"aborted: {msg.reason}")
         logger.info("request %s: prefill aborted", msg.request_id)
@@ -114,9 +160,11 @@ class PrefillService:
             out = self.outgoing.get(seq.request_id)
             if out is not None:
                 end = seq.start_pos + seq.num_tokens
-                self.core.counters.transfer_bytes += (end - out.sent_upto) * self.bytes_per_token_layer * self.num_layers
                 self.core.counters.prefill_tokens += seq.num_tokens
-                out.sent_upto = end
+                if end > out.sent_upto:  # a chunk inside the held prefix sends nothing
+                    sent = end - out.sent_upto
+                    self.core.counters.transfer_bytes += sent * self.bytes_per_token_layer * self.num_layers
+                    out.sent_upto = end
         self._step = None
 
     def _step_sends(self, batch: ScheduledBatch) -> list[LayerSend]:
@@ -127,7 +175,8 @@ class PrefillService:
                 if out.first_step is None:
                     out.first_step = now
                     out.queue_s = max(0.0, time.time() - out.sent_at) if out.sent_at else now - out.started
-                sends.append(LayerSend(out.transfer_id, s.page_table, out.sent_upto, s.start_pos + s.num_tokens))
+                if s.start_pos + s.num_tokens > out.sent_upto:
+                    sends.append(LayerSend(out.transfer_id, s.page_table, out.sent_upto, s.start_pos + s.num_tokens))
         return sends
 
     def _on_output(self, so: StepOutput) -> None:
@@ -135,6 +184,7 @@ class PrefillService:
         self.core.owners.pop(so.request_id, None)
         if out is None:
             return
+        self._release_held(out.held_key)
         if so.finish_reason == "error":  # the request's own fault: the decode worker must not recompute it
             return self._refuse(out.transfer_id, out.request_id, so.error or "the request failed", retryable=False)
         if not so.new_token_ids:
@@ -159,4 +209,5 @@ class PrefillService:
                 if out is not None:
                     self.core.engine.abort(ev.request_id)
                     self.core.owners.pop(ev.request_id, None)
+                    self._release_held(out.held_key)
                 logger.warning("request %s: transfer %s failed: %s", ev.request_id, ev.transfer_id, ev.reason)

@@ -5,8 +5,11 @@ they are disabled (403); a missing or wrong token gets 401.
 
 * ``GET /admin/workers``: every worker with role, health, load and KV usage.
 * ``POST /admin/workers``: register an external worker (a :class:`Register` body as JSON).
-* ``POST /admin/workers/{id}/drain``: the worker finishes in-flight work and gets no new requests.
-* ``POST /admin/workers/{id}/role`` ``{"role": "prefill" | "decode" | "both"}``: switch its role.
+* ``POST /admin/workers/{id}/drain``: the worker finishes in-flight work and gets no new requests; it drops the
+  agent sessions it holds, and the reply lists the ones routed to it (``sessions_dropped``: their next turns are
+  prefilled in full elsewhere).
+* ``POST /admin/workers/{id}/role`` ``{"role": "prefill" | "decode" | "both"}``: switch its role (to ``prefill``: its
+  sessions are dropped and listed as on a drain).
 * ``DELETE /admin/workers/{id}``: deregister (its in-flight requests fail with a clear error).
 * ``GET /admin/sessions``: agent sessions with the worker holding each, its KV tokens, tier and idle seconds (from
   the workers' heartbeats, at most 256 per worker, plus sessions the router routes whose KV no worker reports).
@@ -95,8 +98,11 @@ async def drain(request: web.Request) -> web.Response:
     w = _worker(svc, request)
     w.draining = True
     sent = await svc.control.send(w, Drain())
-    logger.info("admin: worker %s draining (drain message %s)", w.worker_id, "sent" if sent else "not delivered")
-    return web.json_response({"worker_id": w.worker_id, "draining": True, "delivered": sent})
+    dropped = svc.forget_sessions_of(w.worker_id)
+    logger.info("admin: worker %s draining (drain message %s; %d sessions dropped)", w.worker_id,
+                "sent" if sent else "not delivered", len(dropped))
+    return web.json_response({"worker_id": w.worker_id, "draining": True, "delivered": sent,
+                              "sessions_dropped": dropped})
 
 
 async def set_role(request: web.Request) -> web.Response:
@@ -106,9 +112,11 @@ async def set_role(request: web.Request) -> web.Response:
     if role not in _ROLES:
         raise bad_request(f"invalid field 'role': must be one of {', '.join(_ROLES)}", param="role")
     sent = await switch_role(svc.control, w, role)
-    logger.info("admin: worker %s role -> %s (%s)", w.worker_id, role, "sent" if sent else "not delivered")
-    return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent},
-                             status=200 if sent else 502)
+    dropped = svc.forget_sessions_of(w.worker_id) if sent and role == "prefill" else []
+    logger.info("admin: worker %s role -> %s (%s; %d sessions dropped)", w.worker_id, role,
+                "sent" if sent else "not delivered", len(dropped))
+    return web.json_response({"worker_id": w.worker_id, "role": w.role, "delivered": sent,
+                              "sessions_dropped": dropped}, status=200 if sent else 502)
 
 
 async def deregister(request: web.Request) -> web.Response:

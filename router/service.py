@@ -211,6 +211,15 @@ class RouterService:
             return None
         return holder
 
+    def forget_sessions_of(self, worker_id: str) -> list[str]:
+        """The sessions routed to ``worker_id``, forgotten here: it drains or stops decoding, and drops their KV (each
+        logged there, counted as an eviction by reason); their next turns are prefilled in full elsewhere."""
+        dropped = [sid for sid, wid in self.sessions.items() if wid == worker_id]
+        for sid in dropped:
+            del self.sessions[sid]
+        self.metrics.sessions.set(len(self.sessions))
+        return dropped
+
     def _remember_session(self, session: SessionHint | None, decode: WorkerState) -> WorkerState | None:
         """Where the session's KV will be after this turn (forgotten with its last turn; bounded, oldest first).
         Returns the previous holder when this turn goes elsewhere and that worker is still up (it should let go)."""

@@ -42,7 +42,7 @@ _TRANSFER_FLAGS = MappingProxyType(
 )
 _WORKER_FLAGS = MappingProxyType({
     "role": str, "worker_id": str, "router_addr": str, "host": str, "port": int, "heartbeat_s": float,
-    "local_prefill_threshold": int, "session_kv_fraction": float, "session_host_gib": float,
+    "local_prefill_threshold": int, "session_suffix_threshold": int, "session_kv_fraction": float, "session_host_gib": float,
     "session_disk_dir": str, "session_disk_gib": float, "session_ttl_s": float, "session_policy": str, "drain_timeout_s": float, "router_queue_limit": int, "keys_dir": str,
 })
 
@@ -66,6 +66,10 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help=help_with_default("seconds between heartbeats to the router", WorkerConfig, "heartbeat_s"))
     p.add_argument("--local-prefill-threshold", type=int, default=None,
                    help="decode role: prefill prompts shorter than this itself (default 0: never)")
+    p.add_argument("--session-suffix-threshold", type=int, default=None,
+                   help=help_with_default("decode role: a held session's turn whose new suffix has at least this many "
+                                          "tokens is prefilled by a prefill worker given the held prefix",
+                                          WorkerConfig, "session_suffix_threshold"))
     p.add_argument("--session-kv-fraction", type=float, default=None,
                    help=help_with_default("share of the KV pool agent sessions may keep pinned between turns",
                                           WorkerConfig, "session_kv_fraction"))

@@ -98,8 +98,12 @@ def test_switch_role_and_drain_on_live_workers(ops_cluster):
     c = ops_cluster
     client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="x", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
+    story = "Once upon a time"
+    turn1 = client.completions.create(model=model, prompt=story, max_tokens=8, temperature=0,
+                                      extra_body={"session_id": "agent-ops"}).choices[0].text
     code, body = admin(c, "POST", "/admin/workers/decode-2/role", {"role": "prefill"})
     assert code == 200 and body["role"] == "prefill"
+    assert body["sessions_dropped"] == ["agent-ops"]  # it held the session: the reply says it is dropped
     assert poll_until(lambda: c.health() == 503)  # no decode-capable worker any more
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model=model, prompt="Hi", max_tokens=2)
@@ -108,8 +112,12 @@ def test_switch_role_and_drain_on_live_workers(ops_cluster):
     assert poll_until(lambda: c.health() == 200)
     out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert out.choices[0].text.startswith(", there was a little")
+    turn2 = client.completions.create(model=model, prompt=story + turn1, max_tokens=8, temperature=0,
+                                      extra_body={"session_id": "agent-ops"})  # prefilled in full on prefill-1
+    plain = client.completions.create(model=model, prompt=story + turn1, max_tokens=8, temperature=0)
+    assert turn2.choices[0].text == plain.choices[0].text
     code, body = admin(c, "POST", "/admin/workers/prefill-1/drain")
-    assert code == 200 and body["draining"]
+    assert code == 200 and body["draining"] and body["sessions_dropped"] == ["agent-ops"]
     assert poll_until(lambda: c.health() == 503)
     assert c.wait_pages_free()["prefill-1"] == 0
 

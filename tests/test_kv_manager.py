@@ -566,3 +566,38 @@ def test_cache_events_follow_caching_and_eviction():
     assert kind == "removed" and sorted(removed) == sorted(page_hashes(tokens, 2))
     assert kv.take_cache_events() == []
     kv.check_integrity()
+
+
+def test_reserve_behind_a_held_session_prefix_and_hold_hashed_pages():
+    """A held session turn: the decode side reserves the session's pages first, then fresh contiguous ones; the
+    prefill side holds the pages it copied in under a request id until its request took them."""
+    dec = KVCacheManager(num_pages=16, page_size=4)
+    tokens = list(range(100, 113))  # 3 full pages and one token
+    dec.allocate_slots("turn1", 13)
+    dec.cache_pages("turn1", tokens, 13)
+    dec.pin("turn1", "s")
+    dec.free("turn1")
+    held, n = dec.get_computed_pages(tokens + [7] * 10)
+    assert n == 12 and held.page_ids == (0, 1, 2)
+    assert dec.reserve("turn2", 23, held) == KVCacheBlocks((4, 5, 6))  # only the fresh pages come back
+    assert dec.page_table("turn2") == [0, 1, 2, 4, 5, 6]
+    dec.release_pinned("s")
+    dec.free("turn2")
+    dec.check_integrity()
+    assert dec.usage().used == 0
+
+    pre = KVCacheManager(num_pages=8, page_size=4)
+    pre.allocate_slots("old", 5)
+    pre.cache_pages("old", tokens, 5)  # this worker already has the first page
+    pre.free("old")
+    filled = []
+    got = pre.hold_hashed("r#held", page_hashes(tokens[:12], 4), lambda pages, idx: filled.append((pages, idx)))
+    assert got == [0, 2, 3] and filled == [([2, 3], [1, 2])]  # page 0 from the cache; 2, 3 fresh (1 went back last)
+    hit, n = pre.get_computed_pages(tokens)
+    assert n == 12 and hit.page_ids == (0, 2, 3) and pre.has("r#held") and pre.pinned_keys() == []
+    with pytest.raises(ValueError, match="already holds"):
+        pre.hold_hashed("r#held", [], lambda p, i: None)
+    assert pre.hold_hashed("big", page_hashes(list(range(40)), 4), lambda p, i: None) is None  # short: no change
+    pre.free("r#held")
+    pre.check_integrity()
+    assert pre.usage().used == 0 and pre.get_computed_pages(tokens)[1] == 12  # still cached, evictable

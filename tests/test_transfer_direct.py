@@ -18,7 +18,7 @@ import torch
 from splitserve.core.config import TransferConfig
 from splitserve.core.messages import KVDescriptor, PrefillDone
 from splitserve.transfer import wire
-from splitserve.transfer.base import KVLayout, LayerSend, TransferComplete, TransferFailed, token_slots
+from splitserve.transfer.base import KVLayout, LayerSend, TransferComplete, TransferError, TransferFailed, token_slots
 from splitserve.transfer.direct import DirectKVReceiver, DirectKVSender
 from splitserve.transfer.loopback import random_kv
 from splitserve.transfer.shm import ShmCopyEngine
@@ -315,3 +315,57 @@ def test_shm_maps_only_a_splitserve_pool_memfd_of_the_right_size(tmp_path, pair)
 
 def _with(export, **over):
     return type(export)(**{**_fields(export), **over})
+
+
+def _fill_pages(pool: torch.Tensor, pages, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in pages:
+        pool[:, :, p] = torch.randn(pool[:, :, p].shape, generator=g)
+
+
+def test_held_prefix_is_read_then_only_the_suffix_lands(pair):
+    """A session's prefix held by the receiver: the sender reads its pages into its own pool, then sends the suffix."""
+    held_pages, fresh = (20, 21), (22,)
+    _fill_pages(pair.dst, held_pages, seed=11)
+    d = pair.desc("h", 10, held_pages + fresh, held_tokens=8)
+    assert pair.rx._transfers["h"].covered[:, :8].all() and not pair.rx._transfers["h"].covered[:, 8:].any()
+    pair.tx.begin(d, "req-h")
+    assert pair.tx.read_held("h", held_pages, (5, 6))  # into the sender's pages 5 and 6, every layer
+    assert len(pair.copies.queued) == 1  # one copy, every layer
+    pair.step([LayerSend("h", (5, 6, 7), 8, 10)])  # the suffix only
+    pair.tx.finish("h", PrefillDone(request_id="req-h", transfer_id="h", first_token=3))
+    pair.pump()
+    assert not pair.rx_events  # Finish waits for the read and the writes
+    pair.copies.release()
+    pair.pump()
+    assert [e.transfer_id for e in pair.rx_events if isinstance(e, TransferComplete)] == ["h"]
+    assert torch.equal(pair.src[:, :, [5, 6]], pair.dst[:, :, list(held_pages)])  # read byte for byte
+    assert torch.equal(_tokens(pair.dst, held_pages + fresh, 10)[:, :, 8:], _tokens(pair.src, (5, 6, 7), 10)[:, :, 8:])
+
+
+def test_held_tokens_are_never_sent_and_only_held_pages_can_be_read(pair):
+    with pytest.raises(TransferError, match="held_tokens"):
+        pair.desc("odd", 10, (1, 2, 3), held_tokens=6)  # not a multiple of the page size
+    with pytest.raises(TransferError, match="held_tokens"):
+        pair.desc("all", 8, (1, 2), held_tokens=8)  # nothing left to send
+    d = pair.desc("h2", 10, (1, 2, 3), held_tokens=4)
+    pair.tx.begin(d, "req-h2")
+    with pytest.raises(TransferError, match="not all held"):
+        pair.tx.read_held("h2", (2,), (9,))  # page 2 holds tokens 4-7: not held
+    pair.step([LayerSend("h2", (7, 8, 9), 0, 10)])  # a sender that sends the held tokens too is refused
+    pair.copies.release()
+    pair.pump()
+    failed = [e for e in pair.rx_events if isinstance(e, TransferFailed)]
+    assert [e.transfer_id for e in failed] == ["h2"] and "twice" in failed[0].reason
+
+
+def test_inline_transfers_cannot_read_held_pages(pair):
+    foreign = type(pair.rx.pool_export)(**{**_fields(pair.rx.pool_export), "host_id": "elsewhere/boot"})
+    d = pair.desc("ih", 10, (12, 13, 14), pool=foreign, held_tokens=8)
+    pair.tx.begin(d, "req-ih")
+    assert pair.tx.read_held("ih", (12, 13), (3, 4)) is False and not pair.copies.queued
+    pair.step([LayerSend("ih", (3, 4, 5), 8, 10)])
+    pair.tx.finish("ih", PrefillDone(request_id="req-ih", transfer_id="ih", first_token=2))
+    pair.pump()
+    assert [e.transfer_id for e in pair.rx_events if isinstance(e, TransferComplete)] == ["ih"]
+    assert torch.equal(_tokens(pair.dst, (12, 13, 14), 10)[:, :, 8:], _tokens(pair.src, (3, 4, 5), 10)[:, :, 8:])

@@ -67,6 +67,16 @@ processes). Steps 1-6 hold with these differences:
     active is reported at once (the window already closed).
 6'. A dead sender's process takes its CUDA context with it: nothing writes after it is gone. A dead receiver's
     pool stays mapped in the sender until the sender drops the connection (no ack within ``lease_s``).
+
+**Held prefix** (an agent session's next turn with a long new suffix). The decode worker reserves the turn's pages
+with the session's pages first (the request holds a reference to them, as to any prefix hit) and sets
+``KVDescriptor.held_tokens``: tokens ``[0, held_tokens)`` are in those pages already. Steps 1-6 hold for
+``[held_tokens, num_tokens)`` only: the receiver counts the held tokens as covered (a frame for them is rejected),
+and the sender never sends them. On the one-sided path the prefill worker may first copy the held pages into its own
+pool (:meth:`KVSender.read_held`), so it computes only the suffix; the read is ordered before its later computation
+and before the transfer's closing frame, so the settling rule of step 5' covers it too (the decode worker keeps the
+pages until ``Finish``/``Abort``). Elsewhere the prefill worker computes what its own prefix cache lacks, and only the
+suffix crosses back.
 """
 
 from __future__ import annotations
@@ -383,6 +393,16 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def poll(self) -> list[TransferEvent]:
         """Process acknowledgements; report completed transfers and failures (receiver gone or refusing)."""
+
+    def read_held(self, transfer_id: str, src_page_ids: Sequence[int], dst_page_ids: Sequence[int]) -> bool:
+        """Copy held pages of the receiver into this pool, every layer (see "Held prefix" above).
+
+        ``src_page_ids[i]`` is a page of the receiver's pool (its page size), every token of it inside
+        ``desc.held_tokens``; ``dst_page_ids[i]`` is a page of this pool. Only for equal page sizes. The copy is
+        ordered before any computation this process issues later and before the transfer's closing frame.
+        Returns ``False`` (nothing copied) when this transfer cannot read the receiver's pool (inline path).
+        """
+        return False
 
     def writes_in_flight(self) -> bool:
         """True while a write this sender issued will complete without any message arriving (a device copy behind

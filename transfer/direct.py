@@ -116,6 +116,17 @@ class CopyEngine(abc.ABC):
         ``[layers[0], layers[1])``, ordered after every computation issued so far (their K/V); never waits for it.
         Pools are ``[L, 2, P, S, H, D]``, checked by the caller; slots come from :meth:`slots`."""
 
+    def read(
+        self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
+        dst_slots: torch.Tensor,
+    ) -> bool:
+        """Issue the copy of rows ``src_slots`` of a peer's pool ``src`` (opened here) into rows ``dst_slots`` of this
+        process's pool ``dst``, ordered like :meth:`write`; a later :meth:`fence` orders this process's computation
+        after it. ``False``: this engine cannot read a peer's pool (nothing issued). Default: the copy :meth:`write`
+        makes, with source and destination swapped (a mapped peer pool reads as it writes)."""
+        self.write(src, dst, layers, src_slots, dst_slots)
+        return True
+
     @abc.abstractmethod
     def fence(self) -> Fence:
         """A fence after every write issued so far. Later computation on the source pool is ordered after them."""
@@ -246,6 +257,24 @@ class DirectKVSender(ZmqKVSender):
         for dst, src_slots, dst_slots in plan.groups:  # one copy for every layer of the range
             self._engine.write(self._kv, dst, (layer_start, layer_end), src_slots, dst_slots)
         self._record(plan.direct, layer_start, layer_end)
+
+    def read_held(self, transfer_id: str, src_page_ids: Sequence[int], dst_page_ids: Sequence[int]) -> bool:
+        d = self._direct.get(transfer_id)
+        out = self._out.get(transfer_id)
+        if d is None or out is None or d.failed or out.desc.page_size != self._layout.page_size or not src_page_ids:
+            return False
+        ps = self._layout.page_size
+        held = set(out.desc.page_ids[:out.desc.held_tokens // ps])
+        if len(src_page_ids) != len(dst_page_ids) or not held.issuperset(src_page_ids):
+            raise TransferError(f"transfer {transfer_id}: pages to read are not all held by the receiver")
+        offsets = np.arange(ps, dtype=np.int64)
+        src = (np.asarray(src_page_ids, dtype=np.int64)[:, None] * ps + offsets).ravel()
+        dst = (np.asarray(dst_page_ids, dtype=np.int64)[:, None] * ps + offsets).ravel()
+        if not self._engine.read(d.target, self._kv, (0, self._layout.num_layers), self._engine.slots(src),
+                                 self._engine.slots(dst)):
+            return False
+        d.last_fence = self._engine.fence()  # the closing frame waits for the read too (step 5')
+        return True
 
     def _make_plan(self, items: Sequence[LayerSend]) -> _StepPlan:
         """Split a step into inline and direct sends; one slot-vector pair per destination pool."""

@@ -320,6 +320,13 @@ class NixlCopyEngine(CopyEngine):
 
     # slots(): the base class's host tensor (NIXL addresses rows from the host)
 
+    def read(
+        self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
+        dst_slots: torch.Tensor,
+    ) -> bool:
+        """Not over NIXL yet (it would be a READ transfer): the prefill worker computes the held prefix itself."""
+        return False
+
     def write(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
         dst_slots: torch.Tensor,

@@ -185,6 +185,9 @@ class ZmqKVReceiver(KVReceiver):
             raise TransferError(f"transfer {desc.transfer_id} is already expected")
         if desc.num_tokens <= 0:
             raise TransferError(f"transfer {desc.transfer_id}: num_tokens must be positive")
+        if not 0 <= desc.held_tokens < desc.num_tokens or desc.held_tokens % desc.page_size:
+            raise TransferError(f"transfer {desc.transfer_id}: held_tokens {desc.held_tokens} must be a multiple of "
+                                f"the page size below num_tokens {desc.num_tokens}")
         num_pages = self._kv.shape[2]
         if any(not 0 <= p < num_pages for p in desc.page_ids):
             raise TransferError(f"transfer {desc.transfer_id}: page id out of range [0, {num_pages})")
@@ -193,6 +196,7 @@ class ZmqKVReceiver(KVReceiver):
         except ValueError as exc:
             raise TransferError(f"transfer {desc.transfer_id}: {exc}") from exc
         covered = np.zeros((self._layout.num_layers, desc.num_tokens), dtype=bool)
+        covered[:, :desc.held_tokens] = True  # held here already: a frame for them is rejected as sent twice
         self._transfers[desc.transfer_id] = Inbound(
             desc, request_id, slots, covered, time.monotonic() + desc.lease_s
         )

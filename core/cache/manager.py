@@ -229,16 +229,17 @@ class KVCacheManager:
             raise ValueError(f"request {request_id}: prefix hits are stale (pages were evicted since lookup)")
         return [h for h in hashes if h is not None]
 
-    def reserve(self, request_id: str, num_tokens: int) -> KVCacheBlocks | None:
-        """Decode side of a transfer: pages an incoming transfer will fill, without prefix reuse.
+    def reserve(self, request_id: str, num_tokens: int, held: KVCacheBlocks | None = None) -> KVCacheBlocks | None:
+        """Decode side of a transfer: pages an incoming transfer will fill.
 
-        Same contract as :meth:`allocate_slots` without hits: for a new request the result is
-        its whole page table, which it owns alone until :meth:`free`; ``None`` when short (exactly
-        when allocate_slots would be). Only which pages differs: the fewest runs of consecutive
-        free ids, ascending, then evictable cached pages in LRU order once free pages run out
-        (see :meth:`PageAllocator.allocate_contiguous`), so the transfer needs few descriptors.
+        Same contract as :meth:`allocate_slots`: for a new request the result is the pages this call allocated,
+        which it owns alone until :meth:`free`; ``None`` when short (exactly when allocate_slots would be).
+        ``held`` (full-page hits from :meth:`get_computed_pages`, an agent session's prefix) is adopted first, one
+        reference per page, and is not part of the result. Only which fresh pages differs: the fewest runs of
+        consecutive free ids, ascending, then evictable cached pages in LRU order once free pages run out (see
+        :meth:`PageAllocator.allocate_contiguous`), so the transfer needs few descriptors.
         """
-        return self._grow(request_id, num_tokens, None, self._allocator.allocate_contiguous)
+        return self._grow(request_id, num_tokens, held, self._allocator.allocate_contiguous)
 
     def export_pages(self, request_id: str) -> KVCacheBlocks:
         """Sender side of a transfer: the request's page table (and known full-page hashes).
@@ -404,6 +405,29 @@ class KVCacheManager:
         """
         if key in self._pinned:
             raise ValueError(f"pinned key {key!r} already holds pages")
+        pages = self._take_hashed(key, page_hashes, fill)
+        if pages is not None:
+            self._pinned[key] = pages
+            self._pinned_chain[key] = tuple(page_hashes)
+        return None if pages is None else list(pages)
+
+    def hold_hashed(
+        self, request_id: str, page_hashes: Sequence[int], fill: Callable[[list[int], list[int]], None]
+    ) -> list[int] | None:
+        """:meth:`pin_hashed`, but the pages are held as the pages of ``request_id`` (a new id), freed by :meth:`free`:
+        a prefill worker keeps the session pages it copied in from a decode worker until its request has taken them.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id} already holds pages")
+        pages = self._take_hashed(request_id, page_hashes, fill)
+        if pages is not None:
+            self._requests[request_id] = _RequestPages(list(pages), list(page_hashes))
+        return None if pages is None else list(pages)
+
+    def _take_hashed(
+        self, key: str, page_hashes: Sequence[int], fill: Callable[[list[int], list[int]], None]
+    ) -> tuple[int, ...] | None:
+        """One reference to a page per hash (cached, else fresh, filled, then registered); see :meth:`pin_hashed`."""
         found = [self._allocator.lookup(h) for h in page_hashes]
         kept = [p for p in found if p is not None]
         revived = sum(1 for page in set(kept) if self._allocator.is_evictable(page))
@@ -424,10 +448,7 @@ class KVCacheManager:
         for page, i in zip(fresh, indices):
             self._allocator.register(page, page_hashes[i])
         it = iter(fresh)
-        pages = tuple(p if p is not None else next(it) for p in found)
-        self._pinned[key] = pages
-        self._pinned_chain[key] = tuple(page_hashes)
-        return list(pages)
+        return tuple(p if p is not None else next(it) for p in found)
 
     def pinned_pages(self, key: str) -> list[int]:
         if key not in self._pinned:

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from splitserve.core.cache.manager import KVCacheManager
+from splitserve.core.cache.manager import KVCacheBlocks, KVCacheManager
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.grammar import GrammarStates
@@ -225,10 +225,12 @@ class LLMEngine:
         """Drop the pages an agent session kept (they stay in the prefix cache as evictable pages)."""
         self.kv.release_pinned(session_key)
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Decode side: pages for ``num_tokens`` incoming tokens, owned by ``request_id`` from now on."""
-        blocks = self.kv.reserve(request_id, num_tokens)
-        return None if blocks is None else list(blocks.page_ids)
+    def reserve(self, request_id: str, num_tokens: int, held: KVCacheBlocks | None = None) -> list[int] | None:
+        """Decode side: pages for ``num_tokens`` incoming tokens, owned by ``request_id`` from now on (its whole page
+        table; with ``held``, a session's prefix hits from ``kv.get_computed_pages``, those pages first)."""
+        if self.kv.reserve(request_id, num_tokens, held) is None:
+            return None
+        return self.kv.page_table(request_id)
 
     def release(self, request_id: str) -> None:
         """Free reserved pages of a request that never entered the scheduler (transfer failed or aborted)."""
