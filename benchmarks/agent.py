@@ -24,7 +24,8 @@
 6. ``--token-ids``: prompts are token-id lists, for models whose text does not re-tokenize to the ids they generated
    (dummy random-weight models). Step 1 then draws ids in [``--id-low``, ``--vocab-size``) instead of words: the
    shared context is ``--shared-tokens`` ids drawn from the seed and the salt (so runs with another salt share no
-   prefix), each turn's new user/tool text ``--turn-tokens`` ids (:func:`build_token_script`); step 2 asks
+   prefix), then ``--own-tokens`` ids of context each session has alone (a task, a repository: drawn from the seed,
+   the salt and the session), each turn's new user/tool text ``--turn-tokens`` ids (:func:`build_token_script`); step 2 asks
    ``return_token_ids`` and appends the streamed ``token_ids`` to the conversation; step 5 compares id lists.
 
 Top-level imports stay light (aiohttp is imported where requests are sent).
@@ -84,6 +85,8 @@ class AgentConfig:
     token_ids: bool = False
     """Module flow, step 6: prompts are token ids (the fields below apply only then)."""
     shared_tokens: int = 64
+    own_tokens: int = 0
+    """Ids of context each session has alone, after the shared ones."""
     turn_tokens: int = 16
     id_low: int = 10
     """Lowest id drawn (the ids below are mostly special tokens)."""
@@ -91,7 +94,7 @@ class AgentConfig:
     """Ids are drawn below it."""
 
 
-TOKEN_FIELDS = ("token_ids", "shared_tokens", "turn_tokens", "id_low", "vocab_size")
+TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")
 """:class:`AgentConfig` fields of ``--token-ids``, in the report's config only in that mode."""
 
 
@@ -177,7 +180,8 @@ def build_token_script(cfg: AgentConfig, salt: str) -> list[Script]:
     scripts = []
     for i in range(cfg.sessions):
         rng = random.Random(f"{cfg.seed}/session/{i}")
-        opening = shared + _ids(rng, cfg, cfg.turn_tokens)
+        own = _ids(random.Random(f"{cfg.seed}/own-ids/{salt}/{i}"), cfg, cfg.own_tokens)
+        opening = shared + own + _ids(rng, cfg, cfg.turn_tokens)
         turns: list[list[int]] = [[]] + [_ids(rng, cfg, cfg.turn_tokens) for _ in range(cfg.turns - 1)]
         pauses = [draw_pause(rng, cfg) for _ in range(cfg.turns - 1)] + [0.0]
         scripts.append(Script(_session_id(cfg, salt, i), opening, turns, pauses))
@@ -393,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tokens.add_argument("--token-ids", action="store_true",
                         help="prompts are random token ids; each turn appends the ids generated (return_token_ids)")
     tokens.add_argument("--shared-tokens", type=int, default=64, help="ids of context every session shares")
+    tokens.add_argument("--own-tokens", type=int, default=0,
+                        help="ids of context each session has alone, after the shared ones")
     tokens.add_argument("--turn-tokens", type=int, default=16, help="new user/tool ids per turn")
     tokens.add_argument("--id-low", type=int, default=10, help="lowest id drawn (avoids the low special ids)")
     tokens.add_argument("--vocab-size", type=int, default=32000, help="ids are drawn below it")
@@ -425,14 +431,16 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ValueError("--sessions and --turns must be >= 1")
     if args.token_ids and not 0 <= args.id_low < args.vocab_size:
         raise ValueError("--id-low must be >= 0 and below --vocab-size")
-    if args.token_ids and (min(args.shared_tokens, args.turn_tokens) < 0 or args.shared_tokens + args.turn_tokens < 1):
-        raise ValueError("--shared-tokens and --turn-tokens must be >= 0, and not both 0")
+    counts = (args.shared_tokens, args.own_tokens, args.turn_tokens)
+    if args.token_ids and (min(counts) < 0 or sum(counts) < 1):
+        raise ValueError("--shared-tokens, --own-tokens and --turn-tokens must be >= 0, and not all 0")
     return AgentConfig(
         base_url=args.url.rstrip("/"), model=args.model, sessions=args.sessions, turns=args.turns,
         shared_words=args.shared_words, turn_words=args.turn_words, max_tokens=args.max_tokens,
         pause_dist=args.pause_dist, pause_scale=args.pause_scale, pause_shape=args.pause_shape,
         max_pause_s=args.max_pause_s, hints=args.hints, seed=args.seed, timeout_s=args.timeout_s,
-        token_ids=args.token_ids, shared_tokens=args.shared_tokens, turn_tokens=args.turn_tokens,
+        token_ids=args.token_ids, shared_tokens=args.shared_tokens, own_tokens=args.own_tokens,
+        turn_tokens=args.turn_tokens,
         id_low=args.id_low, vocab_size=args.vocab_size,
     )
 

@@ -2,7 +2,8 @@
 
 1. ``on_off``: start ``splitserve up`` (1 prefill + 1 decode worker, ``--model``, default pools), warm it with a
    small trace, then run ``splitserve bench agent --compare --hints --token-ids``: ``--sessions`` concurrent
-   sessions of ``--turns`` turns, each starting from ``--shared-tokens`` ids of context every session shares, with
+   sessions of ``--turns`` turns, each starting from ``--shared-tokens`` ids of context every session shares and
+   ``--own-tokens`` ids of its own, with
    ``--turn-tokens`` new tool/user ids per turn and ``--max-tokens`` generated. Token-id prompts, because a
    random-weight model's text does not re-tokenize to the ids it generated. The sessions-off run uses another
    salt (no cache left by the first run helps it); the replay checks every turn's ids against a session-less run.
@@ -34,7 +35,8 @@ from splitserve.benchmarks.bench_disagg_gpu import add_server_arguments, running
 
 def agent_cmd(url: str, args: argparse.Namespace, *extra: str) -> list[str]:
     return [sys.executable, "-m", "splitserve.cli", "bench", "agent", "--url", url, "--token-ids", "--hints",
-            "--shared-tokens", str(args.shared_tokens), "--turn-tokens", str(args.turn_tokens),
+            "--shared-tokens", str(args.shared_tokens), "--own-tokens", str(args.own_tokens),
+            "--turn-tokens", str(args.turn_tokens),
             "--max-tokens", str(args.max_tokens), "--vocab-size", str(args.vocab_size), "--json", *extra]
 
 
@@ -111,7 +113,8 @@ def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> No
     pool = "default KV pools" if part == "on_off" else \
         f"{args.small_pages} KV pages per worker, session host tier {args.small_host_gib} GiB"
     print(f"\n## Sessions on vs off, {pool}: {rep['config']['sessions']} sessions x {rep['config']['turns']} turns, "
-          f"{args.shared_tokens} shared + {args.turn_tokens} new ids per turn, {args.max_tokens} generated "
+          f"{args.shared_tokens} shared + {args.own_tokens} own ids, {args.turn_tokens} new ids per turn, "
+          f"{args.max_tokens} generated "
           f"(start-up {rep['startup_s']:.0f} s)")
     print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off), stages("sessions on", on),
                      stages("sessions off", off)]))
@@ -143,6 +146,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sessions", type=int, default=32)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--shared-tokens", type=int, default=2048)
+    ap.add_argument("--own-tokens", type=int, default=0, help="ids of context each session has alone")
     ap.add_argument("--turn-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab-size", type=int, default=32000)

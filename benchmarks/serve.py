@@ -427,19 +427,26 @@ async def fetch_metrics_text(session: Any, base_url: str) -> str | None:
         return None
 
 
+def server_stages() -> tuple[str, ...]:
+    """The stages of the server's time breakdown, then ``ttft``: the router's own time to first token (from the
+    request's arrival), which tells the server's share of the client's TTFT."""
+    from splitserve.router.metrics import BREAKDOWN_STAGES
+
+    return (*BREAKDOWN_STAGES, "ttft")
+
+
 async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float, float]] | None:
     """``{stage: (sum_s, count)}`` from the server's ``/metrics``; ``None`` when it does not expose the breakdown."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from splitserve.router.metrics import BREAKDOWN_STAGES
-
+    stages = server_stages()
     text = await fetch_metrics_text(session, base_url)
     if text is None:
         return None
     found: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
         stage = family.name.removeprefix("splitserve_").removesuffix("_seconds")
-        if stage in BREAKDOWN_STAGES:
+        if stage in stages:
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count")):
                     found.setdefault(stage, [0.0, 0.0])[sample.name.endswith("_count")] = sample.value
@@ -448,12 +455,10 @@ async def scrape_breakdown(session: Any, base_url: str) -> dict[str, tuple[float
 
 def breakdown_ms(before: dict | None, after: dict | None) -> dict[str, float | None] | None:
     """Mean milliseconds per stage over the requests observed between two scrapes."""
-    from splitserve.router.metrics import BREAKDOWN_STAGES
-
     if before is None or after is None:
         return None
     out: dict[str, float | None] = {}
-    for stage in BREAKDOWN_STAGES:
+    for stage in server_stages():
         s0, n0 = before.get(stage, (0.0, 0.0))
         s1, n1 = after.get(stage, (0.0, 0.0))
         out[stage] = 1000.0 * (s1 - s0) / (n1 - n0) if n1 > n0 else None

@@ -9,6 +9,7 @@ import argparse
 import json
 import random
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -85,6 +86,10 @@ def test_the_token_script_draws_ids_in_range_from_the_seed_and_salt():
     assert one[0].opening[20:] != one[1].opening[20:]
     assert all(s.turn_texts[0] == [] and all(len(t) == 5 for t in s.turn_texts[1:]) for s in one)
     assert all(10 <= i < 50 for s in one for t in [s.opening, *s.turn_texts] for i in t)
+    own = build_script(replace(cfg, own_tokens=7), salt_for(0, "on"))  # each session's own context after the shared
+    assert all(s.opening[:20] == one[0].opening[:20] and len(s.opening) == 32 for s in own)
+    assert own[0].opening[20:27] != own[1].opening[20:27] and [s.opening[27:] for s in own] == [s.opening[20:] for s in one]
+    assert build_script(replace(cfg, own_tokens=7), salt_for(0, "off"))[0].opening[20:27] != own[0].opening[20:27]
 
 
 def test_compare_token_ids_compares_the_generated_ids():

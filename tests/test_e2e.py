@@ -277,9 +277,10 @@ def test_time_breakdown_reaches_metrics_and_bench_serve(pd, client):
     cfg = RunConfig(base_url=pd.url, model=None, request_rate=float("inf"))
     _model, results, _duration, breakdown = asyncio.run(run_requests(cfg, prompts))
     assert all(r.ok for r in results)
-    assert set(breakdown) == set(BREAKDOWN_STAGES)
+    assert set(breakdown) == {*BREAKDOWN_STAGES, "ttft"}  # and the router's own TTFT
     disaggregated = {k: v for k, v in breakdown.items() if k != "local_prefill"}
     assert all(v is not None and v >= 0 for v in disaggregated.values()), breakdown
+    assert breakdown["ttft"] >= breakdown["prefill_compute"]
     assert breakdown["prefill_compute"] > 0 and breakdown["local_prefill"] is None  # every prompt went to prefill-0
     metrics = pd.metrics()
     assert "splitserve_kv_transfer_bytes_count" in metrics and "splitserve_prefill_queue_seconds_bucket" in metrics
