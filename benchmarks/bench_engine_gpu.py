@@ -8,6 +8,10 @@
    (scheduling, inputs, outputs) adds to a step and how much of it the overlap hides.
 4. Correctness and offline generation against Hugging Face transformers on the same weights: greedy ids in bf16
    (first 16 tokens) and batch generation throughput.
+5. A session turn's step (``--mixed``): a decode batch of ``--mixed-batch`` rows at ``--mixed-context`` (CUDA graph,
+   and eager), the same batch with one more row prefilling ``q`` new tokens behind a cached prefix of the same
+   context (eager: what a held session's turn costs the decode worker), and that row alone; then, in the engine
+   loop with overlapped decode steps, the wall time from adding a turn whose prefix is cached to its first token.
 
 Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
 """
@@ -106,6 +110,74 @@ def bench_decode(engine: LLMEngine, bw: float, quick: bool) -> list[str]:
             rows.append(f"| {batch} | {ctx} | {t * 1e3:.2f}{'' if same else ' (MISMATCH vs eager)'} | "
                         f"{t_eager * 1e3:.2f} | {floor * 1e3:.2f} | {t / floor:.2f}x | {batch / t:.0f} |")
     return rows
+
+
+def with_prefill_row(sb: ScheduledBatch, q: int, ctx: int, first_page: int, vocab: int) -> ScheduledBatch:
+    """``sb`` plus one row computing ``q`` new tokens at positions ``ctx ..`` behind ``ctx`` cached tokens."""
+    ps = sb.page_size
+    pages = tuple(range(first_page, first_page + (ctx + q + ps - 1) // ps))
+    row = SeqWork(request_id="turn", token_ids=tuple((j * 31 + 5) % (vocab - 3) + 3 for j in range(q)), start_pos=ctx,
+                  page_table=pages, sample=True, params=GREEDY)
+    return ScheduledBatch(seqs=(*sb.seqs, row), page_size=ps)
+
+
+def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
+                      qs: tuple[int, ...] = (16, 64, 256, 1024)) -> list[str]:
+    """Runner step times: the decode batch (graph, eager), with a session turn's prefill row, that row alone."""
+    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
+    sb = decode_batch(batch, ctx, ps, 0)
+    first = batch * ((ctx + ps - 1) // ps)
+    iters = 5 if quick else 20
+    graphs = engine.runner.graphs
+    t_graph = cuda_time(lambda: engine.runner.execute(sb), iters=iters) * 1e3
+    engine.runner.graphs = None
+    t_eager = cuda_time(lambda: engine.runner.execute(sb), iters=iters) * 1e3
+    rows = ["| step | q new tokens | ms | vs decode step (graph) |", "|---|---:|---:|---:|",
+            f"| {batch} decode rows, CUDA graph | - | {t_graph:.2f} | 1.00x |",
+            f"| {batch} decode rows, eager | - | {t_eager:.2f} | {t_eager / t_graph:.2f}x |"]
+    for q in qs:
+        mixed = with_prefill_row(sb, q, ctx, first, vocab)
+        alone = ScheduledBatch(seqs=mixed.seqs[-1:], page_size=ps)
+        t_mixed = cuda_time(lambda: engine.runner.execute(mixed), iters=iters) * 1e3
+        t_alone = cuda_time(lambda: engine.runner.execute(alone), iters=iters) * 1e3
+        rows.append(f"| {batch} decode rows + 1 turn row (eager) | {q} | {t_mixed:.2f} | {t_mixed / t_graph:.2f}x |")
+        rows.append(f"| the turn row alone (eager) | {q} | {t_alone:.2f} | {t_alone / t_graph:.2f}x |")
+    engine.runner.graphs = graphs
+    return rows
+
+
+def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int) -> list[str]:
+    """In the engine loop (overlapped decode steps): ``batch`` requests decoding at ``ctx``; every few steps a turn
+    whose first ``ctx`` tokens are cached (a held session) arrives; wall ms from ``add_request`` to its first token."""
+    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True})
+    vocab = engine.model_config.vocab_size
+    prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
+    engine.generate([prompt + [5]], SamplingParams(max_tokens=1, temperature=0.0))  # caches the turns' prefix
+    long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for b in range(batch):
+        engine.add_request(f"bg{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)], long)
+    for _ in range(40):  # prefilled, decoding
+        engine.step()
+    waits, steps = [], []
+    for t in range(turns):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t0)
+        rid = f"turn{t}"
+        t0 = time.perf_counter()
+        engine.add_request(rid, prompt + [(t * 97 + j) % (vocab - 3) + 3 for j in range(q)],
+                           SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while not any(o.request_id == rid and o.new_token_ids for o in engine.step()):
+            pass
+        waits.append(time.perf_counter() - t0)
+    for b in range(batch):
+        engine.abort(f"bg{b}")
+    while engine.has_unfinished():
+        engine.step()
+    return [f"engine loop, {batch} decoding at context {ctx}: decode step {statistics.median(steps) * 1e3:.2f} ms "
+            f"(median); a held turn of {q} new tokens, add_request -> first token: median "
+            f"{statistics.median(waits) * 1e3:.2f} ms, max {max(waits) * 1e3:.2f} ms over {turns} turns"]
 
 
 def _loop_ms(engine: LLMEngine, batch: int, ctx: int, steps: int, overlap: bool) -> tuple[float, list[list[int]]]:
@@ -234,6 +306,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--loop", action="store_true", help="only the engine decode loop table (overlap on and off)")
     ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
+    ap.add_argument("--mixed", action="store_true", help="only a session turn's step and latency (module step 5)")
+    ap.add_argument("--mixed-batch", type=int, default=32)
+    ap.add_argument("--mixed-context", type=int, default=2560)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--hf-pages", type=int, default=2048)
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
@@ -245,11 +320,19 @@ def main() -> None:
     bw, peak = copy_bandwidth(dev), matmul_rate(dev)
     print(f"measured copy bandwidth {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
     cfg = EngineConfig(model=f"dummy:{args.shape}", device="cuda", dtype=args.dtype, num_pages=args.num_pages,
-                       max_num_batched_tokens=32768, chunk_size=4096, enable_prefix_caching=False, max_num_seqs=256,
-                       max_model_len=args.max_model_len, attention_backend=args.attention_backend)
+                       max_num_batched_tokens=32768, chunk_size=4096, max_num_seqs=256,
+                       max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                       enable_prefix_caching=args.mixed)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
+    if args.mixed:
+        print(f"## A session turn's step (dummy {args.shape}, bf16, {args.mixed_batch} decoding, context "
+              f"{args.mixed_context})\n")
+        print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
+        for q in (64, 1024):
+            print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q, 5 if args.quick else 20)))
+        return
     if args.loop:
         print("## Engine decode loop: overlapped steps on and off (dummy " + args.shape + ", bf16)\n")
         print("\n".join(bench_loop(engine, args.quick)))

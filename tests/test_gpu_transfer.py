@@ -68,13 +68,18 @@ def _cpu_greedy(model: str, prompts: list[list[int]], max_tokens: int) -> list[l
     return [list(r.output_token_ids) for r in reqs]
 
 
+def _gpu_cluster(tmp_path, model: str, *worker_args: str) -> Cluster:
+    """1P1D on GPUs in float32: prefill on GPU 0, decode on the last GPU."""
+    last = torch.cuda.device_count() - 1
+    return Cluster(model=model, log_dir=tmp_path,
+                   worker_args=["--device", "cuda", "--dtype", "float32", "--page-size", "8", "--num-pages", "512",
+                                *worker_args],
+                   role_args={"prefill": ["--device-index", "0"], "decode": ["--device-index", str(last)]}).start()
+
+
 def test_cuda_ipc_1p1d_greedy_matches_cpu(tmp_path):
     model = str(shared_model_path("stories260K"))
-    last = torch.cuda.device_count() - 1
-    c = Cluster(model=model, log_dir=tmp_path,
-                worker_args=["--device", "cuda", "--dtype", "float32", "--page-size", "8", "--num-pages", "512",
-                             "--chunk-size", "64"],
-                role_args={"prefill": ["--device-index", "0"], "decode": ["--device-index", str(last)]}).start()
+    c = _gpu_cluster(tmp_path, model, "--chunk-size", "64")
     try:
         prompts = [[1] + [(7 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate((5, 150, 333, 47))]
         got = [_complete(c.url, {"model": model, "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True})
@@ -91,3 +96,37 @@ def test_cuda_ipc_1p1d_greedy_matches_cpu(tmp_path):
     tok = load_tokenizer(model)
     want = [decode_continuation(tok, p, ids) for p, ids in zip(prompts, _cpu_greedy(model, prompts, 24))]
     assert got == want
+
+
+def _turn_ids(url: str, model: str, prompt: list[int], session: dict) -> tuple[list[int], int]:
+    req = urllib.request.Request(f"{url}/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                  "ignore_eos": True, "return_token_ids": True, **session}).encode())
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        out = json.load(resp)
+    return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_cuda_ipc_held_session_turns_match_cpu(tmp_path):
+    """A held session's turns on GPUs: a long suffix goes to the prefill worker, which reads the held pages out of the
+    decode GPU's pool over CUDA IPC; a short one is prefilled on the decode worker (its partial last page taken over).
+    Every turn's greedy ids equal the CPU engine's on the whole conversation."""
+    model = str(shared_model_path("stories260K"))
+    c = _gpu_cluster(tmp_path, model, "--session-suffix-threshold", "16")
+    prompts, got, cached = [[1] + [(5 * j) % 500 + 3 for j in range(150)]], [], []
+    try:
+        for turn, new in enumerate((40, 40, 3)):  # long, long, short suffix
+            session = {"session_id": "gpu-agent", "session_end": turn == 2}
+            ids, hit = _turn_ids(c.url, model, prompts[-1], session)
+            got.append(ids)
+            cached.append(hit)
+            prompts.append(prompts[-1] + ids + [(11 * j + turn) % 500 + 3 for j in range(new)])
+        used = c.wait_pages_free()
+        assert used and not any(used.values()), used
+        prefill_log = (tmp_path / "prefill-0.log").read_text()
+        assert "(168 held by the decode worker)" in prefill_log  # turn 2: 150 + 1 + 24 - 1 computed -> 21 pages
+        assert not c.tracebacks()
+    finally:
+        c.stop()
+    assert cached[1] >= 168  # the held pages were read, not recomputed
+    assert got == _cpu_greedy(model, prompts[:3], 24)
