@@ -146,6 +146,45 @@ def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
     return rows
 
 
+def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
+    """Where an eager step's time goes (torch profiler, 3 steps each, top ops by host time): the decode batch, and a
+    session turn's row alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
+    sb = decode_batch(batch, ctx, ps, 0)
+    turn = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    out = []
+    for label, step in ((f"{batch} decode rows, eager", sb),
+                        (f"a turn row of {q} tokens alone, eager", ScheduledBatch(seqs=turn.seqs[-1:], page_size=ps))):
+        cuda_time(lambda: engine.runner.execute(step), iters=2)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engine.runner.execute(step)
+            torch.cuda.synchronize()
+        out += [f"### {label}", "```", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22), "```"]
+        out += ["Python functions by own time (cProfile, 3 steps):", "```", _python_profile(engine, step), "```"]
+    engine.runner.graphs = graphs
+    return out
+
+
+def _python_profile(engine: LLMEngine, step: ScheduledBatch) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        engine.runner.execute(step)
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue()
+
+
 def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int) -> list[str]:
     """In the engine loop (overlapped decode steps): ``batch`` requests decoding at ``ctx``; every few steps a turn
     whose first ``ctx`` tokens are cached (a held session) arrives; wall ms from ``add_request`` to its first token."""
@@ -307,6 +346,7 @@ def main() -> None:
     ap.add_argument("--loop", action="store_true", help="only the engine decode loop table (overlap on and off)")
     ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
     ap.add_argument("--mixed", action="store_true", help="only a session turn's step and latency (module step 5)")
+    ap.add_argument("--profile", action="store_true", help="with --mixed: profile an eager decode step and a turn row")
     ap.add_argument("--mixed-batch", type=int, default=32)
     ap.add_argument("--mixed-context", type=int, default=2560)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -330,6 +370,9 @@ def main() -> None:
         print(f"## A session turn's step (dummy {args.shape}, bf16, {args.mixed_batch} decoding, context "
               f"{args.mixed_context})\n")
         print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
+        if args.profile:
+            print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
+            return
         for q in (64, 1024):
             print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q, 5 if args.quick else 20)))
         return
