@@ -16,8 +16,10 @@
    ``ttl_s`` are dropped from every tier.
 5. A turn of a session held in a tier restores it first (:meth:`SessionKeeper.restore`): pages the prefix cache
    still holds are taken as they are, the others are allocated, filled from host memory or disk and registered under
-   their hashes, then pinned, so the turn gets its prefix hit. No room: the stored copy is dropped and the turn
-   recomputes; a turn never fails because of a session.
+   their hashes, then pinned, so the turn gets its prefix hit. While the pool lacks the room only because copies to
+   host memory are still in flight (their pages are released when they finish), :meth:`SessionKeeper.claim` says
+   ``wait`` and keeps the copy: the decode worker asks again after its next poll instead of recomputing. No room
+   otherwise: the stored copy is dropped and the turn recomputes; a turn never fails because of a session.
 6. :meth:`SessionKeeper.end` drops a session everywhere (its agent said it ended, or an admin did);
    :meth:`SessionKeeper.drop_all` drops every session of a worker that drains or stops decoding (the router sends
    their next turns elsewhere, prefilled in full), each one logged and counted by reason.
@@ -44,6 +46,8 @@ FORGET_S = 3600.0
 MAX_REPORTED = 256
 """Sessions listed per heartbeat (the most recently used first); counts cover all of them."""
 Policy = Literal["expected_return", "lru"]
+Claim = Literal["hit", "miss", "wait"]
+"""What :meth:`SessionKeeper.claim` found: the KV in the pool, not here, or in a tier behind copies still in flight."""
 
 
 @dataclass
@@ -120,12 +124,20 @@ class SessionKeeper:
             if self.tiers is not None:
                 self.tiers.drop(hint.session_id)
 
-    def claim(self, session_id: str) -> bool:
-        """A turn of the session starts here: ``True`` when its KV is in the pool (restored if need be) as prefix hits."""
+    def claim(self, session_id: str) -> Claim:
+        """A turn of the session starts here: ``hit`` when its KV is in the pool (restored if need be) as prefix hits;
+        ``wait`` when it is in a tier and the pool has room for it only once copies in flight finish (ask again after
+        :meth:`poll`; nothing changed); ``miss`` otherwise."""
         if self.holds(session_id):
             self.kv.publish_pinned(session_id)
-            return True
-        return self.restore(session_id)
+            return "hit"
+        if self._must_wait(session_id):
+            return "wait"
+        return "hit" if self.restore(session_id) else "miss"
+
+    def _must_wait(self, session_id: str) -> bool:
+        entry = self.tiers.stored.get(session_id) if self.tiers is not None else None
+        return entry is not None and bool(self._offloading) and not self.kv.fits_hashed(entry.hashes)
 
     def restore(self, session_id: str) -> bool:
         """Bring a session held in a tier back into the pool, pinned; ``False`` (copy dropped) when it cannot."""

@@ -8,6 +8,8 @@ Flow for one request (see docs/architecture.md):
    send ``PrefillReq`` (with the page descriptor) to the chosen prefill worker.
 3. K/V land in the reserved pages inside ``receiver.poll()`` on this thread. ``TransferComplete`` brings the
    first token: the request joins the continuous batch, and its tokens stream to the router.
+   A session turn whose KV waits in host memory behind copies still in flight waits for them (``restoring``, at
+   most ``RESTORE_WAIT_S``) rather than recomputing.
    An agent session's turn whose KV is held here (decode/sessions.py) prefills its new suffix here when it is
    short (``session_suffix_threshold``); a longer suffix goes to step 2 with the session's pages reserved first
    (``KVDescriptor.held_tokens``): the prefill worker is given the held prefix and sends back only the suffix.
@@ -35,10 +37,14 @@ from splitserve.core.engine.service import WorkerCore
 from splitserve.core.messages import (
     AbortReq, EndSession, GenerateReq, KVDescriptor, PrefillDone, PrefillReq, RequestTiming, TokenOut, encode,
 )
-from splitserve.decode.sessions import build_keeper
+from splitserve.decode.sessions import Claim, build_keeper
 from splitserve.transfer.base import KVLayout, KVReceiver, LayerArrived, TransferComplete, TransferError, TransferFailed
 
 logger = logging.getLogger(__name__)
+
+RESTORE_WAIT_S = 1.0
+"""Longest a session turn waits for copies to host memory to finish so that its own copy can come back; past it the
+turn is prefilled in full."""
 
 
 @dataclass
@@ -72,6 +78,8 @@ class DecodeService:
         """Requests that found their session's KV here, until their first output (counts the tokens reused)."""
         self.held_turns: set[str] = set()
         """Session turns waiting in ``pending`` whose pages are reserved behind the session's held prefix."""
+        self.restoring: OrderedDict[str, tuple[GenerateReq, float]] = OrderedDict()
+        """Session turns whose KV can come back from host memory once copies in flight finish: (message, arrival)."""
         self.settling: dict[str, str] = {}
         """transfer id -> page owner key of an aborted request whose pages may still be written (one-sided path)."""
         self.peers: dict[tuple[str, str | None], zmq.Socket] = {}
@@ -85,6 +93,8 @@ class DecodeService:
         core.waiting_sources.append(lambda: len(self.pending))
         core.pollers.append(self._poll)
         core.pollers.append(self.sessions.poll)
+        core.pollers.append(self._retry_restores)
+        core.waiting_sources.append(lambda: len(self.restoring))
         core.pollers.append(self._drop_sessions_when_leaving)
         core.on(EndSession, lambda _p, m: self.sessions.end(m.session_id))
         core.heartbeat_fields.append(lambda: {"sessions": self.sessions.stats()})
@@ -104,8 +114,18 @@ class DecodeService:
         self.core.own(rid, self._on_output)
         if msg.session is not None:
             self.sessions.touch(msg.session)
-            sid = msg.session.session_id
-            if self.sessions.claim(sid):  # its KV is here (or restored from a tier): only the suffix is computed
+        self._admit(msg, arrived)
+
+    def _admit(self, msg: GenerateReq, arrived: float, claim: Claim | None = None) -> None:
+        """Start a request: a session turn as its session's ``claim`` says (made now unless given), else a prompt
+        prefilled here or by the prefill worker."""
+        rid = msg.request_id
+        if msg.session is not None:
+            claim = claim or self.sessions.claim(msg.session.session_id)
+            if claim == "wait":
+                self.restoring[rid] = (msg, arrived)
+                return logger.info("request %s: waiting for copies to host memory before its session's restore", rid)
+            if claim == "hit":  # its KV is here (or restored from a tier): only the suffix is computed
                 self.core.counters.session_hits += 1
                 self.session_hits.add(rid)
                 if not self._suffix_elsewhere(msg):
@@ -119,6 +139,19 @@ class DecodeService:
         if local:
             return self._prefill_locally(msg, arrived)
         self._queue_prefill(msg)
+
+    def _retry_restores(self) -> None:
+        """Admit the session turns that waited for copies to host memory once their session can come back; one that
+        waited ``RESTORE_WAIT_S`` is restored now if it fits, else its copy is dropped and it is prefilled in full."""
+        now = time.monotonic()
+        for rid, (msg, arrived) in list(self.restoring.items()):
+            sid = msg.session.session_id
+            claim = self.sessions.claim(sid)
+            if claim == "wait" and now - arrived > RESTORE_WAIT_S:
+                claim = "hit" if self.sessions.restore(sid) else "miss"
+            if claim != "wait":
+                del self.restoring[rid]
+                self._admit(msg, arrived, claim)
 
     def _suffix_elsewhere(self, msg: GenerateReq) -> bool:
         """A held session's turn whose new suffix is long enough for a prefill worker (given the held prefix)."""
@@ -333,6 +366,7 @@ class DecodeService:
         if peer is not None:  # decode requests belong to the router: a peer cannot abort them
             return
         self.pending.pop(rid, None)
+        self.restoring.pop(rid, None)
         self.held_turns.discard(rid)
         self.landed.pop(rid, None)
         self.session_hits.discard(rid)

@@ -430,9 +430,8 @@ class KVCacheManager:
         """One reference to a page per hash (cached, else fresh, filled, then registered); see :meth:`pin_hashed`."""
         found = [self._allocator.lookup(h) for h in page_hashes]
         kept = [p for p in found if p is not None]
-        revived = sum(1 for page in set(kept) if self._allocator.is_evictable(page))
         need = len(found) - len(kept)
-        if self._allocator.num_free < need + revived:
+        if not self._room_for(found):
             return None
         self._allocator.touch(kept)
         fresh = self._allocator.allocate(need)
@@ -449,6 +448,16 @@ class KVCacheManager:
             self._allocator.register(page, page_hashes[i])
         it = iter(fresh)
         return tuple(p if p is not None else next(it) for p in found)
+
+    def fits_hashed(self, page_hashes: Sequence[int]) -> bool:
+        """Whether :meth:`pin_hashed` of ``page_hashes`` would find the room now (it changes nothing)."""
+        return self._room_for([self._allocator.lookup(h) for h in page_hashes])
+
+    def _room_for(self, found: list[int | None]) -> bool:
+        """Room for fresh pages where ``found`` has none, and for reviving the evictable pages it found."""
+        kept = {p for p in found if p is not None}
+        revived = sum(1 for page in kept if self._allocator.is_evictable(page))
+        return self._allocator.num_free >= sum(1 for p in found if p is None) + revived
 
     def pinned_pages(self, key: str) -> list[int]:
         if key not in self._pinned:
