@@ -1,10 +1,19 @@
-"""CUDA graphs for decode-only steps: one graph per (batch bucket, context bucket), captured on first use.
+"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket, prefill bucket), captured on first use.
 
 A decode step of a large model is hundreds of small kernel launches; replaying a captured graph turns them into
 one launch, so the CPU stays off the critical path. Inputs live in static device buffers that every graph reads;
-a batch is padded up to its bucket with rows that write nowhere (slot -1) and attend to nothing (context 0).
+a batch is padded up to its bucket with rows that write nowhere (slot -1) and attend to nothing (context 0; in a
+mixed step context 1, over whatever valid page their stale block-table row names, as the varlen kernel reads the
+first page of every row).
 The decode kernel's grid is fixed by the context bucket (``max_context_len``), so each context bucket gets its
 own graphs and long contexts never replay a graph captured for shorter ones.
+
+Mixed steps: decode rows plus ONE short prefill row (an agent session's new turn, a short prompt prefilled on the
+decode worker) would otherwise run eagerly, host-bound (15-25 ms for an 8B model against an 8 ms graph step). Their
+graphs (prefill bucket ``q`` > 0, :data:`PREFILL_BUCKETS`) lay the step out as the decode rows, padding rows, then the
+prefill row's tokens padded to ``q``; the varlen prefill kernel reads every row's length from the device
+(``cu_seqlens_q``), so one graph serves any row lengths within its buckets. :meth:`DecodeGraphs.run` gives the
+hidden states back in the batch's own order.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+PREFILL_BUCKETS = (16, 32, 64, 128)
+"""Token counts of the one prefill row a mixed graph carries."""
 
 
 def context_buckets(max_len: int) -> list[int]:
@@ -46,6 +57,7 @@ class _Static:
     block_tables: torch.Tensor  # int32 [B, max_pages]
     context_lens: torch.Tensor  # int32 [B]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1] = arange
+    cu_mixed: torch.Tensor  # int32 [B + 2]: decode rows, then the prefill row (filled per step)
 
 
 class DecodeGraphs:
@@ -58,66 +70,98 @@ class DecodeGraphs:
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b <= max_batch) or (1,)
         self.ctx_buckets = context_buckets(max_model_len)
         n, max_pages = self.batch_buckets[-1], (max_model_len + page_size - 1) // page_size
+        tokens = n + PREFILL_BUCKETS[-1]
         self.static = _Static(
-            input_ids=torch.zeros(n, dtype=torch.long, device=dev),
-            positions=torch.zeros(n, dtype=torch.long, device=dev),
-            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
-            block_tables=torch.zeros(n, max_pages, dtype=torch.int32, device=dev),
-            context_lens=torch.zeros(n, dtype=torch.int32, device=dev),
+            input_ids=torch.zeros(tokens, dtype=torch.long, device=dev),
+            positions=torch.zeros(tokens, dtype=torch.long, device=dev),
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(n + 1, max_pages, dtype=torch.int32, device=dev),
+            context_lens=torch.zeros(n + 1, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            cu_mixed=torch.zeros(n + 2, dtype=torch.int32, device=dev),
         )
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def key(self, batch: ScheduledBatch) -> tuple[int, int] | None:
-        """Graph key for a decode-only batch, or None when it has prefill chunks or is too big."""
-        if any(s.num_tokens != 1 for s in batch.seqs):
+    def key(self, batch: ScheduledBatch) -> tuple[int, int, int] | None:
+        """Graph key ``(batch bucket, context bucket, prefill bucket or 0)``: for a decode-only batch, or decode rows
+        with one prefill row of at most ``PREFILL_BUCKETS[-1]`` tokens (no prompt logprobs); else None."""
+        long = [s for s in batch.seqs if s.num_tokens != 1]
+        if len(long) > 1 or any(s.prompt_logprobs for s in long):
             return None
-        b = bucket_of(len(batch.seqs), self.batch_buckets)
-        c = bucket_of(max(s.start_pos + 1 for s in batch.seqs), self.ctx_buckets)
-        return None if b is None or c is None else (b, c)
+        q = bucket_of(long[0].num_tokens, PREFILL_BUCKETS) if long else 0
+        b = bucket_of(max(1, len(batch.seqs) - len(long)), self.batch_buckets)
+        c = bucket_of(max(s.start_pos + s.num_tokens for s in batch.seqs), self.ctx_buckets)
+        return None if b is None or c is None or q is None else (b, c, q)
 
-    def _meta(self, b: int, c: int) -> AttentionMetadata:
+    def _meta(self, b: int, c: int, q: int) -> AttentionMetadata:
         st = self.static
-        return AttentionMetadata(
-            cu_seqlens_q=st.cu_seqlens_q[: b + 1], context_lens=st.context_lens[:b], block_tables=st.block_tables[:b],
-            slot_mapping=st.slot_mapping[:b], max_q_len=1, max_context_len=c, q_lens=[1] * b, ctx_lens_host=[c] * b,
-            page_size=self.page_size,
+        if not q:
+            return AttentionMetadata(
+                cu_seqlens_q=st.cu_seqlens_q[: b + 1], context_lens=st.context_lens[:b], block_tables=st.block_tables[:b],
+                slot_mapping=st.slot_mapping[:b], max_q_len=1, max_context_len=c, q_lens=[1] * b,
+                ctx_lens_host=[c] * b, page_size=self.page_size,
+            )
+        return AttentionMetadata(  # the varlen prefill kernel; host lists only size its grid
+            cu_seqlens_q=st.cu_mixed[: b + 2], context_lens=st.context_lens[: b + 1],
+            block_tables=st.block_tables[: b + 1], slot_mapping=st.slot_mapping[: b + q], max_q_len=q,
+            max_context_len=c, q_lens=[1] * b + [q], ctx_lens_host=[c] * (b + 1), page_size=self.page_size,
         )
 
-    def _fill(self, batch: ScheduledBatch, b: int) -> None:
-        """Copy the batch into the static buffers (pinned host staging, asynchronous) and pad to ``b`` rows."""
-        n = len(batch.seqs)
-        pos = [s.start_pos for s in batch.seqs]
-        ids = [s.token_ids[0] for s in batch.seqs]
-        slots = [slot for s in batch.seqs for slot in s.slots(self.page_size)]  # one token each
-        table = batch.block_tables()
-        width = len(table[0])
-        pad = b - n
+    def _fill(self, batch: ScheduledBatch, b: int, q: int) -> list[int]:
+        """Copy the batch into the static buffers (pinned host staging, asynchronous): its decode rows padded to ``b``
+        rows, then (``q`` > 0) the prefill row's tokens padded to ``q``. Returns each batch token's row in the output."""
+        rows = [s for s in batch.seqs if s.num_tokens == 1]
+        long = [s for s in batch.seqs if s.num_tokens != 1]
+        pad = b - len(rows)
+        ids = [s.token_ids[0] for s in rows] + [0] * pad
+        pos = [s.start_pos for s in rows] + [0] * pad
+        slots = [slot for s in rows for slot in s.slots(self.page_size)] + [-1] * pad
+        ctx = [p + 1 for p in pos[: len(rows)]] + [1 if q else 0] * pad  # the varlen kernel needs a context
         st = self.static
-        _copy(st.input_ids[:b], ids + [0] * pad)
-        _copy(st.positions[:b], pos + [0] * pad)
-        _copy(st.slot_mapping[:b], slots + [-1] * pad)
-        _copy(st.context_lens[:b], [p + 1 for p in pos] + [0] * pad)
-        _copy(st.block_tables[:n, :width], table)
+        if long:
+            p, n = long[0], long[0].num_tokens
+            ids += [*p.token_ids, *[0] * (q - n)]
+            pos += [*range(p.start_pos, p.start_pos + n), *[0] * (q - n)]
+            slots += [*p.slots(self.page_size), *[-1] * (q - n)]
+            ctx.append(p.start_pos + n)
+            _copy(st.cu_mixed[: b + 2], [*range(b + 1), b + n])
+            _copy(st.block_tables[b, : len(p.page_table)], list(p.page_table))
+        for buf, values in ((st.input_ids, ids), (st.positions, pos), (st.slot_mapping, slots), (st.context_lens, ctx)):
+            _copy(buf[: len(values)], values)
+        if rows:
+            table = ScheduledBatch(seqs=tuple(rows), page_size=self.page_size).block_tables()
+            _copy(st.block_tables[: len(rows), : len(table[0])], table)
+        where = {s.request_id: i for i, s in enumerate(rows)}
+        if long:
+            where[long[0].request_id] = b
+        return [where[s.request_id] + j for s in batch.seqs for j in range(s.num_tokens)]
 
-    def _forward(self, b: int, c: int) -> torch.Tensor:
+    def _forward(self, b: int, c: int, q: int) -> torch.Tensor:
         st = self.static
-        return self.model(st.input_ids[:b], st.positions[:b], self.kv_cache, self._meta(b, c), self.backend)
+        return self.model(st.input_ids[: b + q], st.positions[: b + q], self.kv_cache, self._meta(b, c, q), self.backend)
 
-    def _capture(self, b: int, c: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.static.slot_mapping[:b].fill_(-1)
-        self.static.context_lens[:b].zero_()
+    def _inert(self, b: int, q: int) -> None:
+        """Static inputs of a (b, q) step that write nowhere and attend to nothing: what a capture runs on."""
+        st = self.static
+        st.slot_mapping[: b + q].fill_(-1)
+        st.context_lens[: b + 1].fill_(1 if q else 0)  # the varlen kernel reads a row's first page whatever its context
+        st.cu_mixed[: b + 2].copy_(torch.arange(b + 2, dtype=torch.int32))
+
+    def _capture(self, b: int, c: int, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._inert(b, q)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compiles the Triton kernels and settles the allocator
-                self._forward(b, c)
+                self._forward(b, c, q)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b, c)
-        logger.info("captured decode CUDA graph: batch %d, context <= %d", b, c)
+            out = self._forward(b, c, q)
+        logger.info("captured decode CUDA graph: batch %d, context <= %d%s", b, c, f", a prefill row <= {q}" if q else "")
         return graph, out
 
     @torch.inference_mode()
@@ -126,28 +170,32 @@ class DecodeGraphs:
         returns how many graphs exist. Serving then never pays a capture (or a kernel compile) mid-request."""
         for c in self.ctx_buckets:
             for b in reversed(self.batch_buckets):
-                if (b, c) not in self.graphs:
-                    self.graphs[(b, c)] = self._capture(b, c)
+                if (b, c, 0) not in self.graphs:
+                    self.graphs[(b, c, 0)] = self._capture(b, c, 0)
         return len(self.graphs)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, key: tuple[int, int],
+    def run(self, batch: ScheduledBatch, key: tuple[int, int, int],
             carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states ``[len(batch.seqs), hidden]`` of the step (a view of the graph's static output).
+        """Hidden states ``[batch tokens, hidden]`` of the step, in the batch's order (a decode-only step: a view of
+        the graph's static output).
 
-        ``carry``: (rows int64 ``[k]``, token ids int64 ``[k]``), both on the device: input ids that are still on the
-        device (the previous step's sampled tokens) and replace those rows' host values.
+        ``carry`` (decode-only steps): (rows int64 ``[k]``, token ids int64 ``[k]``), both on the device: input ids
+        that are still on the device (the previous step's sampled tokens) and replace those rows' host values.
         """
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, out = self.graphs[key]
-        self._fill(batch, key[0])
+        order = self._fill(batch, key[0], key[2])
         if carry is not None:
             self.static.input_ids.index_copy_(0, *carry)
         graph.replay()
-        return out[: len(batch.seqs)]
+        if not key[2]:
+            return out[: len(batch.seqs)]
+        return out.index_select(0, torch.tensor(order, dtype=torch.long, pin_memory=out.is_cuda).to(out.device,
+                                                                                                    non_blocking=True))
 
 
 def _copy(dst: torch.Tensor, values: list) -> None:
-    src = torch.tensor(values, dtype=dst.dtype, pin_memory=True)
+    src = torch.tensor(values, dtype=dst.dtype, pin_memory=dst.is_cuda)
     dst.copy_(src, non_blocking=True)
