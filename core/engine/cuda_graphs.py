@@ -2,18 +2,16 @@
 
 A decode step of a large model is hundreds of small kernel launches; replaying a captured graph turns them into
 one launch, so the CPU stays off the critical path. Inputs live in static device buffers that every graph reads;
-a batch is padded up to its bucket with rows that write nowhere (slot -1) and attend to nothing (context 0; in a
-mixed step context 1, over whatever valid page their stale block-table row names, as the varlen kernel reads the
-first page of every row).
+a batch is padded up to its bucket with rows that write nowhere (slot -1) and attend to nothing (context 0).
 The decode kernel's grid is fixed by the context bucket (``max_context_len``), so each context bucket gets its
 own graphs and long contexts never replay a graph captured for shorter ones.
 
 Mixed steps: decode rows plus ONE short prefill row (an agent session's new turn, a short prompt prefilled on the
 decode worker) would otherwise run eagerly, host-bound (15-25 ms for an 8B model against an 8 ms graph step). Their
 graphs (prefill bucket ``q`` > 0, :data:`PREFILL_BUCKETS`) lay the step out as the decode rows, padding rows, then the
-prefill row's tokens padded to ``q``; the varlen prefill kernel reads every row's length from the device
-(``cu_seqlens_q``), so one graph serves any row lengths within its buckets. :meth:`DecodeGraphs.run` gives the
-hidden states back in the batch's own order.
+prefill row's tokens padded to ``q``. The decode rows are attended with the split-K decode kernel and the prefill row
+with the varlen kernel, which reads its length from the device (``cu_prefill``), so one graph serves any row
+length within its bucket. :meth:`DecodeGraphs.run` gives the hidden states back in the batch's own order.
 """
 
 from __future__ import annotations
@@ -58,6 +56,7 @@ class _Static:
     context_lens: torch.Tensor  # int32 [B]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1] = arange
     cu_mixed: torch.Tensor  # int32 [B + 2]: decode rows, then the prefill row (filled per step)
+    cu_prefill: torch.Tensor  # int32 [2]: [0, the prefill row's tokens] (filled per step)
 
 
 class DecodeGraphs:
@@ -79,6 +78,7 @@ class DecodeGraphs:
             context_lens=torch.zeros(n + 1, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
             cu_mixed=torch.zeros(n + 2, dtype=torch.int32, device=dev),
+            cu_prefill=torch.zeros(2, dtype=torch.int32, device=dev),
         )
         self.pool = None
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -102,10 +102,11 @@ class DecodeGraphs:
                 slot_mapping=st.slot_mapping[:b], max_q_len=1, max_context_len=c, q_lens=[1] * b,
                 ctx_lens_host=[c] * b, page_size=self.page_size,
             )
-        return AttentionMetadata(  # the varlen prefill kernel; host lists only size its grid
+        return AttentionMetadata(  # decode kernel for the b rows, varlen kernel for the last; host lists size grids
             cu_seqlens_q=st.cu_mixed[: b + 2], context_lens=st.context_lens[: b + 1],
             block_tables=st.block_tables[: b + 1], slot_mapping=st.slot_mapping[: b + q], max_q_len=q,
             max_context_len=c, q_lens=[1] * b + [q], ctx_lens_host=[c] * (b + 1), page_size=self.page_size,
+            decode_rows=b, cu_prefill=st.cu_prefill,
         )
 
     def _fill(self, batch: ScheduledBatch, b: int, q: int) -> list[int]:
@@ -117,7 +118,7 @@ class DecodeGraphs:
         ids = [s.token_ids[0] for s in rows] + [0] * pad
         pos = [s.start_pos for s in rows] + [0] * pad
         slots = [slot for s in rows for slot in s.slots(self.page_size)] + [-1] * pad
-        ctx = [p + 1 for p in pos[: len(rows)]] + [1 if q else 0] * pad  # the varlen kernel needs a context
+        ctx = [p + 1 for p in pos[: len(rows)]] + [0] * pad
         st = self.static
         if long:
             p, n = long[0], long[0].num_tokens
@@ -126,6 +127,7 @@ class DecodeGraphs:
             slots += [*p.slots(self.page_size), *[-1] * (q - n)]
             ctx.append(p.start_pos + n)
             _copy(st.cu_mixed[: b + 2], [*range(b + 1), b + n])
+            _copy(st.cu_prefill, [0, n])
             _copy(st.block_tables[b, : len(p.page_table)], list(p.page_table))
         for buf, values in ((st.input_ids, ids), (st.positions, pos), (st.slot_mapping, slots), (st.context_lens, ctx)):
             _copy(buf[: len(values)], values)
@@ -145,8 +147,10 @@ class DecodeGraphs:
         """Static inputs of a (b, q) step that write nowhere and attend to nothing: what a capture runs on."""
         st = self.static
         st.slot_mapping[: b + q].fill_(-1)
-        st.context_lens[: b + 1].fill_(1 if q else 0)  # the varlen kernel reads a row's first page whatever its context
+        st.context_lens[: b + 1].zero_()
+        st.context_lens[b : b + 1].fill_(1 if q else 0)  # the prefill row: the varlen kernel reads its first page
         st.cu_mixed[: b + 2].copy_(torch.arange(b + 2, dtype=torch.int32))
+        st.cu_prefill.copy_(torch.tensor([0, 1], dtype=torch.int32))
 
     def _capture(self, b: int, c: int, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._inert(b, q)

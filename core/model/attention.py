@@ -49,6 +49,11 @@ class AttentionMetadata:
     ctx_lens_host: list[int]
     page_size: int
     on_layer_done: Callable[[int], None] | None = field(default=None, repr=False)
+    decode_rows: int = 0
+    """Mixed CUDA-graph steps (core/engine/cuda_graphs.py): the first ``decode_rows`` rows are one-token decode rows,
+    attended with the decode kernel; the rest is one varlen prefill row, with ``cu_prefill``."""
+    cu_prefill: torch.Tensor | None = None
+    """int32 ``[2]``: ``[0, tokens of the prefill row]`` (the rows after ``decode_rows``)."""
 
     @property
     def num_seqs(self) -> int:

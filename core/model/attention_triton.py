@@ -44,6 +44,8 @@ class TritonAttentionBackend:
         reshape_and_cache(k, v, kv_layer, meta.slot_mapping)
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.decode_rows:
+            return _split_attend(q, kv_layer, meta, scale)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return paged_decode_attention(
                 q, kv_layer[0], kv_layer[1], meta.block_tables, meta.context_lens, scale, meta.max_context_len
@@ -64,6 +66,18 @@ class TritonAttentionBackend:
             and min(meta.q_lens, default=0) >= SDPA_MIN_Q_LEN
             and meta.q_lens == meta.ctx_lens_host  # with a cached prefix the Triton kernel was faster (masked SDPA)
         )
+
+
+def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """A mixed step: the decode rows with the split-K decode kernel, the prefill row after them with the varlen
+    kernel, each writing its own rows of one output ``[T, Hq, D]``."""
+    d, out = meta.decode_rows, torch.empty_like(q)
+    paged_decode_attention(q[:d], kv_layer[0], kv_layer[1], meta.block_tables[:d], meta.context_lens[:d], scale,
+                           meta.max_context_len, out=out[:d])
+    tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}
+    paged_prefill_attention(q[d:], kv_layer[0], kv_layer[1], meta.cu_prefill, meta.context_lens[d:],
+                            meta.block_tables[d:], scale, meta.max_q_len, out=out[d:], **tiles)
+    return out
 
 
 SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
