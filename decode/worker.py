@@ -3,16 +3,16 @@
 Flow for one request (see docs/architecture.md):
 1. ``GenerateReq`` from the router. Short prompts (``local_prefill_threshold``), requests without a prefill
    worker, and colocated workers prefill here: the request joins the engine directly.
+   An agent session's turn whose KV is held here (decode/sessions.py) prefills its new suffix here when it is
+   short (``session_suffix_threshold``); a longer suffix goes to step 2 with the session's pages reserved first
+   (``KVDescriptor.held_tokens``): the prefill worker is given the held prefix and sends back only the suffix.
+   A turn whose KV waits in host memory behind copies still in flight waits for them (``restoring``, at most
+   ``RESTORE_WAIT_S``) rather than recomputing.
 2. Otherwise reserve pages for the prompt (the request owns them from now on; if the pool is full the
    request waits in ``pending`` until pages free up), register them with the KV receiver under a lease, and
    send ``PrefillReq`` (with the page descriptor) to the chosen prefill worker.
 3. K/V land in the reserved pages inside ``receiver.poll()`` on this thread. ``TransferComplete`` brings the
    first token: the request joins the continuous batch, and its tokens stream to the router.
-   A session turn whose KV waits in host memory behind copies still in flight waits for them (``restoring``, at
-   most ``RESTORE_WAIT_S``) rather than recomputing.
-   An agent session's turn whose KV is held here (decode/sessions.py) prefills its new suffix here when it is
-   short (``session_suffix_threshold``); a longer suffix goes to step 2 with the session's pages reserved first
-   (``KVDescriptor.held_tokens``): the prefill worker is given the held prefix and sends back only the suffix.
 4. Finish, abort, or failure frees the pages. A failed transfer (lease expired, prefill worker gone or
    refusing) either fails the request with a clear error or recomputes the prompt here (``failure_policy``).
    An aborted request whose prefill worker may still be writing into its pages (one-sided path) keeps them,
@@ -124,7 +124,8 @@ class DecodeService:
             claim = claim or self.sessions.claim(msg.session.session_id)
             if claim == "wait":
                 self.restoring[rid] = (msg, arrived)
-                return logger.info("request %s: waiting for copies to host memory before its session's restore", rid)
+                logger.info("request %s: waiting for copies to host memory before its session's restore", rid)
+                return
             if claim == "hit":  # its KV is here (or restored from a tier): only the suffix is computed
                 self.core.counters.session_hits += 1
                 self.session_hits.add(rid)
