@@ -190,9 +190,9 @@ class DecodeService:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
         while self.pending:
             rid, msg = next(iter(self.pending.items()))
-            held = None
+            held, held_tokens = None, 0
             if rid in self.held_turns:  # the session's pages first (looked up now: a victim may have left since)
-                held, _ = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
+                held, held_tokens = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
             pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids), held)
             if pages is None and self.sessions.make_room("a transfer needs the pages"):
                 continue
@@ -202,7 +202,7 @@ class DecodeService:
             if rid in self.held_turns and msg.session.end:  # its last turn holds its pages now: the session ends
                 self.sessions.end(msg.session.session_id)
             self.held_turns.discard(rid)
-            self._ask_prefill(msg, pages, len(held) * self.layout.page_size if held else 0)
+            self._ask_prefill(msg, pages, held_tokens)
 
     def _ask_prefill(self, msg: GenerateReq, pages: list[int], held_tokens: int = 0) -> None:
         rid = msg.request_id

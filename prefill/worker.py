@@ -113,14 +113,14 @@ class PrefillService:
                 raise _CannotRead
 
         try:
-            pinned = kv.hold_hashed(key, page_hashes(msg.prompt_token_ids[:num_pages * kv.page_size], kv.page_size),
+            held = kv.hold_hashed(key, page_hashes(msg.prompt_token_ids[:num_pages * kv.page_size], kv.page_size),
                                    fill)
         except _CannotRead:
             return None
         except TransferError as exc:
             logger.warning("request %s: cannot read the held prefix (%s); computing it here", msg.request_id, exc)
             return None
-        return key if pinned is not None else None
+        return key if held is not None else None
 
     def _release_held(self, key: str | None) -> None:
         if key is not None:

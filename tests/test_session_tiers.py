@@ -406,37 +406,15 @@ def test_an_arena_run_whose_copy_out_is_in_flight_comes_back_only_once_the_copy_
     kv.check_integrity()
 
 
-class _Gate:
-    def __init__(self) -> None:
-        self.open = False
-
-    def query(self) -> bool:
-        return self.open
-
-
-class GatedCopier(PageCopier):
-    """Copies to host memory that stay in flight until the test opens their gate (a CUDA copy on a side stream, as
-    the keeper sees it); the bytes themselves are copied at once."""
-
-    def __init__(self, pool: torch.Tensor) -> None:
-        super().__init__(pool)
-        self.gates: list[_Gate] = []
-
-    def to_host(self, pages: list[int]):
-        buf, _ = super().to_host(pages)
-        self.gates.append(_Gate())
-        return buf, self.gates[-1]
-
-
 def test_a_turn_waits_for_copies_in_flight_instead_of_dropping_its_session():
     kv, pool = KVCacheManager(num_pages=8, page_size=PAGE), _pool(8)
-    copier = GatedCopier(pool)
+    copier = _AsyncCopier(pool)
     keeper = SessionKeeper(kv, kv.release_pinned, 1.0, tiers=SessionTiers(copier, 1 << 20))
     keeper.touch(SessionHint("s1"))
     first = list(range(12))
     before = pool[:, :, _turn(kv, pool, "s1", first)].clone()
     assert keeper.make_room("test") is False  # its copy is in flight: the pages stay pinned
-    copier.gates[0].open = True
+    copier.events[0].done = True
     keeper.poll()
     assert keeper.where() == {"s1": "host"} and kv.pinned_keys() == []
     kv.reset_prefix_cache()  # a restore must copy every page
@@ -445,7 +423,7 @@ def test_a_turn_waits_for_copies_in_flight_instead_of_dropping_its_session():
     kv.allocate_slots("hog", 3 * PAGE)  # the pool is full
     assert keeper.make_room("a restore needs the pages") is False  # s2 offloading, still in flight
     assert keeper.claim("s1") == "wait" and keeper.where() == {"s1": "host", "s2": "gpu"}  # s1's copy is kept
-    copier.gates[1].open = True
+    copier.events[1].done = True
     keeper.poll()  # s2's pool pages are released
     assert keeper.claim("s1") == "hit" and keeper.where() == {"s1": "gpu", "s2": "host"}
     assert torch.equal(pool[:, :, kv.pinned_pages("s1")], before)

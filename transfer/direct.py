@@ -267,9 +267,8 @@ class DirectKVSender(ZmqKVSender):
         held = set(out.desc.page_ids[:out.desc.held_tokens // ps])
         if len(src_page_ids) != len(dst_page_ids) or not held.issuperset(src_page_ids):
             raise TransferError(f"transfer {transfer_id}: pages to read are not all held by the receiver")
-        offsets = np.arange(ps, dtype=np.int64)
-        src = (np.asarray(src_page_ids, dtype=np.int64)[:, None] * ps + offsets).ravel()
-        dst = (np.asarray(dst_page_ids, dtype=np.int64)[:, None] * ps + offsets).ravel()
+        src = token_slots(src_page_ids, ps, 0, len(src_page_ids) * ps)  # the pages as a page table: every token
+        dst = token_slots(dst_page_ids, ps, 0, len(dst_page_ids) * ps)
         if not self._engine.read(d.target, self._kv, (0, self._layout.num_layers), self._engine.slots(src),
                                  self._engine.slots(dst)):
             return False

@@ -10,8 +10,8 @@ Mixed steps: decode rows plus ONE short prefill row (an agent session's new turn
 decode worker) would otherwise run eagerly, host-bound (15-25 ms for an 8B model against an 8 ms graph step). Their
 graphs (prefill bucket ``q`` > 0, :data:`PREFILL_BUCKETS`) lay the step out as the decode rows, padding rows, then the
 prefill row's tokens padded to ``q``. The decode rows are attended with the split-K decode kernel and the prefill row
-with the varlen kernel, which reads its length from the device (``cu_prefill``), so one graph serves any row
-length within its bucket. :meth:`DecodeGraphs.run` gives the hidden states back in the batch's own order.
+with the varlen kernel, which reads its rows from the device (``cu_mixed``), so one graph serves any row length
+within its bucket. :meth:`DecodeGraphs.run` gives the hidden states back in the batch's own order.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class _Static:
     context_lens: torch.Tensor  # int32 [B]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1] = arange
     cu_mixed: torch.Tensor  # int32 [B + 2]: decode rows, then the prefill row (filled per step)
-    cu_prefill: torch.Tensor  # int32 [2]: [0, the prefill row's tokens] (filled per step)
 
 
 class DecodeGraphs:
@@ -78,7 +77,6 @@ class DecodeGraphs:
             context_lens=torch.zeros(n + 1, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
             cu_mixed=torch.zeros(n + 2, dtype=torch.int32, device=dev),
-            cu_prefill=torch.zeros(2, dtype=torch.int32, device=dev),
         )
         self.pool = None
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -106,12 +104,12 @@ class DecodeGraphs:
             cu_seqlens_q=st.cu_mixed[: b + 2], context_lens=st.context_lens[: b + 1],
             block_tables=st.block_tables[: b + 1], slot_mapping=st.slot_mapping[: b + q], max_q_len=q,
             max_context_len=c, q_lens=[1] * b + [q], ctx_lens_host=[c] * (b + 1), page_size=self.page_size,
-            decode_rows=b, cu_prefill=st.cu_prefill,
+            decode_rows=b,
         )
 
-    def _fill(self, batch: ScheduledBatch, b: int, q: int) -> list[int]:
+    def _fill(self, batch: ScheduledBatch, b: int, q: int) -> None:
         """Copy the batch into the static buffers (pinned host staging, asynchronous): its decode rows padded to ``b``
-        rows, then (``q`` > 0) the prefill row's tokens padded to ``q``. Returns each batch token's row in the output."""
+        rows, then (``q`` > 0) the prefill row's tokens padded to ``q``."""
         rows = [s for s in batch.seqs if s.num_tokens == 1]
         long = [s for s in batch.seqs if s.num_tokens != 1]
         pad = b - len(rows)
@@ -127,17 +125,18 @@ class DecodeGraphs:
             slots += [*p.slots(self.page_size), *[-1] * (q - n)]
             ctx.append(p.start_pos + n)
             _copy(st.cu_mixed[: b + 2], [*range(b + 1), b + n])
-            _copy(st.cu_prefill, [0, n])
             _copy(st.block_tables[b, : len(p.page_table)], list(p.page_table))
         for buf, values in ((st.input_ids, ids), (st.positions, pos), (st.slot_mapping, slots), (st.context_lens, ctx)):
             _copy(buf[: len(values)], values)
         if rows:
             table = ScheduledBatch(seqs=tuple(rows), page_size=self.page_size).block_tables()
             _copy(st.block_tables[: len(rows), : len(table[0])], table)
-        where = {s.request_id: i for i, s in enumerate(rows)}
-        if long:
-            where[long[0].request_id] = b
-        return [where[s.request_id] + j for s in batch.seqs for j in range(s.num_tokens)]
+
+    @staticmethod
+    def _mixed_order(batch: ScheduledBatch, b: int) -> list[int]:
+        """Each batch token's row in a mixed step's output: decode rows in batch order, the prefill row from ``b``."""
+        rows = iter(range(b))
+        return [b + j if s.num_tokens != 1 else next(rows) for s in batch.seqs for j in range(s.num_tokens)]
 
     def _forward(self, b: int, c: int, q: int) -> torch.Tensor:
         st = self.static
@@ -150,7 +149,6 @@ class DecodeGraphs:
         st.context_lens[: b + 1].zero_()
         st.context_lens[b : b + 1].fill_(1 if q else 0)  # the prefill row: the varlen kernel reads its first page
         st.cu_mixed[: b + 2].copy_(torch.arange(b + 2, dtype=torch.int32))
-        st.cu_prefill.copy_(torch.tensor([0, 1], dtype=torch.int32))
 
     def _capture(self, b: int, c: int, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._inert(b, q)
@@ -190,14 +188,14 @@ class DecodeGraphs:
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, out = self.graphs[key]
-        order = self._fill(batch, key[0], key[2])
+        self._fill(batch, key[0], key[2])
         if carry is not None:
             self.static.input_ids.index_copy_(0, *carry)
         graph.replay()
         if not key[2]:
             return out[: len(batch.seqs)]
-        return out.index_select(0, torch.tensor(order, dtype=torch.long, pin_memory=out.is_cuda).to(out.device,
-                                                                                                    non_blocking=True))
+        order = torch.tensor(self._mixed_order(batch, key[0]), dtype=torch.long, pin_memory=out.is_cuda)
+        return out.index_select(0, order.to(out.device, non_blocking=True))
 
 
 def _copy(dst: torch.Tensor, values: list) -> None:

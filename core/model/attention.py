@@ -50,10 +50,8 @@ class AttentionMetadata:
     page_size: int
     on_layer_done: Callable[[int], None] | None = field(default=None, repr=False)
     decode_rows: int = 0
-    """Mixed CUDA-graph steps (core/engine/cuda_graphs.py): the first ``decode_rows`` rows are one-token decode rows,
-    attended with the decode kernel; the rest is one varlen prefill row, with ``cu_prefill``."""
-    cu_prefill: torch.Tensor | None = None
-    """int32 ``[2]``: ``[0, tokens of the prefill row]`` (the rows after ``decode_rows``)."""
+    """Mixed CUDA-graph steps (core/engine/cuda_graphs.py): the first ``decode_rows`` sequences are one-token decode
+    rows, attended with the decode kernel; the one sequence after them is a prefill row for the varlen kernel."""
 
     @property
     def num_seqs(self) -> int:

@@ -70,13 +70,13 @@ class TritonAttentionBackend:
 
 def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """A mixed step: the decode rows with the split-K decode kernel, the prefill row after them with the varlen
-    kernel, each writing its own rows of one output ``[T, Hq, D]``."""
+    kernel (its rows ``cu_seqlens_q[d] : cu_seqlens_q[d + 1]`` of ``q``), each writing its own rows of one output."""
     d, out = meta.decode_rows, torch.empty_like(q)
     paged_decode_attention(q[:d], kv_layer[0], kv_layer[1], meta.block_tables[:d], meta.context_lens[:d], scale,
                            meta.max_context_len, out=out[:d])
     tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}
-    paged_prefill_attention(q[d:], kv_layer[0], kv_layer[1], meta.cu_prefill, meta.context_lens[d:],
-                            meta.block_tables[d:], scale, meta.max_q_len, out=out[d:], **tiles)
+    paged_prefill_attention(q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q[d:], meta.context_lens[d:],
+                            meta.block_tables[d:], scale, meta.max_q_len, out=out, **tiles)
     return out
 
 
