@@ -1,4 +1,4 @@
-"""The NIXL copy engine (transfer/nixl.py): the one-sided KV path over NIXL/UCX WRITEs.
+"""The NIXL copy engine (transfer/nixl.py): the one-sided KV path over NIXL/UCX WRITEs (and READs of a held prefix).
 
 In this process (a receiver and a sender, two NIXL agents, the real ZeroMQ control channel of
 tests/test_transfer_direct.py's ``Pair``) and across processes (a sender in a spawned child, with
@@ -38,7 +38,7 @@ if _WHY is not None:
     pytest.skip(f"nixl: {_WHY}", allow_module_level=True)
 
 from test_transfer import DST_PAGES, Receiver, check_landed, layout, make_job, spec_for  # noqa: E402
-from test_transfer_direct import LAYOUT, SHAPE, Pair, _fields, _tokens  # noqa: E402
+from test_transfer_direct import LAYOUT, SHAPE, Pair, _fields, _fill_pages, _tokens  # noqa: E402
 
 CPU = torch.device("cpu")
 CTX = mp.get_context("spawn")
@@ -137,11 +137,14 @@ def opened():
         rx_engine.close()
 
 
-@pytest.mark.parametrize("src_pages,dst_pages,per_plane", [
+RUNS = [  # (pages on one side, pages on the other, descriptors per K or V plane)
     ((2, 3, 4, 5), (10, 11, 12, 13), 1),  # adjacent pages in both pools: one run
     ((2, 7, 4, 9), (10, 3, 12, 20), 4),  # scattered: one run per page
-    ((2, 3, 4, 5), (10, 11, 20, 21), 2),  # adjacent in the source only where the destination is too
-])
+    ((2, 3, 4, 5), (10, 11, 20, 21), 2),  # adjacent on one side only where the other is too
+]
+
+
+@pytest.mark.parametrize("src_pages,dst_pages,per_plane", RUNS)
 def test_write_uses_one_descriptor_per_run_and_plane(opened, src_pages, dst_pages, per_plane):
     tx, dst, target, src = opened
     n = 4 * LAYOUT.page_size
@@ -168,6 +171,93 @@ def test_failed_write_is_logged_and_its_fence_never_done(opened, caplog):
     ok = tx.slots(np.arange(4))
     tx.write(src, target, (0, 1), ok, ok)  # the engine still works for later writes
     assert tx.fence().done()
+
+
+def test_held_prefix_is_read_over_nixl_then_only_the_suffix_lands(pair):
+    """tests/test_transfer_direct.py's held-prefix test, the read a real NIXL READ: complete once read_held returns."""
+    held_pages, fresh = (20, 21), (22,)
+    _fill_pages(pair.dst, held_pages, seed=11)
+    d = pair.desc("h", 10, held_pages + fresh, held_tokens=8)
+    pair.tx.begin(d, "req-h")
+    assert "h" in pair.tx._direct and not torch.equal(pair.src[:, :, [5, 6]], pair.dst[:, :, list(held_pages)])
+    before = pair.src.clone()
+    assert pair.tx.read_held("h", held_pages, (5, 6))  # into the sender's pages 5 and 6, every layer
+    assert torch.equal(pair.src[:, :, [5, 6]], pair.dst[:, :, list(held_pages)])  # byte for byte, K and V, already
+    others = [p for p in range(SHAPE[2]) if p not in (5, 6)]
+    assert torch.equal(pair.src[:, :, others], before[:, :, others])
+    assert pair.copies.last_descriptor_count == 2 * LAYOUT.num_layers  # adjacent in both pools: one run a plane
+    pair.step([LayerSend("h", (5, 6, 7), 8, 10)])  # the suffix only
+    pair.tx.finish("h", PrefillDone(request_id="req-h", transfer_id="h", first_token=3))
+    pair.pump_until_complete("h")
+    assert [e.transfer_id for e in pair.rx_events if isinstance(e, TransferComplete)] == ["h"]
+    assert any(isinstance(e, TransferComplete) for e in pair.tx_events)
+    assert torch.equal(_tokens(pair.dst, held_pages + fresh, 10)[:, :, 8:], _tokens(pair.src, (5, 6, 7), 10)[:, :, 8:])
+    assert torch.equal(pair.src[:, :, [5, 6]], pair.dst[:, :, list(held_pages)])  # the held pages were not rewritten
+
+
+@pytest.mark.parametrize("dst_pages,src_pages,per_plane", RUNS)
+def test_read_uses_one_descriptor_per_run_and_plane(opened, src_pages, dst_pages, per_plane):
+    tx, peer, target, local = opened
+    _fill_pages(peer, src_pages, seed=5)
+    before = local.clone()
+    n = 4 * LAYOUT.page_size
+    s = tx.slots(token_slots(src_pages, LAYOUT.page_size, 0, n))
+    d = tx.slots(token_slots(dst_pages, LAYOUT.page_size, 0, n))
+    assert tx.read(target, local, (1, 2), s, d)  # one layer: the others stay as they were
+    assert tx.last_descriptor_count == 2 * per_plane
+    assert torch.equal(_tokens(local, dst_pages, n)[1], _tokens(peer, src_pages, n)[1])
+    assert torch.equal(local[[0, 2]], before[[0, 2]])
+    assert tx.read(target, local, (0, LAYOUT.num_layers), s, d)
+    assert tx.last_descriptor_count == 2 * LAYOUT.num_layers * per_plane
+    assert torch.equal(_tokens(local, dst_pages, n), _tokens(peer, src_pages, n))
+    others = [p for p in range(SHAPE[2]) if p not in dst_pages]
+    assert torch.equal(local[:, :, others], before[:, :, others])
+    assert tx.fence().done()  # a read is never left to a fence
+
+
+def test_failed_read_raises_naming_the_pool_and_leaves_the_destination_alone(opened, caplog):
+    tx, peer, target, local = opened
+    peer.fill_(1.0)
+    before = local.clone()
+    plane_rows = SHAPE[2] * SHAPE[3]
+    beyond = tx.slots(np.arange(plane_rows, plane_rows + 4))  # the last V plane's rows past the pool's end
+    pool_id = tx._remote[id(target)].pool_id
+    with caplog.at_level(logging.ERROR, logger="splitserve.transfer.nixl"), pytest.raises(TransferError) as err:
+        tx.read(target, local, (LAYOUT.num_layers - 1, LAYOUT.num_layers), beyond, tx.slots(np.arange(4)))
+    assert "READ" in str(err.value) and pool_id in str(err.value)
+    assert any(pool_id in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert torch.equal(local, before)
+    assert tx.fence().done()  # nothing left behind for the next fence
+    ok = tx.slots(np.arange(4))
+    assert tx.read(target, local, (0, 1), ok, ok)  # the engine still reads afterwards
+    assert torch.equal(local[0, :, 0], peer[0, :, 0])
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_late_read_is_aborted_and_raises(opened, monkeypatch, caplog, released):
+    """A READ not final within ``fence_wait_s`` (here never posted, always in progress): released, then an error."""
+    tx, _peer, target, local = opened
+    before = local.clone()
+    tx.fence_wait_s = 0.05
+    monkeypatch.setattr(tx._agent, "transfer", lambda handle, notif_msg=b"": "PROC")
+    monkeypatch.setattr(tx._agent, "check_xfer_state", lambda handle: "PROC")
+    if not released:
+        monkeypatch.setattr(tx, "_release", lambda x: False)
+    slots = tx.slots(np.arange(8))
+    with caplog.at_level(logging.ERROR, logger="splitserve.transfer.nixl"), pytest.raises(TransferError,
+                                                                                          match="within 0.05s"):
+        tx.read(target, local, (0, 1), slots, slots)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(("aborted" if released else "may still be written") in m for m in errors), errors
+    assert torch.equal(local, before) and not tx._issued
+
+
+def test_read_from_a_pool_this_engine_did_not_open_is_refused(opened):
+    tx, peer, target, local = opened
+    slots = tx.slots(np.arange(4))
+    for foreign in (torch.empty(SHAPE, device="meta"), peer):  # another placeholder; a real pool
+        with pytest.raises(TransferError, match="did not open"):
+            tx.read(foreign, local, (0, 1), slots, slots)
 
 
 def _sender_child(conn) -> None:

@@ -400,7 +400,8 @@ class KVSender(abc.ABC):
         ``src_page_ids[i]`` is a page of the receiver's pool (its page size), every token of it inside
         ``desc.held_tokens``; ``dst_page_ids[i]`` is a page of this pool. Only for equal page sizes. The copy is
         ordered before any computation this process issues later and before the transfer's closing frame.
-        Returns ``False`` (nothing copied) when this transfer cannot read the receiver's pool (inline path).
+        Returns ``False`` (nothing copied) when this transfer cannot read the receiver's pool (inline path); raises
+        :class:`TransferError` when the read failed (the pages in ``dst_page_ids`` then hold nothing usable).
         """
         return False
 

@@ -122,8 +122,10 @@ class CopyEngine(abc.ABC):
     ) -> bool:
         """Issue the copy of rows ``src_slots`` of a peer's pool ``src`` (opened here) into rows ``dst_slots`` of this
         process's pool ``dst``, ordered like :meth:`write`; a later :meth:`fence` orders this process's computation
-        after it. ``False``: this engine cannot read a peer's pool (nothing issued). Default: the copy :meth:`write`
-        makes, with source and destination swapped (a mapped peer pool reads as it writes)."""
+        after it (an engine may also complete it before returning: NIXL does). ``False``: this engine cannot read a
+        peer's pool (nothing issued); :class:`TransferError`: the read failed (the rows hold nothing usable).
+        Default: the copy :meth:`write` makes, with source and destination swapped (a mapped peer pool reads as it
+        writes)."""
         self.write(src, dst, layers, src_slots, dst_slots)
         return True
 

@@ -1,4 +1,4 @@
-"""NIXL: the one-sided KV path across hosts (UCX one-sided RDMA WRITE; host memory on CPUs, GPU memory on GPUs).
+"""NIXL: the one-sided KV path across hosts (UCX one-sided RDMA WRITE/READ; host memory on CPUs, GPU memory on GPUs).
 
 1. One NIXL agent per :class:`NixlCopyEngine`: a unique name, the UCX backend, no listen thread (agent metadata
    travels inside our own :class:`~splitserve.core.messages.KVDescriptor`, never over NIXL's socket). Given a
@@ -7,10 +7,10 @@
    only (NIXL's ``ucx_devices`` parameter does not restrict it: ``UCX_NET_DEVICES`` is set while the agent is made).
 2. Receiver :meth:`NixlCopyEngine.export`: the whole pool is registered once (at :meth:`NixlCopyEngine.allocate`,
    else here); the export carries the agent's metadata for that one registration (plus its connection info), the
-   pool's address, memory type and device. It grants writes into that pool only.
+   pool's address, memory type and device. It grants reads and writes of that pool only.
 3. Sender :meth:`NixlCopyEngine.open`: loads the receiver agent's metadata once per pool and returns a ``meta``
    placeholder of the pool's shape (no memory); the engine keeps the peer pool's address under ``id()`` of that
-   placeholder. The sender's own pool is registered once (at allocate, else at its first write).
+   placeholder. The sender's own pool is registered once (at allocate, else at its first write or read).
 4. :meth:`NixlCopyEngine.write`: descriptor pairs for the token rows of layers ``[l0, l1)``, K and V planes; rows
    contiguous in *both* pools merge into one descriptor (:func:`coalesce_runs`: a page is one run, adjacent pages in
    both pools one longer run). One WRITE request per call, posted at once (GPU source: once the event recorded
@@ -24,6 +24,13 @@
    (``failed()``): :class:`~splitserve.transfer.direct.DirectKVSender` fails those transfers at once and sends
    ``Abort`` (nothing writes any more). An abandoned fence (requests still in flight) reports nothing: the
    receiver fails its transfers when their lease expires. Either way the decode worker applies its ``failure_policy``.
+7. :meth:`NixlCopyEngine.read` (a held prefix, transfer/base.py): the same descriptor pairs with the roles swapped
+   (the local pool is the destination), one READ request, posted once the kernels queued on the local pool's device
+   completed (they may still use those pages), and waited for right there: the caller computes on the pages as
+   soon as it returns, so it is never left to a fence (nor counted by one). ``DONE``: True. ``ERR``, or not final
+   within ``fence_wait_s`` (:data:`READ_WAIT_S` when that is 0): :class:`TransferError` (the prefill worker then
+   frees the pages and computes the prefix itself); a late request is aborted by releasing its handle, and logged
+   as an error either way (NIXL's UCX backend cancels the request best-effort: data already on the wire may land).
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[nixl]'"
 FENCE_POLL_S = 50e-6
-"""Sleep between two completion checks while a fence waits (NIXL's progress thread moves the data)."""
+"""Sleep between two completion checks while a fence or a read waits (NIXL's progress thread moves the data)."""
+READ_WAIT_S = 5.0
+"""How long :meth:`NixlCopyEngine.read` waits for its READ when ``fence_wait_s`` is 0 (a read is always waited for)."""
 
 
 class _Nixl(NamedTuple):
@@ -151,7 +160,7 @@ def _region_of(pool: torch.Tensor) -> _Region:
 
 @dataclass(frozen=True)
 class _Remote:
-    """A peer's pool opened for writing."""
+    """A peer's pool opened for writing and reading."""
 
     pool_id: str
     agent: str
@@ -163,17 +172,25 @@ class _Remote:
 
 @dataclass
 class _Xfer:
-    """One WRITE request."""
+    """One WRITE or READ request."""
 
     handle: Any
     """``nixl_xfer_handle``; ``None`` when the request could not be created."""
     pool_id: str
+    op: str = "WRITE"
+    """``WRITE`` (into the peer's pool ``pool_id``) or ``READ`` (out of it)."""
     ready: Any = None
-    """``torch.cuda.Event`` after the source's kernels (GPU source): the request is posted once it completed."""
+    """``torch.cuda.Event`` after the kernels queued on the local pool (GPU pool): the request is posted once it
+    completed (a WRITE's source rows are computed, a READ's destination rows no longer used)."""
     posted: bool = False
     state: str = "PROC"
     """``PROC``, then ``DONE`` or ``ERR`` (final)."""
     error: str = ""
+
+    @property
+    def what(self) -> str:
+        """``WRITE into pool <id>`` or ``READ from pool <id>``."""
+        return f"{self.op} {'into' if self.op == 'WRITE' else 'from'} pool {self.pool_id}"
 
 
 class _NixlFence:
@@ -246,7 +263,7 @@ class NixlCopyEngine(CopyEngine):
         self._issued: list[_Xfer] = []
         """Requests issued since the last fence."""
         self.last_descriptor_count = 0
-        """Descriptors of the last :meth:`write` (after coalescing; both sides have this many)."""
+        """Descriptors of the last :meth:`write` or :meth:`read` (after coalescing; both sides have this many)."""
 
     # -- local pools --
 
@@ -292,7 +309,8 @@ class NixlCopyEngine(CopyEngine):
     # -- peer pools --
 
     def open(self, export: KVPoolExport) -> torch.Tensor:
-        """A ``meta`` tensor ``[L, 2, P, S, H, D]`` standing for the peer's pool: pass it to :meth:`write` only."""
+        """A ``meta`` tensor ``[L, 2, P, S, H, D]`` standing for the peer's pool: pass it to :meth:`write` (as
+        ``dst``) or :meth:`read` (as ``src``) only."""
         known = self._opened.get(export.pool_id)
         if known is not None:
             return known.target
@@ -312,59 +330,103 @@ class NixlCopyEngine(CopyEngine):
         remote = _Remote(export.pool_id, agent, target, region)
         self._remote[id(target)] = remote
         self._opened[export.pool_id] = remote
-        logger.info("NIXL agent %s opened pool %s of agent %s (pid %d on %s) for writes", self.name,
+        logger.info("NIXL agent %s opened pool %s of agent %s (pid %d on %s) for writes and reads", self.name,
                     export.pool_id, agent, export.pid, export.host_id)
         return target
 
-    # -- writing --
+    # -- writing and reading --
 
     # slots(): the base class's host tensor (NIXL addresses rows from the host)
+
+    def _peer(self, target: torch.Tensor, what: str) -> _Remote:
+        remote = self._remote.get(id(target))
+        if remote is None or remote.target is not target:
+            raise TransferError(f"NIXL agent {self.name}: {what} a pool this engine did not open")
+        return remote
+
+    def _descs(self, local: _Region, remote: _Remote, layers: tuple[int, int], local_slots: torch.Tensor,
+               remote_slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(local, remote) descriptors of rows ``local_slots[i]`` <-> ``remote_slots[i]``, layers ``[l0, l1)``, K
+        and V, runs contiguous in both pools merged; sets :attr:`last_descriptor_count`."""
+        if local.row_bytes != remote.region.row_bytes:
+            raise ValueError(f"token rows of {local.row_bytes} bytes here, {remote.region.row_bytes} in pool "
+                             f"{remote.pool_id}")
+        runs = coalesce_runs(local_slots.numpy(), remote_slots.numpy())
+        planes = np.arange(2 * layers[0], 2 * layers[1], dtype=np.int64)
+        local_descs = local.descs(planes, runs[:, 0], runs[:, 2])
+        remote_descs = remote.region.descs(planes, runs[:, 1], runs[:, 2])
+        self.last_descriptor_count = len(local_descs)
+        return local_descs, remote_descs
 
     def read(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
         dst_slots: torch.Tensor,
     ) -> bool:
-        """Not over NIXL yet (it would be a READ transfer): the prefill worker computes the held prefix itself."""
-        return False
+        """See :meth:`CopyEngine.read`; ``src`` is a placeholder from :meth:`open`, ``dst`` this process's pool,
+        slots are int64 CPU ``[T]``. One READ request, posted after the kernels queued so far on ``dst``'s device,
+        and *complete when this returns True* (it waits up to ``fence_wait_s``, :data:`READ_WAIT_S` when that is 0;
+        no later :meth:`fence` covers it). Raises :class:`TransferError` when the READ fails or is late (then
+        aborted): rows of ``dst_slots`` hold nothing usable (module doc, step 7)."""
+        remote = self._peer(src, "read from")
+        local = self._register(dst)
+        local_descs, remote_descs = self._descs(local, remote, layers, dst_slots, src_slots)
+        if len(local_descs):
+            self._wait_read(self._start("READ", remote, local, dst, local_descs, remote_descs))
+        return True
+
+    def _wait_read(self, x: _Xfer) -> None:
+        wait_s = self.fence_wait_s if self.fence_wait_s > 0 else READ_WAIT_S
+        deadline = time.monotonic() + wait_s
+        while not self.advance(x):
+            if time.monotonic() >= deadline:
+                self._abort_read(x, wait_s)
+            time.sleep(FENCE_POLL_S)
+        if x.state == "ERR":
+            raise TransferError(f"NIXL agent {self.name}: {x.error}")
+
+    def _abort_read(self, x: _Xfer, wait_s: float) -> None:
+        """Release a late READ (NIXL cancels a request still in flight) and raise :class:`TransferError`."""
+        x.state, x.error = "ERR", f"NIXL {x.what} not completed within {wait_s:g}s"
+        if self._release(x):
+            logger.error("NIXL agent %s: %s; aborted (UCX cancels best-effort: bytes already on the wire may still "
+                         "land in the destination pages)", self.name, x.error)
+        else:
+            logger.error("NIXL agent %s: %s and it could not be aborted: its destination pages may still be "
+                         "written", self.name, x.error)
+        raise TransferError(f"NIXL agent {self.name}: {x.error}")
 
     def write(
         self, src: torch.Tensor, dst: torch.Tensor, layers: tuple[int, int], src_slots: torch.Tensor,
         dst_slots: torch.Tensor,
     ) -> None:
         """See :meth:`CopyEngine.write`; ``dst`` is a placeholder from :meth:`open`, slots are int64 CPU ``[T]``."""
-        remote = self._remote.get(id(dst))
-        if remote is None or remote.target is not dst:
-            raise TransferError(f"NIXL agent {self.name}: write into a pool this engine did not open")
+        remote = self._peer(dst, "write into")
         local = self._register(src)
-        if local.row_bytes != remote.region.row_bytes:
-            raise ValueError(f"token rows of {local.row_bytes} bytes here, {remote.region.row_bytes} in pool "
-                             f"{remote.pool_id}")
-        runs = coalesce_runs(src_slots.numpy(), dst_slots.numpy())
-        planes = np.arange(2 * layers[0], 2 * layers[1], dtype=np.int64)
-        src_descs = local.descs(planes, runs[:, 0], runs[:, 2])
-        dst_descs = remote.region.descs(planes, runs[:, 1], runs[:, 2])
-        self.last_descriptor_count = len(src_descs)
+        src_descs, dst_descs = self._descs(local, remote, layers, src_slots, dst_slots)
         for x in self._issued:  # post earlier requests whose source became ready (in stream order)
             if x.state == "PROC" and not x.posted and not self.advance(x) and not x.posted:
                 break
         if len(src_descs):
-            self._issued.append(self._start(remote, local, src, src_descs, dst_descs))
+            self._issued.append(self._start("WRITE", remote, local, src, src_descs, dst_descs))
 
-    def _start(self, remote: _Remote, local: _Region, src: torch.Tensor, src_descs: np.ndarray,
-               dst_descs: np.ndarray) -> _Xfer:
+    def _start(self, op: str, remote: _Remote, local: _Region, pool: torch.Tensor, local_descs: np.ndarray,
+               remote_descs: np.ndarray) -> _Xfer:
+        """Create request ``op`` between ``pool`` (``local``) and ``remote``; post it now, or once the kernels queued
+        on ``pool``'s device completed (NIXL touches the local rows as soon as the request is posted)."""
         try:
-            handle = self._agent.initialize_xfer(
-                "WRITE", self._agent.get_xfer_descs(src_descs, local.mem_type),
-                self._agent.get_xfer_descs(dst_descs, remote.region.mem_type), remote.agent,
+            handle = self._agent.initialize_xfer(  # READ: the local descriptors are the destination
+                op, self._agent.get_xfer_descs(local_descs, local.mem_type),
+                self._agent.get_xfer_descs(remote_descs, remote.region.mem_type), remote.agent,
             )
         except self._errors as exc:
-            reason = f"cannot create a WRITE request of {len(src_descs)} descriptors: {exc}"
-            logger.error("NIXL agent %s -> %s, pool %s: %s", self.name, remote.agent, remote.pool_id, reason)
-            return _Xfer(None, remote.pool_id, state="ERR", error=reason)
-        xfer = _Xfer(handle, remote.pool_id)
-        if src.is_cuda:  # NIXL reads the source when the request is posted: after the layer's kernels
+            xfer = _Xfer(None, remote.pool_id, op, state="ERR")
+            xfer.error = f"cannot create a NIXL {xfer.what} of {len(local_descs)} descriptors: {exc}"
+            logger.error("NIXL agent %s -> agent %s: %s", self.name, remote.agent, xfer.error)
+            return xfer
+        xfer = _Xfer(handle, remote.pool_id, op)
+        if pool.is_cuda:
             xfer.ready = torch.cuda.Event()
-            xfer.ready.record(torch.cuda.current_stream(src.device))
+            xfer.ready.record(torch.cuda.current_stream(pool.device))
         self.advance(xfer)
         return xfer
 
@@ -386,16 +448,19 @@ class NixlCopyEngine(CopyEngine):
             return False
         x.state = "DONE" if status == "DONE" else "ERR"
         if x.state == "ERR":
-            x.error = f"NIXL WRITE into pool {x.pool_id} failed: {status}"
+            x.error = f"NIXL {x.what} failed: {status}"
             logger.error("NIXL agent %s: %s", self.name, x.error)
         self._release(x)
         return True
 
-    def _release(self, x: _Xfer) -> None:
+    def _release(self, x: _Xfer) -> bool:
+        """Free ``x``'s handle (NIXL first cancels a request still in flight); False when NIXL refused."""
         try:
             x.handle.release()
         except self._errors as exc:  # NIXL keeps such a handle and retries when the agent goes
-            logger.warning("NIXL agent %s: WRITE request into pool %s not released: %s", self.name, x.pool_id, exc)
+            logger.warning("NIXL agent %s: %s request not released: %s", self.name, x.what, exc)
+            return False
+        return True
 
     def fence(self) -> _NixlFence:
         """A fence after every write issued so far; waits up to ``fence_wait_s`` for them (see the module doc)."""
