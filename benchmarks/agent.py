@@ -18,6 +18,11 @@
 4. :func:`summarize` reports TTFT percentiles of turn 1 and of turns 2+, the tokens prefilled (server counters,
    all turns) and the prompt tokens turns 2+ computed (from usage: where sessions can help; turn 1 is the same work
    with sessions on or off).
+4'. ``--server-log``: the router's log (SplitServe's access lines carry each response's id and the router's own TTFT)
+   is read after each run, and each turn's server-side TTFT is found by the response id its stream carried: the
+   TTFT percentiles again without the client's share (its event loop, its parsing of every other stream).
+   ``--client-procs N`` spreads the sessions over N client processes (each with its own event loop, uvloop where
+   installed), so that one process parsing every stream does not delay the first tokens it times.
 5. ``--compare``: a sessions-on run, a sessions-off run with another salt (measured: no cache left by the first run
    helps it), then the sessions-on run's conversations replayed without sessions and without pauses; every turn's
    text must equal the sessions-on run's (greedy). ``--sessions-off`` runs only without sessions.
@@ -92,6 +97,10 @@ class AgentConfig:
     """Lowest id drawn (the ids below are mostly special tokens)."""
     vocab_size: int = 32000
     """Ids are drawn below it."""
+    client_procs: int = 1
+    """Client processes the sessions are spread over (module flow, step 4')."""
+    server_log: str | None = None
+    """The router's log, for each turn's server-side TTFT (module flow, step 4')."""
 
 
 TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")
@@ -123,6 +132,8 @@ class TurnResult:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     """From the stream's usage chunk, when the server sends one (``cached_tokens`` 0 when it reports no details)."""
+    response_id: str | None = None
+    """The ``id`` of the stream's chunks (the router's access log names the request by it)."""
 
 
 def draw_pause(rng: random.Random, cfg: AgentConfig) -> float:
@@ -210,6 +221,7 @@ async def stream_turn(http: Any, cfg: AgentConfig, model: str, result: TurnResul
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
             async for chunk in sse_chunks(resp):
+                result.response_id = result.response_id or chunk.get("id")
                 for choice in chunk.get("choices") or []:
                     output = choice.get("text") or (cfg.token_ids and choice.get("token_ids"))
                     if output and result.ttft_s is None:
@@ -276,16 +288,62 @@ async def run_trace(cfg: AgentConfig, sessions_on: bool, salt: str, pauses_on: b
         model = cfg.model or await fetch_model_name(http, cfg.base_url)
         before = await scrape_counters(http, cfg.base_url)
         stages_before = await scrape_breakdown(http, cfg.base_url)
-        start = time.perf_counter()
-        per_session = await asyncio.gather(*(run_session(http, cfg, model, s, sessions_on, pauses_on) for s in scripts))
-        duration = time.perf_counter() - start
+        if cfg.client_procs > 1:
+            results, duration = await _sessions_in_processes(cfg, model, scripts, sessions_on, pauses_on)
+        else:
+            results, duration = await run_sessions(cfg, model, scripts, sessions_on, pauses_on, http)
         stages = breakdown_ms(stages_before, await scrape_breakdown(http, cfg.base_url))
         after = await _settled_counters(http, cfg.base_url, before)
     counters = None
     if before is not None and after is not None:
         counters = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
-    return {"model": model, "results": [r for rs in per_session for r in rs], "duration_s": duration,
-            "counters": counters, "breakdown_ms": stages}
+    return {"model": model, "results": results, "duration_s": duration, "counters": counters, "breakdown_ms": stages}
+
+
+async def run_sessions(cfg: AgentConfig, model: str, scripts: list[Script], sessions_on: bool, pauses_on: bool,
+                       http: Any = None) -> tuple[list[TurnResult], float]:
+    """``scripts``' sessions run concurrently (on ``http``, else on a client session of their own); their turns'
+    results and the wall time they took."""
+    import aiohttp
+
+    if http is None:
+        timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as own:
+            return await run_sessions(cfg, model, scripts, sessions_on, pauses_on, own)
+    start = time.perf_counter()
+    per_session = await asyncio.gather(*(run_session(http, cfg, model, s, sessions_on, pauses_on) for s in scripts))
+    return [r for rs in per_session for r in rs], time.perf_counter() - start
+
+
+def _sessions_in_process(cfg: AgentConfig, model: str, scripts: list[Script], sessions_on: bool,
+                         pauses_on: bool) -> tuple[list[TurnResult], float]:
+    """A client process's share of the sessions (module flow, step 4')."""
+    return run_loop(run_sessions(cfg, model, scripts, sessions_on, pauses_on))
+
+
+async def _sessions_in_processes(cfg: AgentConfig, model: str, scripts: list[Script], sessions_on: bool,
+                                 pauses_on: bool) -> tuple[list[TurnResult], float]:
+    """Every ``client_procs``-th session in each of ``client_procs`` processes; the wall time is the longest share's
+    (a process's start-up not counted)."""
+    import concurrent.futures
+    import multiprocessing
+
+    loop = asyncio.get_running_loop()
+    procs = min(cfg.client_procs, len(scripts))
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shares = await asyncio.gather(*(
+            loop.run_in_executor(pool, _sessions_in_process, cfg, model, scripts[i::procs], sessions_on, pauses_on)
+            for i in range(procs)))
+    return [r for rs, _ in shares for r in rs], max(d for _, d in shares)
+
+
+def run_loop(coro: Any) -> Any:
+    """Run ``coro`` on uvloop where it is installed (a cheaper event loop for a client timing many streams)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _settled_counters(http: Any, base_url: str, before: dict | None) -> dict[str, float] | None:
@@ -302,10 +360,26 @@ async def _settled_counters(http: Any, base_url: str, before: dict | None) -> di
     return last
 
 
-def summarize(run: dict[str, Any]) -> dict[str, Any]:
-    """TTFT of turn 1 and of turns 2+ (ms), failures and the server counters of one run."""
+ACCESS_TTFT = re.compile(r"\baccess id=(\S+) .*?\bttft_ms=([0-9.]+)")
+"""A SplitServe router's access line: the response id and the router's own TTFT (router/app.py)."""
+
+
+def server_ttfts(path: str) -> dict[str, float]:
+    """Response id -> the router's TTFT (seconds), from the access lines of its log at ``path``."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return {m.group(1): float(m.group(2)) / 1e3 for m in map(ACCESS_TTFT.search, f) if m is not None}
+
+
+def summarize(run: dict[str, Any], server: dict[str, float] | None = None) -> dict[str, Any]:
+    """TTFT of turn 1 and of turns 2+ (ms), failures and the server counters of one run; with ``server`` (response
+    id -> the router's TTFT), the router's TTFT percentiles of the same turns too."""
     results = run["results"]
     ok = [r for r in results if r.ok and r.ttft_s is not None]
+    if server is not None:
+        found = [(r.turn, server[r.response_id]) for r in ok if r.response_id in server]
+        return {**summarize(run), "server_ttft_turns": len(found),
+                "server_ttft_turn1_ms": latency_stats_ms(t for turn, t in found if turn == 1),
+                "server_ttft_later_ms": latency_stats_ms(t for turn, t in found if turn > 1)}
     return {
         "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
         "duration_s": round(run["duration_s"], 3),
@@ -346,18 +420,22 @@ def run_all(cfg: AgentConfig, mode: str) -> dict[str, Any]:
     skip = {"base_url", *(() if cfg.token_ids else TOKEN_FIELDS)}
     report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k not in skip}, "mode": mode}
     if mode in ("on", "compare"):
-        on = asyncio.run(run_trace(cfg, True, salt_for(cfg.seed, "on")))
-        report["model"], report["sessions_on"] = on["model"], summarize(on)
+        on = run_loop(run_trace(cfg, True, salt_for(cfg.seed, "on")))
+        report["model"], report["sessions_on"] = on["model"], _summary(cfg, on)
     if mode in ("off", "compare"):
-        off = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "off")))
-        report["model"], report["sessions_off"] = off["model"], summarize(off)
+        off = run_loop(run_trace(cfg, False, salt_for(cfg.seed, "off")))
+        report["model"], report["sessions_off"] = off["model"], _summary(cfg, off)
     if mode == "compare":
-        replay = asyncio.run(run_trace(cfg, False, salt_for(cfg.seed, "on"), pauses_on=False))
+        replay = run_loop(run_trace(cfg, False, salt_for(cfg.seed, "on"), pauses_on=False))
         mismatches = compare_texts(on["results"], replay["results"], cfg.token_ids)
         report["outputs_match"], report["mismatches"] = not mismatches, mismatches[:20]
         report["mismatch_count"] = len(mismatches)
         report["speedup"] = _speedups(report["sessions_on"], report["sessions_off"])
     return report
+
+
+def _summary(cfg: AgentConfig, run: dict[str, Any]) -> dict[str, Any]:
+    return summarize(run, server_ttfts(cfg.server_log) if cfg.server_log else None)
 
 
 def _speedups(on: dict[str, Any], off: dict[str, Any]) -> dict[str, float | None]:
@@ -366,8 +444,10 @@ def _speedups(on: dict[str, Any], off: dict[str, Any]) -> dict[str, float | None
     pre_off = (off["server"] or {}).get("prefill_tokens")
     later_on = (on["computed_later"] or {}).get("computed_tokens")
     later_off = (off["computed_later"] or {}).get("computed_tokens")
+    server_on, server_off = on.get("server_ttft_later_ms") or {}, off.get("server_ttft_later_ms") or {}
     return {"ttft_later_p50_x": _ratio(p50_off, p50_on), "prefill_tokens_x": _ratio(pre_off, pre_on),
-            "computed_later_x": _ratio(later_off, later_on)}
+            "computed_later_x": _ratio(later_off, later_on),
+            "server_ttft_later_p50_x": _ratio(server_off.get("p50"), server_on.get("p50"))}
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -404,6 +484,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tokens.add_argument("--vocab-size", type=int, default=32000, help="ids are drawn below it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="client processes the sessions are spread over, one event loop each (default 1)")
+    parser.add_argument("--server-log", default=None,
+                        help="the SplitServe router's log: adds the router's own TTFT of each turn, found by "
+                             "response id in its access lines (default: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -420,6 +505,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"turns 2+ p50 {fmt(t2['p50'])} p90 {fmt(t2['p90'])} ms  "
                      f"prefill tokens {'-' if not run['server'] else int(run['server']['prefill_tokens'])}  "
                      f"computed by turns 2+ {(run['computed_later'] or {}).get('computed_tokens', '-')}")
+        if "server_ttft_later_ms" in run:
+            s1, s2 = run["server_ttft_turn1_ms"], run["server_ttft_later_ms"]
+            lines.append(f"{'':<13} router's TTFT ({run['server_ttft_turns']} turns found in its log): turn 1 p50 "
+                         f"{fmt(s1['p50'])} ms  turns 2+ p50 {fmt(s2['p50'])} p90 {fmt(s2['p90'])} ms")
         lines.extend(f"  error: {e}" for e in run["errors"])
     if "outputs_match" in report:
         lines.append(f"outputs match a session-less run: {report['outputs_match']}  speedups {report['speedup']}")
@@ -427,8 +516,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    if args.sessions < 1 or args.turns < 1:
-        raise ValueError("--sessions and --turns must be >= 1")
+    if args.sessions < 1 or args.turns < 1 or args.client_procs < 1:
+        raise ValueError("--sessions, --turns and --client-procs must be >= 1")
     if args.token_ids and not 0 <= args.id_low < args.vocab_size:
         raise ValueError("--id-low must be >= 0 and below --vocab-size")
     counts = (args.shared_tokens, args.own_tokens, args.turn_tokens)
@@ -441,7 +530,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_pause_s=args.max_pause_s, hints=args.hints, seed=args.seed, timeout_s=args.timeout_s,
         token_ids=args.token_ids, shared_tokens=args.shared_tokens, own_tokens=args.own_tokens,
         turn_tokens=args.turn_tokens,
-        id_low=args.id_low, vocab_size=args.vocab_size,
+        id_low=args.id_low, vocab_size=args.vocab_size, client_procs=args.client_procs, server_log=args.server_log,
     )
 
 

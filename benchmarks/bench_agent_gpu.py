@@ -12,7 +12,8 @@
 2. ``pressure``: for each of ``--policies``, a fresh cluster whose workers hold ``--pressure-pages`` KV pages
    (at most ``--session-kv-fraction`` of them kept for idle sessions), the same heavy-tailed trace with hints
    (``--pressure-sessions`` x ``--pressure-turns``, lognormal pauses), sessions on.
-3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side), prefill tokens computed (server
+3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side, ``--client-procs`` client processes; and
+   the router's own TTFT of turns 2+, found in its access log by each turn's response id), prefill tokens computed (server
    counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
    response's usage), session hits; ratios against the baseline measured in the same run (sessions off; LRU).
    JSON of every run lands in ``--log-dir``.
@@ -63,7 +64,8 @@ def measure(args: argparse.Namespace, name: str, workers: tuple[str, ...], *trac
     with running_server(up_cmd(args, *workers), log, args.port, args.start_timeout_s) as (url, startup_s):
         run_agent(agent_cmd(url, args, "--sessions", "4", "--turns", "2", "--pause-scale", "0.05",
                             "--seed", str(args.seed + 1000)), args.timeout_s)
-        report = run_agent(agent_cmd(url, args, *trace, "--seed", str(args.seed)), args.timeout_s)
+        report = run_agent(agent_cmd(url, args, *trace, "--seed", str(args.seed), "--server-log", log,
+                                     "--client-procs", str(args.client_procs)), args.timeout_s)
     report["startup_s"] = startup_s
     return report
 
@@ -85,13 +87,20 @@ def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
 def row(label: str, s: dict[str, Any]) -> str:
     server = s.get("server") or {}
     t1, tl, later = s["ttft_turn1_ms"], s["ttft_later_ms"], s.get("computed_later") or {}
+    routed = s.get("server_ttft_later_ms") or {}
     return (f"| {label} | {s['turns_ok']} / {s['turns_ok'] + s['turns_failed']} | {t1['p50']:.1f} | {tl['p50']:.1f} | "
-            f"{tl['p90']:.1f} | {server.get('prefill_tokens', 0):.0f} | {later.get('computed_tokens', '-')} / "
+            f"{tl['p90']:.1f} | {ms(routed.get('p50'))} | {ms(routed.get('p90'))} | "
+            f"{server.get('prefill_tokens', 0):.0f} | {later.get('computed_tokens', '-')} / "
             f"{later.get('prompt_tokens', '-')} | {server.get('session_hits', 0):.0f} |")
 
 
-HEAD = ["| run | turns ok | TTFT turn 1 p50 ms | TTFT turns 2+ p50 ms | turns 2+ p90 ms | prefill tokens (all turns) | "
-        "turns 2+ computed / prompt tokens | session hits |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+HEAD = ["| run | turns ok | TTFT turn 1 p50 ms | TTFT turns 2+ p50 ms | turns 2+ p90 ms | router's TTFT turns 2+ p50 ms "
+        "| router's p90 ms | prefill tokens (all turns) | turns 2+ computed / prompt tokens | session hits |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def ratio(num: float | None, den: float | None) -> str:
@@ -119,7 +128,8 @@ def print_on_off(rep: dict[str, Any], part: str, args: argparse.Namespace) -> No
     print("\n".join([*HEAD, row("sessions on", on), row("sessions off", off), stages("sessions on", on),
                      stages("sessions off", off)]))
     x = rep["speedup"]
-    print(f"turns 2+ TTFT p50 off / on = {times(x['ttft_later_p50_x'])} (target >= 3x); prefill tokens off / on = "
+    print(f"turns 2+ TTFT p50 off / on = {times(x['ttft_later_p50_x'])} (target >= 3x; the router's own: "
+          f"{times(x.get('server_ttft_later_p50_x'))}); prefill tokens off / on = "
           f"{times(x['prefill_tokens_x'])} (target >= 5x); turns 2+ computed off / on = "
           f"{times(x['computed_later_x'])}; every turn's ids equal a "
           f"session-less replay: {rep['outputs_match']} (turns that differ: {rep['mismatch_count']} of {off['turns_ok']}"
@@ -162,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pressure-pause-scale", type=float, default=1.0)
     ap.add_argument("--pressure-max-pause-s", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--client-procs", type=int, default=4, help="client processes of the measured trace")
     add_server_arguments(ap, port=8310)
     return ap.parse_args()
 

@@ -118,7 +118,8 @@ def test_bench_agent_token_ids_compare_against_a_real_cluster(small_cluster, cap
     agent.add_arguments(parser)
     args = parser.parse_args(["--url", small_cluster.url, "--token-ids", "--vocab-size", "512", "--shared-tokens", "48",
                               "--turn-tokens", "8", "--max-tokens", "8", "--sessions", "2", "--turns", "3",
-                              "--pause-scale", "0.02", "--max-pause-s", "0.2", "--hints", "--compare", "--json"])
+                              "--pause-scale", "0.02", "--max-pause-s", "0.2", "--hints", "--compare", "--json",
+                              "--client-procs", "2", "--server-log", str(small_cluster.log_dir / "router.log")])
     assert agent.main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["outputs_match"] is True and report["mismatches"] == []
@@ -127,6 +128,8 @@ def test_bench_agent_token_ids_compare_against_a_real_cluster(small_cluster, cap
     assert on["turns_ok"] == off["turns_ok"] == 6 and on["turns_failed"] == off["turns_failed"] == 0
     assert on["server"]["session_hits"] > 0 and on["server"]["session_tokens_reused"] > 0
     assert off["server"]["session_hits"] == 0
+    for run in (on, off):  # every turn's router-side TTFT found by its response id (two client processes ran them)
+        assert run["server_ttft_turns"] == 6 and 0 < run["server_ttft_later_ms"]["p50"] <= run["ttft_later_ms"]["p50"]
     (results, token_ids), = compared
     assert token_ids and len(results) == 6 and all(len(r.token_ids) == 8 for r in results)
     by_turn = {(r.session_id, r.turn): r for r in results}
