@@ -31,6 +31,12 @@ def test_window_is_the_expected_end_less_the_hosts_share():
     clock.completed(launched, 1.030, waited=True)  # a 20 ms step: the average moves half way
     assert clock.device_s == pytest.approx(0.015) and clock.last_end == 1.030
     assert clock.window(1.031, 1.040) == pytest.approx(1.031 + DEVICE_SHARE * 0.015 - 0.0043 - 1.040)
+    clock.opened(0.004, arrived=True)
+    clock.opened(0.002, arrived=False)
+    clock.completed(1.05, 1.06, waited=False)
+    assert clock.report() == ("2 overlapped steps waited for, 1 found complete; device 15.00 ms, host 2.00 ms a "
+                              "step; 2 windows (mean 3.00 ms), work came in 1")
+    assert not any(clock.stats.values())  # counted afresh
 
 
 @pytest.fixture(scope="module")

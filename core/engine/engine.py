@@ -137,6 +137,10 @@ def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
     )
 
 
+CLOCK_REPORT_S = 30.0
+"""Seconds between two log lines on the step window (while decode steps overlap)."""
+
+
 class LLMEngine:
     def __init__(
         self, cfg: EngineConfig, layer_hook: LayerHook | None = None, allocate: PoolAllocator | None = None
@@ -172,6 +176,8 @@ class LLMEngine:
         self.clock = StepClock()
         """When the overlapped step in flight should end (module flow, step 0')."""
         self._now: Callable[[], float] = time.monotonic
+        self._clock_report_at = 0.0
+        """When the step window's next log line is due (0: not started)."""
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
 
     # --- requests -----------------------------------------------------------------------------------
@@ -321,8 +327,17 @@ class LLMEngine:
         """Step 0': wait for new work while ``prev`` should run on; True when some came."""
         if not self.scheduler.decoding_only():  # work is already there: schedule it now
             return False
-        left = self.clock.window(prev.launched_at, self._now())
-        return left > 0 and arrivals(left)
+        now = self._now()
+        if now >= self._clock_report_at:
+            if self._clock_report_at:
+                logger.info("step window: %s", self.clock.report())
+            self._clock_report_at = now + CLOCK_REPORT_S
+        left = self.clock.window(prev.launched_at, now)
+        if left <= 0:
+            return False
+        arrived = arrivals(left)
+        self.clock.opened(left, arrived)
+        return arrived
 
     def _step_now(self) -> list[StepOutput]:
         """Nothing in flight: run one step synchronously, or launch it overlapped (its outputs come next step)."""

@@ -25,10 +25,11 @@ Pure Python: times are ``time.monotonic()`` seconds passed in, never read here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MARGIN_S = 0.3e-3
 """Slack left between the end of the window and the step's expected end, seconds."""
+STATS = ("waited", "late", "windows", "window_s", "arrivals")
 DEVICE_SHARE = 0.9
 """Of a step's average device time, the share the window may take (steps vary with the batch)."""
 
@@ -43,6 +44,9 @@ class StepClock:
     """Average host time to schedule and launch one overlapped step, seconds."""
     last_end: float = 0.0
     """When the last completed step ended on the device (0: unknown)."""
+    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATS, 0.0))
+    """Counts since the last :meth:`report`: steps waited for, steps found complete (the host came late), windows
+    opened, their total seconds, and windows that work arrived in."""
 
     def _average(self, old: float | None, sample: float) -> float:
         return sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
@@ -60,11 +64,27 @@ class StepClock:
     def completed(self, launched_at: float, end: float, waited: bool) -> None:
         """The step launched at ``launched_at`` was waited for and found complete at ``end``; ``waited``: it was not
         complete when the wait began, so ``end`` is when the device finished it (flow, step 2)."""
+        self.stats["waited" if waited else "late"] += 1
         if waited:
             self.device_s = self._average(self.device_s, max(0.0, end - self.start_of(launched_at)))
             self.last_end = end
         else:
             self.last_end = 0.0
+
+    def opened(self, window_s: float, arrived: bool) -> None:
+        """A window of ``window_s`` was offered; ``arrived``: work came in it."""
+        self.stats["windows"] += 1
+        self.stats["window_s"] += window_s
+        self.stats["arrivals"] += arrived
+
+    def report(self) -> str:
+        """One line on the steps since the last report (then counted afresh)."""
+        st, self.stats = self.stats, dict.fromkeys(STATS, 0.0)
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.2f} ms"  # noqa: E731
+        mean = st["window_s"] / st["windows"] if st["windows"] else 0.0
+        return (f"{st['waited']:.0f} overlapped steps waited for, {st['late']:.0f} found complete; device "
+                f"{ms(self.device_s)}, host {ms(self.host_s)} a step; {st['windows']:.0f} windows (mean "
+                f"{mean * 1e3:.2f} ms), work came in {st['arrivals']:.0f}")
 
     def window(self, launched_at: float, now: float) -> float:
         """Seconds the host may wait for new work before it must launch the next step (flow, step 3); 0 or less:
