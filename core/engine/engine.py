@@ -137,6 +137,16 @@ def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
     )
 
 
+@dataclass(frozen=True)
+class SyncStep:
+    """When a synchronous step ran (``time.monotonic()``), whether it replayed a CUDA graph, and its rows."""
+
+    started: float
+    ended: float
+    graphed: bool
+    rows: int
+
+
 CLOCK_REPORT_S = 30.0
 """Seconds between two log lines on the step window (while decode steps overlap)."""
 
@@ -178,6 +188,8 @@ class LLMEngine:
         self._now: Callable[[], float] = time.monotonic
         self._clock_report_at = 0.0
         """When the step window's next log line is due (0: not started)."""
+        self.last_sync_step: SyncStep | None = None
+        """The last step run synchronously (a prompt's among them): for a worker's per-request timing log."""
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
 
     # --- requests -----------------------------------------------------------------------------------
@@ -348,7 +360,10 @@ class LLMEngine:
             return outputs
         if self._overlappable(batch) and self._launch(batch, None, scheduled_at):
             return outputs + self._seal(self._in_flight)
-        return outputs + self.postprocess(batch, self._execute(batch))
+        started = self._now()
+        out = self._execute(batch)
+        self.last_sync_step = SyncStep(started, self._now(), self.runner.last_graphed, len(batch.seqs))
+        return outputs + self.postprocess(batch, out)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
         return self.cfg.async_scheduling and not self.runner.needs_hook(batch) and all(

@@ -163,6 +163,8 @@ class ModelRunner:
         """Structured output: the engine's matchers, looked up by request id for each sampled row."""
         self._bitmask: "StepBitmask | None" = None
         """Structured output on overlapped steps: the reused bitmask (created on first use)."""
+        self.last_graphed = False
+        """Whether the last :meth:`execute` replayed a CUDA graph."""
 
     def needs_hook(self, batch: ScheduledBatch) -> bool:
         if self.layer_hook is None:
@@ -173,6 +175,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         needs_hook = self.needs_hook(batch)
         key = self.graphs.key(batch) if self.graphs is not None and not needs_hook else None
+        self.last_graphed = key is not None
         if key is not None:
             return self._postprocess(batch, self.graphs.run(batch, key))
         input_ids, positions, meta = self._prepare(batch)
