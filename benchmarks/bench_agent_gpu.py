@@ -12,12 +12,9 @@
 2. ``pressure``: for each of ``--policies``, a fresh cluster whose workers hold ``--pressure-pages`` KV pages
    (at most ``--session-kv-fraction`` of them kept for idle sessions), the same heavy-tailed trace with hints
    (``--pressure-sessions`` x ``--pressure-turns``, lognormal pauses), sessions on.
-2'. ``window``: sessions on only, the same trace as ``on_off`` on a fresh cluster per setting, the decode worker's
-   step window on (``--step-window``, the default) and off, alternating, ``--window-rounds`` rounds: does a turn that
-   arrives while a decode step runs get its first token sooner (core/engine/pacing.py)?
 3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side, ``--client-procs`` client processes; and
-   the router's own TTFT of turns 2+, found in its access log by each turn's response id), prefill tokens computed (server
-   counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
+   the router's own TTFT of turns 2+, found in its access log by each turn's response id), prefill tokens computed
+   (server counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
    response's usage), session hits; ratios against the baseline measured in the same run (sessions off; LRU).
    JSON of every run lands in ``--log-dir``.
 
@@ -85,25 +82,6 @@ def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     return measure(args, f"pressure_{policy}", workers, "--sessions", str(args.pressure_sessions), "--turns",
                    str(args.pressure_turns), "--pause-scale", str(args.pressure_pause_scale), "--pause-shape", "2.0",
                    "--max-pause-s", str(args.pressure_max_pause_s))
-
-
-def run_window(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {"step-window": [], "no-step-window": []}
-    for i in range(args.window_rounds):
-        for flag, reps in out.items():
-            reps.append(measure(args, f"{flag}_{i}", (f"--{flag}",), "--sessions", str(args.sessions), "--turns",
-                                str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
-                                str(args.max_pause_s)))
-    return out
-
-
-def print_window(reps: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
-    print(f"\n## Step window on / off (sessions on; {args.sessions} sessions x {args.turns} turns, a fresh cluster per "
-          f"run, alternating)")
-    print("\n".join([*HEAD, *(row(f"{flag} #{i + 1}", r["sessions_on"]) for i in range(args.window_rounds)
-                               for flag, rs in reps.items() for r in rs[i:i + 1]),
-                     *(stages(f"{flag} #{i + 1}", r["sessions_on"]) for flag, rs in reps.items()
-                       for i, r in enumerate(rs))]))
 
 
 def row(label: str, s: dict[str, Any]) -> str:
@@ -174,8 +152,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="dummy:llama3-8b")
     ap.add_argument("--parts", default="on_off,on_off_small,pressure",
-                    help="on_off (default pools), on_off_small (--small-pages, a host tier), window (step window on/off), "
-                         "pressure")
+                    help="on_off (default pools), on_off_small (--small-pages, a host tier), pressure")
     ap.add_argument("--sessions", type=int, default=32)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--shared-tokens", type=int, default=2048)
@@ -196,7 +173,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pressure-max-pause-s", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--client-procs", type=int, default=4, help="client processes of the measured trace")
-    ap.add_argument("--window-rounds", type=int, default=2, help="runs per setting in the window part")
     add_server_arguments(ap, port=8310)
     return ap.parse_args()
 
@@ -214,9 +190,6 @@ def main() -> None:
     for part in (p for p in parts if p in ("on_off", "on_off_small")):
         results[part] = run_on_off(args, part)
         print_on_off(results[part], part, args)
-    if "window" in parts:
-        results["window"] = run_window(args)
-        print_window(results["window"], args)
     if "pressure" in parts:
         results["pressure"] = {p: run_pressure(args, p) for p in args.policies.split(",")}
         print_pressure(results["pressure"], args)

@@ -17,10 +17,7 @@ and committed with pending placeholder tokens. The next :meth:`LLMEngine.step`:
     terminated matcher finishes it with ``"stop"``), and the requests that stop there finish;
 3'. with grammar rows in N+1, fills their bitmask from the matchers (rows of requests that ended in 2' are skipped),
     and the runner applies it and queues the argmax (:meth:`LLMEngine._seal`);
-so host work (scheduling, grammar matchers, outputs, the worker's messages) runs while the GPU computes. Given
-``arrivals`` (a worker's sockets), step 1' first waits on them while the step in flight is expected to run on
-(0'., core/engine/pacing.py): work that comes then is taken in before N+1 is scheduled, so a new prompt runs in the
-very next step instead of the one after, and the step returns nothing yet. A step that
+so host work (scheduling, grammar matchers, outputs, the worker's messages) runs while the GPU computes. A step that
 cannot overlap (prefill chunks, sampling beyond argmax, logprobs, a layer hook) first completes the step in flight
 and runs synchronously. A request that stops at step N still has a row in step N+1: its extra token is dropped and
 its pages are freed once N+1 has completed.
@@ -47,7 +44,6 @@ from splitserve.core.cache.manager import KVCacheBlocks, KVCacheManager
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.grammar import GrammarStates
-from splitserve.core.engine.pacing import StepClock
 from splitserve.core.engine.runner import InFlight, KVPoolSpec, LayerHook, ModelRunner
 from splitserve.core.engine.sampler import argmax_only, check_params, masked_argmax_only
 from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
@@ -147,10 +143,6 @@ class SyncStep:
     rows: int
 
 
-CLOCK_REPORT_S = 30.0
-"""Seconds between two log lines on the step window (while decode steps overlap)."""
-
-
 class LLMEngine:
     def __init__(
         self, cfg: EngineConfig, layer_hook: LayerHook | None = None, allocate: PoolAllocator | None = None
@@ -183,11 +175,6 @@ class LLMEngine:
         """Structured output: compiled grammars and one matcher per constrained request (core/engine/grammar.py)."""
         self.runner.grammars = self.grammars
         self._in_flight: InFlight | None = None
-        self.clock = StepClock()
-        """When the overlapped step in flight should end (module flow, step 0')."""
-        self._now: Callable[[], float] = time.monotonic
-        self._clock_report_at = 0.0
-        """When the step window's next log line is due (0: not started)."""
         self.last_sync_step: SyncStep | None = None
         """The last step run synchronously (a prompt's among them): for a worker's per-request timing log."""
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
@@ -316,17 +303,12 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    def step(self, arrivals: Callable[[float], bool] | None = None) -> list[StepOutput]:
-        """One step (module flow). ``arrivals(timeout_s)``: waits up to ``timeout_s`` for new work, True when some came
-        (step 0'); without it the next overlapped step is launched at once."""
+    def step(self) -> list[StepOutput]:
         prev = self._in_flight
         if prev is None:
             return self._step_now()
-        if arrivals is not None and self.cfg.step_window and self._await_arrivals(prev, arrivals):
-            return []  # prev is still in flight: the caller takes the new work in and steps again
-        scheduled_at = self._now()
         batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
-        launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev, scheduled_at)
+        launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev)
         outputs = self._complete(prev)
         if launched:
             outputs += self._seal(self._in_flight)  # prev's tokens reached the matchers: mask this step's rows
@@ -335,34 +317,17 @@ class LLMEngine:
             return outputs
         return outputs + self._step_now()  # scheduled again: every token is known now
 
-    def _await_arrivals(self, prev: InFlight, arrivals: Callable[[float], bool]) -> bool:
-        """Step 0': wait for new work while ``prev`` should run on; True when some came."""
-        if not self.scheduler.decoding_only():  # work is already there: schedule it now
-            return False
-        now = self._now()
-        if now >= self._clock_report_at:
-            if self._clock_report_at:
-                logger.info("step window: %s", self.clock.report())
-            self._clock_report_at = now + CLOCK_REPORT_S
-        left = self.clock.window(prev.launched_at, now)
-        if left <= 0:
-            return False
-        arrived = arrivals(left)
-        self.clock.opened(left, arrived)
-        return arrived
-
     def _step_now(self) -> list[StepOutput]:
         """Nothing in flight: run one step synchronously, or launch it overlapped (its outputs come next step)."""
-        scheduled_at = self._now()
         batch = self.scheduler.schedule()
         outputs = self._finish_out_of_memory()
         if batch.is_empty:
             return outputs
-        if self._overlappable(batch) and self._launch(batch, None, scheduled_at):
+        if self._overlappable(batch) and self._launch(batch, None):
             return outputs + self._seal(self._in_flight)
-        started = self._now()
+        started = time.monotonic()
         out = self._execute(batch)
-        self.last_sync_step = SyncStep(started, self._now(), self.runner.last_graphed, len(batch.seqs))
+        self.last_sync_step = SyncStep(started, time.monotonic(), self.runner.last_graphed, len(batch.seqs))
         return outputs + self.postprocess(batch, out)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
@@ -391,9 +356,8 @@ class LLMEngine:
         return self._fail_errors(RunnerOutput(results=tuple(
             SeqResult(rid, None, error=error_text("structured output", exc)) for rid, exc in failed)))
 
-    def _launch(self, batch: ScheduledBatch, prev: InFlight | None, scheduled_at: float) -> bool:
-        """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised.
-        ``scheduled_at``: when its scheduling began (the host's share, for :attr:`clock`)."""
+    def _launch(self, batch: ScheduledBatch, prev: InFlight | None) -> bool:
+        """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised."""
         try:
             launched = self.runner.launch(batch, prev)
         except Exception as exc:  # the synchronous path runs it again and isolates a request that raises
@@ -403,15 +367,12 @@ class LLMEngine:
         if prev is not None:
             prev.retirees = self.scheduler.take_retiring()  # released when prev completes
         launched.placeholders = self.scheduler.start_in_flight(batch)
-        launched.launched_at = self.clock.launched(scheduled_at, self._now())
         self._in_flight = launched
         return True
 
     def _complete(self, prev: InFlight) -> list[StepOutput]:
         """Wait for ``prev``, free the pages that waited for it, and hand out its tokens."""
-        waited = not prev.completed()
         out = prev.results()
-        self.clock.completed(prev.launched_at, self._now(), waited)
         if self._in_flight is prev:  # nothing newer in flight
             self._in_flight = None
             self.scheduler.in_flight = frozenset()

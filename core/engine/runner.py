@@ -94,8 +94,6 @@ class InFlight:
     """request id -> index of the row's pending token in the request's ``output_token_ids`` (set by the engine)."""
     retirees: list[str] = field(default_factory=list)
     """Page owner keys to free once this step has completed (set by the engine)."""
-    launched_at: float = 0.0
-    """``time.monotonic()`` when the engine launched it (core/engine/pacing.py)."""
 
     @classmethod
     def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool) -> "InFlight":
@@ -122,10 +120,6 @@ class InFlight:
         self.host.copy_(report, non_blocking=True)
         self.done = torch.cuda.Event()
         self.done.record()
-
-    def completed(self) -> bool:
-        """Whether the device has finished the step (always on CPU, where a step completes at launch)."""
-        return self.done is None or self.done.query()
 
     def results(self) -> RunnerOutput:
         """Wait for the step, then one :class:`SeqResult` per row (an error for a row that had no token left)."""

@@ -115,10 +115,6 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def decoding_only(self) -> bool:
-        """Nothing waits and every running request is past its prompt (one token a step)."""
-        return not self.waiting and all(r.num_tokens - r.num_computed_tokens <= 1 for r in self.running)
-
     def queued_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
             r.num_tokens - r.num_computed_tokens for r in self.running
