@@ -3,6 +3,10 @@
 Llama-3-8B heads (32 q, 8 kv, head dim 128), bf16, page 16; 1, 4 and 16 prompts of 2048 tokens, no cached prefix,
 plus one chunked case (the last 512 tokens of 2048, i.e. a 1536-token cached prefix) that SDPA can only do with an
 explicit mask. TFLOP/s counts the causal half of QK^T and PV (4 * Hq * D * sum over queries of visible keys).
+Then an agent session's next turn: one row of 65 new tokens behind 2,000-4,000 cached ones, the keys not split
+(``num_splits=1``, the kernel before the split) against split as the engine runs it (``max_context_len`` given),
+with the K/V bandwidth each reaches (the context's K and V read once) and the largest difference from the float32
+reference.
 
     python benchmarks/bench_prefill_attention.py [--tune]
 """
@@ -55,6 +59,23 @@ def _backend_fn(b):
     return (lambda: backend.attend(b.q, kv, meta, D**-0.5)), path
 
 
+def turn_rows() -> None:
+    """Module doc, second table: the keys of a session turn's row split, against not split (same run)."""
+    from splitserve.kernels.attention import ref_paged_attention
+
+    print(f"\n{'ctx':>5} {'q_len':>5} {'one split ms':>12} {'KV GB/s':>8} {'split ms':>9} {'KV GB/s':>8} "
+          f"{'speedup':>8} {'max err':>8}")
+    for ctx in (2048, 3072, 4096):
+        b = make_paged_batch([ctx], [65], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
+        one, split = _triton_fn(b, num_splits=1), _triton_fn(b, max_context_len=ctx)
+        ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, D**-0.5)
+        err = max((f() - ref).abs().max().item() for f in (one, split))
+        o_ms, s_ms = bench_ms(one), bench_ms(split)
+        kv_gb = 2 * ctx * HKV * D * 2 / 1e9
+        print(f"{ctx:5d} {65:5d} {o_ms:12.3f} {kv_gb / o_ms * 1e3:8.0f} {s_ms:9.3f} {kv_gb / s_ms * 1e3:8.0f} "
+              f"{o_ms / s_ms:7.2f}x {err:8.4f}")
+
+
 def _flops(n: int, ctx: int, q_len: int) -> float:
     visible = sum(ctx - q_len + i + 1 for i in range(q_len))
     return 4.0 * n * HQ * D * visible
@@ -92,6 +113,7 @@ def main() -> None:
         fl = _flops(n, ctx, q_len)
         print(f"{n:7d} {ctx:5d} {q_len:5d} {t_ms:9.3f} {fl/t_ms/1e9:8.0f} {s_ms:8.3f} {fl/s_ms/1e9:8.0f} "
               f"{s_ms/t_ms:10.2f}x {b_ms:10.3f} {path:>6} {fl/b_ms/1e9:8.0f}")
+    turn_rows()
 
 
 if __name__ == "__main__":

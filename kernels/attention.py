@@ -18,8 +18,11 @@ Two kernels:
   of its group (``tl.dot`` over the group padded to 16 rows), keeps an online softmax over its share of
   the context, and a second small kernel merges the splits by their log-sum-exp.
 * :func:`paged_prefill_attention` (any query lengths, causal, cached prefix): flash attention over the
-  pages, grid ``(q_blocks, batch, num_heads)``; key blocks entirely below the causal diagonal run
-  without masks.
+  pages, grid ``(q_blocks * num_splits, batch, num_heads)``; key blocks entirely below the causal diagonal run
+  without masks. Few query blocks over a long cached context (an agent session's next turn: 65 new tokens behind
+  3,000 held ones) would leave most multiprocessors idle while each program walks the whole context, so, given
+  the context bound, the keys are split as in decode (:func:`default_prefill_splits`) and a second kernel merges
+  each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode).
 """
 
 from __future__ import annotations
@@ -105,8 +108,11 @@ def _attn_blocks(
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = m_new
+        if MASK:  # a row may see none of these keys (a split past its position): keep it at zero, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + (page * sv_p + row * sv_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -182,18 +188,15 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge the ``NUM_SPLITS`` partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
+    split) by their log2-sum-exp in ``mid_lse`` into ``out_row_ptr``; splits with no keys (-inf) weigh nothing."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, D_PAD)
     s_mask = offs_s < NUM_SPLITS
     d_mask = offs_d < HEAD_DIM
-    row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s
+    row = first + offs_s
     lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
     mx = tl.max(lse, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -201,7 +204,19 @@ def _decode_reduce_kernel(
     o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     denom = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * so_b + h * so_h + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_row_ptr + offs_d, res.to(out_row_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * NUM_SPLITS, out_ptr + b * so_b + h * so_h,
+                  HEAD_DIM, D_PAD, NUM_SPLITS, SPLITS_PAD)
 
 
 @functools.lru_cache(maxsize=16)
@@ -291,12 +306,14 @@ def paged_decode_attention(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, scale_log2,
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, scale_log2, split_len,
     sq_t, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_t, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    MAX_Q: tl.constexpr,
 ):
-    mb = tl.program_id(0)
+    mb = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
@@ -317,17 +334,56 @@ def _prefill_kernel(
         q_pos = prefix + offs_m
         hi = tl.minimum(prefix + (mb + 1) * BLOCK_M, ctx)
         full_hi = ((prefix + mb * BLOCK_M) // BLOCK_N) * BLOCK_N
+        lo = 0
+        if NUM_SPLITS > 1:  # this program's share of the keys: [lo, hi)
+            lo = split * split_len
+            hi = tl.minimum(lo + split_len, hi)
         k_base = k_ptr + kvh * sk_h
         v_base = v_ptr + kvh * sv_h
         bt_row = bt_ptr + b.to(tl.int64) * sbt
-        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, 0, full_hi, q_pos,
+        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, lo, tl.minimum(full_hi, hi), q_pos,
                                      sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
                                      PAGE, BLOCK_N, False, DOT_PREC)
-        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, full_hi, hi, q_pos,
+        m_i, l_i, acc = _attn_blocks(q, m_i, l_i, acc, k_base, v_base, bt_row, tl.maximum(full_hi, lo), hi, q_pos,
                                      sk_p, sk_s, sv_p, sv_s, offs_d, d_mask, scale_log2,
                                      PAGE, BLOCK_N, True, DOT_PREC)
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=io_mask)
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if NUM_SPLITS == 1:
+            tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=io_mask)
+        else:  # partial row (b, i, h, split) of mid_o [B, MAX_Q, H, NUM_SPLITS, HEAD_DIM]; merged by the next kernel
+            lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            mid = ((b * MAX_Q + offs_m).to(tl.int64) * tl.num_programs(2) + h) * NUM_SPLITS + split
+            tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
+            tl.store(mid_lse_ptr + mid, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _prefill_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MAX_Q: tl.constexpr,
+):
+    i = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    if i < tl.load(cu_q_ptr + b + 1) - q_start:
+        first = ((b * MAX_Q + i).to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS
+        _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_ptr + (q_start + i).to(tl.int64) * so_t + h * so_h,
+                      HEAD_DIM, D_PAD, NUM_SPLITS, SPLITS_PAD)
+
+
+def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_context_len: int,
+                           device: torch.device) -> int:
+    """Key splits for a prefill launch of ``q_blocks * batch * num_heads`` programs: enough to cover the
+    multiprocessors about 4 times (as :func:`default_num_splits`), each split >= 256 keys; 1 (no split) when the
+    query blocks already cover them."""
+    programs = max(q_blocks * batch * num_heads, 1)
+    wanted = triton.cdiv(4 * _num_sms(device), programs)
+    cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
+    return int(max(1, min(wanted, cap, 64)))
 
 
 def paged_prefill_attention(
@@ -344,6 +400,8 @@ def paged_prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed varlen queries over paged KV that already holds them (cached prefixes ok).
 
@@ -355,6 +413,9 @@ def paged_prefill_attention(
         scale: softmax scale. max_q_len: host int >= every q_len_b (fixes the grid).
         block_m / block_n: query / key tile (powers of two >= 16).
         out: optional ``[T, Hq, D]`` output buffer.
+        max_context_len: host int >= every context_lens entry; given, the keys may be split (module doc).
+        num_splits: key splits per query block; None picks :func:`default_prefill_splits` (1 without
+            ``max_context_len``).
     Returns:
         ``[T, Hq, D]`` in ``q.dtype``.
     """
@@ -367,20 +428,39 @@ def paged_prefill_attention(
         out = torch.empty_like(q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    grid = (triton.cdiv(max(max_q_len, 1), block_m), batch, num_heads)
-    _prefill_kernel[grid](
-        q, k_pages, v_pages, out, cu_seqlens_q, context_lens, block_tables, scale * LOG2E,
+    q_blocks = triton.cdiv(max(max_q_len, 1), block_m)
+    if num_splits is not None and num_splits > 1 and max_context_len is None:
+        raise ValueError("num_splits > 1 needs max_context_len (the splits divide it)")
+    if num_splits is None:
+        num_splits = 1 if max_context_len is None else default_prefill_splits(
+            q_blocks, batch, num_heads, max_context_len, q.device)
+    max_q = q_blocks * block_m
+    split_len = triton.cdiv(triton.cdiv(max(max_context_len or 1, 1), num_splits), block_n) * block_n
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    mid_o = mid_lse = out  # unused placeholders when the keys are not split
+    if num_splits > 1:
+        mid_o = torch.empty(batch, max_q, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(batch, max_q, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _prefill_kernel[(q_blocks * num_splits, batch, num_heads)](
+        q, k_pages, v_pages, out, cu_seqlens_q, context_lens, block_tables, mid_o, mid_lse, scale * LOG2E, split_len,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=num_heads // k_pages.shape[2], HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=num_heads // k_pages.shape[2], HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        NUM_SPLITS=num_splits, MAX_Q=max_q, num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        _prefill_reduce_kernel[(max_q, batch, num_heads)](
+            mid_o, mid_lse, cu_seqlens_q, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), MAX_Q=max_q, num_warps=4,
+        )
     return out
 
 
 __all__ = [
     "default_num_splits",
+    "default_prefill_splits",
     "paged_decode_attention",
     "paged_prefill_attention",
     "ref_paged_attention",

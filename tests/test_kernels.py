@@ -21,7 +21,9 @@ import pytest  # noqa: E402
 from splitserve.core.model.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from splitserve.core.model.attention_triton import TritonAttentionBackend, _sdpa_prefill  # noqa: E402
 from splitserve.kernels import cache, elementwise  # noqa: E402
-from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention, ref_paged_attention  # noqa: E402
+from splitserve.kernels.attention import (  # noqa: E402
+    default_prefill_splits, paged_decode_attention, paged_prefill_attention, ref_paged_attention,
+)
 from splitserve.kernels.testing import make_paged_batch, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,6 +90,41 @@ def test_prefill_attention_matches_reference(dtype, page, ctx, qlens):
                             max(qlens), block_m=16, block_n=16, num_warps=4, out=out)
     ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "dtype,page,ctx,qlens,splits",
+    [
+        (torch.float32, 16, [40, 23, 9], [40, 5, 1], 3),  # a fresh prompt: early rows see none of the later splits
+        (torch.float32, 8, [150, 70], [17, 3], 5),  # short rows behind long cached prefixes (a session's next turn)
+        (torch.float16, 4, [97, 64], [33, 64], 2),
+        pytest.param(torch.bfloat16, 4, [97, 64], [33, 64], 2, marks=pytest.mark.skipif(
+            DEVICE != "cuda", reason="bf16 dot products are not emulated by Triton's interpreter")),
+        (torch.float32, 16, [600, 300], [5, 3], None),  # the default split count, from max_context_len: 2
+    ],
+)
+def test_prefill_attention_split_keys_match_reference(dtype, page, ctx, qlens, splits):
+    gen = torch.Generator().manual_seed(sum(ctx) + len(qlens))
+    b = make_paged_batch(ctx, qlens, 4, 2, 32, page, dtype, DEVICE, gen)
+    out = _poison(tuple(b.q.shape), dtype)
+    paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2,
+                            max(qlens), block_m=16, block_n=16, out=out, max_context_len=max(ctx) + 7,
+                            num_splits=splits)
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
+    assert rel_err(out, ref) < TOL[dtype] and not out.isnan().any()
+    if splits is None and DEVICE == "cpu":
+        assert default_prefill_splits(1, 2, 4, max(ctx) + 7, torch.device(DEVICE)) == 2  # the split path ran
+
+
+def test_prefill_split_count_covers_the_multiprocessors_and_needs_the_context_bound():
+    cpu = torch.device("cpu")  # 4 "multiprocessors" off CUDA
+    assert default_prefill_splits(2, 1, 32, 4096, cpu) == 1  # 64 programs already cover 4 x 4
+    assert default_prefill_splits(1, 1, 2, 4096, cpu) == 8
+    assert default_prefill_splits(1, 1, 2, 600, cpu) == 2  # each split keeps >= 256 keys
+    b = make_paged_batch([20], [4], 4, 2, 32, 4, torch.float32, DEVICE, torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="max_context_len"):
+        paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2, 4,
+                                num_splits=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

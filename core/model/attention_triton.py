@@ -5,7 +5,9 @@ Which kernel runs (measured on an H100, benchmarks/RESULTS.md "Kernels (issue 5)
 * decode-only steps: :func:`paged_decode_attention` (flash-decoding over the pages);
 * prefill steps on CUDA made of a few long fresh prompts (no cached prefix): torch SDPA (flash) per sequence on
   K/V gathered out of the pages; SDPA alone ran 1.6x faster than the Triton prefill kernel on 2048-token prompts;
-* every other prefill step (many or short sequences, and the CPU interpreter): :func:`paged_prefill_attention`.
+* every other prefill step (many or short sequences, and the CPU interpreter): :func:`paged_prefill_attention`,
+  given the step's context bound, so that a few query rows over a long cached context (a session's next turn) split
+  the keys over the multiprocessors instead of walking them from a handful of programs.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class TritonAttentionBackend:
         tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}  # the interpreter simulates every program
         return paged_prefill_attention(
             q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale, meta.max_q_len,
-            **tiles,
+            max_context_len=meta.max_context_len, **tiles,
         )
 
     def _prefer_sdpa(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
@@ -76,7 +78,8 @@ def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetada
                            meta.max_context_len, out=out[:d])
     tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}
     paged_prefill_attention(q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q[d:], meta.context_lens[d:],
-                            meta.block_tables[d:], scale, meta.max_q_len, out=out, **tiles)
+                            meta.block_tables[d:], scale, meta.max_q_len, out=out,
+                            max_context_len=meta.max_context_len, **tiles)
     return out
 
 
