@@ -35,6 +35,10 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256
+MAX_PREFILL_SPLITS = 64
+"""Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
+arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
+step shape."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,13 +192,13 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """Merge the ``NUM_SPLITS`` partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
+def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, num_splits, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge the ``num_splits`` (<= ``SPLITS_PAD``) partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
     split) by their log2-sum-exp in ``mid_lse`` into ``out_row_ptr``; splits with no keys (-inf) weigh nothing."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, D_PAD)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     row = first + offs_s
     lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
@@ -216,7 +220,7 @@ def _decode_reduce_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * NUM_SPLITS, out_ptr + b * so_b + h * so_h,
-                  HEAD_DIM, D_PAD, NUM_SPLITS, SPLITS_PAD)
+                  NUM_SPLITS, HEAD_DIM, D_PAD, SPLITS_PAD)
 
 
 @functools.lru_cache(maxsize=16)
@@ -307,13 +311,13 @@ def paged_decode_attention(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, scale_log2, split_len,
+    num_splits, max_q,
     sq_t, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_t, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MAX_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    mb = tl.program_id(0) // NUM_SPLITS
-    split = tl.program_id(0) % NUM_SPLITS
+    mb = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
@@ -335,7 +339,7 @@ def _prefill_kernel(
         hi = tl.minimum(prefix + (mb + 1) * BLOCK_M, ctx)
         full_hi = ((prefix + mb * BLOCK_M) // BLOCK_N) * BLOCK_N
         lo = 0
-        if NUM_SPLITS > 1:  # this program's share of the keys: [lo, hi)
+        if SPLIT:  # this program's share of the keys: [lo, hi)
             lo = split * split_len
             hi = tl.minimum(lo + split_len, hi)
         k_base = k_ptr + kvh * sk_h
@@ -349,30 +353,29 @@ def _prefill_kernel(
                                      PAGE, BLOCK_N, True, DOT_PREC)
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=io_mask)
-        else:  # partial row (b, i, h, split) of mid_o [B, MAX_Q, H, NUM_SPLITS, HEAD_DIM]; merged by the next kernel
+        else:  # partial row (b, i, h, split) of mid_o [B, max_q, H, num_splits, HEAD_DIM]; merged by the next kernel
             lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            mid = ((b * MAX_Q + offs_m).to(tl.int64) * tl.num_programs(2) + h) * NUM_SPLITS + split
+            mid = ((b * max_q + offs_m).to(tl.int64) * tl.num_programs(2) + h) * num_splits + split
             tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
             tl.store(mid_lse_ptr + mid, lse, mask=offs_m < q_len)
 
 
 @triton.jit
 def _prefill_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, MAX_Q: tl.constexpr,
+    mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h, num_splits, max_q,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     if i < tl.load(cu_q_ptr + b + 1) - q_start:
-        first = ((b * MAX_Q + i).to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS
+        first = ((b * max_q + i).to(tl.int64) * NUM_HEADS + h) * num_splits
         _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_ptr + (q_start + i).to(tl.int64) * so_t + h * so_h,
-                      HEAD_DIM, D_PAD, NUM_SPLITS, SPLITS_PAD)
+                      num_splits, HEAD_DIM, D_PAD, SPLITS_PAD)
 
 
 def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_context_len: int,
@@ -383,7 +386,7 @@ def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_contex
     programs = max(q_blocks * batch * num_heads, 1)
     wanted = triton.cdiv(4 * _num_sms(device), programs)
     cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
-    return int(max(1, min(wanted, cap, 64)))
+    return int(max(1, min(wanted, cap, MAX_PREFILL_SPLITS)))
 
 
 def paged_prefill_attention(
@@ -434,6 +437,8 @@ def paged_prefill_attention(
     if num_splits is None:
         num_splits = 1 if max_context_len is None else default_prefill_splits(
             q_blocks, batch, num_heads, max_context_len, q.device)
+    if not 1 <= num_splits <= MAX_PREFILL_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_PREFILL_SPLITS}], got {num_splits}")
     max_q = q_blocks * block_m
     split_len = triton.cdiv(triton.cdiv(max(max_context_len or 1, 1), num_splits), block_n) * block_n
     d_pad = max(16, triton.next_power_of_2(head_dim))
@@ -443,17 +448,16 @@ def paged_prefill_attention(
         mid_lse = torch.empty(batch, max_q, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _prefill_kernel[(q_blocks * num_splits, batch, num_heads)](
         q, k_pages, v_pages, out, cu_seqlens_q, context_lens, block_tables, mid_o, mid_lse, scale * LOG2E, split_len,
-        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        num_splits, max_q, q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // k_pages.shape[2], HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
-        NUM_SPLITS=num_splits, MAX_Q=max_q, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _prefill_reduce_kernel[(max_q, batch, num_heads)](
-            mid_o, mid_lse, cu_seqlens_q, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), MAX_Q=max_q, num_warps=4,
+            mid_o, mid_lse, cu_seqlens_q, out, out.stride(0), out.stride(1), num_splits, max_q,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=MAX_PREFILL_SPLITS, num_warps=4,
         )
     return out
 
