@@ -151,8 +151,8 @@ def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
 
 
 def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
-    """Where an eager step's time goes (torch profiler, 3 steps each, top ops by host time): the decode batch, and a
-    session turn's row alone."""
+    """Where an eager step's time goes (torch profiler, 3 steps each, top ops by host time): the decode batch, a
+    session turn's row alone, then both in one step by device time (the kernels a mixed-step graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
     ps, vocab = engine.info.page_size, engine.model_config.vocab_size
@@ -160,14 +160,17 @@ def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
     turn = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     out = []
-    for label, step in ((f"{batch} decode rows, eager", sb),
-                        (f"a turn row of {q} tokens alone, eager", ScheduledBatch(seqs=turn.seqs[-1:], page_size=ps))):
+    for label, step, sort in ((f"{batch} decode rows, eager", sb, "self_cpu_time_total"),
+                              (f"a turn row of {q} tokens alone, eager", ScheduledBatch(seqs=turn.seqs[-1:], page_size=ps),
+                               "self_cpu_time_total"),
+                              (f"{batch} decode rows + a turn row of {q} tokens, eager, by device time", turn,
+                               "self_device_time_total")):
         cuda_time(lambda: engine.runner.execute(step), iters=2)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 engine.runner.execute(step)
             torch.cuda.synchronize()
-        out += [f"### {label}", "```", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22), "```"]
+        out += [f"### {label}", "```", prof.key_averages().table(sort_by=sort, row_limit=22), "```"]
         out += ["Python functions by own time (cProfile, 3 steps):", "```", _python_profile(engine, step), "```"]
     engine.runner.graphs = graphs
     return out
