@@ -86,3 +86,26 @@ def test_graph_keys_take_one_short_prefill_row_only():
     assert key(seq("p", 5), seq("q", 5)) is None  # two prefill rows
     assert key(seq("p", 5, logprobs=True)) is None  # prompt logprobs need every position's hidden state
     assert torch.equal(graphs.static.cu_seqlens_q, torch.arange(9, dtype=torch.int32))  # decode layout untouched
+
+
+def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torch_backend(monkeypatch):
+    """Without graphs, a step of decode rows and prompt rows attends the leading one-token rows with the decode
+    kernel and the rest with the varlen kernel; greedy ids equal the torch reference backend's."""
+    import splitserve.core.model.attention_triton as at
+
+    split_rows, real = [], at._split_attend
+    monkeypatch.setattr(at, "_split_attend",
+                        lambda q, kv, meta, scale: split_rows.append(meta.decode_rows) or real(q, kv, meta, scale))
+    got = _trace(_engine(False))
+    assert split_rows and min(split_rows) >= 1  # the mixed steps really split
+    cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend="torch",
+                       page_size=8, num_pages=256, async_scheduling=False)
+    assert _trace(LLMEngine(cfg)) == got
+
+
+def test_leading_decode_rows():
+    from splitserve.core.engine.runner import leading_decode_rows
+
+    assert leading_decode_rows([1, 1, 5, 1]) == 2  # decode rows, then a prompt row (and a row after it)
+    assert leading_decode_rows([1, 1, 1]) == 0  # all decode: the decode-only path
+    assert leading_decode_rows([7, 1]) == 0 and leading_decode_rows([4]) == 0

@@ -134,6 +134,15 @@ class InFlight:
         return RunnerOutput(results=tuple(out))
 
 
+def leading_decode_rows(q_lens: list[int]) -> int:
+    """How many sequences at the front of a mixed step have one query token (running requests come first): the
+    attention backend gives them the decode kernel, which reads each KV head once for its query group, instead of
+    the varlen kernel (measured on an H200: a step of 12 decode rows and a 64-token row spent 6.7 ms in the varlen
+    kernel); 0 for a step of one-token rows only (all decode) or one that starts with a longer row."""
+    lead = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    return lead if lead < len(q_lens) else 0
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -273,6 +282,7 @@ class ModelRunner:
             q_lens=q_lens,
             ctx_lens_host=ctx_lens,
             page_size=ps,
+            decode_rows=leading_decode_rows(q_lens),
         )
         return self._tensor(ids, torch.long), self._tensor(pos, torch.long), meta
 

@@ -50,8 +50,9 @@ class AttentionMetadata:
     page_size: int
     on_layer_done: Callable[[int], None] | None = field(default=None, repr=False)
     decode_rows: int = 0
-    """Mixed CUDA-graph steps (core/engine/cuda_graphs.py): the first ``decode_rows`` sequences are one-token decode
-    rows, attended with the decode kernel; the one sequence after them is a prefill row for the varlen kernel."""
+    """Mixed steps, eager or CUDA-graph (core/engine/cuda_graphs.py): the first ``decode_rows`` sequences have one
+    query token each and are attended with the decode kernel; the sequences after them with the varlen kernel
+    (0: one kernel for the whole step)."""
 
     @property
     def num_seqs(self) -> int:

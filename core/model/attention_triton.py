@@ -71,8 +71,9 @@ class TritonAttentionBackend:
 
 
 def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """A mixed step: the decode rows with the split-K decode kernel, the prefill row after them with the varlen
-    kernel (its rows ``cu_seqlens_q[d] : cu_seqlens_q[d + 1]`` of ``q``), each writing its own rows of one output."""
+    """A mixed step: the ``d`` decode rows (``q[:d]``) with the split-K decode kernel, the prefill rows after them
+    with the varlen kernel (sequences ``d:``, their rows from ``cu_seqlens_q[d:]``), each writing its own rows of one
+    output."""
     d, out = meta.decode_rows, torch.empty_like(q)
     paged_decode_attention(q[:d], kv_layer[0], kv_layer[1], meta.block_tables[:d], meta.context_lens[:d], scale,
                            meta.max_context_len, out=out[:d])
