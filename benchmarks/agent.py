@@ -375,12 +375,7 @@ def summarize(run: dict[str, Any], server: dict[str, float] | None = None) -> di
     id -> the router's TTFT), the router's TTFT percentiles of the same turns too."""
     results = run["results"]
     ok = [r for r in results if r.ok and r.ttft_s is not None]
-    if server is not None:
-        found = [(r.turn, server[r.response_id]) for r in ok if r.response_id in server]
-        return {**summarize(run), "server_ttft_turns": len(found),
-                "server_ttft_turn1_ms": latency_stats_ms(t for turn, t in found if turn == 1),
-                "server_ttft_later_ms": latency_stats_ms(t for turn, t in found if turn > 1)}
-    return {
+    summary = {
         "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
         "duration_s": round(run["duration_s"], 3),
         "ttft_turn1_ms": latency_stats_ms(r.ttft_s for r in ok if r.turn == 1),
@@ -390,6 +385,12 @@ def summarize(run: dict[str, Any], server: dict[str, float] | None = None) -> di
         "server_breakdown_ms": run["breakdown_ms"],
         "errors": sorted({r.error for r in results if not r.ok})[:10],
     }
+    if server is not None:
+        found = [(r.turn, server[r.response_id]) for r in ok if r.response_id in server]
+        summary.update({"server_ttft_turns": len(found),
+                        "server_ttft_turn1_ms": latency_stats_ms(t for turn, t in found if turn == 1),
+                        "server_ttft_later_ms": latency_stats_ms(t for turn, t in found if turn > 1)})
+    return summary
 
 
 def _computed(results: Any) -> dict[str, int] | None:

@@ -186,15 +186,14 @@ class DecodeService:
         if msg.session is not None and msg.session.end:  # ended once the turn took its pages (its partial one too)
             self.ending[msg.request_id] = msg.session.session_id
 
-    def _log_local(self, so: StepOutput, took_s: float) -> None:
+    def _log_local(self, so: StepOutput, arrived: float, now: float) -> None:
         """One line per prompt prefilled here: its wait, and the step that computed it."""
         step = self.core.engine.last_sync_step
         if step is None:
             return
-        wait = step.started - (time.monotonic() - took_s)
         logger.info("request %s: prefilled %d new tokens here, first token %.1f ms after it arrived: %.1f ms before its "
                     "step, a step of %d rows %.1f ms (%s)", so.request_id, so.num_prompt_tokens - so.num_cached_tokens,
-                    1e3 * took_s, 1e3 * wait, step.rows, 1e3 * (step.ended - step.started),
+                    1e3 * (now - arrived), 1e3 * (step.started - arrived), step.rows, 1e3 * (step.ended - step.started),
                     "CUDA graph" if step.graphed else "eager")
 
     def _start_pending(self) -> None:
@@ -349,8 +348,9 @@ class DecodeService:
         if landed is not None:
             timing = RequestTiming(join_s=time.monotonic() - landed)
         if so.request_id in self.local and (so.new_token_ids or so.finished):
-            timing = RequestTiming(local_prefill_s=time.monotonic() - self.local.pop(so.request_id))
-            self._log_local(so, timing.local_prefill_s)
+            arrived, now = self.local.pop(so.request_id), time.monotonic()
+            timing = RequestTiming(local_prefill_s=now - arrived)
+            self._log_local(so, arrived, now)
             self.core.counters.prefill_tokens += max(0, so.num_prompt_tokens - so.num_cached_tokens)
         if so.request_id in self.ending:
             self.sessions.end(self.ending.pop(so.request_id))

@@ -237,10 +237,15 @@ def _num_sms(device: torch.device) -> int:
 def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Splits so that ``batch * kv_heads * splits`` covers the multiprocessors about 4 times, each split >= 256
     tokens (tuned on H100/H200: benchmarks/KERNELS_NOTES.md)."""
-    programs = max(batch * num_kv_heads, 1)
-    wanted = triton.cdiv(4 * _num_sms(device), programs)
+    return _splits_for(batch * num_kv_heads, max_context_len, device, 128)
+
+
+def _splits_for(programs: int, max_context_len: int, device: torch.device, most: int) -> int:
+    """Key splits so that ``programs * splits`` covers the multiprocessors about 4 times, each split >= 256 keys,
+    at most ``most``."""
+    wanted = triton.cdiv(4 * _num_sms(device), max(programs, 1))
     cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
-    return int(max(1, min(wanted, cap, 128)))
+    return int(max(1, min(wanted, cap, most)))
 
 
 def paged_decode_attention(
@@ -383,10 +388,7 @@ def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_contex
     """Key splits for a prefill launch of ``q_blocks * batch * num_heads`` programs: enough to cover the
     multiprocessors about 4 times (as :func:`default_num_splits`), each split >= 256 keys; 1 (no split) when the
     query blocks already cover them."""
-    programs = max(q_blocks * batch * num_heads, 1)
-    wanted = triton.cdiv(4 * _num_sms(device), programs)
-    cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
-    return int(max(1, min(wanted, cap, MAX_PREFILL_SPLITS)))
+    return _splits_for(q_blocks * batch * num_heads, max_context_len, device, MAX_PREFILL_SPLITS)
 
 
 def paged_prefill_attention(

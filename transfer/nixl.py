@@ -42,7 +42,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -150,6 +150,16 @@ class _Region:
         out[:, 1] = np.broadcast_to(lengths * self.row_bytes, rows.shape).ravel()
         out[:, 2] = self.device_id
         return out
+
+
+def _poll_until(done: Callable[[], bool], wait_s: float) -> bool:
+    """Call ``done`` every :data:`FENCE_POLL_S` until it says True (True) or ``wait_s`` has passed (False)."""
+    deadline = time.monotonic() + wait_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(FENCE_POLL_S)
+    return True
 
 
 def _region_of(pool: torch.Tensor) -> _Region:
@@ -376,11 +386,8 @@ class NixlCopyEngine(CopyEngine):
 
     def _wait_read(self, x: _Xfer) -> None:
         wait_s = self.fence_wait_s if self.fence_wait_s > 0 else READ_WAIT_S
-        deadline = time.monotonic() + wait_s
-        while not self.advance(x):
-            if time.monotonic() >= deadline:
-                self._abort_read(x, wait_s)
-            time.sleep(FENCE_POLL_S)
+        if not _poll_until(lambda: self.advance(x), wait_s):
+            self._abort_read(x, wait_s)
         if x.state == "ERR":
             raise TransferError(f"NIXL agent {self.name}: {x.error}")
 
@@ -466,14 +473,10 @@ class NixlCopyEngine(CopyEngine):
         """A fence after every write issued so far; waits up to ``fence_wait_s`` for them (see the module doc)."""
         fence = _NixlFence(self, self._issued)
         self._issued = []
-        deadline = time.monotonic() + self.fence_wait_s
-        while self.fence_wait_s > 0 and not fence.settled():
-            if time.monotonic() >= deadline:
-                reason = f"WRITE requests not completed within {self.fence_wait_s:g}s"
-                logger.error("NIXL agent %s: %s; the transfers behind them will not complete", self.name, reason)
-                fence.abandon(reason)
-                break
-            time.sleep(FENCE_POLL_S)
+        if self.fence_wait_s > 0 and not _poll_until(fence.settled, self.fence_wait_s):
+            reason = f"WRITE requests not completed within {self.fence_wait_s:g}s"
+            logger.error("NIXL agent %s: %s; the transfers behind them will not complete", self.name, reason)
+            fence.abandon(reason)
         return fence
 
     def close(self) -> None:

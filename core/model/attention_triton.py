@@ -54,10 +54,9 @@ class TritonAttentionBackend:
             )
         if self._prefer_sdpa(q, meta):
             return _sdpa_prefill(q, kv_layer, meta, scale)
-        tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}  # the interpreter simulates every program
         return paged_prefill_attention(
             q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale, meta.max_q_len,
-            max_context_len=meta.max_context_len, **tiles,
+            max_context_len=meta.max_context_len, **_prefill_tiles(q),
         )
 
     def _prefer_sdpa(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
@@ -70,6 +69,11 @@ class TritonAttentionBackend:
         )
 
 
+def _prefill_tiles(q: torch.Tensor) -> dict[str, int]:
+    """The varlen kernel's tiles: its defaults on CUDA, 16 x 16 in the CPU interpreter (which runs every program)."""
+    return {} if q.is_cuda else {"block_m": 16, "block_n": 16}
+
+
 def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """A mixed step: the ``d`` decode rows (``q[:d]``) with the split-K decode kernel, the prefill rows after them
     with the varlen kernel (sequences ``d:``, their rows from ``cu_seqlens_q[d:]``), each writing its own rows of one
@@ -77,10 +81,9 @@ def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetada
     d, out = meta.decode_rows, torch.empty_like(q)
     paged_decode_attention(q[:d], kv_layer[0], kv_layer[1], meta.block_tables[:d], meta.context_lens[:d], scale,
                            meta.max_context_len, out=out[:d])
-    tiles = {} if q.is_cuda else {"block_m": 16, "block_n": 16}
     paged_prefill_attention(q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q[d:], meta.context_lens[d:],
                             meta.block_tables[d:], scale, meta.max_q_len, out=out,
-                            max_context_len=meta.max_context_len, **tiles)
+                            max_context_len=meta.max_context_len, **_prefill_tiles(q))
     return out
 
 
