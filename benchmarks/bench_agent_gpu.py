@@ -12,6 +12,9 @@
 2. ``pressure``: for each of ``--policies``, a fresh cluster whose workers hold ``--pressure-pages`` KV pages
    (at most ``--session-kv-fraction`` of them kept for idle sessions), the same heavy-tailed trace with hints
    (``--pressure-sessions`` x ``--pressure-turns``, lognormal pauses), sessions on.
+2'. ``turn_step``: sessions on only, the same trace as ``on_off`` on a fresh cluster per setting of the decode
+   worker's turn step (:data:`TURN_STEPS`): run synchronously after the step in flight (the baseline), queued behind
+   it (``--overlap-prefill``), queued with the step window (``--step-window``); ``--rounds`` rounds, alternating.
 3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side, ``--client-procs`` client processes; and
    the router's own TTFT of turns 2+, found in its access log by each turn's response id), prefill tokens computed
    (server counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
@@ -84,6 +87,32 @@ def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
                    "--max-pause-s", str(args.pressure_max_pause_s))
 
 
+TURN_STEPS = {  # label -> the decode worker's flags
+    "synchronous": ("--overlap-prefill=off", "--no-step-window"),
+    "queued": ("--overlap-prefill=on", "--no-step-window"),
+    "queued_window": ("--overlap-prefill=on", "--step-window"),
+}
+
+
+def run_turn_step(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {label: [] for label in TURN_STEPS}
+    for i in range(args.rounds):
+        for label, flags in TURN_STEPS.items():
+            out[label].append(measure(args, f"{label}_{i}", flags, "--sessions", str(args.sessions), "--turns",
+                                      str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
+                                      str(args.max_pause_s)))
+    return out
+
+
+def print_turn_step(reps: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    print(f"\n## A session turn's step (sessions on; {args.sessions} sessions x {args.turns} turns, a fresh cluster "
+          f"per run, alternating)")
+    print("\n".join([*HEAD, *(row(f"{label} #{i + 1}", rs[i]["sessions_on"]) for i in range(args.rounds)
+                               for label, rs in reps.items()),
+                     *(stages(f"{label} #{i + 1}", r["sessions_on"]) for label, rs in reps.items()
+                       for i, r in enumerate(rs))]))
+
+
 def row(label: str, s: dict[str, Any]) -> str:
     server = s.get("server") or {}
     t1, tl, later = s["ttft_turn1_ms"], s["ttft_later_ms"], s.get("computed_later") or {}
@@ -152,7 +181,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="dummy:llama3-8b")
     ap.add_argument("--parts", default="on_off,on_off_small,pressure",
-                    help="on_off (default pools), on_off_small (--small-pages, a host tier), pressure")
+                    help="on_off (default pools), on_off_small (--small-pages, a host tier), turn_step (how the "
+                         "decode worker runs a turn's step), pressure")
     ap.add_argument("--sessions", type=int, default=32)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--shared-tokens", type=int, default=2048)
@@ -173,6 +203,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pressure-max-pause-s", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--client-procs", type=int, default=4, help="client processes of the measured trace")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per setting in the turn_step part")
     add_server_arguments(ap, port=8310)
     return ap.parse_args()
 
@@ -190,6 +221,9 @@ def main() -> None:
     for part in (p for p in parts if p in ("on_off", "on_off_small")):
         results[part] = run_on_off(args, part)
         print_on_off(results[part], part, args)
+    if "turn_step" in parts:
+        results["turn_step"] = run_turn_step(args)
+        print_turn_step(results["turn_step"], args)
     if "pressure" in parts:
         results["pressure"] = {p: run_pressure(args, p) for p in args.policies.split(",")}
         print_pressure(results["pressure"], args)

@@ -11,7 +11,10 @@
 5. A session turn's step (``--mixed``): a decode batch of ``--mixed-batch`` rows at ``--mixed-context`` (CUDA graph,
    and eager), the same batch with one more row prefilling ``q`` new tokens behind a cached prefix of the same
    context (eager: what a held session's turn costs the decode worker), and that row alone; then, in the engine
-   loop with overlapped decode steps, the wall time from adding a turn whose prefix is cached to its first token.
+   loop with overlapped decode steps, the wall time from a turn's arrival (at a random point of a decode step) to
+   its first token, the turn's prefix cached: its step run synchronously once the step in flight has completed (the
+   baseline), queued behind the step in flight (``overlap_prefill``), and queued with the step window
+   (``step_window``: the loop waits for arrivals before launching the next decode step), in the same run.
 
 Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import random
 import statistics
 import time
 
@@ -192,38 +196,76 @@ def _python_profile(engine: LLMEngine, step: ScheduledBatch) -> str:
     return text.getvalue()
 
 
-def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int) -> list[str]:
+TURN_MODES = {  # label -> (overlap_prefill, step_window)
+    "synchronous step (baseline)": (False, False),
+    "queued behind the step in flight": (True, False),
+    "queued, with the step window": (True, True),
+}
+
+
+class _Arrival:
+    """One turn arriving ``phase`` seconds after a step returned, seen by the engine loop as a worker sees its socket:
+    read at the top of the loop (``due``), or, with the step window, inside the engine's wait (``__call__``)."""
+
+    def __init__(self, engine: LLMEngine, rid: str, prompt: list[int], phase: float) -> None:
+        self.engine, self.rid, self.prompt = engine, rid, prompt
+        self.at = time.perf_counter() + phase
+        self.added = False
+
+    def _add(self) -> None:
+        self.engine.add_request(self.rid, self.prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        self.added = True
+
+    def due(self) -> None:
+        if not self.added and time.perf_counter() >= self.at:
+            self._add()
+
+    def __call__(self, timeout_s: float) -> bool:
+        left = self.at - time.perf_counter()
+        if self.added or left > timeout_s:
+            time.sleep(max(0.0, timeout_s))
+            return False
+        time.sleep(max(0.0, left))
+        self._add()
+        return True
+
+
+def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int, mode: str, salt: int) -> list[str]:
     """In the engine loop (overlapped decode steps): ``batch`` requests decoding at ``ctx``; every few steps a turn
-    whose first ``ctx`` tokens are cached (a held session) arrives; wall ms from ``add_request`` to its first token."""
-    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True})
+    whose first ``ctx`` tokens are cached (a held session) arrives at a random point of a decode step; wall ms from
+    its arrival to its first token. ``mode``: a key of :data:`TURN_MODES`; ``salt`` keeps the turns' new tokens
+    apart from other calls' (none of them is cached)."""
+    overlap, window = TURN_MODES[mode]
+    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True, "overlap_prefill": "on" if overlap else "off",
+                                               "step_window": window})
     vocab = engine.model_config.vocab_size
     prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
     engine.generate([prompt + [5]], SamplingParams(max_tokens=1, temperature=0.0))  # caches the turns' prefix
     long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
     for b in range(batch):
-        engine.add_request(f"bg{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)], long)
+        engine.add_request(f"bg{salt}-{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)], long)
     for _ in range(40):  # prefilled, decoding
         engine.step()
-    waits, steps = [], []
+    rng, waits, steps = random.Random(salt), [], []
     for t in range(turns):
         for _ in range(3):
             t0 = time.perf_counter()
             engine.step()
             steps.append(time.perf_counter() - t0)
-        rid = f"turn{t}"
-        t0 = time.perf_counter()
-        engine.add_request(rid, prompt + [(t * 97 + j) % (vocab - 3) + 3 for j in range(q)],
-                           SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        while not any(o.request_id == rid and o.new_token_ids for o in engine.step()):
-            pass
-        waits.append(time.perf_counter() - t0)
+        rid = f"turn{salt}-{t}"
+        new = [(t * 97 + j + salt * 7919) % (vocab - 3) + 3 for j in range(q)]
+        turn = _Arrival(engine, rid, prompt + new, rng.uniform(0.0, statistics.median(steps)))
+        while True:
+            turn.due()
+            if any(o.request_id == rid and o.new_token_ids for o in engine.step(turn if window else None)):
+                break
+        waits.append(time.perf_counter() - turn.at)
     for b in range(batch):
-        engine.abort(f"bg{b}")
+        engine.abort(f"bg{salt}-{b}")
     while engine.has_unfinished():
         engine.step()
-    return [f"engine loop, {batch} decoding at context {ctx}: decode step {statistics.median(steps) * 1e3:.2f} ms "
-            f"(median); a held turn of {q} new tokens, add_request -> first token: median "
-            f"{statistics.median(waits) * 1e3:.2f} ms, max {max(waits) * 1e3:.2f} ms over {turns} turns"]
+    return [f"| {mode} | {q} | {statistics.median(steps) * 1e3:.2f} | {statistics.median(waits) * 1e3:.2f} | "
+            f"{statistics.quantiles(waits, n=10)[-1] * 1e3:.2f} |"]
 
 
 def _loop_ms(engine: LLMEngine, batch: int, ctx: int, steps: int, overlap: bool) -> tuple[float, list[list[int]]]:
@@ -380,8 +422,16 @@ def main() -> None:
             print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
             return
         print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
+        print(f"A held turn arriving at a random point of a decode step, in the engine loop ({args.mixed_batch} "
+              f"decoding at context {args.mixed_context}); modes alternate, twice each:\n")
+        print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 |")
+        print("|---|---:|---:|---:|---:|")
+        salt = 0
         for q in (64, 1024):
-            print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q, 5 if args.quick else 20)))
+            for mode in [*TURN_MODES] * 2:
+                salt += 1
+                print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q,
+                                                    5 if args.quick else 30, mode, salt)))
         return
     if args.loop:
         print("## Engine decode loop: overlapped steps on and off (dummy " + args.shape + ", bf16)\n")

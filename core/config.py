@@ -65,6 +65,15 @@ class EngineConfig(FrozenConfig):
     async_scheduling: bool = True
     """Overlap host work with the device: launch a greedy decode step (plain or grammar-masked) before reading the previous step's
     tokens (core/engine/engine.py). Off: every step waits for its tokens before the next is scheduled."""
+    overlap_prefill: Literal["auto", "on", "off"] = "auto"
+    """With ``async_scheduling``: greedy prompt chunks overlap too (a decode worker's session turns and short prompts
+    are queued right behind the step in flight instead of waiting for it on the host). ``auto``: on CUDA devices only
+    (on the CPU a step completes at launch, so a prompt queued behind it gains nothing and its first token would wait
+    for the next step). ``off``: a step with a prompt chunk of more than one token runs synchronously."""
+    step_window: bool = True
+    """With ``async_scheduling``, a worker waits on its sockets while the decode step in flight should run on, before
+    it launches the next: a prompt that arrives then runs in the very next step, not the one after
+    (core/engine/pacing.py). Off: the next step is launched at once."""
     extra_stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""
 

@@ -188,13 +188,13 @@ class DecodeService:
 
     def _log_local(self, so: StepOutput, arrived: float, now: float) -> None:
         """One line per prompt prefilled here: its wait, and the step that computed it."""
-        step = self.core.engine.last_sync_step
+        step = self.core.engine.last_step
         if step is None:
             return
         logger.info("request %s: prefilled %d new tokens here, first token %.1f ms after it arrived: %.1f ms before its "
-                    "step, a step of %d rows %.1f ms (%s)", so.request_id, so.num_prompt_tokens - so.num_cached_tokens,
+                    "step, a step of %d rows %.1f ms (%s, %s)", so.request_id, so.num_prompt_tokens - so.num_cached_tokens,
                     1e3 * (now - arrived), 1e3 * (step.started - arrived), step.rows, 1e3 * (step.ended - step.started),
-                    "CUDA graph" if step.graphed else "eager")
+                    "CUDA graph" if step.graphed else "eager", "overlapped" if step.overlapped else "synchronous")
 
     def _start_pending(self) -> None:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
@@ -242,6 +242,8 @@ class DecodeService:
         except TransferError as exc:
             self.core.engine.release(rid)
             return self.core.fail_request(rid, str(exc))
+        if held_tokens:  # the prefill worker reads the held pages: none may still be written by the step in flight
+            self.core.engine.wait_in_flight()
         self.incoming[rid] = _Incoming(msg, tid, msg.prefill_addr or "", time.monotonic(), held_tokens)
         self.by_transfer[tid] = rid
         req = PrefillReq(

@@ -23,6 +23,11 @@ Two kernels:
   3,000 held ones) would leave most multiprocessors idle while each program walks the whole context, so, given
   the context bound, the keys are split as in decode (:func:`default_prefill_splits`) and a second kernel merges
   each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode).
+
+Split counts and query bounds are runtime arguments that Triton does not specialize on (only whether the keys are
+split at all is a compile-time constant, and the merge's padded split count): a worker compiles each kernel a few
+times at warm-up, never again for a new batch size while it serves (one compile of the decode kernel mid-serving
+stalled every request of a step for 1-2 s on an H200).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256
 MAX_PREFILL_SPLITS = 64
+PREFILL_BLOCK_M = 64
+"""Query rows per program of :func:`paged_prefill_attention` (its default ``block_m``)."""
 """Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
 arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
 step shape."""
@@ -145,13 +152,13 @@ def _check_paged_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    scale_log2, split_len,
+    scale_log2, split_len, num_splits,
     sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_b, so_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -182,11 +189,11 @@ def _decode_split_kernel(
                                  PAGE, BLOCK_N, True, DOT_PREC)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = (b * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        row = (b * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
         tl.store(mid_lse_ptr + row, lse, mask=g_mask)
 
@@ -211,16 +218,15 @@ def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, num_splits, HEAD_D
     tl.store(out_row_ptr + offs_d, res.to(out_row_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * NUM_SPLITS, out_ptr + b * so_b + h * so_h,
-                  NUM_SPLITS, HEAD_DIM, D_PAD, SPLITS_PAD)
+    _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * num_splits, out_ptr + b * so_b + h * so_h,
+                  num_splits, HEAD_DIM, D_PAD, SPLITS_PAD)
 
 
 @functools.lru_cache(maxsize=16)
@@ -292,18 +298,18 @@ def paged_decode_attention(
         mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv, num_splits)](
         q, k_pages, v_pages, block_tables, context_lens, out, mid_o, mid_lse,
-        scale * LOG2E, split_len,
+        scale * LOG2E, split_len, num_splits,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        PAGE=k_pages.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PREC=_dot_precision(q.dtype),
+        PAGE=k_pages.shape[1], BLOCK_N=block_n, SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1),
+            mid_o, mid_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
-            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out
 
@@ -313,7 +319,7 @@ def paged_decode_attention(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "max_q"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, scale_log2, split_len,
     num_splits, max_q,
@@ -368,7 +374,7 @@ def _prefill_kernel(
             tl.store(mid_lse_ptr + mid, lse, mask=offs_m < q_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "max_q"])
 def _prefill_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h, num_splits, max_q,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -400,7 +406,7 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     scale: float,
     max_q_len: int,
-    block_m: int = 64,
+    block_m: int = PREFILL_BLOCK_M,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,

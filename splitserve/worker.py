@@ -34,7 +34,8 @@ _ENGINE_FLAGS = MappingProxyType({
     "model": str, "load_format": str, "dtype": str, "device": str, "device_index": int, "seed": int,
     "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
     "chunk_size": int, "prefill_token_budget": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
-    "kv_cache_memory_fraction": float, "async_scheduling": _env_bool,
+    "kv_cache_memory_fraction": float, "async_scheduling": _env_bool, "overlap_prefill": str,
+    "step_window": _env_bool,
 })
 _TRANSFER_FLAGS = MappingProxyType(
     {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str,
@@ -133,6 +134,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each greedy decode step (plain or grammar-masked) before reading the previous step's tokens, so host work "
                         "overlaps the device (default on)")
+    p.add_argument("--overlap-prefill", choices=["auto", "on", "off"], default=None,
+                   help="with --async-scheduling: greedy prompt chunks (a decode worker's session turns and short "
+                        "prompts) are queued behind the step in flight too (default auto: on CUDA devices)")
+    p.add_argument("--step-window", action=argparse.BooleanOptionalAction, default=None,
+                   help="while an overlapped decode step runs, wait for new requests before launching the next, so a "
+                        "new prompt runs in the very next step (default on)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
                    help="a token id that ends generation besides EOS; repeat for several (default: none)")
 

@@ -1,5 +1,7 @@
-"""The CUDA-graph step layout (core/engine/cuda_graphs.py), on CPU: decode rows, and decode rows with one short
-prefill row (an agent session's turn, a short prompt prefilled on the decode worker).
+"""The CUDA-graph step layout (core/engine/cuda_graphs.py), on CPU: decode rows, and decode rows with short prefill
+rows (agent sessions' turns, short prompts prefilled on the decode worker; one, or several arriving together), with
+steps run synchronously and overlapped (launched behind the step in flight, their pending input ids carried on the
+device into the graph's layout).
 
 CPU has no graphs, so :class:`EagerGraphs` replays the captured forward eagerly; everything else is the real path:
 the static buffers, padding, the varlen Triton kernel (interpreted), and the hidden states handed back in the batch's
@@ -9,11 +11,12 @@ actually have run.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import shared_model_path
 from splitserve.core.config import EngineConfig
-from splitserve.core.engine.cuda_graphs import DecodeGraphs
+from splitserve.core.engine.cuda_graphs import MAX_PREFILL_ROWS, DecodeGraphs
 from splitserve.core.engine.engine import LLMEngine
 from splitserve.core.messages import SamplingParams
 
@@ -32,9 +35,9 @@ class EagerGraphs(DecodeGraphs):
         return _Replay(lambda: out.copy_(self._forward(b, c, q))), out
 
 
-def _engine(graphs: bool) -> LLMEngine:
+def _engine(graphs: bool, overlap: bool = False) -> LLMEngine:
     cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend="triton",
-                       page_size=8, num_pages=256, async_scheduling=False)
+                       page_size=8, num_pages=256, async_scheduling=overlap, overlap_prefill="on")
     engine = LLMEngine(cfg)
     if graphs:
         engine.runner.graphs = EagerGraphs(engine.runner.model, engine.kv_cache, engine.runner.backend, 8,
@@ -43,31 +46,42 @@ def _engine(graphs: bool) -> LLMEngine:
 
 
 def _trace(engine: LLMEngine) -> dict[str, list[int]]:
-    """Requests arriving while others decode: mixed steps with one prefill row, one behind a cached prefix."""
+    """Requests arriving while others decode: mixed steps with one prefill row (one behind a cached prefix), then
+    with two (two turns arriving together)."""
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     story = [1, 403, 407, 261, 378, 1004 % 500, 290, 263, 480, 271, 407, 323, 360, 266, 410, 263, 417]
     reqs = [engine.add_request("a", story, params)]
-    for step in range(10):
+    for step in range(14):
         engine.step()
         if step == 2:
             reqs.append(engine.add_request("b", [1, 306, 367, 261, 402, 272], params))  # a short prompt
-        if step == 5:  # a later turn of "a": its first two pages are cached, 21 tokens to compute
-            reqs.append(engine.add_request("c", story + reqs[0].output_token_ids[:8] + [263, 417, 290, 410], params))
+        if step == 5:  # a later turn of "a": its first two pages are cached, 13 tokens to compute
+            reqs.append(engine.add_request("c", story + reqs[0].output_token_ids[:4] + [263, 417, 290, 410], params))
+        if step == 9:  # two at once: one step with two prefill rows
+            reqs.append(engine.add_request("d", [1, 306, 367, 261, 402, 272, 290, 263], params))
+            reqs.append(engine.add_request("e", story + [290, 410, 263], params))
     while engine.has_unfinished():
         engine.step()
     return {r.request_id: list(r.output_token_ids) for r in reqs}
 
 
-def test_mixed_steps_replayed_from_graph_layout_match_eager_steps():
-    with_graphs = _engine(True)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap):
+    with_graphs = _engine(True, overlap)
+    graphs, runs = with_graphs.runner.graphs, []
+    real_run = graphs.run
+    graphs.run = lambda batch, key, carry=None: runs.append(
+        (sum(s.num_tokens != 1 for s in batch.seqs), carry is not None)) or real_run(batch, key, carry)
     got = _trace(with_graphs)
-    keys = set(with_graphs.runner.graphs.graphs)
-    assert any(q for _b, _c, q in keys) and any(not q for _b, _c, q in keys), keys  # both layouts ran
+    keys = set(graphs.graphs)
+    assert {k for k, _ in runs} == {0, 1, 2}  # decode-only steps, steps with one and with two prefill rows
+    assert any(q for _b, _c, q in keys) and any(not q for _b, _c, q in keys), keys  # replayed from both layouts
+    assert any(k and carried for k, carried in runs) == overlap  # mixed steps read pending ids on the device
     assert got == _trace(_engine(False))
     assert with_graphs.kv.usage().used == 0
 
 
-def test_graph_keys_take_one_short_prefill_row_only():
+def test_graph_keys_take_a_few_short_prefill_rows():
     from splitserve.core.engine.batch import ScheduledBatch, SeqWork
 
     graphs = _engine(True).runner.graphs
@@ -79,11 +93,15 @@ def test_graph_keys_take_one_short_prefill_row_only():
     def key(*seqs: SeqWork):
         return graphs.key(ScheduledBatch(seqs=seqs, page_size=8))
 
-    assert key(seq("d1", 1, 9), seq("d2", 1, 4)) == (2, graphs.ctx_buckets[0], 0)
-    assert key(seq("d1", 1, 9), seq("p", 20, 16)) == (1, graphs.ctx_buckets[0], 32)
-    assert key(seq("p", 5)) == (1, graphs.ctx_buckets[0], 16)  # a prompt alone: one padding decode row
-    assert key(seq("p", 129)) is None  # too long for a prefill bucket
-    assert key(seq("p", 5), seq("q", 5)) is None  # two prefill rows
+    c0 = graphs.ctx_buckets[0]
+    assert key(seq("d1", 1, 9), seq("d2", 1, 4)) == (2, c0, 0)
+    assert key(seq("d1", 1, 9), seq("p", 20, 16)) == (1, c0, 32)
+    assert key(seq("p", 5)) == (1, c0, 16)  # a prompt alone: one padding decode row
+    assert key(seq("p", 257)) is None  # too long for a prefill bucket
+    assert key(seq("d", 1, 9), seq("p", 5), seq("q", 20)) == (1, c0, 32)  # two prefill rows: 25 tokens together
+    assert key(seq("p", 65), seq("q", 65)) == (1, c0, 256)  # two session turns of 65 new tokens
+    assert key(seq("p", 130), seq("q", 130)) is None  # 260 tokens together
+    assert key(*(seq(f"p{i}", 2) for i in range(MAX_PREFILL_ROWS + 1))) is None  # too many prefill rows
     assert key(seq("p", 5, logprobs=True)) is None  # prompt logprobs need every position's hidden state
     assert torch.equal(graphs.static.cu_seqlens_q, torch.arange(9, dtype=torch.int32))  # decode layout untouched
 

@@ -23,7 +23,7 @@ def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
     in_step, release = threading.Event(), threading.Event()
     real_step = engine.step
 
-    def long_step():
+    def long_step(arrivals=None):
         in_step.set()
         release.wait(30)
         return real_step()

@@ -6,12 +6,16 @@ a batch is padded up to its bucket with rows that write nowhere (slot -1) and at
 The decode kernel's grid is fixed by the context bucket (``max_context_len``), so each context bucket gets its
 own graphs and long contexts never replay a graph captured for shorter ones.
 
-Mixed steps: decode rows plus ONE short prefill row (an agent session's new turn, a short prompt prefilled on the
-decode worker) would otherwise run eagerly, host-bound (15-25 ms for an 8B model against an 8 ms graph step). Their
-graphs (prefill bucket ``q`` > 0, :data:`PREFILL_BUCKETS`) lay the step out as the decode rows, padding rows, then the
-prefill row's tokens padded to ``q``. The decode rows are attended with the split-K decode kernel and the prefill row
-with the varlen kernel, which reads its rows from the device (``cu_mixed``), so one graph serves any row length
-within its bucket. :meth:`DecodeGraphs.run` gives the hidden states back in the batch's own order.
+Mixed steps: decode rows plus up to :data:`MAX_PREFILL_ROWS` short prefill rows (agent sessions' new turns, short
+prompts prefilled on the decode worker; two turns that arrive during one step share the next) would otherwise run
+eagerly, host-bound (15-25 ms for an 8B model against an 8 ms graph step). Their graphs (prefill rows whose tokens
+together fit prefill bucket ``q`` > 0, :data:`PREFILL_BUCKETS`) lay the step out as the decode rows, padding rows,
+then the prefill rows' tokens one after another, padded to ``q``. The decode rows are attended with the split-K
+decode kernel and the prefill rows with the varlen kernel, which reads the rows' bounds from the device
+(``cu_mixed``; rows a step lacks are empty), so one graph serves one to :data:`MAX_PREFILL_ROWS` rows of any lengths
+within its bucket: a step of two turns replays the graph a step of one turn captured (a capture in serving stalls
+its step for about 0.1 s on an H200). :meth:`DecodeGraphs.run` gives the hidden
+states back in the batch's own order.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-PREFILL_BUCKETS = (16, 32, 64, 128)
-"""Token counts of the one prefill row a mixed graph carries."""
+PREFILL_BUCKETS = (16, 32, 64, 128, 256)
+"""Token counts of the prefill rows a mixed graph carries (all its rows together)."""
+MAX_PREFILL_ROWS = 4
+"""Prefill rows one mixed graph carries at most."""
+
+GraphKey = tuple[int, int, int]
+"""(batch bucket, context bucket, prefill bucket or 0)."""
 
 
 def context_buckets(max_len: int) -> list[int]:
@@ -55,7 +64,7 @@ class _Static:
     block_tables: torch.Tensor  # int32 [B, max_pages]
     context_lens: torch.Tensor  # int32 [B]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1] = arange
-    cu_mixed: torch.Tensor  # int32 [B + 2]: decode rows, then the prefill row (filled per step)
+    cu_mixed: torch.Tensor  # int32 [B + 1 + MAX_PREFILL_ROWS]: decode rows, then the prefill rows (filled per step)
 
 
 class DecodeGraphs:
@@ -73,21 +82,21 @@ class DecodeGraphs:
             input_ids=torch.zeros(tokens, dtype=torch.long, device=dev),
             positions=torch.zeros(tokens, dtype=torch.long, device=dev),
             slot_mapping=torch.full((tokens,), -1, dtype=torch.long, device=dev),
-            block_tables=torch.zeros(n + 1, max_pages, dtype=torch.int32, device=dev),
-            context_lens=torch.zeros(n + 1, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(n + MAX_PREFILL_ROWS, max_pages, dtype=torch.int32, device=dev),
+            context_lens=torch.zeros(n + MAX_PREFILL_ROWS, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
-            cu_mixed=torch.zeros(n + 2, dtype=torch.int32, device=dev),
+            cu_mixed=torch.zeros(n + 1 + MAX_PREFILL_ROWS, dtype=torch.int32, device=dev),
         )
         self.pool = None
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def key(self, batch: ScheduledBatch) -> tuple[int, int, int] | None:
-        """Graph key ``(batch bucket, context bucket, prefill bucket or 0)``: for a decode-only batch, or decode rows
-        with one prefill row of at most ``PREFILL_BUCKETS[-1]`` tokens (no prompt logprobs); else None."""
+    def key(self, batch: ScheduledBatch) -> GraphKey | None:
+        """Graph key: for a decode-only batch, or decode rows with at most :data:`MAX_PREFILL_ROWS` prefill rows of
+        at most ``PREFILL_BUCKETS[-1]`` tokens together (no prompt logprobs); else None."""
         long = [s for s in batch.seqs if s.num_tokens != 1]
-        if len(long) > 1 or any(s.prompt_logprobs for s in long):
+        if len(long) > MAX_PREFILL_ROWS or any(s.prompt_logprobs for s in long):
             return None
-        q = bucket_of(long[0].num_tokens, PREFILL_BUCKETS) if long else 0
+        q = bucket_of(sum(s.num_tokens for s in long), PREFILL_BUCKETS) if long else 0
         b = bucket_of(max(1, len(batch.seqs) - len(long)), self.batch_buckets)
         c = bucket_of(max(s.start_pos + s.num_tokens for s in batch.seqs), self.ctx_buckets)
         return None if b is None or c is None or q is None else (b, c, q)
@@ -100,16 +109,18 @@ class DecodeGraphs:
                 slot_mapping=st.slot_mapping[:b], max_q_len=1, max_context_len=c, q_lens=[1] * b,
                 ctx_lens_host=[c] * b, page_size=self.page_size,
             )
-        return AttentionMetadata(  # decode kernel for the b rows, varlen kernel for the last; host lists size grids
-            cu_seqlens_q=st.cu_mixed[: b + 2], context_lens=st.context_lens[: b + 1],
-            block_tables=st.block_tables[: b + 1], slot_mapping=st.slot_mapping[: b + q], max_q_len=q,
-            max_context_len=c, q_lens=[1] * b + [q], ctx_lens_host=[c] * (b + 1), page_size=self.page_size,
+        k = MAX_PREFILL_ROWS
+        return AttentionMetadata(  # decode kernel for the b rows, varlen kernel for the k after; host lists size grids
+            cu_seqlens_q=st.cu_mixed[: b + 1 + k], context_lens=st.context_lens[: b + k],
+            block_tables=st.block_tables[: b + k], slot_mapping=st.slot_mapping[: b + q], max_q_len=q,
+            max_context_len=c, q_lens=[1] * b + [q] * k, ctx_lens_host=[c] * (b + k), page_size=self.page_size,
             decode_rows=b,
         )
 
     def _fill(self, batch: ScheduledBatch, b: int, q: int) -> None:
         """Copy the batch into the static buffers (pinned host staging, asynchronous): its decode rows padded to ``b``
-        rows, then (``q`` > 0) the prefill row's tokens padded to ``q``."""
+        rows, then (``q`` > 0) the prefill rows' tokens one after another, padded to ``q`` (rows it lacks up to
+        :data:`MAX_PREFILL_ROWS`: empty, no context)."""
         rows = [s for s in batch.seqs if s.num_tokens == 1]
         long = [s for s in batch.seqs if s.num_tokens != 1]
         pad = b - len(rows)
@@ -119,13 +130,18 @@ class DecodeGraphs:
         ctx = [p + 1 for p in pos[: len(rows)]] + [0] * pad
         st = self.static
         if long:
-            p, n = long[0], long[0].num_tokens
-            ids += [*p.token_ids, *[0] * (q - n)]
-            pos += [*range(p.start_pos, p.start_pos + n), *[0] * (q - n)]
-            slots += [*p.slots(self.page_size), *[-1] * (q - n)]
-            ctx.append(p.start_pos + n)
-            _copy(st.cu_mixed[: b + 2], [*range(b + 1), b + n])
-            _copy(st.block_tables[b, : len(p.page_table)], list(p.page_table))
+            cu = list(range(b + 1))
+            for i, p in enumerate(long):
+                ids += p.token_ids
+                pos += range(p.start_pos, p.start_pos + p.num_tokens)
+                slots += p.slots(self.page_size)
+                ctx.append(p.start_pos + p.num_tokens)
+                cu.append(cu[-1] + p.num_tokens)
+                _copy(st.block_tables[b + i, : len(p.page_table)], list(p.page_table))
+            tail, empty = b + q - len(ids), MAX_PREFILL_ROWS - len(long)
+            ids, pos, slots = ids + [0] * tail, pos + [0] * tail, slots + [-1] * tail
+            ctx += [0] * empty
+            _copy(st.cu_mixed[: b + 1 + MAX_PREFILL_ROWS], cu + [cu[-1]] * empty)
         for buf, values in ((st.input_ids, ids), (st.positions, pos), (st.slot_mapping, slots), (st.context_lens, ctx)):
             _copy(buf[: len(values)], values)
         if rows:
@@ -134,9 +150,16 @@ class DecodeGraphs:
 
     @staticmethod
     def _mixed_order(batch: ScheduledBatch, b: int) -> list[int]:
-        """Each batch token's row in a mixed step's output: decode rows in batch order, the prefill row from ``b``."""
-        rows = iter(range(b))
-        return [b + j if s.num_tokens != 1 else next(rows) for s in batch.seqs for j in range(s.num_tokens)]
+        """Each batch token's row in a mixed step's output: decode rows in batch order, the prefill rows' tokens one
+        after another from ``b``."""
+        rows, order, nxt = iter(range(b)), [], b
+        for s in batch.seqs:
+            if s.num_tokens == 1:
+                order.append(next(rows))
+            else:
+                order.extend(range(nxt, nxt + s.num_tokens))
+                nxt += s.num_tokens
+        return order
 
     def _forward(self, b: int, c: int, q: int) -> torch.Tensor:
         st = self.static
@@ -144,11 +167,11 @@ class DecodeGraphs:
 
     def _inert(self, b: int, q: int) -> None:
         """Static inputs of a (b, q) step that write nowhere and attend to nothing: what a capture runs on."""
-        st = self.static
+        st, k = self.static, MAX_PREFILL_ROWS if q else 0
         st.slot_mapping[: b + q].fill_(-1)
-        st.context_lens[: b + 1].zero_()
-        st.context_lens[b : b + 1].fill_(1 if q else 0)  # the prefill row: the varlen kernel reads its first page
-        st.cu_mixed[: b + 2].copy_(torch.arange(b + 2, dtype=torch.int32))
+        st.context_lens[: b + k].zero_()
+        st.context_lens[b : b + k].fill_(1)  # the prefill rows: the varlen kernel reads their first page
+        st.cu_mixed[: b + 1 + k].copy_(torch.arange(b + 1 + k, dtype=torch.int32))
 
     def _capture(self, b: int, c: int, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._inert(b, q)
@@ -163,7 +186,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(b, c, q)
-        logger.info("captured decode CUDA graph: batch %d, context <= %d%s", b, c, f", a prefill row <= {q}" if q else "")
+        logger.info("captured decode CUDA graph: batch %d, context <= %d%s", b, c,
+                    f", prefill rows <= {q} tokens" if q else "")
         return graph, out
 
     @torch.inference_mode()
@@ -177,25 +201,32 @@ class DecodeGraphs:
         return len(self.graphs)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, key: tuple[int, int, int],
-            carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, key: GraphKey,
+            carry: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states ``[batch tokens, hidden]`` of the step, in the batch's order (a decode-only step: a view of
         the graph's static output).
 
-        ``carry`` (decode-only steps): (rows int64 ``[k]``, token ids int64 ``[k]``), both on the device: input ids
-        that are still on the device (the previous step's sampled tokens) and replace those rows' host values.
+        ``carry``: (positions among the batch's tokens, their ids int64 ``[k]`` on the device): input ids that are
+        still on the device (the previous step's sampled tokens) and replace those tokens' host values.
         """
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         graph, out = self.graphs[key]
         self._fill(batch, key[0], key[2])
+        order = self._mixed_order(batch, key[0]) if key[2] else None
         if carry is not None:
-            self.static.input_ids.index_copy_(0, *carry)
+            where = carry[0] if order is None else [order[t] for t in carry[0]]
+            self.static.input_ids.index_copy_(0, _device(where, out.device), carry[1])
         graph.replay()
-        if not key[2]:
+        if order is None:
             return out[: len(batch.seqs)]
-        order = torch.tensor(self._mixed_order(batch, key[0]), dtype=torch.long, pin_memory=out.is_cuda)
-        return out.index_select(0, order.to(out.device, non_blocking=True))
+        return out.index_select(0, _device(order, out.device))
+
+
+def _device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 ``[len(values)]`` on ``device``, through pinned memory without a host sync."""
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _copy(dst: torch.Tensor, values: list) -> None:

@@ -8,18 +8,23 @@ Flow of :meth:`LLMEngine.step`:
 3. Postprocess: such a request is finished with ``finish_reason="error"`` and its ``error`` (pages freed,
    one WARNING line); the others append their tokens and finish on EOS, stop ids or length.
 
-Overlapped decode (``EngineConfig.async_scheduling``): when every row of a step is a greedy decode token with nothing
-else asked (plain, or masked by a grammar), the step is launched without waiting for it (:meth:`ModelRunner.launch`)
-and committed with pending placeholder tokens. The next :meth:`LLMEngine.step`:
+Overlapped steps (``EngineConfig.async_scheduling``): when every row of a step is greedy with nothing else asked
+(plain, or masked by a grammar) -- a decode token, or with ``overlap_prefill`` a prompt chunk of any length -- the
+step is launched without waiting for it (:meth:`ModelRunner.launch`) and committed with pending placeholder tokens
+(a chunk before a prompt's last samples nothing and gets none). The next :meth:`LLMEngine.step`:
 1'. schedules step N+1 and queues its forward pass (its inputs read step N's tokens on the device);
 2'. waits for step N and resolves it (:meth:`LLMEngine._resolve`): placeholders become tokens, each token goes to its
     request's grammar matcher as on the synchronous path (a refused token fails the request with ``"error"``, a
     terminated matcher finishes it with ``"stop"``), and the requests that stop there finish;
 3'. with grammar rows in N+1, fills their bitmask from the matchers (rows of requests that ended in 2' are skipped),
     and the runner applies it and queues the argmax (:meth:`LLMEngine._seal`);
-so host work (scheduling, grammar matchers, outputs, the worker's messages) runs while the GPU computes. A step that
-cannot overlap (prefill chunks, sampling beyond argmax, logprobs, a layer hook) first completes the step in flight
-and runs synchronously. A request that stops at step N still has a row in step N+1: its extra token is dropped and
+so host work (scheduling, grammar matchers, outputs, the worker's messages) runs while the GPU computes, and a prompt
+that arrives while a step runs is queued right behind it (an agent session's turn on a decode worker). Given
+``arrivals`` (a worker's sockets), step 1' first waits on them while the step in flight is expected to run on
+(0'., core/engine/pacing.py): work that comes then is taken in before N+1 is scheduled, so a new prompt runs in the
+very next step instead of the one after, and the step returns nothing yet. A step that
+cannot overlap (sampling beyond argmax, logprobs, a layer hook, a prefill worker's prompts) first completes the step
+in flight and runs synchronously. A request that stops at step N still has a row in step N+1: its extra token is dropped and
 its pages are freed once N+1 has completed.
 
 Requests are checked when they are added (:meth:`LLMEngine.make_request`): a prompt this engine can never
@@ -44,6 +49,7 @@ from splitserve.core.cache.manager import KVCacheBlocks, KVCacheManager
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import RunnerOutput, ScheduledBatch, SeqResult, SeqWork, error_text
 from splitserve.core.engine.grammar import GrammarStates
+from splitserve.core.engine.pacing import StepClock
 from splitserve.core.engine.runner import InFlight, KVPoolSpec, LayerHook, ModelRunner
 from splitserve.core.engine.sampler import argmax_only, check_params, masked_argmax_only
 from splitserve.core.engine.scheduler import Scheduler, SchedulerLimits
@@ -134,13 +140,19 @@ def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
 
 
 @dataclass(frozen=True)
-class SyncStep:
-    """When a synchronous step ran (``time.monotonic()``), whether it replayed a CUDA graph, and its rows."""
+class StepTiming:
+    """When a step started (queued, if overlapped) and when its tokens reached the host (``time.monotonic()``),
+    whether it replayed a CUDA graph, its rows, and whether it was overlapped."""
 
     started: float
     ended: float
     graphed: bool
     rows: int
+    overlapped: bool
+
+
+CLOCK_REPORT_S = 30.0
+"""Seconds between two log lines on the step window (while decode steps overlap)."""
 
 
 class LLMEngine:
@@ -175,8 +187,13 @@ class LLMEngine:
         """Structured output: compiled grammars and one matcher per constrained request (core/engine/grammar.py)."""
         self.runner.grammars = self.grammars
         self._in_flight: InFlight | None = None
-        self.last_sync_step: SyncStep | None = None
-        """The last step run synchronously (a prompt's among them): for a worker's per-request timing log."""
+        self.clock = StepClock()
+        """When the overlapped step in flight should end (module flow, step 0')."""
+        self._now: Callable[[], float] = time.monotonic
+        self._clock_report_at = 0.0
+        """When the step window's next log line is due (0: not started)."""
+        self.last_step: StepTiming | None = None
+        """The last step whose tokens reached the host: for a worker's per-request timing log."""
         logger.info("engine ready: model %s on %s, %d pages of %d tokens", mcfg.model_id, device, num_pages, cfg.page_size)
 
     # --- requests -----------------------------------------------------------------------------------
@@ -284,6 +301,14 @@ class LLMEngine:
         """Requests to run, or a step in flight to complete (keep calling :meth:`step`)."""
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
+    def wait_in_flight(self) -> None:
+        """Block until the step in flight (if any) has finished on the device; its tokens are still handed out by the
+        next :meth:`step`. Pages published to the prefix cache when a step was launched are written by then: call it
+        before another process reads this pool's pages (a prefill worker copying a held session prefix)."""
+        flight = self._in_flight
+        if flight is not None and flight.done is not None:
+            flight.done.synchronize()
+
     def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000)) -> str:
         """Compile every kernel variant and capture every CUDA graph before serving; returns a one-line report.
 
@@ -303,12 +328,17 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    def step(self) -> list[StepOutput]:
+    def step(self, arrivals: Callable[[float], bool] | None = None) -> list[StepOutput]:
+        """One step (module flow). ``arrivals(timeout_s)``: waits up to ``timeout_s`` for new work, True when some came
+        (step 0'); without it the next overlapped step is launched at once."""
         prev = self._in_flight
         if prev is None:
             return self._step_now()
+        if arrivals is not None and self.cfg.step_window and self._await_arrivals(prev, arrivals):
+            return []  # prev is still in flight: the caller takes the new work in and steps again
+        scheduled_at = self._now()
         batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
-        launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev)
+        launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev, scheduled_at)
         outputs = self._complete(prev)
         if launched:
             outputs += self._seal(self._in_flight)  # prev's tokens reached the matchers: mask this step's rows
@@ -317,23 +347,51 @@ class LLMEngine:
             return outputs
         return outputs + self._step_now()  # scheduled again: every token is known now
 
+    def _await_arrivals(self, prev: InFlight, arrivals: Callable[[float], bool]) -> bool:
+        """Step 0': wait for new work while ``prev`` should run on; True when some came."""
+        if not self.scheduler.decoding_only():  # work is already there: schedule it now
+            return False
+        now = self._now()
+        if now >= self._clock_report_at:
+            if self._clock_report_at:
+                logger.info("step window: %s", self.clock.report())
+            self._clock_report_at = now + CLOCK_REPORT_S
+        left = self.clock.window(prev.launched, now)
+        if left <= 0:
+            return False
+        arrived = arrivals(left)
+        self.clock.opened(left, arrived)
+        return arrived
+
     def _step_now(self) -> list[StepOutput]:
         """Nothing in flight: run one step synchronously, or launch it overlapped (its outputs come next step)."""
+        scheduled_at = self._now()
         batch = self.scheduler.schedule()
         outputs = self._finish_out_of_memory()
         if batch.is_empty:
             return outputs
-        if self._overlappable(batch) and self._launch(batch, None):
+        if self._overlappable(batch) and self._launch(batch, None, scheduled_at):
             return outputs + self._seal(self._in_flight)
-        started = time.monotonic()
+        started = self._now()
         out = self._execute(batch)
-        self.last_sync_step = SyncStep(started, time.monotonic(), self.runner.last_graphed, len(batch.seqs))
+        self.last_step = StepTiming(started, self._now(), self.runner.last_graphed, len(batch.seqs), False)
         return outputs + self.postprocess(batch, out)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
         return self.cfg.async_scheduling and not self.runner.needs_hook(batch) and all(
-            s.num_tokens == 1 and s.sample and not s.prompt_logprobs and self._argmax_row(s) for s in batch.seqs
-        )
+            self._overlappable_row(s) for s in batch.seqs)
+
+    def _overlappable_row(self, s: SeqWork) -> bool:
+        """A decode token sampled greedily; with ``overlap_prefill`` also a prompt chunk (not a prefill worker's: its
+        prompts end at their first token)."""
+        if s.prompt_logprobs or (s.sample and not self._argmax_row(s)):
+            return False
+        if s.num_tokens == 1 and s.sample:
+            return True
+        mode = self.cfg.overlap_prefill
+        if mode == "off" or (mode == "auto" and self.runner.device.type != "cuda"):
+            return False
+        return not self.scheduler.requests[s.request_id].prefill_only
 
     def _argmax_row(self, s: SeqWork) -> bool:
         """The row's token is the argmax of its logits, masked by its grammar (whose matcher is here) if it has one."""
@@ -356,8 +414,9 @@ class LLMEngine:
         return self._fail_errors(RunnerOutput(results=tuple(
             SeqResult(rid, None, error=error_text("structured output", exc)) for rid, exc in failed)))
 
-    def _launch(self, batch: ScheduledBatch, prev: InFlight | None) -> bool:
-        """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised."""
+    def _launch(self, batch: ScheduledBatch, prev: InFlight | None, scheduled_at: float) -> bool:
+        """Queue ``batch`` on the device and commit it with pending tokens; False (nothing changed) if that raised.
+        ``scheduled_at``: when its scheduling began (the host's share, for :attr:`clock`)."""
         try:
             launched = self.runner.launch(batch, prev)
         except Exception as exc:  # the synchronous path runs it again and isolates a request that raises
@@ -367,12 +426,17 @@ class LLMEngine:
         if prev is not None:
             prev.retirees = self.scheduler.take_retiring()  # released when prev completes
         launched.placeholders = self.scheduler.start_in_flight(batch)
+        launched.launched = self.clock.launched(scheduled_at, self._now())
         self._in_flight = launched
         return True
 
     def _complete(self, prev: InFlight) -> list[StepOutput]:
         """Wait for ``prev``, free the pages that waited for it, and hand out its tokens."""
+        waited = not prev.completed()
         out = prev.results()
+        ended = self._now()
+        self.clock.completed(prev.launched, ended, waited)
+        self.last_step = StepTiming(prev.launched, ended, prev.graphed, len(prev.batch.seqs), True)
         if self._in_flight is prev:  # nothing newer in flight
             self._in_flight = None
             self.scheduler.in_flight = frozenset()

@@ -7,10 +7,10 @@ Flow of :meth:`ModelRunner.execute`:
    row and report the rows that still raise in :attr:`SeqResult.error` (the engine fails those requests).
 4. Add prompt logprobs where asked.
 
-Overlapped decode (greedy decode rows with nothing else asked):
-1'. :meth:`ModelRunner.launch` queues steps 1-2 and the logits on the device without waiting for them. A row whose
-    input token is the previous step's pending token reads it from that step's device tensor, so the host never
-    waits between steps.
+Overlapped steps (greedy rows with nothing else asked: decode tokens, and prompt chunks of any length):
+1'. :meth:`ModelRunner.launch` queues steps 1-2 and the logits of each row's last token on the device without
+    waiting for them. A row whose input token is the previous step's pending token reads it from that step's device
+    tensor, so the host never waits between steps.
 2'. Without grammar rows the argmax follows at once (:meth:`InFlight.seal`). With grammar rows the step stays
     unsealed: the engine first finishes the previous step on the host (its tokens advance the matchers), fills the
     rows' bitmask, and :meth:`ModelRunner.seal` applies it on the device and queues the argmax, all while the
@@ -25,6 +25,7 @@ collaborators given at construction.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -77,13 +78,18 @@ NO_TOKEN = -2
 
 @dataclass
 class InFlight:
-    """A launched decode step whose sampled tokens have not been read on the host yet."""
+    """A launched step whose sampled tokens have not been read on the host yet (a row that does not sample, a
+    prompt chunk before the last, has a token too: the engine ignores it)."""
 
     batch: ScheduledBatch
     rows: dict[str, int]
     """request id -> row."""
     logits: torch.Tensor | None = None
     """float32 ``[len(batch.seqs), V]`` on the model's device while the step waits for its grammar mask; then None."""
+    launched: float = 0.0
+    """When the step was queued (``time.monotonic()``; the engine's clock, core/engine/pacing.py)."""
+    graphed: bool = False
+    """Whether it replays a CUDA graph."""
     tokens: torch.Tensor | None = None
     """int64 ``[len(batch.seqs)]`` on the model's device: each row's greedy token (set by :meth:`seal`)."""
     host: torch.Tensor | None = None
@@ -96,10 +102,11 @@ class InFlight:
     """Page owner keys to free once this step has completed (set by the engine)."""
 
     @classmethod
-    def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool) -> "InFlight":
+    def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool, graphed: bool = False) -> "InFlight":
         """The step of ``batch`` from its logits float32 ``[len(batch.seqs), V]``: sealed at once unless ``masked``
         (it has grammar rows, whose mask comes later through :meth:`ModelRunner.seal`)."""
-        flight = cls(batch, {s.request_id: i for i, s in enumerate(batch.seqs)}, logits=logits)
+        flight = cls(batch, {s.request_id: i for i, s in enumerate(batch.seqs)}, logits=logits,
+                     launched=time.monotonic(), graphed=graphed)
         if not masked:
             flight.seal(torch.argmax(logits, dim=-1))
         return flight
@@ -121,6 +128,10 @@ class InFlight:
         self.done = torch.cuda.Event()
         self.done.record()
 
+    def completed(self) -> bool:
+        """Whether the device has finished the step (always on CPU, where a step completes at launch)."""
+        return self.done is None or self.done.query()
+
     def results(self) -> RunnerOutput:
         """Wait for the step, then one :class:`SeqResult` per row (an error for a row that had no token left)."""
         if self.host is None:
@@ -132,6 +143,15 @@ class InFlight:
             err = error_text("sampling", ValueError(NO_TOKEN_LEFT)) if t == NO_TOKEN else None
             out.append(SeqResult(s.request_id, None if err else t, error=err))
         return RunnerOutput(results=tuple(out))
+
+
+def row_ends(batch: ScheduledBatch) -> list[int]:
+    """Each row's last token: its index among the step's tokens (all rows' tokens in order)."""
+    ends, off = [], -1
+    for s in batch.seqs:
+        off += s.num_tokens
+        ends.append(off)
+    return ends
 
 
 def leading_decode_rows(q_lens: list[int]) -> int:
@@ -190,23 +210,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: InFlight | None) -> InFlight:
-        """Queue a decode step of greedy rows (one token each) without waiting for it (module flow, step 1').
+        """Queue a step of greedy rows (decode tokens and prompt chunks) without waiting for it (module flow, step 1').
 
-        Rows whose input token is :data:`PENDING_TOKEN` take ``prev``'s sampled token for the same request, on the
-        device. Raises ``ValueError`` when such a row has no row in ``prev``. A batch with grammar rows comes back
+        A row whose last input token is :data:`PENDING_TOKEN` takes ``prev``'s sampled token for the same request, on
+        the device. Raises ``ValueError`` when such a row has no row in ``prev``. A batch with grammar rows comes back
         unsealed: call :meth:`seal` once their matchers have filled :meth:`mask_rows`.
         """
         carry = self._carry(batch, prev)
         key = self.graphs.key(batch) if self.graphs is not None else None
+        self.last_graphed = key is not None
         if key is not None:
             hidden = self.graphs.run(batch, key, carry)
         else:
             input_ids, positions, meta = self._prepare(batch)
             if carry is not None:
-                input_ids.index_copy_(0, *carry)
+                input_ids.index_copy_(0, self._tensor(carry[0], torch.long), carry[1])
             hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if batch.num_tokens != len(batch.seqs):  # prompt chunks: each row's last token
+            hidden = hidden.index_select(0, self._tensor(row_ends(batch), torch.long))
         masked = any(s.params.grammar is not None for s in batch.seqs)
-        return InFlight.start(batch, self.model.compute_logits(hidden), masked)
+        return InFlight.start(batch, self.model.compute_logits(hidden), masked, key is not None)
 
     def mask_rows(self, flight: InFlight) -> torch.Tensor:
         """Host int32 ``[len(flight.batch.seqs), ceil(V / 32)]`` bitmask rows of an unsealed step, for the matchers to
@@ -238,16 +261,18 @@ class ModelRunner:
         best = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)  # -inf only where every token is -inf
         flight.seal(tokens, tokens.masked_fill(best == float("-inf"), NO_TOKEN))
 
-    def _carry(self, batch: ScheduledBatch, prev: InFlight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows of ``batch`` whose token is pending, their tokens from ``prev``) as device tensors, or None."""
-        rows = [i for i, s in enumerate(batch.seqs) if s.token_ids[0] == PENDING_TOKEN]
+    def _carry(self, batch: ScheduledBatch, prev: InFlight | None) -> tuple[list[int], torch.Tensor] | None:
+        """(positions in the step's tokens whose id is pending, their ids int64 ``[k]`` from ``prev`` on the device),
+        or None. A pending id is always its request's newest token, so only a row's last token can be one."""
+        ends = row_ends(batch)
+        rows = [i for i, s in enumerate(batch.seqs) if s.token_ids[-1] == PENDING_TOKEN]
         if not rows:
             return None
         missing = [batch.seqs[i].request_id for i in rows if prev is None or batch.seqs[i].request_id not in prev.rows]
         if missing:
             raise ValueError(f"requests {missing}: pending input token without a step in flight")
         src = self._tensor([prev.rows[batch.seqs[i].request_id] for i in rows], torch.long)
-        return self._tensor(rows, torch.long), prev.tokens.index_select(0, src)
+        return [ends[i] for i in rows], prev.tokens.index_select(0, src)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor; on CUDA through pinned memory without a host sync."""
@@ -287,12 +312,8 @@ class ModelRunner:
         return self._tensor(ids, torch.long), self._tensor(pos, torch.long), meta
 
     def _postprocess(self, batch: ScheduledBatch, hidden: torch.Tensor) -> RunnerOutput:
-        ends, starts = [], []
-        off = 0
-        for s in batch.seqs:
-            starts.append(off)
-            off += s.num_tokens
-            ends.append(off - 1)
+        ends = row_ends(batch)
+        starts = [e - s.num_tokens + 1 for e, s in zip(ends, batch.seqs)]
         sampling = [i for i, s in enumerate(batch.seqs) if s.sample]
         tokens: dict[int, SampledRow] = {}
         if sampling:

@@ -5,8 +5,8 @@ oldest first), then waiting requests (prefix-cache hits skip their cached pages)
 full, the newest running request is preempted: its pages are freed and it waits again at the front of
 the queue, to be recomputed from its prompt plus the tokens it already generated.
 
-Overlapped decode steps (the engine launches step N+1 before it reads step N's tokens): :meth:`start_in_flight`
-commits a launched step at once, each row's sampled token a :data:`PENDING_TOKEN` placeholder that the next step
+Overlapped steps (the engine launches step N+1 before it reads step N's tokens): :meth:`start_in_flight`
+commits a launched step at once, each sampling row's token a :data:`PENDING_TOKEN` placeholder that the next step
 reads on the device. While a step is in flight its requests' pages are still being written, so a request of it
 that finishes or aborts gives its pages up only when the step has completed (:meth:`take_retiring`); a request
 that cannot take another token (``max_tokens``, context) is not scheduled again while its last token is pending.
@@ -114,6 +114,10 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    def decoding_only(self) -> bool:
+        """Nothing waits and every running request is past its prompt (one token a step)."""
+        return not self.waiting and all(r.num_tokens - r.num_computed_tokens <= 1 for r in self.running)
 
     def queued_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
@@ -279,16 +283,19 @@ class Scheduler:
             self.kv.cache_pages(req.request_id, req.all_token_ids, known)
 
     def start_in_flight(self, batch: ScheduledBatch) -> dict[str, int]:
-        """Commit a launched decode step whose tokens are not read yet: each request advances one position and gets a
-        :data:`PENDING_TOKEN`; returns request id -> index of that placeholder in its ``output_token_ids``."""
+        """Commit a launched step whose tokens are not read yet: each request advances past its row's tokens, and a
+        row that samples gets a :data:`PENDING_TOKEN`; returns request id -> index of that placeholder in its
+        ``output_token_ids`` (rows that sample only). Every request of the step is in flight until it completes."""
         where = {}
         for seq in batch.seqs:
+            if not seq.sample:  # a prompt chunk before the last: nothing to read back
+                continue
             req = self.requests[seq.request_id]
             req.output_token_ids.append(PENDING_TOKEN)
             req.num_pending += 1
             where[req.request_id] = len(req.output_token_ids) - 1
         self.commit(batch)  # publishes only pages whose tokens are known
-        self.in_flight = frozenset(where)
+        self.in_flight = frozenset(seq.request_id for seq in batch.seqs)
         return where
 
     def finish_many(self, reqs: Iterable[tuple[Request, str]]) -> None:

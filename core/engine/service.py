@@ -2,7 +2,8 @@
 
 One thread does everything, in this order, forever: read control messages (router and peers), poll
 the registered pollers (KV transfer endpoints), run one engine step, hand each output to the service that
-owns the request, send a heartbeat when due. A side thread only keeps the worker visibly alive while that loop is
+owns the request, send a heartbeat when due. While an overlapped decode step runs, the engine may first wait on the
+sockets (:meth:`WorkerCore.wait_for_work`): a message that comes then is read before the next step is scheduled. A side thread only keeps the worker visibly alive while that loop is
 inside a long step (a compile, a huge prefill): when no heartbeat left for ``1.5 * heartbeat_s`` it resends the
 last one without its prefix-cache events, under the lock that serialises every use of the router socket. Role services (prefill/, decode/) plug in by registering
 message handlers, pollers and output owners; they never share a request.
@@ -281,7 +282,7 @@ class WorkerCore:
         for poll in self.pollers:
             poll()
         if self.engine.has_unfinished():
-            for out in self.engine.step():
+            for out in self.engine.step(arrivals=self.wait_for_work):
                 owner = self.owners.get(out.request_id)
                 if owner is not None:
                     owner(out)
@@ -297,12 +298,23 @@ class WorkerCore:
 
     # --- messages --------------------------------------------------------------------------------------
 
-    def read_messages(self, timeout_ms: int) -> None:
+    def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.peer, zmq.POLLIN)
         for sock in self.wake_sockets:  # read by the pollers; here they only end the wait
             poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a message or a KV frame, reading nothing; True when one came (the engine's
+        step 0': work that arrives while a decode step runs joins the next step, core/engine/pacing.py)."""
+        poller = self._poller()
+        with self._router_lock:
+            return bool(poller.poll(timeout_s * 1e3))
+
+    def read_messages(self, timeout_ms: int) -> None:
+        poller = self._poller()
         with self._router_lock:
             ready = dict(poller.poll(timeout_ms))
         for _ in range(256):  # bounded per loop so engine steps keep flowing
