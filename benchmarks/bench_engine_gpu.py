@@ -385,6 +385,26 @@ def bench_vs_hf(engine: LLMEngine, quick: bool) -> list[str]:
     return rows
 
 
+def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
+    """Module step 5: a session turn's step, its profile alone (``--profile``), or its latency in the engine loop."""
+    print(f"## A session turn's step (dummy {args.shape}, bf16, {args.mixed_batch} decoding, context "
+          f"{args.mixed_context})\n")
+    if args.profile:
+        print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
+        return
+    print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
+    print(f"A held turn arriving at a random point of a decode step, in the engine loop ({args.mixed_batch} "
+          f"decoding at context {args.mixed_context}); modes alternate, twice each:\n")
+    print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 |")
+    print("|---|---:|---:|---:|---:|")
+    salt = 0
+    for q in (64, 1024):
+        for mode in [*TURN_MODES] * 2:
+            salt += 1
+            print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q,
+                                                5 if args.quick else 30, mode, salt)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -416,22 +436,7 @@ def main() -> None:
     engine = LLMEngine(cfg)
     print(f"engine built in {time.perf_counter() - t0:.1f}s ({engine.info.num_pages} pages)\n")
     if args.mixed:
-        print(f"## A session turn's step (dummy {args.shape}, bf16, {args.mixed_batch} decoding, context "
-              f"{args.mixed_context})\n")
-        if args.profile:  # the profile alone
-            print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
-            return
-        print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
-        print(f"A held turn arriving at a random point of a decode step, in the engine loop ({args.mixed_batch} "
-              f"decoding at context {args.mixed_context}); modes alternate, twice each:\n")
-        print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 |")
-        print("|---|---:|---:|---:|---:|")
-        salt = 0
-        for q in (64, 1024):
-            for mode in [*TURN_MODES] * 2:
-                salt += 1
-                print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q,
-                                                    5 if args.quick else 30, mode, salt)))
+        run_mixed(engine, args)
         return
     if args.loop:
         print("## Engine decode loop: overlapped steps on and off (dummy " + args.shape + ", bf16)\n")
