@@ -294,24 +294,26 @@ class CompletionRequest(_CommonRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt_ok(cls, v: Any) -> Any:
-        items = v if isinstance(v, list) and v and not all(_is_token_id(t) for t in v) else [v]
+        items = v if isinstance(v, list) and v and not _all_token_ids(v) else [v]
         if not (all(isinstance(p, str) for p in items) or all(_is_token_list(p) for p in items)):
             raise ValueError(f"must be {PROMPT_FORMS} (token ids: ints in [0, {MAX_TOKEN_ID}], lists non-empty)")
         return v
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: its text, or its token ids."""
-        if isinstance(self.prompt, str) or all(_is_token_id(t) for t in self.prompt):
+        if isinstance(self.prompt, str) or _all_token_ids(self.prompt):
             return [self.prompt]
         return list(self.prompt)
 
 
-def _is_token_id(t: Any) -> bool:
-    return type(t) is int and 0 <= t <= MAX_TOKEN_ID
+def _all_token_ids(items: list) -> bool:
+    """Every item is a token id (an ``int``, not a ``bool``, in range); the type check runs in C (``map``), so a
+    2,600-id prompt costs tens of microseconds, not hundreds."""
+    return not items or (set(map(type, items)) == {int} and 0 <= min(items) and max(items) <= MAX_TOKEN_ID)
 
 
 def _is_token_list(p: Any) -> bool:
-    return isinstance(p, list) and bool(p) and all(_is_token_id(t) for t in p)
+    return isinstance(p, list) and bool(p) and _all_token_ids(p)
 
 
 class FunctionCall(BaseModel):

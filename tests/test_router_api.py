@@ -258,3 +258,17 @@ def test_router_config_from_flags_and_env():
     assert cfg.extra_stop_token_ids == (1, 5)
     with pytest.raises(ValueError):
         config_from_args(parser.parse_args(["--prefill-policy", "kv_aware"]), environ={})
+
+
+def test_token_id_prompts_are_checked_item_by_item():
+    """Token-id prompts: ints in range only (a bool, a float, a negative id or one past the limit is a 400)."""
+    from splitserve.router.openai_api import MAX_TOKEN_ID, CompletionRequest, _all_token_ids
+
+    assert _all_token_ids([0, 5, MAX_TOKEN_ID]) and _all_token_ids([])
+    for bad in ([1, True], [1, 2.0], [-1, 3], [MAX_TOKEN_ID + 1], [1, "2"], [1, None]):
+        assert not _all_token_ids(bad), bad
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [3, 4]}).prompts() == [[3, 4]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[3], [4, 5]]}).prompts() == [[3], [4, 5]]
+    for bad in ([1, True], [[1], [True]], [[1], []]):
+        with pytest.raises(ValueError):
+            CompletionRequest.model_validate({"model": "m", "prompt": bad})
