@@ -61,6 +61,13 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
 
+    @property
+    def reads_history(self) -> bool:
+        """Sampling reads the request's prompt and output ids: penalties, ``min_tokens``, or a random draw (seeded
+        by its position); a greedy row with none of them needs neither (the scheduler then hands the runner none)."""
+        return (not self.greedy or self.repetition_penalty != 1.0 or bool(self.presence_penalty)
+                or bool(self.frequency_penalty) or self.min_tokens > 0)
+
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     """Logprob of one chosen token plus the top-N alternatives as (token_id, logprob) pairs."""

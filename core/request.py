@@ -57,6 +57,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> tuple[int, ...]:
+        """``all_token_ids[start:end]`` without copying the whole sequence (a decode row is one token of thousands)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return tuple(self.output_token_ids[start - n : end - n])
+        if end <= n:
+            return tuple(self.prompt_token_ids[start:end])
+        return tuple(self.prompt_token_ids[start:]) + tuple(self.output_token_ids[: end - n])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -236,7 +236,8 @@ def inject_forward_faults(engine: LLMEngine, monkeypatch) -> None:
 
     def execute(batch):
         for s in batch.seqs:
-            if s.request_id == "forward-fault" or (s.request_id == "forward-fault-late" and len(s.output_token_ids) >= 3):
+            made = len(engine.scheduler.requests[s.request_id].output_token_ids)
+            if s.request_id == "forward-fault" or (s.request_id == "forward-fault-late" and made >= 3):
                 raise RuntimeError(f"injected fault for {s.request_id}")
         return real(batch)
 

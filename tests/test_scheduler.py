@@ -116,3 +116,28 @@ def test_prefill_role_takes_whole_prompts_up_to_its_budget_first_come_first_serv
         sched.add(fresh(rid, n))
     batch = sched.schedule()  # a and b whole, then c cut where the budget ends
     assert [(s.request_id, s.start_pos, s.num_tokens) for s in batch.seqs] == [("a", 0, 22), ("b", 0, 13), ("c", 0, 5)]
+
+
+def test_rows_carry_the_request_history_only_when_sampling_reads_it():
+    """A greedy row gets no prompt / output ids (copying them every step was most of the scheduling time); penalties,
+    min_tokens and random draws get both, exactly as the request holds them; token ids slice across the prompt and
+    the outputs."""
+    sched = make(num_pages=64)
+    wants = {"plain": PARAMS, "rep": SamplingParams(max_tokens=64, temperature=0, repetition_penalty=1.2),
+             "min": SamplingParams(max_tokens=64, temperature=0, min_tokens=3),
+             "draw": SamplingParams(max_tokens=64, temperature=0.7, seed=1)}
+    for rid, params in wants.items():
+        sched.add(Request(rid, list(range(100, 106)), params))
+    for _ in range(3):  # the prompts, then two decode rows each
+        for s in sched.schedule().seqs:
+            req = sched.requests[s.request_id]
+            req.num_computed_tokens = s.start_pos + s.num_tokens
+            req.output_token_ids.append(7 + len(req.output_token_ids))
+    rows = {s.request_id: s for s in sched.schedule().seqs}
+    assert (rows["plain"].prompt_token_ids, rows["plain"].output_token_ids) == ((), ())
+    for rid in ("rep", "min", "draw"):
+        assert rows[rid].prompt_token_ids == tuple(range(100, 106)) and rows[rid].output_token_ids == (7, 8, 9)
+    assert all(s.token_ids == (9,) and s.start_pos == 8 for s in rows.values())
+    req = sched.requests["plain"]
+    assert req.token_ids(4, 8) == (104, 105, 7, 8) == tuple(req.all_token_ids[4:8])
+    assert req.token_ids(0, 2) == (100, 101) and req.token_ids(7, 9) == (8, 9) and req.token_ids(9, 9) == ()

@@ -23,9 +23,10 @@ class SeqWork:
     """Sample a next token after this chunk (the request has caught up with its known tokens)."""
     params: SamplingParams
     prompt_token_ids: tuple[int, ...] = ()
-    """For repetition penalties and prompt logprobs."""
+    """For repetition penalties and prompt logprobs; empty when neither reads it (``SamplingParams.reads_history``)."""
     output_token_ids: tuple[int, ...] = ()
-    """For penalties, and for seeding: the n-th output token uses the seed mixed with n."""
+    """For penalties, ``min_tokens``, and for seeding: the n-th output token uses the seed mixed with n; empty when
+    none of them applies."""
     prompt_logprobs: bool = False
     """Return logprobs for the prompt tokens that this chunk's positions predict."""
 

@@ -250,18 +250,22 @@ class Scheduler:
         return blocks if n_cached else None
 
     def _seq_work(self, req: Request, n: int) -> SeqWork:
+        """One row of the step. The request's prompt and output ids go along only when its sampling or its prompt
+        logprobs read them (copying a 3,000-token history for every greedy decode row was most of a step's
+        scheduling)."""
         start = req.num_computed_tokens
-        tokens = req.all_token_ids
+        prompt_logprobs = req.wants_prompt_logprobs and start < req.num_prompt_tokens
+        history = req.params.reads_history or prompt_logprobs
         return SeqWork(
             request_id=req.request_id,
-            token_ids=tuple(tokens[start : start + n]),
+            token_ids=req.token_ids(start, start + n),
             start_pos=start,
             page_table=tuple(self.kv.page_table(req.request_id)),
             sample=start + n == req.num_tokens,
             params=req.params,
-            prompt_token_ids=tuple(req.prompt_token_ids),
-            output_token_ids=tuple(req.output_token_ids),
-            prompt_logprobs=req.wants_prompt_logprobs and start < req.num_prompt_tokens,
+            prompt_token_ids=tuple(req.prompt_token_ids) if history else (),
+            output_token_ids=tuple(req.output_token_ids) if history else (),
+            prompt_logprobs=prompt_logprobs,
         )
 
     # --- after the step -----------------------------------------------------------------------------
