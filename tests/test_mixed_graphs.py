@@ -127,3 +127,50 @@ def test_leading_decode_rows():
     assert leading_decode_rows([1, 1, 5, 1]) == 2  # decode rows, then a prompt row (and a row after it)
     assert leading_decode_rows([1, 1, 1]) == 0  # all decode: the decode-only path
     assert leading_decode_rows([7, 1]) == 0 and leading_decode_rows([4]) == 0
+
+
+def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkeypatch):
+    """Steps whose rows gain pages, shift up when a request leaves, or give a decode row's place to a prefill row:
+    each row of the static block tables starts with its sequence's page table, and unchanged rows are not uploaded."""
+    from splitserve.core.engine import cuda_graphs
+    from splitserve.core.engine.batch import ScheduledBatch, SeqWork
+
+    graphs = _engine(True).runner.graphs
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    uploads, real_put = [], graphs._put_table
+
+    def put(row: int, table: tuple[int, ...]) -> None:
+        if graphs._tables[row] != table:
+            uploads.append(row)
+        real_put(row, table)
+
+    graphs._put_table = put
+
+    def step(*rows: tuple[str, int, tuple[int, ...]], prefill: tuple[int, ...] | None = None) -> list[int]:
+        seqs = [SeqWork(rid, (5,), start, table, True, greedy) for rid, start, table in rows]
+        if prefill is not None:
+            seqs.append(SeqWork("p", (5, 6, 7), 0, prefill, True, greedy))
+        batch = ScheduledBatch(seqs=tuple(seqs), page_size=8)
+        uploads.clear()
+        key = graphs.key(batch)
+        graphs._fill(batch, key[0], key[2])
+        tables = graphs.static.block_tables
+        long = [s for s in seqs if s.num_tokens != 1]
+        for i, s in enumerate([s for s in seqs if s.num_tokens == 1] + [None] * (key[0] - len(seqs) + len(long))):
+            if s is not None:
+                assert tables[i, : len(s.page_table)].tolist() == list(s.page_table), i
+        for i, s in enumerate(long):
+            assert tables[key[0] + i, : len(s.page_table)].tolist() == list(s.page_table)
+        return sorted(set(uploads))
+
+    a, b, c = ("a", 9, (1, 2)), ("b", 4, (3,)), ("c", 12, (4, 5))
+    assert step(a, b, c) == [0, 1, 2]
+    assert step(a, b, c) == []  # nothing changed
+    assert step(a, ("b", 8, (3, 6)), c) == [1]  # b gained a page
+    assert step(a, c) == [1]  # b left: c moved up a row
+    assert step(a, prefill=(7, 8)) == [1]  # one decode row (bucket 1): the prefill row's table goes in row 1
+    assert step(a, c) == [1]  # row 1 held the prefill row's table: c's goes up again
+    many = [(f"m{i}", 8 * i + 1, tuple(range(10 * i, 10 * i + i + 1))) for i in range(8)]
+    monkeypatch.setattr(cuda_graphs, "TABLE_ROWS_ONE_BY_ONE", 4)
+    assert step(*many) == []  # 8 rows changed, more than 4: all at once, as one table
+    assert step(*many[:3], ("m3", 36, (99, 98, 97, 96, 95)), *many[4:]) == [3]
