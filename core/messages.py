@@ -62,11 +62,16 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.temperature <= 0.0 or self.top_k == 1
 
     @property
+    def history_shapes_logits(self) -> bool:
+        """Penalties or ``min_tokens``: the request's own prompt and output ids change its logits."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or self.min_tokens > 0)
+
+    @property
     def reads_history(self) -> bool:
-        """Sampling reads the request's prompt and output ids: penalties, ``min_tokens``, or a random draw (seeded
-        by its position); a greedy row with none of them needs neither (the scheduler then hands the runner none)."""
-        return (not self.greedy or self.repetition_penalty != 1.0 or bool(self.presence_penalty)
-                or bool(self.frequency_penalty) or self.min_tokens > 0)
+        """Sampling reads the request's prompt and output ids: :attr:`history_shapes_logits`, or a random draw
+        (seeded by its position); a greedy row with neither needs none (the scheduler then hands the runner none)."""
+        return not self.greedy or self.history_shapes_logits
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):

@@ -41,8 +41,6 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256
 MAX_PREFILL_SPLITS = 64
-PREFILL_BLOCK_M = 64
-"""Query rows per program of :func:`paged_prefill_attention` (its default ``block_m``)."""
 """Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
 arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
 step shape."""
@@ -406,13 +404,14 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     scale: float,
     max_q_len: int,
-    block_m: int = PREFILL_BLOCK_M,
+    block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
+    split_rows: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed varlen queries over paged KV that already holds them (cached prefixes ok).
 
@@ -426,7 +425,8 @@ def paged_prefill_attention(
         out: optional ``[T, Hq, D]`` output buffer.
         max_context_len: host int >= every context_lens entry; given, the keys may be split (module doc).
         num_splits: key splits per query block; None picks :func:`default_prefill_splits` (1 without
-            ``max_context_len``).
+            ``max_context_len``) for ``split_rows`` sequences (None: all ``B``; fewer when most are empty, as in a
+            mixed CUDA graph's spare prefill rows).
     Returns:
         ``[T, Hq, D]`` in ``q.dtype``.
     """
@@ -444,7 +444,7 @@ def paged_prefill_attention(
         raise ValueError("num_splits > 1 needs max_context_len (the splits divide it)")
     if num_splits is None:
         num_splits = 1 if max_context_len is None else default_prefill_splits(
-            q_blocks, batch, num_heads, max_context_len, q.device)
+            q_blocks, batch if split_rows is None else split_rows, num_heads, max_context_len, q.device)
     if not 1 <= num_splits <= MAX_PREFILL_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_PREFILL_SPLITS}], got {num_splits}")
     max_q = q_blocks * block_m

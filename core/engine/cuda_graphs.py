@@ -14,8 +14,7 @@ then the prefill rows' tokens one after another, padded to ``q``. The decode row
 decode kernel and the prefill rows with the varlen kernel, which reads the rows' bounds from the device
 (``cu_mixed``; rows a step lacks are empty), so one graph serves one to :data:`MAX_PREFILL_ROWS` rows of any lengths
 within its bucket: a step of two turns replays the graph a step of one turn captured (a capture in serving stalls
-its step for about 0.1 s on an H200). :meth:`DecodeGraphs.run` gives the hidden
-states back in the batch's own order.
+its step for about 0.1 s on an H200). :meth:`DecodeGraphs.run` gives the hidden states back in the batch's own order.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ collaborators given at construction.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -87,7 +86,7 @@ class InFlight:
     logits: torch.Tensor | None = None
     """float32 ``[len(batch.seqs), V]`` on the model's device while the step waits for its grammar mask; then None."""
     launched: float = 0.0
-    """When the step was queued (``time.monotonic()``; the engine's clock, core/engine/pacing.py)."""
+    """When the step was queued (set by the engine, on its clock: core/engine/pacing.py)."""
     graphed: bool = False
     """Whether it replays a CUDA graph."""
     tokens: torch.Tensor | None = None
@@ -105,8 +104,7 @@ class InFlight:
     def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool, graphed: bool = False) -> "InFlight":
         """The step of ``batch`` from its logits float32 ``[len(batch.seqs), V]``: sealed at once unless ``masked``
         (it has grammar rows, whose mask comes later through :meth:`ModelRunner.seal`)."""
-        flight = cls(batch, {s.request_id: i for i, s in enumerate(batch.seqs)}, logits=logits,
-                     launched=time.monotonic(), graphed=graphed)
+        flight = cls(batch, {s.request_id: i for i, s in enumerate(batch.seqs)}, logits=logits, graphed=graphed)
         if not masked:
             flight.seal(torch.argmax(logits, dim=-1))
         return flight
@@ -218,7 +216,6 @@ class ModelRunner:
         """
         carry = self._carry(batch, prev)
         key = self.graphs.key(batch) if self.graphs is not None else None
-        self.last_graphed = key is not None
         if key is not None:
             hidden = self.graphs.run(batch, key, carry)
         else:
@@ -264,10 +261,10 @@ class ModelRunner:
     def _carry(self, batch: ScheduledBatch, prev: InFlight | None) -> tuple[list[int], torch.Tensor] | None:
         """(positions in the step's tokens whose id is pending, their ids int64 ``[k]`` from ``prev`` on the device),
         or None. A pending id is always its request's newest token, so only a row's last token can be one."""
-        ends = row_ends(batch)
         rows = [i for i, s in enumerate(batch.seqs) if s.token_ids[-1] == PENDING_TOKEN]
         if not rows:
             return None
+        ends = row_ends(batch)
         missing = [batch.seqs[i].request_id for i in rows if prev is None or batch.seqs[i].request_id not in prev.rows]
         if missing:
             raise ValueError(f"requests {missing}: pending input token without a step in flight")

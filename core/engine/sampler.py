@@ -281,8 +281,7 @@ def _masked(logits: torch.Tensor, inputs: list[SampleInput]) -> tuple[torch.Tens
 def _no_processing(p: SamplingParams) -> bool:
     """No logit bias, no penalties and no min_tokens: once the grammar masks are applied, a batched argmax gives the
     same token."""
-    return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.min_tokens == 0
-            and not p.logit_bias)
+    return not p.history_shapes_logits and not p.logit_bias
 
 
 def _plain(p: SamplingParams) -> bool:

@@ -13,14 +13,11 @@ Which kernel runs (measured on an H100, benchmarks/RESULTS.md "Kernels (issue 5)
 from __future__ import annotations
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
 from splitserve.core.model.attention import AttentionMetadata
-from splitserve.kernels.attention import (
-    PREFILL_BLOCK_M, default_prefill_splits, paged_decode_attention, paged_prefill_attention,
-)
+from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention
 from splitserve.kernels.cache import gather_tokens, reshape_and_cache
 
 # SDPA per sequence pays a gather and a few launches per sequence: measured faster than the Triton kernel only
@@ -82,14 +79,12 @@ def _split_attend(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetada
     with the varlen kernel (sequences ``d:``, their rows from ``cu_seqlens_q[d:]``), each writing its own rows of one
     output. The prefill rows' key splits are sized for one row: usually one session turn is all there is (a mixed
     CUDA graph has room for several, the rest empty); more rows only make more, shorter programs."""
-    d, out, tiles = meta.decode_rows, torch.empty_like(q), _prefill_tiles(q)
+    d, out = meta.decode_rows, torch.empty_like(q)
     paged_decode_attention(q[:d], kv_layer[0], kv_layer[1], meta.block_tables[:d], meta.context_lens[:d], scale,
                            meta.max_context_len, out=out[:d])
-    q_blocks = triton.cdiv(max(meta.max_q_len, 1), tiles.get("block_m", PREFILL_BLOCK_M))
-    splits = default_prefill_splits(q_blocks, 1, q.shape[1], meta.max_context_len, q.device)
     paged_prefill_attention(q, kv_layer[0], kv_layer[1], meta.cu_seqlens_q[d:], meta.context_lens[d:],
                             meta.block_tables[d:], scale, meta.max_q_len, out=out,
-                            max_context_len=meta.max_context_len, num_splits=splits, **tiles)
+                            max_context_len=meta.max_context_len, split_rows=1, **_prefill_tiles(q))
     return out
 
 
