@@ -15,6 +15,8 @@
    its first token, the turn's prefix cached: its step run synchronously once the step in flight has completed (the
    baseline), queued behind the step in flight (``overlap_prefill``), and queued with the step window
    (``step_window``: the loop waits for arrivals before launching the next decode step), in the same run.
+   ``--host-profile``: instead, the host time to schedule and launch a turn's step against a decode step's, and a
+   profile of the turn's. ``--buckets``: instead, a turn's graph step in each prefill bucket (what padding costs).
 
 Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
 """
@@ -154,6 +156,29 @@ def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
     return rows
 
 
+def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> list[str]:
+    """What a mixed graph's padding costs: the graph step of ``b`` decode rows plus one turn row of ``q`` new tokens,
+    its prefill bucket forced to each size from ``q`` rounded up to 16, against the decode rows' own graph step."""
+    graphs, ps, vocab = engine.runner.graphs, engine.info.page_size, engine.model_config.vocab_size
+    if graphs is None:
+        return ["no CUDA graphs"]
+    iters, default = 5 if quick else 20, graphs.prefill_buckets
+    sizes = [size for size in (80, 96, 112, 128, 160) if size >= q]
+    rows = ["| decode rows | turn q | prefill bucket | graph step ms | vs the decode rows' graph |",
+            "|---:|---:|---:|---:|---:|"]
+    for batch in (12, 24):
+        sb = decode_batch(batch, ctx, ps, 0)
+        mixed = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+        alone = cuda_time(lambda: engine.runner.execute(sb), iters=iters) * 1e3
+        rows.append(f"| {batch} | - | - | {alone:.2f} | 1.00x |")
+        for size in sizes:
+            graphs.prefill_buckets = (size, default[-1])
+            t = cuda_time(lambda: engine.runner.execute(mixed), iters=iters) * 1e3
+            rows.append(f"| {batch} | {q} | {size} | {t:.2f} | {t / alone:.2f}x |")
+    graphs.prefill_buckets = default
+    return rows
+
+
 def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
     """Where an eager step's time goes (torch profiler, 3 steps each, top ops by host time): the decode batch, a
     session turn's row alone, then both in one step by device time (the kernels a mixed-step graph replays)."""
@@ -236,16 +261,8 @@ def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: i
     its arrival to its first token. ``mode``: a key of :data:`TURN_MODES`; ``salt`` keeps the turns' new tokens
     apart from other calls' (none of them is cached)."""
     overlap, window = TURN_MODES[mode]
-    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True, "overlap_prefill": "on" if overlap else "off",
-                                               "step_window": window})
+    prompt = _start_turn_loop(engine, batch, ctx, salt, overlap, window)
     vocab = engine.model_config.vocab_size
-    prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
-    engine.generate([prompt + [5]], SamplingParams(max_tokens=1, temperature=0.0))  # caches the turns' prefix
-    long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
-    for b in range(batch):
-        engine.add_request(f"bg{salt}-{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)], long)
-    for _ in range(40):  # prefilled, decoding
-        engine.step()
     rng, waits, steps = random.Random(salt), [], []
     for t in range(turns):
         for _ in range(3):
@@ -260,12 +277,76 @@ def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: i
             if any(o.request_id == rid and o.new_token_ids for o in engine.step(turn if window else None)):
                 break
         waits.append(time.perf_counter() - turn.at)
+    _stop_turn_loop(engine, batch, salt)
+    return [f"| {mode} | {q} | {statistics.median(steps) * 1e3:.2f} | {statistics.median(waits) * 1e3:.2f} | "
+            f"{statistics.quantiles(waits, n=10)[-1] * 1e3:.2f} |"]
+
+
+HELD = "held-session"
+"""The key the turns' prefix is pinned under, as a held agent session's pages are."""
+
+
+def _start_turn_loop(engine: LLMEngine, batch: int, ctx: int, salt: int, overlap: bool, window: bool) -> list[int]:
+    """``batch`` requests decoding at ``ctx`` in the engine loop; returns the turns' prefix (``ctx`` ids, pinned under
+    :data:`HELD` and cached)."""
+    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True, "overlap_prefill": "on" if overlap else "off",
+                                               "step_window": window})
+    vocab = engine.model_config.vocab_size
+    prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
+    engine.add_request(HELD, prompt + [5], SamplingParams(max_tokens=1, temperature=0.0), session_key=HELD)
+    while engine.has_unfinished():
+        engine.step()
+    long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for b in range(batch):
+        engine.add_request(f"bg{salt}-{b}", [(b * 7919 + j * 31) % (vocab - 3) + 3 for j in range(ctx - 1)], long)
+    for _ in range(40):  # prefilled, decoding
+        engine.step()
+    return prompt
+
+
+def _stop_turn_loop(engine: LLMEngine, batch: int, salt: int) -> None:
     for b in range(batch):
         engine.abort(f"bg{salt}-{b}")
     while engine.has_unfinished():
         engine.step()
-    return [f"| {mode} | {q} | {statistics.median(steps) * 1e3:.2f} | {statistics.median(waits) * 1e3:.2f} | "
-            f"{statistics.quantiles(waits, n=10)[-1] * 1e3:.2f} |"]
+    engine.release_session(HELD)
+
+
+def bench_turn_host(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int) -> list[str]:
+    """Host time to schedule and launch a held session's turn's step (queued behind the step in flight), against a
+    plain decode step's, in the engine loop (the engine's own stamps, no profiler); then where the turn's goes (cProfile
+    of the ``step()`` calls that launch a turn, which inflates Python time: read the shares)."""
+    import cProfile
+    import io
+    import pstats
+
+    salt = 9000
+    prompt = _start_turn_loop(engine, batch, ctx, salt, True, False)
+    vocab, prof = engine.model_config.vocab_size, cProfile.Profile()
+    plain, turn_ms = [], []
+    for t in range(2 * turns):
+        for _ in range(3):
+            engine.step()
+            plain.append(engine.last_step.started - engine.last_step.scheduled)
+        rid = f"host{t}"
+        engine.add_request(rid, prompt + [(t * 97 + j) % (vocab - 3) + 3 for j in range(q)],
+                           SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), continues=HELD)
+        profiled = t >= turns  # the first half unprofiled: the engine's stamps
+        if profiled:
+            prof.enable()
+        outs = engine.step()  # launches the turn's step
+        if profiled:
+            prof.disable()
+        while not any(o.request_id == rid and o.new_token_ids for o in outs):
+            outs = engine.step()
+        if not profiled:  # the step that gave the turn's first token is the turn's
+            turn_ms.append(engine.last_step.started - engine.last_step.scheduled)
+    _stop_turn_loop(engine, batch, salt)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+    return [f"scheduling + launching, median ms: plain decode step {statistics.median(plain) * 1e3:.3f}, "
+            f"step with a {q}-token turn {statistics.median(turn_ms) * 1e3:.3f} ({turns} turns, {batch} rows at "
+            f"context {ctx})", "", "cProfile of the step() calls that launched a turn:", "```", text.getvalue(), "```"]
 
 
 def _loop_ms(engine: LLMEngine, batch: int, ctx: int, steps: int, overlap: bool) -> tuple[float, list[list[int]]]:
@@ -392,6 +473,12 @@ def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
     if args.profile:
         print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
         return
+    if args.buckets:
+        print("\n".join(bench_prefill_buckets(engine, args.mixed_context, 65, args.quick)))
+        return
+    if args.host_profile:
+        print("\n".join(bench_turn_host(engine, args.mixed_batch, args.mixed_context, 65, 5 if args.quick else 30)))
+        return
     print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
     print(f"A held turn arriving at a random point of a decode step, in the engine loop ({args.mixed_batch} "
           f"decoding at context {args.mixed_context}); modes alternate, twice each:\n")
@@ -416,6 +503,10 @@ def main() -> None:
     ap.add_argument("--only-hf", action="store_true", help="skip the decode and prefill tables")
     ap.add_argument("--mixed", action="store_true", help="only a session turn's step and latency (module step 5)")
     ap.add_argument("--profile", action="store_true", help="with --mixed: only profile an eager decode step, a turn row, and both in one step")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="with --mixed: only the host time of a turn's step against a decode step's, and its profile")
+    ap.add_argument("--buckets", action="store_true",
+                    help="with --mixed: only a turn's graph step in each prefill bucket (what padding costs)")
     ap.add_argument("--mixed-batch", type=int, default=32)
     ap.add_argument("--mixed-context", type=int, default=2560)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -69,9 +69,10 @@ class DecodeService:
         self.landed: dict[str, float] = {}
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
         self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg)
-        self.local: dict[str, float] = {}
+        self.local: dict[str, tuple[float, float]] = {}
         """Requests prefilled here, until their first output (counts the prompt tokens computed, times
-        ``local_prefill_s``): when their ``GenerateReq`` arrived (monotonic; a recompute: when it started)."""
+        ``local_prefill_s``): when their ``GenerateReq`` arrived (monotonic; a recompute: when it started), and when
+        the engine took it in."""
         self.ending: dict[str, str] = {}
         """A session's last turn -> the session, ended once the turn has taken its pages (its first output)."""
         self.session_hits: set[str] = set()
@@ -158,7 +159,7 @@ class DecodeService:
         """A held session's turn whose new suffix is long enough for a prefill worker (given the held prefix)."""
         if msg.prefill_addr is None or msg.params.prompt_logprobs is not None:
             return False
-        _, held = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
+        _, held = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids, session=msg.session.session_id)
         return len(msg.prompt_token_ids) - held >= self.core.cfg.session_suffix_threshold
 
     def _queue_prefill(self, msg: GenerateReq) -> None:
@@ -172,11 +173,12 @@ class DecodeService:
         self._start_pending()
 
     def _prefill_locally(self, msg: GenerateReq, arrived: float | None = None) -> None:
-        self.local[msg.request_id] = time.monotonic() if arrived is None else arrived
+        arrived = time.monotonic() if arrived is None else arrived
         try:
             self.core.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params,
                                          session_key=_session_key(msg),
                                          continues=None if msg.session is None else msg.session.session_id)
+            self.local[msg.request_id] = (arrived, time.monotonic())
         except ValueError as exc:
             self.local.pop(msg.request_id, None)
             self.core.fail_request(msg.request_id, str(exc))
@@ -186,15 +188,19 @@ class DecodeService:
         if msg.session is not None and msg.session.end:  # ended once the turn took its pages (its partial one too)
             self.ending[msg.request_id] = msg.session.session_id
 
-    def _log_local(self, so: StepOutput, arrived: float, now: float) -> None:
-        """One line per prompt prefilled here: its wait, and the step that computed it."""
+    def _log_local(self, so: StepOutput, arrived: float, admitted: float, now: float) -> None:
+        """One line per prompt prefilled here: its wait (taking it in, waiting for the loop to schedule its step,
+        scheduling and launching it), and the step that computed it."""
         step = self.core.engine.last_step
         if step is None:
             return
         logger.info("request %s: prefilled %d new tokens here, first token %.1f ms after it arrived: %.1f ms before its "
-                    "step, a step of %d rows %.1f ms (%s, %s)", so.request_id, so.num_prompt_tokens - so.num_cached_tokens,
-                    1e3 * (now - arrived), 1e3 * (step.started - arrived), step.rows, 1e3 * (step.ended - step.started),
-                    "CUDA graph" if step.graphed else "eager", "overlapped" if step.overlapped else "synchronous")
+                    "step (%.2f ms taking it in, %.2f ms to its scheduling, %.2f ms scheduling and launching), a step "
+                    "of %d rows %.1f ms (%s, %s)", so.request_id, so.num_prompt_tokens - so.num_cached_tokens,
+                    1e3 * (now - arrived), 1e3 * (step.started - arrived), 1e3 * (admitted - arrived),
+                    1e3 * (step.scheduled - admitted), 1e3 * (step.started - step.scheduled), step.rows,
+                    1e3 * (step.ended - step.started), "CUDA graph" if step.graphed else "eager",
+                    "overlapped" if step.overlapped else "synchronous")
 
     def _start_pending(self) -> None:
         """Reserve pages for waiting requests in arrival order; stop at the first that does not fit."""
@@ -202,7 +208,8 @@ class DecodeService:
             rid, msg = next(iter(self.pending.items()))
             held, held_tokens = None, 0
             if rid in self.held_turns:  # the session's pages first (looked up now: a victim may have left since)
-                held, held_tokens = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids)
+                held, held_tokens = self.core.engine.kv.get_computed_pages(msg.prompt_token_ids,
+                                                                           session=msg.session.session_id)
             pages = self.core.engine.reserve(rid, len(msg.prompt_token_ids), held)
             if pages is None and self.sessions.make_room("a transfer needs the pages"):
                 continue
@@ -350,9 +357,9 @@ class DecodeService:
         if landed is not None:
             timing = RequestTiming(join_s=time.monotonic() - landed)
         if so.request_id in self.local and (so.new_token_ids or so.finished):
-            arrived, now = self.local.pop(so.request_id), time.monotonic()
+            (arrived, admitted), now = self.local.pop(so.request_id), time.monotonic()
             timing = RequestTiming(local_prefill_s=now - arrived)
-            self._log_local(so, arrived, now)
+            self._log_local(so, arrived, admitted, now)
             self.core.counters.prefill_tokens += max(0, so.num_prompt_tokens - so.num_cached_tokens)
         if so.request_id in self.ending:
             self.sessions.end(self.ending.pop(so.request_id))

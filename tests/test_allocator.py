@@ -6,7 +6,10 @@ Pure Python (no torch): these run in milliseconds.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import random
+import struct
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from splitserve.core.cache.allocator import CacheIntegrityError, FreeQueue, PageAllocator
-from splitserve.core.cache.prefix import hash_page, page_hashes
+from splitserve.core.cache.prefix import hash_page, iter_page_hashes, page_hashes
 
 
 def _refs(alloc: PageAllocator) -> dict[int, int]:
@@ -48,6 +51,34 @@ def test_page_hashes_cover_full_pages_only():
         page_hashes(tokens, 0)
 
 
+def _reference_hash(parent: int | None, ids: list[int], extra_bytes: bytes) -> int:
+    """The documented byte layout, written out: marker (+ parent), length, int64 ids, extra."""
+    link = b"\x00root" if parent is None else b"\x01parent" + parent.to_bytes(8, "little")
+    data = link + struct.pack(f"<Q{len(ids)}q", len(ids), *ids) + extra_bytes
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def test_hashes_match_the_byte_layout_on_random_prompts():
+    """The one-pass chain (ids encoded once) equals hashing the documented bytes page by page, and stops where the
+    caller stops."""
+    rng = random.Random(7)
+    extra_bytes = b"T" + (12).to_bytes(8, "little") + b"S" + (3).to_bytes(8, "little") + b"m-a"
+    for _ in range(20):
+        page = rng.choice([1, 4, 16])
+        ids = [rng.randrange(-2**63, 2**63) if rng.random() < 0.05 else rng.randrange(130_000)
+               for _ in range(rng.randrange(0, 200))]
+        want, parent = [], None
+        for start in range(0, len(ids) - page + 1, page):
+            parent = _reference_hash(parent, ids[start:start + page], extra_bytes)
+            want.append(parent)
+        assert page_hashes(ids, page, ("m-a",)) == want
+        assert [hash_page(None, ids[:page], ("m-a",))] == want[:1] or len(ids) < page
+        if len(want) > 2:
+            lazy = iter_page_hashes(ids[page:], page, ("m-a",), parent=want[0])
+            assert next(lazy) == want[1] and next(lazy) == want[2]
+    assert hash_page(None, []) == _reference_hash(None, [], b"T" + bytes(8))
+
+
 def test_hash_rejects_bad_input():
     with pytest.raises(ValueError):
         hash_page(None, [1.5])
@@ -57,6 +88,10 @@ def test_hash_rejects_bad_input():
         hash_page(None, [1], extra=(object(),))
     with pytest.raises(ValueError):
         hash_page(None, [2**63])
+    with pytest.raises(ValueError):
+        page_hashes([1, True, 3, 4], 2)
+    with pytest.raises(ValueError):
+        page_hashes([1, 2, "3", 4], 2)
 
 
 def test_hash_is_stable_across_processes():

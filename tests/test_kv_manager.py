@@ -289,6 +289,48 @@ def test_a_session_partial_last_page_is_taken_over_once_by_the_turn_that_continu
     mgr.check_integrity()
 
 
+def _counting_hasher(monkeypatch) -> list[int]:
+    """Patch the manager's page hasher to count the pages it hashes; returns the counter (one slot)."""
+    import splitserve.core.cache.manager as manager_module
+
+    hashed, real = [0], manager_module.iter_page_hashes
+
+    def counted(*args, **kwargs):
+        for h in real(*args, **kwargs):
+            hashed[0] += 1
+            yield h
+
+    monkeypatch.setattr(manager_module, "iter_page_hashes", counted)
+    return hashed
+
+
+def test_a_session_turn_lookup_takes_the_pinned_chain_and_a_repeat_lookup_hashes_nothing(monkeypatch):
+    """The hits are the same with the session named or not; only the pages past the pinned ones are hashed, and a
+    second lookup of the same prompt (the worker's, then the scheduler's) hashes nothing."""
+    mgr = KVCacheManager(num_pages=16, page_size=PAGE)
+    turn1 = list(range(100, 122))  # 5 full pages and 2 tokens
+    _prefill(mgr, "t1", turn1)
+    mgr.pin("t1", "s", turn1, 22)
+    mgr.free("t1")
+    turn2 = turn1 + list(range(7, 17))  # 32 tokens: 7 pages looked up (the last token is left to compute)
+    plain = mgr.get_computed_pages(turn2)
+    hashed = _counting_hasher(monkeypatch)
+    mgr._last_lookup = None
+    assert mgr.get_computed_pages(turn2, session="s") == plain == (KVCacheBlocks((0, 1, 2, 3, 4), tuple(
+        page_hashes(turn2, PAGE)[:5])), 20)
+    assert hashed[0] == 1  # page 5 (tokens 20..23): the first after the 5 pinned pages, a miss
+    assert mgr.get_computed_pages(turn2, session="s") == plain and hashed[0] == 1
+    diverged = turn1[:9] + [0] + turn1[10:] + [7, 8, 9]  # differs inside page 2: the pinned chain does not apply
+    mgr._last_lookup = None
+    assert mgr.get_computed_pages(diverged, session="s") == (KVCacheBlocks((0, 1), tuple(page_hashes(turn2, PAGE)[:2])), 8)
+    assert hashed[0] == 1 + 3  # pages 0, 1 hit, page 2 missed
+    short = turn1[:10]  # shorter than the pinned tokens
+    assert mgr.get_computed_pages(short, session="s") == (KVCacheBlocks((0, 1), tuple(page_hashes(turn2, PAGE)[:2])), 8)
+    mgr.release_pinned("s")
+    assert mgr._pinned_tokens == {}
+    mgr.check_integrity()
+
+
 def test_a_session_tail_needs_the_sessions_whole_chain_and_its_page_still_owned():
     mgr = KVCacheManager(num_pages=8, page_size=PAGE)
     turn1 = list(range(6))  # page 0 full, page 1 holds 4, 5

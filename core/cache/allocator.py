@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,17 @@ class PageAllocator:
         self._check_id(page_id)
         return self._page_to_hash.get(page_id)
 
+    def hashes_of(self, ids: Sequence[int]) -> list[int | None]:
+        """:meth:`hash_of` of each listed id (a session's prefix is hundreds of pages: one id check for all)."""
+        self._check_ids(ids)
+        return list(map(self._page_to_hash.get, ids))
+
+    def count_evictable(self, ids: Iterable[int]) -> int:
+        """How many of the listed (distinct) ids are cached-evictable."""
+        ids = list(ids)
+        self._check_ids(ids)
+        return sum(map(self._evictable.__contains__, ids))
+
     def lookup(self, page_hash: int) -> int | None:
         """The page holding ``page_hash`` (in use or evictable), or ``None``. Takes no reference."""
         return self._hash_to_page.get(page_hash)
@@ -257,8 +268,8 @@ class PageAllocator:
         through :meth:`allocate`. All ids are validated before anything changes.
         """
         ids = list(ids)
+        self._check_ids(ids)
         for page in ids:
-            self._check_id(page)
             if self._refs[page] == 0 and page not in self._evictable:
                 raise ValueError(f"page {page} is free; allocate it instead of incref")
         for page in ids:
@@ -406,3 +417,12 @@ class PageAllocator:
     def _check_id(self, page_id: int) -> None:
         if isinstance(page_id, bool) or not isinstance(page_id, int) or not 0 <= page_id < self.num_pages:
             raise ValueError(f"unknown page id {page_id!r} (pool has {self.num_pages} pages)")
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        """:meth:`_check_id` of every listed id, in C when they are all ints (else one by one, for the message)."""
+        if not ids:
+            return
+        if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < self.num_pages:
+            return
+        for page in ids:
+            self._check_id(page)

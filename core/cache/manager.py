@@ -39,10 +39,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .allocator import CacheIntegrityError, PageAllocator
-from .prefix import hash_page
+from .prefix import iter_page_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,12 @@ class KVCacheManager:
         self._pinned_chain: dict[str, tuple[int, ...]] = {}
         """Chained hashes of each pinned key's leading full pages (known even where the page itself stayed
         unpublished because another page already held its content)."""
+        self._pinned_tokens: dict[str, tuple[int, ...]] = {}
+        """The token ids behind each ``_pinned_chain`` pinned from a request (:meth:`pin`): a lookup of a prompt that
+        begins with them takes the chain instead of hashing a session's whole context again."""
+        self._last_lookup: tuple[tuple[int, ...], tuple, list[int]] | None = None
+        """(tokens, extra, their page hashes as far as computed) of the last :meth:`get_computed_pages`: a decode
+        worker looks a session turn's prompt up to route it, then its scheduler looks the same prompt up again."""
 
     @property
     def num_pages(self) -> int:
@@ -138,8 +144,10 @@ class KVCacheManager:
         return list(self._get(request_id).page_ids)
 
     # ---- prefix hits and allocation -----------------------------------------------------------
-    def get_computed_pages(self, token_ids: Sequence[int], extra: tuple = ()) -> tuple[KVCacheBlocks, int]:
-        """Longest chain of full-page prefix-cache hits for ``token_ids`` and its token count.
+    def get_computed_pages(self, token_ids: Sequence[int], extra: tuple = (),
+                           session: str | None = None) -> tuple[KVCacheBlocks, int]:
+        """Longest chain of full-page prefix-cache hits for ``token_ids`` and its token count. ``session``: a pinned
+        key whose tokens the prompt may begin with (an agent session's next turn): their hashes are not recomputed.
 
         At least one token is always left to compute, so a prompt whose every page hits loses
         its last page. Takes no reference: pass the result straight to :meth:`allocate_slots`
@@ -150,15 +158,30 @@ class KVCacheManager:
         max_pages = max(0, (len(token_ids) - 1) // self.page_size)
         pages: list[int] = []
         hashes: list[int] = []
-        for i in range(max_pages):
-            parent = hashes[-1] if hashes else None
-            page_hash = hash_page(parent, token_ids[i * self.page_size : (i + 1) * self.page_size], extra)
+        for page_hash in self._lookup_hashes(token_ids[: max_pages * self.page_size], extra, session):
             page = self._allocator.lookup(page_hash)
             if page is None:
                 break
             pages.append(page)
             hashes.append(page_hash)
         return KVCacheBlocks(tuple(pages), tuple(hashes)), len(pages) * self.page_size
+
+    def _lookup_hashes(self, tokens: Sequence[int], extra: tuple, session: str | None) -> Iterator[int]:
+        """The page hashes of ``tokens``: those the last lookup of the same tokens computed (else the chain pinned
+        under ``session`` when ``tokens`` begin with its tokens), then the rest, kept for the next lookup. Hashes
+        depend on the tokens alone, so what is kept never goes stale."""
+        key = tuple(tokens)
+        memo = self._last_lookup
+        if memo is None or memo[0] != key or memo[1] != extra:
+            pinned = self._pinned_tokens.get(session) if session is not None and not extra else None
+            seed = list(self._pinned_chain[session]) if pinned and key[: len(pinned)] == pinned else []
+            memo = self._last_lookup = (key, extra, seed)
+        known = memo[2]
+        yield from known
+        parent = known[-1] if known else None
+        for page_hash in iter_page_hashes(key[len(known) * self.page_size:], self.page_size, extra, parent):
+            known.append(page_hash)
+            yield page_hash
 
     def allocate_slots(
         self, request_id: str, num_tokens: int, computed: KVCacheBlocks | None = None
@@ -202,7 +225,7 @@ class KVCacheManager:
             raise ValueError(f"request {request_id}: {len(computed)} cached pages exceed {num_pages} needed")
         need = num_pages - len(computed)
         # Reviving an evictable hit takes it out of the pool that fresh pages come from.
-        revived = sum(1 for page in set(computed.page_ids) if self._allocator.is_evictable(page))
+        revived = self._allocator.count_evictable(set(computed.page_ids))
         if self._allocator.num_free < need + revived:
             logger.debug("request %s: %d pages needed, %d free", request_id, need + revived,
                          self.num_free_pages)
@@ -221,7 +244,7 @@ class KVCacheManager:
         full = computed.page_ids[:len(computed.page_ids) - 1] if computed.tail_tokens else computed.page_ids
         if computed.tail_tokens and self._allocator.ref_count(computed.page_ids[-1]) == 0:
             raise ValueError(f"request {request_id}: the session page it claimed was released since")
-        hashes = [self._allocator.hash_of(page) for page in full]
+        hashes = self._allocator.hashes_of(full)
         stale = any(h is None for h in hashes) or (
             computed.page_hashes and tuple(hashes) != computed.page_hashes
         )
@@ -250,6 +273,11 @@ class KVCacheManager:
         return KVCacheBlocks(tuple(state.page_ids), tuple(state.hashes))
 
     # ---- prefix cache -----------------------------------------------------------------------------
+    def num_hashed_pages(self, request_id: str) -> int:
+        """The request's leading pages hashed so far (hits it adopted, and pages :meth:`cache_pages` published):
+        :meth:`cache_pages` has nothing to do until ``num_computed_tokens // page_size`` exceeds it."""
+        return len(self._get(request_id).hashes)
+
     def cache_pages(
         self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int, extra: tuple = ()
     ) -> int:
@@ -270,12 +298,14 @@ class KVCacheManager:
             return 0
         num_full = num_computed_tokens // self.page_size
         start = len(state.hashes)
-        for i in range(start, num_full):
-            parent = state.hashes[-1] if state.hashes else None
-            page_hash = hash_page(parent, token_ids[i * self.page_size : (i + 1) * self.page_size], extra)
+        if num_full <= start:
+            return 0
+        new = token_ids[start * self.page_size : num_full * self.page_size]
+        parent = state.hashes[-1] if state.hashes else None
+        for i, page_hash in enumerate(iter_page_hashes(new, self.page_size, extra, parent), start):
             self._allocator.register(state.page_ids[i], page_hash)
             state.hashes.append(page_hash)
-        return max(0, num_full - start)
+        return num_full - start
 
     def record_cache_events(self) -> None:
         """Start recording prefix-cache changes (workers publish them for prefix-aware routing)."""
@@ -328,6 +358,11 @@ class KVCacheManager:
         old = self._pinned.get(key)
         self._pinned[key] = pages
         self._pinned_chain[key] = tuple(state.hashes)
+        hashed = len(state.hashes) * self.page_size
+        if len(token_ids) >= hashed:
+            self._pinned_tokens[key] = tuple(token_ids[:hashed])
+        else:
+            self._pinned_tokens.pop(key, None)
         if old is not None:
             self._allocator.decref(reversed(old))
         logger.debug("request %s: pinned %d pages", request_id, len(pages))
@@ -338,6 +373,7 @@ class KVCacheManager:
         if pages is None:
             raise ValueError(f"unknown pinned key {key!r}")
         self._pinned_chain.pop(key, None)
+        self._pinned_tokens.pop(key, None)
         self._pinned_tail.pop(key, None)
         self._allocator.decref(reversed(pages))
 
@@ -409,6 +445,7 @@ class KVCacheManager:
         if pages is not None:
             self._pinned[key] = pages
             self._pinned_chain[key] = tuple(page_hashes)
+            self._pinned_tokens.pop(key, None)
         return None if pages is None else list(pages)
 
     def hold_hashed(
@@ -456,7 +493,7 @@ class KVCacheManager:
     def _room_for(self, found: list[int | None]) -> bool:
         """Room for fresh pages where ``found`` has none, and for reviving the evictable pages it found."""
         kept = {p for p in found if p is not None}
-        revived = sum(1 for page in kept if self._allocator.is_evictable(page))
+        revived = self._allocator.count_evictable(kept)
         return self._allocator.num_free >= sum(1 for p in found if p is None) + revived
 
     def pinned_pages(self, key: str) -> list[int]:

@@ -77,6 +77,8 @@ class DecodeGraphs:
         dev = kv_cache.device
         self.model, self.kv_cache, self.backend, self.page_size = model, kv_cache, backend, page_size
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b <= max_batch) or (1,)
+        self.prefill_buckets = PREFILL_BUCKETS
+        """Token counts of mixed graphs' prefill rows (a benchmark may narrow them, within the largest)."""
         self.ctx_buckets = context_buckets(max_model_len)
         n, max_pages = self.batch_buckets[-1], (max_model_len + page_size - 1) // page_size
         tokens = n + PREFILL_BUCKETS[-1]
@@ -102,7 +104,7 @@ class DecodeGraphs:
         long = [s for s in batch.seqs if s.num_tokens != 1]
         if len(long) > MAX_PREFILL_ROWS or any(s.prompt_logprobs for s in long):
             return None
-        q = bucket_of(sum(s.num_tokens for s in long), PREFILL_BUCKETS) if long else 0
+        q = bucket_of(sum(s.num_tokens for s in long), self.prefill_buckets) if long else 0
         b = bucket_of(max(1, len(batch.seqs) - len(long)), self.batch_buckets)
         c = bucket_of(max(s.start_pos + s.num_tokens for s in batch.seqs), self.ctx_buckets)
         return None if b is None or c is None or q is None else (b, c, q)

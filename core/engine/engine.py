@@ -141,9 +141,10 @@ def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:
 
 @dataclass(frozen=True)
 class StepTiming:
-    """When a step started (queued, if overlapped) and when its tokens reached the host (``time.monotonic()``),
-    whether it replayed a CUDA graph, its rows, and whether it was overlapped."""
+    """When a step's scheduling began, when it started (queued, if overlapped) and when its tokens reached the host
+    (``time.monotonic()``), whether it replayed a CUDA graph, its rows, and whether it was overlapped."""
 
+    scheduled: float
     started: float
     ended: float
     graphed: bool
@@ -374,7 +375,7 @@ class LLMEngine:
             return outputs + self._seal(self._in_flight)
         started = self._now()
         out = self._execute(batch)
-        self.last_step = StepTiming(started, self._now(), self.runner.last_graphed, len(batch.seqs), False)
+        self.last_step = StepTiming(scheduled_at, started, self._now(), self.runner.last_graphed, len(batch.seqs), False)
         return outputs + self.postprocess(batch, out)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
@@ -426,6 +427,7 @@ class LLMEngine:
         if prev is not None:
             prev.retirees = self.scheduler.take_retiring()  # released when prev completes
         launched.placeholders = self.scheduler.start_in_flight(batch)
+        launched.scheduled = scheduled_at
         launched.launched = self.clock.launched(scheduled_at, self._now())
         self._in_flight = launched
         return True
@@ -436,7 +438,7 @@ class LLMEngine:
         out = prev.results()
         ended = self._now()
         self.clock.completed(prev.launched, ended, waited)
-        self.last_step = StepTiming(prev.launched, ended, prev.graphed, len(prev.batch.seqs), True)
+        self.last_step = StepTiming(prev.scheduled, prev.launched, ended, prev.graphed, len(prev.batch.seqs), True)
         if self._in_flight is prev:  # nothing newer in flight
             self._in_flight = None
             self.scheduler.in_flight = frozenset()

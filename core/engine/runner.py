@@ -85,6 +85,8 @@ class InFlight:
     """request id -> row."""
     logits: torch.Tensor | None = None
     """float32 ``[len(batch.seqs), V]`` on the model's device while the step waits for its grammar mask; then None."""
+    scheduled: float = 0.0
+    """When the engine began scheduling the step (set by the engine)."""
     launched: float = 0.0
     """When the step was queued (set by the engine, on its clock: core/engine/pacing.py)."""
     graphed: bool = False

@@ -243,7 +243,7 @@ class Scheduler:
         """Adopt cached full pages for a request that has no pages yet (not with prompt logprobs)."""
         if self.kv.has(req.request_id) or not self.limits.enable_prefix_caching or req.wants_prompt_logprobs:
             return None
-        blocks, n_cached = self.kv.get_computed_pages(req.all_token_ids)
+        blocks, n_cached = self.kv.get_computed_pages(req.all_token_ids, session=req.continues)
         if req.continues is not None:  # the session's partial last page too, when the prompt continues it
             blocks, n_cached = self.kv.session_tail_hit(req.continues, req.all_token_ids, blocks, n_cached)
         req.num_computed_tokens = req.num_cached_tokens = n_cached
@@ -284,7 +284,9 @@ class Scheduler:
         request preempted while its step was in flight has no pages: nothing to publish)."""
         if self.limits.enable_prefix_caching and self.kv.has(req.request_id):
             known = min(req.num_computed_tokens, req.num_known_tokens)
-            self.kv.cache_pages(req.request_id, req.all_token_ids, known)
+            # Most steps fill no page: then skip copying the request's whole history for nothing.
+            if known // self.kv.page_size > self.kv.num_hashed_pages(req.request_id):
+                self.kv.cache_pages(req.request_id, req.all_token_ids, known)
 
     def start_in_flight(self, batch: ScheduledBatch) -> dict[str, int]:
         """Commit a launched step whose tokens are not read yet: each request advances past its row's tokens, and a
