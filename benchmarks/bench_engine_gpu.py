@@ -17,6 +17,7 @@
    (``step_window``: the loop waits for arrivals before launching the next decode step), in the same run.
    ``--host-profile``: instead, the host time to schedule and launch a turn's step against a decode step's, and a
    profile of the turn's. ``--buckets``: instead, a turn's graph step in each prefill bucket (what padding costs).
+   ``--profile-graphs``: instead, the kernels of a decode step's and a turn's step's graph replays, by device time.
 
 Usage: python -m splitserve.benchmarks.bench_engine_gpu [--shape llama3-8b] [--quick]
 """
@@ -202,6 +203,26 @@ def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
         out += [f"### {label}", "```", prof.key_averages().table(sort_by=sort, row_limit=22), "```"]
         out += ["Python functions by own time (cProfile, 3 steps):", "```", _python_profile(engine, step), "```"]
     engine.runner.graphs = graphs
+    return out
+
+
+def profile_graph_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
+    """Where a CUDA graph step's device time goes (torch profiler, 5 replays each): the decode rows' graph, then the
+    mixed graph with a turn row of ``q`` tokens (the kernels each replays, by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
+    sb = decode_batch(batch, ctx, ps, 0)
+    turn = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+    out = []
+    for label, step in ((f"{batch} decode rows, CUDA graph", sb),
+                        (f"{batch} decode rows + a turn row of {q} tokens, CUDA graph", turn)):
+        cuda_time(lambda: engine.runner.execute(step), iters=3)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.runner.execute(step)
+            torch.cuda.synchronize()
+        out += [f"### {label}", "```", prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), "```"]
     return out
 
 
@@ -473,6 +494,9 @@ def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
     if args.profile:
         print("\n".join(profile_steps(engine, args.mixed_batch, args.mixed_context, 64)))
         return
+    if args.profile_graphs:
+        print("\n".join(profile_graph_steps(engine, args.mixed_batch, args.mixed_context, 65)))
+        return
     if args.buckets:
         print("\n".join(bench_prefill_buckets(engine, args.mixed_context, 65, args.quick)))
         return
@@ -505,6 +529,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="with --mixed: only profile an eager decode step, a turn row, and both in one step")
     ap.add_argument("--host-profile", action="store_true",
                     help="with --mixed: only the host time of a turn's step against a decode step's, and its profile")
+    ap.add_argument("--profile-graphs", action="store_true",
+                    help="with --mixed: only profile the graph replays of a decode step and of a step with a turn row")
     ap.add_argument("--buckets", action="store_true",
                     help="with --mixed: only a turn's graph step in each prefill bucket (what padding costs)")
     ap.add_argument("--mixed-batch", type=int, default=32)

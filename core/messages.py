@@ -6,7 +6,7 @@ frame that does not match a schema raises :class:`MessageError` instead of produ
 
 Who sends what (see docs/architecture.md):
 
-* worker -> router: :class:`Register`, :class:`Heartbeat`, :class:`TokenOut`
+* worker -> router: :class:`Register`, :class:`Heartbeat`, :class:`TokenOut`, :class:`TokenOuts`
 * router -> worker: :class:`GenerateReq`, :class:`AbortReq`, :class:`SetRole`, :class:`Drain`, :class:`Reregister`,
   :class:`EndSession`
 * decode -> prefill: :class:`PrefillReq`, :class:`AbortReq`
@@ -306,6 +306,15 @@ class TokenOut(_Msg, frozen=True):
     timing: RequestTiming | None = None
 
 
+class TokenOuts(_Msg, frozen=True):
+    """The outputs of one engine step, several requests' :class:`TokenOut` in one frame (decode worker -> router).
+
+    One frame instead of one per request: the router reads, decrypts and decodes a step's tokens once, and can hand
+    out first tokens before the rest (a session turn's first token waited behind up to a whole batch of others)."""
+
+    outs: tuple[TokenOut, ...]
+
+
 # --- decode <-> prefill --------------------------------------------------------------------------
 
 
@@ -345,8 +354,8 @@ class PrefillFailed(_Msg, frozen=True):
 
 
 Message = Union[
-    Register, Heartbeat, GenerateReq, AbortReq, SetRole, Drain, Reregister, TokenOut, PrefillReq, PrefillDone,
-    PrefillFailed, EndSession,
+    Register, Heartbeat, GenerateReq, AbortReq, SetRole, Drain, Reregister, TokenOut, TokenOuts, PrefillReq,
+    PrefillDone, PrefillFailed, EndSession,
 ]
 
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)

@@ -264,6 +264,8 @@ class ControlPlane:
         """``key``: the sender's authenticated public key (z85), ``None`` on a socket without keys."""
         if isinstance(msg, m.TokenOut):
             self._on_token_out(identity, msg, key)
+        elif isinstance(msg, m.TokenOuts):
+            self._on_token_outs(identity, msg, key)
         elif isinstance(msg, m.Heartbeat):
             self._on_heartbeat_msg(identity, msg, key)
         elif isinstance(msg, m.Register):
@@ -332,6 +334,17 @@ class ControlPlane:
         self._aborted[request_id] = None
         while len(self._aborted) > ABORTED_MEMORY:
             self._aborted.popitem(last=False)
+
+    def _on_token_outs(self, identity: bytes, msg: m.TokenOuts, key: str | None = None) -> None:
+        """A step's outputs, each checked as a :class:`~splitserve.core.messages.TokenOut` alone. The requests still
+        waiting for their first token get theirs first: their streams wake first, ahead of the step's other tokens
+        (a stable order, so one request's outputs keep theirs)."""
+        def waiting_first(out: m.TokenOut) -> bool:
+            stream = self.streams.get(out.request_id)
+            return stream is not None and stream.first_token_seen
+
+        for out in sorted(msg.outs, key=waiting_first):
+            self._on_token_out(identity, out, key)
 
     def _on_token_out(self, identity: bytes, msg: m.TokenOut, key: str | None = None) -> None:
         stream = self.streams.get(msg.request_id)

@@ -257,3 +257,30 @@ def test_a_worker_id_is_bound_to_the_key_it_registered_with():
     cp._dispatch(b"d-0/c", reg, "KEY-A")  # the same key after a restart: accepted
     assert cp.registry.get("d-0").identity == b"d-0/c" and cp.registry.get("d-0").restarts == 1
     assert cp.key_mismatch("d-0", None) is None  # a socket without keys checks connections only
+
+
+def test_a_steps_tokens_in_one_frame_give_first_tokens_first_and_are_checked_one_by_one():
+    """``TokenOuts``: each output is checked as a ``TokenOut`` alone (only the request's decode worker streams it);
+    outputs of requests still waiting for their first token are queued before the others, and one request's
+    outputs keep their order."""
+    from splitserve.core.messages import Register, TokenOuts
+    from splitserve.router.control import ControlPlane
+    from splitserve.router.pools import WorkerRegistry
+
+    cp = ControlPlane(None, WorkerRegistry(heartbeat_timeout_s=5.0), "127.0.0.1", 0)
+    for wid in ("d-0", "d-1"):
+        cp._dispatch(f"{wid}/a".encode(), Register(worker_id=wid, role="decode", model_id="x", peer_addr="tcp://h:1",
+                                                   transfer_addr="tcp://h:1", num_pages=8, page_size=8,
+                                                   max_model_len=64, vocab_size=512))
+    order: list[tuple[str, tuple[int, ...]]] = []
+    streams = {}
+    for rid, wid in (("old", "d-0"), ("new", "d-0"), ("other", "d-1")):
+        streams[rid] = cp.open_stream(rid, cp.registry.get(wid), None, 10)
+        streams[rid].queue.put_nowait = lambda out: order.append((out.request_id, out.token_ids))
+    streams["old"].first_token_seen = True
+    batch = TokenOuts(outs=(TokenOut(request_id="old", token_ids=(1,)), TokenOut(request_id="other", token_ids=(9,)),
+                            TokenOut(request_id="new", token_ids=(2,)), TokenOut(request_id="old", token_ids=(3,),
+                                                                                  finish_reason="stop")))
+    cp._dispatch(b"d-0/a", batch)
+    assert order == [("new", (2,)), ("old", (1,)), ("old", (3,))]  # "other" is d-1's request: dropped
+    assert streams["new"].first_token_seen

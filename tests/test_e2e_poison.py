@@ -16,7 +16,9 @@ import zmq
 
 from cluster import free_port
 from conftest import shared_model_path
-from splitserve.core.messages import GenerateReq, Heartbeat, Register, SamplingParams, TokenOut, decode, encode
+from splitserve.core.messages import (
+    GenerateReq, Heartbeat, Register, SamplingParams, TokenOut, TokenOuts, decode, encode,
+)
 
 NORMAL = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 VOCAB = 512  # stories260K
@@ -53,8 +55,9 @@ class FakeRouter:
                 self.identities[msg.worker_id] = ident
             elif isinstance(msg, Heartbeat):
                 self.beats[msg.worker_id] = msg
-            elif isinstance(msg, TokenOut):
-                self.outputs.setdefault(msg.request_id, []).append(msg)
+            elif isinstance(msg, (TokenOut, TokenOuts)):
+                for out in msg.outs if isinstance(msg, TokenOuts) else (msg,):
+                    self.outputs.setdefault(out.request_id, []).append(out)
 
     def send(self, worker_id: str, msg: GenerateReq) -> None:
         self.sock.send_multipart([self.identities[worker_id], encode(msg)])

@@ -1,4 +1,5 @@
-"""A worker stays visibly alive while its loop is inside a long step: the side thread resends its heartbeat."""
+"""A worker stays visibly alive while its loop is inside a long step: the side thread resends its heartbeat; and a
+step's tokens leave in one frame."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import time
 import zmq
 
 from splitserve.core.config import EngineConfig, WorkerConfig
-from splitserve.core.engine.engine import LLMEngine
+from splitserve.core.engine.engine import LLMEngine, StepOutput
 from splitserve.core.engine.service import WorkerCore
-from splitserve.core.messages import Heartbeat, Register, SamplingParams, decode
+from splitserve.core.messages import Heartbeat, Register, RequestTiming, SamplingParams, TokenOut, TokenOuts, decode
 
 
 def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
@@ -57,3 +58,33 @@ def _receive(sock: zmq.Socket, until, timeout_s: float) -> list:
             if not isinstance(msg, Register):
                 got.append(msg)
     return got
+
+
+def test_a_steps_tokens_leave_in_one_frame_and_a_lone_token_as_itself():
+    """The decode loop hands a step's outputs to their owners; the ``TokenOut``s they send (a failure's too) reach the
+    router as one ``TokenOuts`` frame, in order; a step with one output sends a plain ``TokenOut``."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}"), LLMEngine(EngineConfig(num_pages=64)))
+    try:
+        for rid in ("a", "b", "c"):
+            core.own(rid, lambda out: core.send_token_out(TokenOut(request_id=out.request_id, token_ids=(7,))))
+        core.own("d", lambda out: core.fail_request("d", "boom"))
+        core.own("e", lambda out: core.send_token_out(TokenOut(request_id="e", token_ids=(8,),
+                                                               timing=RequestTiming(local_prefill_s=0.01))))
+        step = [StepOutput(rid, [7]) for rid in ("a", "b", "nobody", "d", "c", "e")]
+        core.hand_out(step)
+        core.hand_out(step[:1])
+        core.hand_out([])
+        got = _receive(router, until=lambda got: len(got) >= 3, timeout_s=30)
+        assert [type(m) for m in got] == [TokenOut, TokenOuts, TokenOut]
+        assert got[0].request_id == "e"  # a first output (it carries its timing) goes ahead of the step's others
+        assert [(o.request_id, o.finish_reason) for o in got[1].outs] == [("a", None), ("b", None), ("d", "error"),
+                                                                          ("c", None)]
+        assert got[2].request_id == "a"
+        assert _receive(router, until=lambda got: bool(got), timeout_s=0.5) == []  # no frame for an empty step
+    finally:
+        core.close()
+        router.close(0)

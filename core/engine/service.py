@@ -2,7 +2,7 @@
 
 One thread does everything, in this order, forever: read control messages (router and peers), poll
 the registered pollers (KV transfer endpoints), run one engine step, hand each output to the service that
-owns the request, send a heartbeat when due. While an overlapped decode step runs, the engine may first wait on the
+owns the request (the tokens of one step leave as one frame, :class:`TokenOuts`), send a heartbeat when due. While an overlapped decode step runs, the engine may first wait on the
 sockets (:meth:`WorkerCore.wait_for_work`): a message that comes then is read before the next step is scheduled. A side thread only keeps the worker visibly alive while that loop is
 inside a long step (a compile, a huge prefill): when no heartbeat left for ``1.5 * heartbeat_s`` it resends the
 last one without its prefix-cache events, under the lock that serialises every use of the router socket. Role services (prefill/, decode/) plug in by registering
@@ -39,6 +39,7 @@ from splitserve.core.messages import (
     Reregister,
     SetRole,
     TokenOut,
+    TokenOuts,
     decode,
     encode,
 )
@@ -127,6 +128,8 @@ class WorkerCore:
         self._orphaned: set[str] = set()
         """Requests whose output could not be queued for the router: aborted here on the next loop."""
         self._router_backlogged = False
+        self._token_batch: list[TokenOut] | None = None
+        """While a step's outputs are handed out (:meth:`hand_out`): the tokens they send, which leave together."""
         self._router_lock = threading.Lock()
         """Serialises the router socket between the loop and the heartbeat thread (ZeroMQ sockets are not
         thread-safe; a lock gives the exclusive use and memory barrier they need)."""
@@ -170,10 +173,11 @@ class WorkerCore:
             logger.warning("worker %s: router unreachable (%d messages queued): dropping output, aborting the "
                            "affected requests here", self.worker_id, self.cfg.router_queue_limit)
             self._router_backlogged = True
-        rid = getattr(msg, "request_id", None)
-        if rid is not None and rid not in self._orphaned and rid in self.owners:
-            logger.warning("request %s: output could not reach the router; aborting", rid)
-            self._orphaned.add(rid)
+        outs = msg.outs if isinstance(msg, TokenOuts) else (msg,)
+        for rid in (getattr(out, "request_id", None) for out in outs):
+            if rid is not None and rid not in self._orphaned and rid in self.owners:
+                logger.warning("request %s: output could not reach the router; aborting", rid)
+                self._orphaned.add(rid)
 
     def _abort_orphans(self) -> None:
         for rid in sorted(self._orphaned):
@@ -181,12 +185,34 @@ class WorkerCore:
         self._orphaned.clear()
 
     def send_token_out(self, out: TokenOut) -> None:
-        self.send_router(out)
+        """Send ``out`` to the router; during :meth:`hand_out`, after the step's other outputs unless it carries
+        ``timing`` (a request's first output from here: its time to first token is waiting on it)."""
+        if self._token_batch is not None and out.timing is None:
+            self._token_batch.append(out)
+        else:
+            self.send_router(out)
+
+    def hand_out(self, outputs: list[StepOutput]) -> None:
+        """Give each output of a step to the service that owns its request; the tokens they send leave as one frame
+        (one :class:`TokenOut` alone as itself), so the router reads a step's tokens at once. First outputs go
+        ahead alone (:meth:`send_token_out`)."""
+        self._token_batch = []
+        try:
+            for out in outputs:
+                owner = self.owners.get(out.request_id)
+                if owner is not None:
+                    owner(out)
+        finally:
+            batch, self._token_batch = self._token_batch, None
+            if len(batch) == 1:
+                self.send_router(batch[0])
+            elif batch:
+                self.send_router(TokenOuts(outs=tuple(batch)))
 
     def fail_request(self, request_id: str, error: str) -> None:
         logger.warning("request %s: failed: %s", request_id, error)
         self.owners.pop(request_id, None)
-        self.send_router(TokenOut(request_id=request_id, token_ids=(), finish_reason="error", error=error))
+        self.send_token_out(TokenOut(request_id=request_id, token_ids=(), finish_reason="error", error=error))
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -282,10 +308,7 @@ class WorkerCore:
         for poll in self.pollers:
             poll()
         if self.engine.has_unfinished():
-            for out in self.engine.step(arrivals=self.wait_for_work):
-                owner = self.owners.get(out.request_id)
-                if owner is not None:
-                    owner(out)
+            self.hand_out(self.engine.step(arrivals=self.wait_for_work))
             for poll in self.pollers:  # what the step finished (KV written, first tokens) leaves now, not after a wait
                 poll()
         self.heartbeat()
