@@ -4,9 +4,9 @@ Llama-3-8B heads (32 q, 8 kv, head dim 128), bf16, page 16; 1, 4 and 16 prompts 
 plus one chunked case (the last 512 tokens of 2048, i.e. a 1536-token cached prefix) that SDPA can only do with an
 explicit mask. TFLOP/s counts the causal half of QK^T and PV (4 * Hq * D * sum over queries of visible keys).
 Then an agent session's next turn: one row of 65 new tokens behind 2,000-4,000 cached ones, the keys not split
-(``num_splits=1``, the kernel before the split) against split as the engine runs it (``max_context_len`` given),
-with the K/V bandwidth each reaches (the context's K and V read once) and the largest difference from the float32
-reference.
+(``num_splits=1``), split (``max_context_len`` given), and split with each KV head's query heads packed into one
+block as the engine runs it, with the K/V bandwidth the last reaches (the context's K and V read once) and the
+largest difference from the float32 reference.
 
     python benchmarks/bench_prefill_attention.py [--tune]
 """
@@ -60,20 +60,22 @@ def _backend_fn(b):
 
 
 def turn_rows() -> None:
-    """Module doc, second table: the keys of a session turn's row split, against not split (same run)."""
+    """Module doc, second table: a session turn's row with its keys not split, split, and split with the query heads
+    of each KV head packed into one block (same run; the last is what the engine runs)."""
     from splitserve.kernels.attention import ref_paged_attention
 
-    print(f"\n{'ctx':>5} {'q_len':>5} {'one split ms':>12} {'KV GB/s':>8} {'split ms':>9} {'KV GB/s':>8} "
-          f"{'speedup':>8} {'max err':>8}")
+    print(f"\n{'ctx':>5} {'q_len':>5} {'one split ms':>12} {'split ms':>9} {'packed ms':>9} {'KV GB/s':>8} "
+          f"{'packed vs split':>15} {'max err':>8}")
     for ctx in (2048, 3072, 4096):
         b = make_paged_batch([ctx], [65], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
-        one, split = _triton_fn(b, num_splits=1), _triton_fn(b, max_context_len=ctx)
+        fns = (_triton_fn(b, num_splits=1, pack_gqa=False), _triton_fn(b, max_context_len=ctx, pack_gqa=False),
+               _triton_fn(b, max_context_len=ctx))
         ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, D**-0.5)
-        err = max((f() - ref).abs().max().item() for f in (one, split))
-        o_ms, s_ms = bench_ms(one), bench_ms(split)
+        err = max((f() - ref).abs().max().item() for f in fns)
+        one, split, packed = (bench_ms(f) for f in fns)
         kv_gb = 2 * ctx * HKV * D * 2 / 1e9
-        print(f"{ctx:5d} {65:5d} {o_ms:12.3f} {kv_gb / o_ms * 1e3:8.0f} {s_ms:9.3f} {kv_gb / s_ms * 1e3:8.0f} "
-              f"{o_ms / s_ms:7.2f}x {err:8.4f}")
+        print(f"{ctx:5d} {65:5d} {one:12.3f} {split:9.3f} {packed:9.3f} {kv_gb / packed * 1e3:8.0f} "
+              f"{split / packed:14.2f}x {err:8.4f}")
 
 
 def _flops(n: int, ctx: int, q_len: int) -> float:

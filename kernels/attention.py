@@ -22,7 +22,10 @@ Two kernels:
   without masks. Few query blocks over a long cached context (an agent session's next turn: 65 new tokens behind
   3,000 held ones) would leave most multiprocessors idle while each program walks the whole context, so, given
   the context bound, the keys are split as in decode (:func:`default_prefill_splits`) and a second kernel merges
-  each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode).
+  each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode). Launches of short rows
+  (:data:`PACK_GQA_MAX_Q`) pack the query heads of each KV head into one block of (query, head) rows, grid
+  ``(q_blocks * num_splits, batch, kv_heads)``: each KV tile is read once for its group, and the blocks carry less
+  padding (a turn's 65 tokens took two blocks of 64 per head).
 
 Split counts and query bounds are runtime arguments that Triton does not specialize on (only whether the keys are
 split at all is a compile-time constant, and the merge's padded split count): a worker compiles each kernel a few
@@ -44,6 +47,10 @@ MAX_PREFILL_SPLITS = 64
 """Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
 arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
 step shape."""
+PACK_GQA_MAX_Q = 256
+"""Prefill launches of at most this many queries a sequence pack each KV head's query heads into one block (a
+session turn's 65 new tokens behind thousands held: per layer, each KV tile is read once for its 4 query heads, and
+65 x 4 rows fill 5 blocks of 64 where 65 queries took 2 blocks, mostly padding, for each of 32 heads)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,31 +329,35 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, scale_log2, split_len,
     num_splits, max_q,
     sq_t, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_t, so_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    # A block's rows are (query, head) pairs: PACK heads of one query after another (PACK == GROUP: the heads of one
+    # KV head, which is then loaded once for all of them; PACK == 1: one head, as program_id(2) says).
     mb = tl.program_id(0) // num_splits
     split = tl.program_id(0) % num_splits
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    hb = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
-    if mb * BLOCK_M < q_len:
+    if mb * BLOCK_M < q_len * PACK:
         ctx = tl.load(ctx_ptr + b)
         prefix = ctx - q_len
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = offs_r // PACK
+        heads = hb * PACK + offs_r % PACK
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
         io_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
         rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=io_mask, other=0.0)
-        kvh = h // GROUP
+        q = tl.load(q_ptr + rows[:, None] * sq_t + heads[:, None] * sq_h + offs_d[None, :], mask=io_mask, other=0.0)
+        kvh = (hb * PACK) // GROUP
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         q_pos = prefix + offs_m
-        hi = tl.minimum(prefix + (mb + 1) * BLOCK_M, ctx)
-        full_hi = ((prefix + mb * BLOCK_M) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(prefix + ((mb + 1) * BLOCK_M - 1) // PACK + 1, ctx)
+        full_hi = ((prefix + (mb * BLOCK_M) // PACK) // BLOCK_N) * BLOCK_N
         lo = 0
         if SPLIT:  # this program's share of the keys: [lo, hi)
             lo = split * split_len
@@ -363,11 +374,11 @@ def _prefill_kernel(
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         if not SPLIT:
-            tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
-                     mask=io_mask)
+            tl.store(o_ptr + rows[:, None] * so_t + heads[:, None] * so_h + offs_d[None, :],
+                     o.to(o_ptr.dtype.element_ty), mask=io_mask)
         else:  # partial row (b, i, h, split) of mid_o [B, max_q, H, num_splits, HEAD_DIM]; merged by the next kernel
             lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            mid = ((b * max_q + offs_m).to(tl.int64) * tl.num_programs(2) + h) * num_splits + split
+            mid = ((b * max_q + offs_m).to(tl.int64) * (tl.num_programs(2) * PACK) + heads) * num_splits + split
             tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
             tl.store(mid_lse_ptr + mid, lse, mask=offs_m < q_len)
 
@@ -412,6 +423,7 @@ def paged_prefill_attention(
     max_context_len: int | None = None,
     num_splits: int | None = None,
     split_rows: int | None = None,
+    pack_gqa: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed varlen queries over paged KV that already holds them (cached prefixes ok).
 
@@ -427,6 +439,8 @@ def paged_prefill_attention(
         num_splits: key splits per query block; None picks :func:`default_prefill_splits` (1 without
             ``max_context_len``) for ``split_rows`` sequences (None: all ``B``; fewer when most are empty, as in a
             mixed CUDA graph's spare prefill rows).
+        pack_gqa: a query block holds the query heads of one KV head for fewer queries (each KV tile is loaded once
+            for the group); None: when ``max_q_len <= PACK_GQA_MAX_Q``.
     Returns:
         ``[T, Hq, D]`` in ``q.dtype``.
     """
@@ -439,26 +453,28 @@ def paged_prefill_attention(
         out = torch.empty_like(q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    q_blocks = triton.cdiv(max(max_q_len, 1), block_m)
+    group = num_heads // k_pages.shape[2]
+    pack = group if (max_q_len <= PACK_GQA_MAX_Q if pack_gqa is None else pack_gqa) else 1
+    q_blocks = triton.cdiv(max(max_q_len, 1) * pack, block_m)
     if num_splits is not None and num_splits > 1 and max_context_len is None:
         raise ValueError("num_splits > 1 needs max_context_len (the splits divide it)")
     if num_splits is None:
         num_splits = 1 if max_context_len is None else default_prefill_splits(
-            q_blocks, batch if split_rows is None else split_rows, num_heads, max_context_len, q.device)
+            q_blocks, batch if split_rows is None else split_rows, num_heads // pack, max_context_len, q.device)
     if not 1 <= num_splits <= MAX_PREFILL_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_PREFILL_SPLITS}], got {num_splits}")
-    max_q = q_blocks * block_m
+    max_q = triton.cdiv(q_blocks * block_m, pack)
     split_len = triton.cdiv(triton.cdiv(max(max_context_len or 1, 1), num_splits), block_n) * block_n
     d_pad = max(16, triton.next_power_of_2(head_dim))
     mid_o = mid_lse = out  # unused placeholders when the keys are not split
     if num_splits > 1:
         mid_o = torch.empty(batch, max_q, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(batch, max_q, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    _prefill_kernel[(q_blocks * num_splits, batch, num_heads)](
+    _prefill_kernel[(q_blocks * num_splits, batch, num_heads // pack)](
         q, k_pages, v_pages, out, cu_seqlens_q, context_lens, block_tables, mid_o, mid_lse, scale * LOG2E, split_len,
         num_splits, max_q, q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=num_heads // k_pages.shape[2], HEAD_DIM=head_dim, D_PAD=d_pad,
+        GROUP=group, PACK=pack, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=k_pages.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q.dtype),
         SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )

@@ -82,12 +82,13 @@ def test_decode_attention_zero_context_row_is_zero():
         (torch.float16, 8, [50, 17], [20, 17]),
     ],
 )
-def test_prefill_attention_matches_reference(dtype, page, ctx, qlens):
+@pytest.mark.parametrize("pack", [None, False])  # None: short rows pack each KV head's query heads into a block
+def test_prefill_attention_matches_reference(dtype, page, ctx, qlens, pack):
     gen = torch.Generator().manual_seed(sum(ctx))
     b = make_paged_batch(ctx, qlens, 4, 2, 32, page, dtype, DEVICE, gen)
     out = _poison(tuple(b.q.shape), dtype)
     paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2,
-                            max(qlens), block_m=16, block_n=16, num_warps=4, out=out)
+                            max(qlens), block_m=16, block_n=16, num_warps=4, out=out, pack_gqa=pack)
     ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -103,17 +104,37 @@ def test_prefill_attention_matches_reference(dtype, page, ctx, qlens):
         (torch.float32, 16, [600, 300], [5, 3], None),  # the default split count, from max_context_len: 2
     ],
 )
-def test_prefill_attention_split_keys_match_reference(dtype, page, ctx, qlens, splits):
+@pytest.mark.parametrize("pack", [None, False])
+def test_prefill_attention_split_keys_match_reference(dtype, page, ctx, qlens, splits, pack):
     gen = torch.Generator().manual_seed(sum(ctx) + len(qlens))
     b = make_paged_batch(ctx, qlens, 4, 2, 32, page, dtype, DEVICE, gen)
     out = _poison(tuple(b.q.shape), dtype)
     paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2,
                             max(qlens), block_m=16, block_n=16, out=out, max_context_len=max(ctx) + 7,
-                            num_splits=splits)
+                            num_splits=splits, pack_gqa=pack)
     ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
     assert rel_err(out, ref) < TOL[dtype] and not out.isnan().any()
     if splits is None and DEVICE == "cpu":
         assert default_prefill_splits(1, 2, 4, max(ctx) + 7, torch.device(DEVICE)) == 2  # the split path ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_query_heads_cover_every_head_and_row_boundary(dtype):
+    """Packed blocks of (query, head) rows: a group of 4 heads per KV head, rows of 1, 3, 5 and 65 queries (a block
+    of 16 rows ends mid-query) and an empty row (a mixed graph's spare prefill row), split and not split, equal the
+    reference and the unpacked kernel."""
+    gen = torch.Generator().manual_seed(11)
+    b = make_paged_batch([70, 3, 0, 40, 90], [65, 3, 0, 5, 1], 8, 2, 16, 8, dtype, DEVICE, gen)
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3)
+    for splits in (1, 3):
+        got = {}
+        for pack in (True, False):
+            got[pack] = paged_prefill_attention(
+                b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3, 65, block_m=16,
+                block_n=16, out=_poison(tuple(b.q.shape), dtype), max_context_len=97, num_splits=splits,
+                pack_gqa=pack)
+            assert rel_err(got[pack], ref) < TOL[dtype] and not got[pack].isnan().any()
+        assert rel_err(got[True], got[False]) < TOL[dtype]
 
 
 def test_prefill_split_count_covers_the_multiprocessors_and_needs_the_context_bound():
