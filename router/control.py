@@ -339,11 +339,11 @@ class ControlPlane:
         """A step's outputs, each checked as a :class:`~splitserve.core.messages.TokenOut` alone. The requests still
         waiting for their first token get theirs first: their streams wake first, ahead of the step's other tokens
         (a stable order, so one request's outputs keep theirs)."""
-        def waiting_first(out: m.TokenOut) -> bool:
+        def first_token_seen(out: m.TokenOut) -> bool:
             stream = self.streams.get(out.request_id)
             return stream is not None and stream.first_token_seen
 
-        for out in sorted(msg.outs, key=waiting_first):
+        for out in sorted(msg.outs, key=first_token_seen):  # False (still waiting) sorts first
             self._on_token_out(identity, out, key)
 
     def _on_token_out(self, identity: bytes, msg: m.TokenOut, key: str | None = None) -> None:
