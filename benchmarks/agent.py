@@ -103,6 +103,12 @@ class AgentConfig:
     """The router's log, for each turn's server-side TTFT (module flow, step 4')."""
 
 
+TURN_STEPS = {  # how a decode worker runs a held session turn's step: (overlap_prefill, step_window)
+    "synchronous": (False, False),  # after the step in flight has completed (the baseline)
+    "queued": (True, False),  # queued behind the step in flight
+    "queued_window": (True, True),  # queued, the worker waiting for arrivals before it launches a decode step
+}
+"""The settings the GPU benchmarks compare (bench_engine_gpu in the engine loop, bench_agent_gpu in serving)."""
 TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")
 """:class:`AgentConfig` fields of ``--token-ids``, in the report's config only in that mode."""
 

@@ -34,6 +34,7 @@ import subprocess
 import sys
 from typing import Any
 
+from splitserve.benchmarks.agent import TURN_STEPS
 from splitserve.benchmarks.bench_disagg_gpu import add_server_arguments, running_server
 
 
@@ -87,17 +88,16 @@ def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
                    "--max-pause-s", str(args.pressure_max_pause_s))
 
 
-TURN_STEPS = {  # label -> the decode worker's flags
-    "synchronous": ("--overlap-prefill=off", "--no-step-window"),
-    "queued": ("--overlap-prefill=on", "--no-step-window"),
-    "queued_window": ("--overlap-prefill=on", "--step-window"),
-}
+def turn_step_flags(overlap: bool, window: bool) -> tuple[str, str]:
+    """The decode worker's flags for one of :data:`~splitserve.benchmarks.agent.TURN_STEPS`."""
+    return f"--overlap-prefill={'on' if overlap else 'off'}", "--step-window" if window else "--no-step-window"
 
 
 def run_turn_step(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {label: [] for label in TURN_STEPS}
     for i in range(args.rounds):
-        for label, flags in TURN_STEPS.items():
+        for label, setting in TURN_STEPS.items():
+            flags = turn_step_flags(*setting)
             out[label].append(measure(args, f"{label}_{i}", flags, "--sessions", str(args.sessions), "--turns",
                                       str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
                                       str(args.max_pause_s)))

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from splitserve.benchmarks.agent import TURN_STEPS
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import ScheduledBatch, SeqWork
 from splitserve.core.engine.engine import LLMEngine
@@ -242,13 +243,6 @@ def _python_profile(engine: LLMEngine, step: ScheduledBatch) -> str:
     return text.getvalue()
 
 
-TURN_MODES = {  # label -> (overlap_prefill, step_window)
-    "synchronous step (baseline)": (False, False),
-    "queued behind the step in flight": (True, False),
-    "queued, with the step window": (True, True),
-}
-
-
 class _Arrival:
     """One turn arriving ``phase`` seconds after a step returned, seen by the engine loop as a worker sees its socket:
     read at the top of the loop (``due``), or, with the step window, inside the engine's wait (``__call__``)."""
@@ -279,9 +273,9 @@ class _Arrival:
 def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int, mode: str, salt: int) -> list[str]:
     """In the engine loop (overlapped decode steps): ``batch`` requests decoding at ``ctx``; every few steps a turn
     whose first ``ctx`` tokens are cached (a held session) arrives at a random point of a decode step; wall ms from
-    its arrival to its first token. ``mode``: a key of :data:`TURN_MODES`; ``salt`` keeps the turns' new tokens
-    apart from other calls' (none of them is cached)."""
-    overlap, window = TURN_MODES[mode]
+    its arrival to its first token. ``mode``: a key of :data:`~splitserve.benchmarks.agent.TURN_STEPS`; ``salt``
+    keeps the turns' new tokens apart from other calls' (none of them is cached)."""
+    overlap, window = TURN_STEPS[mode]
     prompt = _start_turn_loop(engine, batch, ctx, salt, overlap, window)
     vocab = engine.model_config.vocab_size
     rng, waits, steps = random.Random(salt), [], []
@@ -510,7 +504,7 @@ def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|---:|")
     salt = 0
     for q in (64, 1024):
-        for mode in [*TURN_MODES] * 2:
+        for mode in [*TURN_STEPS] * 2:
             salt += 1
             print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q,
                                                 5 if args.quick else 30, mode, salt)))
