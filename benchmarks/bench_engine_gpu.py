@@ -129,25 +129,30 @@ def with_prefill_row(sb: ScheduledBatch, q: int, ctx: int, first_page: int, voca
     return ScheduledBatch(seqs=(*sb.seqs, row), page_size=ps)
 
 
+def decode_and_turn(engine: LLMEngine, batch: int, ctx: int, q: int) -> tuple[ScheduledBatch, ScheduledBatch]:
+    """(``batch`` decode rows at ``ctx``, the same rows plus a turn row of ``q`` new tokens behind ``ctx`` cached
+    ones, on the pages after theirs)."""
+    ps = engine.info.page_size
+    sb = decode_batch(batch, ctx, ps, 0)
+    return sb, with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), engine.model_config.vocab_size)
+
+
 def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
                       qs: tuple[int, ...] = (16, 64, 256, 1024)) -> list[str]:
     """Runner step times: the decode batch (graph, eager), with a session turn's prefill row, that row alone."""
-    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
-    sb = decode_batch(batch, ctx, ps, 0)
-    first = batch * ((ctx + ps - 1) // ps)
-    iters = 5 if quick else 20
-    graphs = engine.runner.graphs
+    ps, iters, graphs = engine.info.page_size, 5 if quick else 20, engine.runner.graphs
 
     def timed(step: ScheduledBatch, graphed: bool) -> float:
         engine.runner.graphs = graphs if graphed else None
         return cuda_time(lambda: engine.runner.execute(step), iters=iters) * 1e3
 
+    sb = decode_batch(batch, ctx, ps, 0)
     t_graph = timed(sb, True)
     rows = ["| step | q new tokens | ms | vs decode step (graph) |", "|---|---:|---:|---:|",
             f"| {batch} decode rows, CUDA graph | - | {t_graph:.2f} | 1.00x |"]
     cases = [(f"{batch} decode rows", "-", sb)]
     for q in qs:
-        mixed = with_prefill_row(sb, q, ctx, first, vocab)
+        mixed = decode_and_turn(engine, batch, ctx, q)[1]
         cases += [(f"{batch} decode rows + 1 turn row", q, mixed),
                   ("the turn row alone", q, ScheduledBatch(seqs=mixed.seqs[-1:], page_size=ps))]
     for label, q, step in cases:
@@ -159,9 +164,10 @@ def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
 
 
 def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> list[str]:
-    """What a mixed graph's padding costs: the graph step of ``b`` decode rows plus one turn row of ``q`` new tokens,
-    its prefill bucket forced to each size from ``q`` rounded up to 16, against the decode rows' own graph step."""
-    graphs, ps, vocab = engine.runner.graphs, engine.info.page_size, engine.model_config.vocab_size
+    """What a mixed graph's padding costs: the graph step of 12 and 24 decode rows plus one turn row of ``q`` new
+    tokens, its prefill bucket forced to each size of 80 to 160 that holds ``q``, against the decode rows' own graph
+    step."""
+    graphs = engine.runner.graphs
     if graphs is None:
         return ["no CUDA graphs"]
     iters, default = 5 if quick else 20, graphs.prefill_buckets
@@ -169,8 +175,7 @@ def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> l
     rows = ["| decode rows | turn q | prefill bucket | graph step ms | vs the decode rows' graph |",
             "|---:|---:|---:|---:|---:|"]
     for batch in (12, 24):
-        sb = decode_batch(batch, ctx, ps, 0)
-        mixed = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+        sb, mixed = decode_and_turn(engine, batch, ctx, q)
         alone = cuda_time(lambda: engine.runner.execute(sb), iters=iters) * 1e3
         rows.append(f"| {batch} | - | - | {alone:.2f} | 1.00x |")
         for size in sizes:
@@ -184,24 +189,15 @@ def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> l
 def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
     """Where an eager step's time goes (torch profiler, 3 steps each, top ops by host time): the decode batch, a
     session turn's row alone, then both in one step by device time (the kernels a mixed-step graph replays)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
-    sb = decode_batch(batch, ctx, ps, 0)
-    turn = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+    sb, turn = decode_and_turn(engine, batch, ctx, q)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     out = []
     for label, step, sort in ((f"{batch} decode rows, eager", sb, "self_cpu_time_total"),
-                              (f"a turn row of {q} tokens alone, eager", ScheduledBatch(seqs=turn.seqs[-1:], page_size=ps),
-                               "self_cpu_time_total"),
+                              (f"a turn row of {q} tokens alone, eager",
+                               ScheduledBatch(seqs=turn.seqs[-1:], page_size=sb.page_size), "self_cpu_time_total"),
                               (f"{batch} decode rows + a turn row of {q} tokens, eager, by device time", turn,
                                "self_device_time_total")):
-        cuda_time(lambda: engine.runner.execute(step), iters=2)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                engine.runner.execute(step)
-            torch.cuda.synchronize()
-        out += [f"### {label}", "```", prof.key_averages().table(sort_by=sort, row_limit=22), "```"]
+        out += [f"### {label}", "```", _torch_profile(engine, step, sort, 3, 22), "```"]
         out += ["Python functions by own time (cProfile, 3 steps):", "```", _python_profile(engine, step), "```"]
     engine.runner.graphs = graphs
     return out
@@ -210,27 +206,28 @@ def profile_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
 def profile_graph_steps(engine: LLMEngine, batch: int, ctx: int, q: int) -> list[str]:
     """Where a CUDA graph step's device time goes (torch profiler, 5 replays each): the decode rows' graph, then the
     mixed graph with a turn row of ``q`` tokens (the kernels each replays, by device time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    ps, vocab = engine.info.page_size, engine.model_config.vocab_size
-    sb = decode_batch(batch, ctx, ps, 0)
-    turn = with_prefill_row(sb, q, ctx, batch * ((ctx + ps - 1) // ps), vocab)
+    sb, turn = decode_and_turn(engine, batch, ctx, q)
     out = []
     for label, step in ((f"{batch} decode rows, CUDA graph", sb),
                         (f"{batch} decode rows + a turn row of {q} tokens, CUDA graph", turn)):
-        cuda_time(lambda: engine.runner.execute(step), iters=3)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                engine.runner.execute(step)
-            torch.cuda.synchronize()
-        out += [f"### {label}", "```", prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), "```"]
+        out += [f"### {label}", "```", _torch_profile(engine, step, "self_device_time_total", 5, 25), "```"]
     return out
+
+
+def _torch_profile(engine: LLMEngine, step: ScheduledBatch, sort: str, steps: int, rows: int) -> str:
+    """torch profiler table (``rows`` rows, by ``sort``) of ``steps`` runner steps of ``step``, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda_time(lambda: engine.runner.execute(step), iters=2)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.runner.execute(step)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 def _python_profile(engine: LLMEngine, step: ScheduledBatch) -> str:
     import cProfile
-    import io
-    import pstats
 
     prof = cProfile.Profile()
     prof.enable()
@@ -238,8 +235,16 @@ def _python_profile(engine: LLMEngine, step: ScheduledBatch) -> str:
         engine.runner.execute(step)
     torch.cuda.synchronize()
     prof.disable()
+    return _stats_text(prof, "tottime", 25)
+
+
+def _stats_text(prof, sort: str, rows: int) -> str:
+    """A cProfile's top ``rows`` functions by ``sort``, as text."""
+    import io
+    import pstats
+
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof, stream=text).sort_stats(sort).print_stats(rows)
     return text.getvalue()
 
 
@@ -332,8 +337,6 @@ def bench_turn_host(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int)
     plain decode step's, in the engine loop (the engine's own stamps, no profiler); then where the turn's goes (cProfile
     of the ``step()`` calls that launch a turn, which inflates Python time: read the shares)."""
     import cProfile
-    import io
-    import pstats
 
     salt = 9000
     prompt = _start_turn_loop(engine, batch, ctx, salt, True, False)
@@ -357,11 +360,9 @@ def bench_turn_host(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int)
         if not profiled:  # the step that gave the turn's first token is the turn's
             turn_ms.append(engine.last_step.started - engine.last_step.scheduled)
     _stop_turn_loop(engine, batch, salt)
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
     return [f"scheduling + launching, median ms: plain decode step {statistics.median(plain) * 1e3:.3f}, "
             f"step with a {q}-token turn {statistics.median(turn_ms) * 1e3:.3f} ({turns} turns, {batch} rows at "
-            f"context {ctx})", "", "cProfile of the step() calls that launched a turn:", "```", text.getvalue(), "```"]
+            f"context {ctx})", "", "cProfile of the step() calls that launched a turn:", "```", _stats_text(prof, "cumulative", 40), "```"]
 
 
 def _loop_ms(engine: LLMEngine, batch: int, ctx: int, steps: int, overlap: bool) -> tuple[float, list[list[int]]]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.core.engine.batch import ScheduledBatch
+from splitserve.core.engine.runner import to_device
 from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -240,17 +241,11 @@ class DecodeGraphs:
         order = self._mixed_order(batch, key[0]) if key[2] else None
         if carry is not None:
             where = carry[0] if order is None else [order[t] for t in carry[0]]
-            self.static.input_ids.index_copy_(0, _device(where, out.device), carry[1])
+            self.static.input_ids.index_copy_(0, to_device(where, torch.long, out.device), carry[1])
         graph.replay()
         if order is None:
             return out[: len(batch.seqs)]
-        return out.index_select(0, _device(order, out.device))
-
-
-def _device(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 ``[len(values)]`` on ``device``, through pinned memory without a host sync."""
-    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+        return out.index_select(0, to_device(order, torch.long, out.device))
 
 
 def _copy(dst: torch.Tensor, values: list) -> None:

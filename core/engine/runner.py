@@ -145,6 +145,14 @@ class InFlight:
         return RunnerOutput(results=tuple(out))
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> ``dtype`` tensor ``[len(values)]`` on ``device``; on CUDA through pinned memory without a host
+    sync."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def row_ends(batch: ScheduledBatch) -> list[int]:
     """Each row's last token: its index among the step's tokens (all rows' tokens in order)."""
     ends, off = [], -1
@@ -274,10 +282,7 @@ class ModelRunner:
         return [ends[i] for i in rows], prev.tokens.index_select(0, src)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """Host list -> device tensor; on CUDA through pinned memory without a host sync."""
-        if self.device.type != "cuda":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return to_device(values, dtype, self.device)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ps = batch.page_size

@@ -1,12 +1,13 @@
 """The worker process skeleton shared by every role: router connection, main loop, heartbeats.
 
-One thread does everything, in this order, forever: read control messages (router and peers), poll
-the registered pollers (KV transfer endpoints), run one engine step, hand each output to the service that
-owns the request (the tokens of one step leave as one frame, :class:`TokenOuts`), send a heartbeat when due. While an overlapped decode step runs, the engine may first wait on the
-sockets (:meth:`WorkerCore.wait_for_work`): a message that comes then is read before the next step is scheduled. A side thread only keeps the worker visibly alive while that loop is
-inside a long step (a compile, a huge prefill): when no heartbeat left for ``1.5 * heartbeat_s`` it resends the
-last one without its prefix-cache events, under the lock that serialises every use of the router socket. Role services (prefill/, decode/) plug in by registering
-message handlers, pollers and output owners; they never share a request.
+One thread does everything, in this order, forever: read control messages (router and peers), poll the registered
+pollers (KV transfer endpoints), run one engine step, hand each output to the service that owns the request (the
+tokens of one step leave as one frame, :class:`TokenOuts`), send a heartbeat when due. While an overlapped decode
+step runs, the engine may first wait on the sockets (:meth:`WorkerCore.wait_for_work`): a message that comes then is
+read before the next step is scheduled. A side thread only keeps the worker visibly alive while that loop is inside a
+long step (a compile, a huge prefill): when no heartbeat left for ``1.5 * heartbeat_s`` it resends the last one
+without its prefix-cache events, under the lock that serialises every use of the router socket. Role services
+(prefill/, decode/) plug in by registering message handlers, pollers and output owners; they never share a request.
 """
 
 from __future__ import annotations
