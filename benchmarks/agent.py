@@ -48,7 +48,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from splitserve.benchmarks.serve import (breakdown_ms, fetch_metrics_text, fetch_model_name, latency_stats_ms,
                                          scrape_breakdown, sse_chunks)
@@ -103,10 +103,24 @@ class AgentConfig:
     """The router's log, for each turn's server-side TTFT (module flow, step 4')."""
 
 
-TURN_STEPS = {  # how a decode worker runs a held session turn's step: (overlap_prefill, step_window)
-    "synchronous": (False, False),  # after the step in flight has completed (the baseline)
-    "queued": (True, False),  # queued behind the step in flight
-    "queued_window": (True, True),  # queued, the worker waiting for arrivals before it launches a decode step
+class TurnStep(NamedTuple):
+    """How a decode worker runs a held session turn's step (the worker flags of the same names)."""
+
+    overlap_prefill: bool
+    """Queued behind the step in flight, instead of run after it has completed."""
+    step_window: bool
+    """The worker waits for arrivals before it launches a decode step."""
+    prefill_first_tokens: int = 0
+    """Short prompts run in a step of their own, ahead of the decode rows (0: with them)."""
+
+
+PREFILL_FIRST_TOKENS = 256
+"""The ``prefill_first_tokens`` the benchmarks try: a turn's new text and last generated token fit it."""
+TURN_STEPS = {
+    "synchronous": TurnStep(False, False),  # after the step in flight has completed (the baseline)
+    "queued": TurnStep(True, False),  # queued behind the step in flight
+    "queued_window": TurnStep(True, True),  # queued, the worker waiting for arrivals before it launches a decode step
+    "prefill_first": TurnStep(True, True, PREFILL_FIRST_TOKENS),  # as queued_window, in a step without decode rows
 }
 """The settings the GPU benchmarks compare (bench_engine_gpu in the engine loop, bench_agent_gpu in serving)."""
 TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")

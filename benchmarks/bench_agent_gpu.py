@@ -14,7 +14,9 @@
    (``--pressure-sessions`` x ``--pressure-turns``, lognormal pauses), sessions on.
 2'. ``turn_step``: sessions on only, the same trace as ``on_off`` on a fresh cluster per setting of the decode
    worker's turn step (:data:`TURN_STEPS`): run synchronously after the step in flight (the baseline), queued behind
-   it (``--overlap-prefill``), queued with the step window (``--step-window``); ``--rounds`` rounds, alternating.
+   it (``--overlap-prefill``), queued with the step window (``--step-window``), and that in a step of its own
+   ahead of the decode rows (``--prefill-first-tokens``); ``--turn-steps`` picks them, ``--rounds`` rounds,
+   alternating.
 3. Print one table per part: TTFT of turn 1 and of turns 2+ (client side, ``--client-procs`` client processes; and
    the router's own TTFT of turns 2+, found in its access log by each turn's response id), prefill tokens computed
    (server counters over all turns: prefill workers plus decode workers' local prefills; and turns 2+ alone, from each
@@ -34,7 +36,7 @@ import subprocess
 import sys
 from typing import Any
 
-from splitserve.benchmarks.agent import TURN_STEPS
+from splitserve.benchmarks.agent import TURN_STEPS, TurnStep
 from splitserve.benchmarks.bench_disagg_gpu import add_server_arguments, running_server
 
 
@@ -88,16 +90,22 @@ def run_pressure(args: argparse.Namespace, policy: str) -> dict[str, Any]:
                    "--max-pause-s", str(args.pressure_max_pause_s))
 
 
-def turn_step_flags(overlap: bool, window: bool) -> tuple[str, str]:
+def turn_step_flags(step: TurnStep) -> tuple[str, ...]:
     """The decode worker's flags for one of :data:`~splitserve.benchmarks.agent.TURN_STEPS`."""
-    return f"--overlap-prefill={'on' if overlap else 'off'}", "--step-window" if window else "--no-step-window"
+    return (f"--overlap-prefill={'on' if step.overlap_prefill else 'off'}",
+            "--step-window" if step.step_window else "--no-step-window",
+            f"--prefill-first-tokens={step.prefill_first_tokens}")
 
 
 def run_turn_step(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {label: [] for label in TURN_STEPS}
+    labels = args.turn_steps.split(",")
+    unknown = sorted(set(labels) - set(TURN_STEPS))
+    if unknown:
+        raise SystemExit(f"--turn-steps: unknown {unknown}; choose from {sorted(TURN_STEPS)}")
+    out: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     for i in range(args.rounds):
-        for label, setting in TURN_STEPS.items():
-            flags = turn_step_flags(*setting)
+        for label in labels:
+            flags = turn_step_flags(TURN_STEPS[label])
             out[label].append(measure(args, f"{label}_{i}", flags, "--sessions", str(args.sessions), "--turns",
                                       str(args.turns), "--pause-scale", str(args.pause_scale), "--max-pause-s",
                                       str(args.max_pause_s)))
@@ -204,12 +212,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--client-procs", type=int, default=4, help="client processes of the measured trace")
     ap.add_argument("--rounds", type=int, default=1, help="runs per setting in the turn_step part")
+    ap.add_argument("--turn-steps", default=",".join(TURN_STEPS),
+                    help="the settings of the turn_step part, in order (keys of benchmarks/agent.py TURN_STEPS)")
     add_server_arguments(ap, port=8310)
     return ap.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    os.makedirs(args.log_dir, exist_ok=True)
     parts = args.parts.split(",")
     card = "CPU"
     if args.device == "cuda":

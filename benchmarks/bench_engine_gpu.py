@@ -33,10 +33,10 @@ import time
 
 import torch
 
-from splitserve.benchmarks.agent import TURN_STEPS
+from splitserve.benchmarks.agent import TURN_STEPS, TurnStep
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.batch import ScheduledBatch, SeqWork
-from splitserve.core.engine.engine import LLMEngine
+from splitserve.core.engine.engine import LLMEngine, limits_for_role
 from splitserve.core.messages import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
@@ -278,12 +278,14 @@ class _Arrival:
 def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int, mode: str, salt: int) -> list[str]:
     """In the engine loop (overlapped decode steps): ``batch`` requests decoding at ``ctx``; every few steps a turn
     whose first ``ctx`` tokens are cached (a held session) arrives at a random point of a decode step; wall ms from
-    its arrival to its first token. ``mode``: a key of :data:`~splitserve.benchmarks.agent.TURN_STEPS`; ``salt``
-    keeps the turns' new tokens apart from other calls' (none of them is cached)."""
-    overlap, window = TURN_STEPS[mode]
-    prompt = _start_turn_loop(engine, batch, ctx, salt, overlap, window)
-    vocab = engine.model_config.vocab_size
-    rng, waits, steps = random.Random(salt), [], []
+    its arrival to its first token, and the longest gap between two tokens of a decoding request from the turn's
+    arrival to the step after its first token (what the turn costs the decode rows). ``mode``: a key of
+    :data:`~splitserve.benchmarks.agent.TURN_STEPS`; ``salt`` keeps the turns' new tokens apart from other calls'
+    (none of them is cached)."""
+    step = TURN_STEPS[mode]
+    prompt = _start_turn_loop(engine, batch, ctx, salt, step)
+    vocab, watched = engine.model_config.vocab_size, f"bg{salt}-0"
+    rng, waits, steps, gaps = random.Random(salt), [], [], []
     for t in range(turns):
         for _ in range(3):
             t0 = time.perf_counter()
@@ -292,25 +294,33 @@ def bench_turn_latency(engine: LLMEngine, batch: int, ctx: int, q: int, turns: i
         rid = f"turn{salt}-{t}"
         new = [(t * 97 + j + salt * 7919) % (vocab - 3) + 3 for j in range(q)]
         turn = _Arrival(engine, rid, prompt + new, rng.uniform(0.0, statistics.median(steps)))
-        while True:
+        seen, first = [turn.at], None
+        while first is None or len(seen) < 3:
             turn.due()
-            if any(o.request_id == rid and o.new_token_ids for o in engine.step(turn if window else None)):
-                break
-        waits.append(time.perf_counter() - turn.at)
+            outs = engine.step(turn if step.step_window else None)
+            now = time.perf_counter()
+            if first is None and any(o.request_id == rid and o.new_token_ids for o in outs):
+                first = now
+            if any(o.request_id == watched and o.new_token_ids for o in outs) and now > turn.at:
+                seen.append(now)
+        waits.append(first - turn.at)
+        gaps.append(max(b - a for a, b in zip(seen, seen[1:])))
     _stop_turn_loop(engine, batch, salt)
     return [f"| {mode} | {q} | {statistics.median(steps) * 1e3:.2f} | {statistics.median(waits) * 1e3:.2f} | "
-            f"{statistics.quantiles(waits, n=10)[-1] * 1e3:.2f} |"]
+            f"{statistics.quantiles(waits, n=10)[-1] * 1e3:.2f} | {statistics.median(gaps) * 1e3:.2f} |"]
 
 
 HELD = "held-session"
 """The key the turns' prefix is pinned under, as a held agent session's pages are."""
 
 
-def _start_turn_loop(engine: LLMEngine, batch: int, ctx: int, salt: int, overlap: bool, window: bool) -> list[int]:
-    """``batch`` requests decoding at ``ctx`` in the engine loop; returns the turns' prefix (``ctx`` ids, pinned under
-    :data:`HELD` and cached)."""
-    engine.cfg = engine.cfg.model_copy(update={"async_scheduling": True, "overlap_prefill": "on" if overlap else "off",
-                                               "step_window": window})
+def _start_turn_loop(engine: LLMEngine, batch: int, ctx: int, salt: int, step: TurnStep) -> list[int]:
+    """``batch`` requests decoding at ``ctx`` in the engine loop, its turn step set to ``step``; returns the turns'
+    prefix (``ctx`` ids, pinned under :data:`HELD` and cached)."""
+    engine.cfg = engine.cfg.model_copy(update={
+        "async_scheduling": True, "overlap_prefill": "on" if step.overlap_prefill else "off",
+        "step_window": step.step_window, "prefill_first_tokens": step.prefill_first_tokens})
+    engine.scheduler.limits = limits_for_role(engine.cfg, "decode")
     vocab = engine.model_config.vocab_size
     prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
     engine.add_request(HELD, prompt + [5], SamplingParams(max_tokens=1, temperature=0.0), session_key=HELD)
@@ -339,7 +349,7 @@ def bench_turn_host(engine: LLMEngine, batch: int, ctx: int, q: int, turns: int)
     import cProfile
 
     salt = 9000
-    prompt = _start_turn_loop(engine, batch, ctx, salt, True, False)
+    prompt = _start_turn_loop(engine, batch, ctx, salt, TURN_STEPS["queued"])
     vocab, prof = engine.model_config.vocab_size, cProfile.Profile()
     plain, turn_ms = [], []
     for t in range(2 * turns):
@@ -501,8 +511,9 @@ def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
     print("\n".join(bench_mixed_steps(engine, args.mixed_batch, args.mixed_context, args.quick)) + "\n")
     print(f"A held turn arriving at a random point of a decode step, in the engine loop ({args.mixed_batch} "
           f"decoding at context {args.mixed_context}); modes alternate, twice each:\n")
-    print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 | "
+          "decode rows' longest token gap around it, median ms |")
+    print("|---|---:|---:|---:|---:|---:|")
     salt = 0
     for q in (64, 1024):
         for mode in [*TURN_STEPS] * 2:

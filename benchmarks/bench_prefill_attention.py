@@ -8,7 +8,10 @@ Then an agent session's next turn: one row of 65 new tokens behind 2,000-4,000 c
 block as the engine runs it, with the K/V bandwidth the last reaches (the context's K and V read once) and the
 largest difference from the float32 reference.
 
-    python benchmarks/bench_prefill_attention.py [--tune]
+With ``--tune-turn``, only the turn row as a mixed CUDA graph launches it, over tiles, warps, stages and split
+counts (:func:`tune_turn`).
+
+    python benchmarks/bench_prefill_attention.py [--tune | --tune-turn]
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from splitserve.kernels.testing import make_paged_batch
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
 
-def _triton_fn(b, **kw):
+def _triton_fn(b, max_q: int | None = None, **kw):
     out = torch.empty_like(b.q)
+    max_q = max(b.q_lens) if max_q is None else max_q
     return lambda: paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables,
-                                           D**-0.5, max(b.q_lens), out=out, **kw)
+                                           D**-0.5, max_q, out=out, **kw)
 
 
 def _sdpa_fn(b, n: int, ctx: int, q_len: int):
@@ -97,10 +101,54 @@ def tune(n: int, ctx: int) -> None:
         print(f"  block_m={bm} block_n={bn} warps={nw} stages={ns}  {ms:.3f} ms  {_flops(n, ctx, ctx)/ms/1e9:.0f} TFLOP/s")
 
 
+def tune_turn(ctx: int, top: int = 8) -> None:
+    """A session turn's row as a mixed CUDA graph launches it (its spare prefill rows empty, the 128-query bucket,
+    the 4,096 context bucket, keys split for one row), in a CUDA graph (device time, no launch cost): tiles, warps,
+    stages and split counts, the default first, then the fastest."""
+    from splitserve.benchmarks.kernels_common import graph_ms, kernel_us
+    from splitserve.kernels.attention import ref_paged_attention
+
+    b = make_paged_batch([ctx, 1, 1, 1], [65, 0, 0, 0], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, D**-0.5)
+    rows = []
+    for bm, bn, nw, ns, splits in itertools.product([32, 64, 128], [32, 64], [4, 8], [2, 3], [None, 16, 32]):
+        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, block_m=bm, block_n=bn, num_warps=nw,
+                        num_stages=ns, num_splits=splits)
+        try:
+            err = (fn()[:65] - ref[:65]).abs().max().item()
+            rows.append((graph_ms(fn), bm, bn, nw, ns, str(splits or "default"), err))
+        except Exception as exc:  # noqa: BLE001 -- an out-of-resources config is skipped and reported
+            print(f"  skip bm={bm} bn={bn} w={nw} s={ns} splits={splits}: {type(exc).__name__}")
+    default = next(r for r in rows if r[1:6] == (64, 64, 4, 2, "default"))
+    print(f"\nturn row in the mixed graph's launch, context {ctx}: {len(rows)} settings, default first, then the "
+          f"fastest {top}")
+    print(f"{'ms':>7} {'block_m':>7} {'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>7} {'vs default':>10} "
+          f"{'max err':>8}")
+    for r in [default, *sorted(rows)[:top]]:
+        print(f"{r[0]:7.4f} {r[1]:7d} {r[2]:7d} {r[3]:5d} {r[4]:6d} {r[5]:>7} {default[0] / r[0]:9.2f}x "
+              f"{r[6]:8.4f}")
+    exact = make_paged_batch([ctx], [65], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
+    print("device us per kernel (torch profiler):")
+    for label, fn in (("as the graph launches it, default", _triton_fn(b, max_q=128, max_context_len=4096,
+                                                                        split_rows=1)),
+                      ("as the graph launches it, keys not split", _triton_fn(b, max_q=128, num_splits=1)),
+                      ("as the graph launches it, 32 splits", _triton_fn(b, max_q=128, max_context_len=4096,
+                                                                          split_rows=1, num_splits=32)),
+                      ("one row, exact bounds, default", _triton_fn(exact, max_context_len=ctx)),
+                      ("one row, exact bounds, not split", _triton_fn(exact, num_splits=1))):
+        times = kernel_us(fn)
+        print(f"  {label}: " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--tune-turn", action="store_true", help="only the turn row's launch settings (tune_turn)")
     args = p.parse_args()
+    if args.tune_turn:
+        for ctx in (2112, 3136):
+            tune_turn(ctx)
+        return
     print(header("paged prefill attention vs torch SDPA, Llama-3-8B heads, bf16, page 16"))
     print(f"bf16 matmul 8192^3: {matmul_tflops():.0f} TFLOP/s")
     if args.tune:

@@ -44,6 +44,19 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+def kernel_us(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
+    """Device microseconds per call of each kernel ``fn`` launches (torch profiler; launch gaps not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def graph_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of one CUDA-graph replay of ``fn`` (how the decode engine runs it: no launch overhead)."""
     stream = torch.cuda.Stream()

@@ -74,6 +74,12 @@ class EngineConfig(FrozenConfig):
     """With ``async_scheduling``, a worker waits on its sockets while the decode step in flight should run on, before
     it launches the next: a prompt that arrives then runs in the very next step, not the one after
     (core/engine/pacing.py). Off: the next step is launched at once."""
+    prefill_first_tokens: int = Field(default=0, ge=0)
+    """A decode or colocated worker runs prompts with at most this many tokens left to compute (after prefix-cache
+    hits: an agent session's next turn on the worker that holds its KV) in a step of their own, ahead of the decode
+    rows, which skip that step (never two in a row): the prompt's first token waits for a prompt-only step instead
+    of a step that also carries every running row (core/engine/scheduler.py, prompts first). Capped by
+    ``chunk_size``. 0: prompts join the decode rows' step."""
     extra_stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""
 

@@ -28,7 +28,8 @@ Two kernels:
   padding (a turn's 65 tokens took two blocks of 64 per head).
 
 Split counts and query bounds are runtime arguments that Triton does not specialize on (only whether the keys are
-split at all is a compile-time constant, and the merge's padded split count): a worker compiles each kernel a few
+split at all is a compile-time constant, and the decode merge's padded split count; the prefill merge reads
+:data:`MERGE_CHUNK` splits at a time): a worker compiles each kernel a few
 times at warm-up, never again for a new batch size while it serves (one compile of the decode kernel mid-serving
 stalled every request of a step for 1-2 s on an H200).
 """
@@ -47,6 +48,8 @@ MAX_PREFILL_SPLITS = 64
 """Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
 arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
 step shape."""
+MERGE_CHUNK = 16
+"""Splits a prefill launch's merge reads at a time (its loop runs over the launch's split count, a runtime value)."""
 PACK_GQA_MAX_Q = 256
 """Prefill launches of at most this many queries a sequence pack each KV head's query heads into one block (a
 session turn's 65 new tokens behind thousands held: per layer, each KV tile is read once for its 4 query heads, and
@@ -111,14 +114,22 @@ def _attn_blocks(
 
     ``q`` is ``[M, D_PAD]``; ``q_pos`` ``[M]`` the query positions (used when ``MASK``: key <= q_pos and
     key < hi). Without ``MASK`` every key in ``[lo, hi)`` must be visible to every row.
+
+    A tile's K and V loads are issued together, their page ids loaded one tile ahead: a tile then waits for one
+    memory round trip, not three in a row (page ids, K, then V). Few programs with many tiles each (a session
+    turn's row behind a long context) are bound by those round trips, not by bandwidth.
     """
+    offs_b = tl.arange(0, BLOCK_N)
+    page = tl.load(bt_row + (lo + offs_b) // PAGE, mask=lo + offs_b < hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_n = start + offs_b
         n_mask = offs_n < hi
-        page = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         row = (offs_n % PAGE).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + (page * sk_p + row * sk_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (page * sv_p + row * sv_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        nxt = offs_n + BLOCK_N
+        page = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0).to(tl.int64)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         if MASK:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -130,7 +141,6 @@ def _attn_blocks(
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (page * sv_p + row * sv_s)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
@@ -205,33 +215,42 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, num_splits, HEAD_DIM: tl.constexpr,
-                  D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """Merge the ``num_splits`` (<= ``SPLITS_PAD``) partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
-    split) by their log2-sum-exp in ``mid_lse`` into ``out_row_ptr``; splits with no keys (-inf) weigh nothing."""
-    offs_s = tl.arange(0, SPLITS_PAD)
+                  D_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Merge the ``num_splits`` partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
+    split) by their log2-sum-exp in ``mid_lse`` into ``out_row_ptr``, ``CHUNK`` splits at a time (a running max and
+    sum, so the work follows ``num_splits`` rather than a padded bound); splits with no keys (-inf) weigh nothing."""
     offs_d = tl.arange(0, D_PAD)
-    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
-    row = first + offs_s
-    lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.math.exp2(lse - mx)
-    o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    denom = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    mx = tl.full([], float("-inf"), tl.float32)
+    denom = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for s0 in range(0, num_splits, CHUNK):
+        offs_s = s0 + tl.arange(0, CHUNK)
+        s_mask = offs_s < num_splits
+        row = first + offs_s
+        lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
+        new = tl.maximum(mx, tl.max(lse, 0))
+        use = tl.where(new == float("-inf"), 0.0, new)
+        w = tl.math.exp2(lse - use)
+        o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        rescale = tl.math.exp2(mx - use)
+        acc = acc * rescale + tl.sum(w[:, None] * o, 0)
+        denom = denom * rescale + tl.sum(w, 0)
+        mx = new
+    res = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(out_row_ptr + offs_d, res.to(out_row_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h, num_splits,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * num_splits, out_ptr + b * so_b + h * so_h,
-                  num_splits, HEAD_DIM, D_PAD, SPLITS_PAD)
+                  num_splits, HEAD_DIM, D_PAD, CHUNK)
 
 
 @functools.lru_cache(maxsize=16)
@@ -314,7 +333,7 @@ def paged_decode_attention(
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            CHUNK=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out
 
@@ -386,7 +405,7 @@ def _prefill_kernel(
 @triton.jit(do_not_specialize=["num_splits", "max_q"])
 def _prefill_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h, num_splits, max_q,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
@@ -395,7 +414,7 @@ def _prefill_reduce_kernel(
     if i < tl.load(cu_q_ptr + b + 1) - q_start:
         first = ((b * max_q + i).to(tl.int64) * NUM_HEADS + h) * num_splits
         _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_ptr + (q_start + i).to(tl.int64) * so_t + h * so_h,
-                      num_splits, HEAD_DIM, D_PAD, SPLITS_PAD)
+                      num_splits, HEAD_DIM, D_PAD, CHUNK)
 
 
 def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_context_len: int,
@@ -481,7 +500,7 @@ def paged_prefill_attention(
     if num_splits > 1:
         _prefill_reduce_kernel[(max_q, batch, num_heads)](
             mid_o, mid_lse, cu_seqlens_q, out, out.stride(0), out.stride(1), num_splits, max_q,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=MAX_PREFILL_SPLITS, num_warps=4,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=MERGE_CHUNK, num_warps=4,
         )
     return out
 

@@ -133,6 +133,19 @@ def test_prompt_chunks_launched_behind_the_step_in_flight_agree(s260k, chunk):
     assert launches_on[1] >= len(prompts) // 2 and launches_off[1] == 0 and launches_off[0] > 0
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_short_prompts_first_give_the_same_tokens(s260k, overlap):
+    """``prefill_first_tokens``: prompts that arrive while others decode run in steps of their own (the decode rows
+    skip those steps, never two in a row): the tokens of ordinary steps, and such steps really ran."""
+    prompts, params = workload(seed=5, n=16)
+    sync = run_staggered(make_engine(s260k, False), prompts, params)
+    engine = make_engine(s260k, overlap, prefill_first_tokens=24)
+    alone, real = [], engine.scheduler._prompts_alone
+    engine.scheduler._prompts_alone = lambda: alone.append(real()) or alone[-1]
+    assert_same_up_to_ties(s260k, prompts, run_staggered(engine, prompts, params), sync)
+    assert sum(b is not None for b in alone) >= len(prompts) // 2
+
+
 def test_rows_that_need_more_than_argmax_run_synchronously_and_agree(s260k):
     prompts, params = workload(seed=7, n=12)
     special = [SamplingParams(max_tokens=20, temperature=0.8, seed=3, logprobs=2),

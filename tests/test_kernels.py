@@ -102,6 +102,7 @@ def test_prefill_attention_matches_reference(dtype, page, ctx, qlens, pack):
         pytest.param(torch.bfloat16, 4, [97, 64], [33, 64], 2, marks=pytest.mark.skipif(
             DEVICE != "cuda", reason="bf16 dot products are not emulated by Triton's interpreter")),
         (torch.float32, 16, [600, 300], [5, 3], None),  # the default split count, from max_context_len: 2
+        (torch.float32, 16, [600, 300], [5, 3], 37),  # more splits than the merge reads at once, the last ones empty
     ],
 )
 @pytest.mark.parametrize("pack", [None, False])

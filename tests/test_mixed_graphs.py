@@ -35,9 +35,10 @@ class EagerGraphs(DecodeGraphs):
         return _Replay(lambda: out.copy_(self._forward(b, c, q))), out
 
 
-def _engine(graphs: bool, overlap: bool = False) -> LLMEngine:
+def _engine(graphs: bool, overlap: bool = False, prefill_first: int = 0) -> LLMEngine:
     cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend="triton",
-                       page_size=8, num_pages=256, async_scheduling=overlap, overlap_prefill="on")
+                       page_size=8, num_pages=256, async_scheduling=overlap, overlap_prefill="on",
+                       prefill_first_tokens=prefill_first)
     engine = LLMEngine(cfg)
     if graphs:
         engine.runner.graphs = EagerGraphs(engine.runner.model, engine.kv_cache, engine.runner.backend, 8,
@@ -174,3 +175,21 @@ def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkey
     monkeypatch.setattr(cuda_graphs, "TABLE_ROWS_ONE_BY_ONE", 4)
     assert step(*many) == []  # 8 rows changed, more than 4: all at once, as one table
     assert step(*many[:3], ("m3", 36, (99, 98, 97, 96, 95)), *many[4:]) == [3]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(overlap):
+    """With ``prefill_first_tokens`` the short prompts run in steps of their own (no decode row: one padding row,
+    then the prefill rows), the decode rows skip those steps, and the ids are those of plain eager steps."""
+    with_graphs = _engine(True, overlap, prefill_first=16)
+    graphs, runs = with_graphs.runner.graphs, []
+    real_run = graphs.run
+    graphs.run = lambda batch, key, carry=None: runs.append(
+        (sum(s.num_tokens == 1 for s in batch.seqs), sum(s.num_tokens != 1 for s in batch.seqs), key[0])
+    ) or real_run(batch, key, carry)
+    got = _trace(with_graphs)
+    alone = [r for r in runs if r[1] and not r[0]]
+    # a's prompt (nothing else runs yet), then b, c, and d with e together, each with one padding decode row
+    assert [(p, b) for _d, p, b in alone] == [(1, 1), (1, 1), (1, 1), (2, 1)], runs
+    assert not any(d and p for d, p, _b in runs), runs  # no step mixed the short prompts with decode rows
+    assert got == _trace(_engine(False))

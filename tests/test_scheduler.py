@@ -141,3 +141,35 @@ def test_rows_carry_the_request_history_only_when_sampling_reads_it():
     req = sched.requests["plain"]
     assert req.token_ids(4, 8) == (104, 105, 7, 8) == tuple(req.all_token_ids[4:8])
     assert req.token_ids(0, 2) == (100, 101) and req.token_ids(7, 9) == (8, 9) and req.token_ids(9, 9) == ()
+
+
+def test_short_prompts_run_alone_ahead_of_the_decode_rows_never_twice_in_a_row():
+    sched = Scheduler(KVCacheManager(num_pages=32, page_size=PAGE),
+                      SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=64, chunk_size=64,
+                                      enable_prefix_caching=False, prefill_first_tokens=8))
+    a, b = prefilled(sched, "a", 4), prefilled(sched, "b", 4)
+    sched.add(a)
+    sched.add(b)
+
+    def step(want):
+        batch = sched.schedule()
+        assert [(s.request_id, s.num_tokens, s.start_pos, s.page_table) for s in batch.seqs] == want
+        sched.commit(batch)
+        for s in batch.seqs:
+            if s.sample:
+                sched.requests[s.request_id].output_token_ids.append(9)
+
+    step([("a", 1, 4, (0, 2)), ("b", 1, 4, (1, 3))])
+    sched.add(fresh("c", 6))  # short: alone, the decode rows wait a step
+    sched.add(fresh("d", 20))  # too long for what is left of the limit (2): stays waiting
+    step([("c", 6, 0, (4, 5))])
+    assert [r.request_id for r in sched.waiting] == ["d"]
+    sched.add(fresh("e", 5))  # short, but the last step was prompts alone: everyone runs, d and e in chunks
+    step([("a", 1, 5, (0, 2)), ("b", 1, 5, (1, 3)), ("c", 1, 6, (4, 5)), ("d", 20, 0, (6, 7, 8, 9, 10)),
+          ("e", 5, 0, (11, 12))])
+    sched.add(fresh("f", 9))  # longer than the limit: an ordinary step
+    step([("a", 1, 6, (0, 2)), ("b", 1, 6, (1, 3)), ("c", 1, 7, (4, 5)), ("d", 1, 20, (6, 7, 8, 9, 10, 13)),
+          ("e", 1, 5, (11, 12)), ("f", 9, 0, (14, 15, 16))])
+    sched.add(fresh("g", 3))
+    sched.add(fresh("h", 5))  # 3 + 5 fit the limit together
+    step([("g", 3, 0, (17,)), ("h", 5, 0, (18, 19))])

@@ -121,11 +121,13 @@ def size_pool(cfg: EngineConfig, spec_one_page: KVPoolSpec, device: torch.device
 
 def limits_for_role(cfg: EngineConfig, role: str) -> SchedulerLimits:
     """Scheduler limits of a worker role: ``prefill`` computes whole prompts up to ``prefill_token_budget`` a step;
-    ``decode`` and ``both`` keep chunked prefill so decode steps stay short."""
+    ``decode`` and ``both`` keep chunked prefill so decode steps stay short, and run short prompts first when
+    ``prefill_first_tokens`` says so."""
     if role == "prefill":
         budget = cfg.prefill_token_budget
         return SchedulerLimits(cfg.max_num_seqs, budget, budget, cfg.enable_prefix_caching)
-    return SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching)
+    return SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.chunk_size, cfg.enable_prefix_caching,
+                           cfg.prefill_first_tokens)
 
 
 def select_ops(cfg: EngineConfig, device: torch.device) -> KernelOps:

@@ -14,6 +14,18 @@ that cannot take another token (``max_tokens``, context) is not scheduled again 
 A waiting request whose prompt is identical to one still being prefilled (the copies of one prompt, ``n`` > 1)
 waits until that prefill is done, then takes its pages from the prefix cache instead of computing them again.
 
+Prompts first (``SchedulerLimits.prefill_first_tokens``): a short prompt -- an agent session's next turn on the
+decode worker that holds its KV, a short prompt prefilled there -- runs in a step of its own, ahead of the decode
+rows, which skip that step. Its first token then waits for a prompt-only step (about a pass over the weights)
+instead of a decode step that also carries every running row. Flow of :meth:`Scheduler._prompts_alone`:
+1. Only when the last committed step was not such a step (decode rows never skip two steps in a row) and some
+   running request is past its prompt (else there is nothing to put off).
+2. Its rows: running requests whose prompt is unfinished and whose rest fits the limit (one admitted by an earlier
+   scheduling of this step, which the engine scheduled again), then waiting ones from the head of the queue while
+   their rest after prefix-cache hits fits what is left of the limit.
+3. No such row: the step is scheduled as usual. Otherwise the batch is remembered, and :meth:`commit` notes that
+   the step committed was prompts alone.
+
 Waiting requests can hold pages too: a decode worker's request whose KV arrived from a prefill worker
 (``LLMEngine.add_prefilled``) waits with its reserved pages. When nothing runs and the head of the queue
 cannot get pages, those holders would block it for ever, so the newest of them gives its pages up and will be
@@ -41,6 +53,9 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     chunk_size: int
     enable_prefix_caching: bool = True
+    prefill_first_tokens: int = 0
+    """Prompts with at most this many tokens left to compute run in a step of their own, ahead of the decode rows
+    (module doc, prompts first); 0: they join the decode rows' step."""
 
 
 class Scheduler:
@@ -61,6 +76,10 @@ class Scheduler:
         self._retiring: list[str] = []
         """Page owner keys of finished requests of the step in flight, freed once it completes."""
         self._retire_ids = itertools.count()
+        self._alone: ScheduledBatch | None = None
+        """The last batch of prompts alone that was scheduled (module doc, prompts first)."""
+        self._alone_last = False
+        """Whether the last committed step was prompts alone."""
 
     # --- queue management -------------------------------------------------------------------------
 
@@ -127,6 +146,9 @@ class Scheduler:
     # --- one step ---------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
+        alone = self._prompts_alone()
+        if alone is not None:
+            return alone
         budget = self.limits.max_num_batched_tokens
         work: list[SeqWork] = []
         preempted = False
@@ -144,6 +166,28 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(work, budget)
         return ScheduledBatch(seqs=tuple(work), page_size=self.kv.page_size)
+
+    def _prompts_alone(self) -> ScheduledBatch | None:
+        """A step of short prompts alone, or None to schedule as usual (module doc, prompts first)."""
+        limit = min(self.limits.prefill_first_tokens, self.limits.chunk_size, self.limits.max_num_batched_tokens)
+        if limit <= 0 or self._alone_last or all(self._in_prompt(r) for r in self.running):
+            return None
+        work: list[SeqWork] = []
+        for req in [r for r in self.running if self._in_prompt(r)]:
+            n = req.num_tokens - req.num_computed_tokens
+            if n <= limit and req in self.running and self._allocate_or_preempt(req, n):
+                work.append(self._seq_work(req, n))
+                limit -= n
+        if limit > 0:
+            self._admit_waiting(work, limit, whole=True)
+        if not work:
+            return None
+        self._alone = ScheduledBatch(seqs=tuple(work), page_size=self.kv.page_size)
+        return self._alone
+
+    @staticmethod
+    def _in_prompt(req: Request) -> bool:
+        return req.num_computed_tokens < req.num_prompt_tokens and not req.num_pending
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         if req.num_pending and req.at_length_limit:
@@ -202,12 +246,17 @@ class Scheduler:
         logger.warning("request %s: does not fit in the whole KV pool; finishing it", req.request_id)
         return None
 
-    def _admit_waiting(self, work: list[SeqWork], budget: int) -> int:
+    def _admit_waiting(self, work: list[SeqWork], budget: int, whole: bool = False) -> int:
+        """Move waiting requests from the head of the queue to running within ``budget`` tokens; ``whole``: only
+        prompts whose rest (after prefix-cache hits) fits the budget whole."""
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             req = self.waiting[0]
-            if self._same_prompt_in_prefill(req):
+            if self._same_prompt_in_prefill(req) or (whole and not self._in_prompt(req)):
                 break  # its copy's pages are about to be cached: first come, first served behind it
             computed = self._prefix_hit(req)
+            if whole and req.num_tokens - req.num_computed_tokens > budget:
+                req.num_computed_tokens = req.num_cached_tokens = 0
+                break
             n = self._num_new_tokens(req, budget)
             total = req.num_computed_tokens + n
             if self.kv.allocate_slots(req.request_id, total, computed) is None:
@@ -272,6 +321,7 @@ class Scheduler:
 
     def commit(self, batch: ScheduledBatch) -> None:
         """Advance computed-token counts and publish newly full pages to the prefix cache."""
+        self._alone_last = batch is self._alone
         for seq in batch.seqs:
             req = self.requests.get(seq.request_id)
             if req is None:
