@@ -164,9 +164,9 @@ def bench_mixed_steps(engine: LLMEngine, batch: int, ctx: int, quick: bool,
 
 
 def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> list[str]:
-    """What a mixed graph's padding costs: the graph step of 12 and 24 decode rows plus one turn row of ``q`` new
-    tokens, its prefill bucket forced to each size of 80 to 160 that holds ``q``, against the decode rows' own graph
-    step."""
+    """What a mixed graph's padding costs: the graph step of 0, 12 and 24 decode rows plus one turn row of ``q`` new
+    tokens (0: a prompt-only step, ``prefill_first_tokens``), its prefill bucket forced to each size of 80 to 160
+    that holds ``q``, against the decode rows' own graph step."""
     graphs = engine.runner.graphs
     if graphs is None:
         return ["no CUDA graphs"]
@@ -174,10 +174,12 @@ def bench_prefill_buckets(engine: LLMEngine, ctx: int, q: int, quick: bool) -> l
     sizes = [size for size in (80, 96, 112, 128, 160) if size >= q]
     rows = ["| decode rows | turn q | prefill bucket | graph step ms | vs the decode rows' graph |",
             "|---:|---:|---:|---:|---:|"]
-    for batch in (12, 24):
-        sb, mixed = decode_and_turn(engine, batch, ctx, q)
+    for batch in (0, 12, 24):
+        sb, mixed = decode_and_turn(engine, max(batch, 1), ctx, q)
         alone = cuda_time(lambda: engine.runner.execute(sb), iters=iters) * 1e3
-        rows.append(f"| {batch} | - | - | {alone:.2f} | 1.00x |")
+        if not batch:  # the turn row alone: the 1-row decode step is the baseline
+            mixed = ScheduledBatch(seqs=tuple(s for s in mixed.seqs if s.num_tokens > 1), page_size=mixed.page_size)
+        rows.append(f"| {max(batch, 1)} | - | - | {alone:.2f} | 1.00x |")
         for size in sizes:
             graphs.prefill_buckets = (size, default[-1])
             t = cuda_time(lambda: engine.runner.execute(mixed), iters=iters) * 1e3

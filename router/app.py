@@ -83,7 +83,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Module flow, step 1: OpenAI-shaped errors, the catch-all 500, request counts by status, the access log."""
     svc = request.app[SERVICE]
     start = time.monotonic()
-    request[ACCESS] = {}
+    request[ACCESS] = {"start": start}
     try:
         resp, reason = await handler(request), None
     except APIError as exc:
@@ -200,6 +200,8 @@ def _access_log(request: web.Request, status: int, duration_s: float, reason: st
         parts += [f"prompt_tokens={info['prompt_tokens']}", f"output_tokens={info['output_tokens']}"]
     if info.get("ttft_s") is not None:
         parts.append(f"ttft_ms={info['ttft_s'] * 1e3:.1f}")
+    if "served" in info:  # before the TTFT clock: reading, parsing and checking the request, tokenizing its prompt
+        parts.append(f"prep_ms={(info['served'] - info['start']) * 1e3:.1f}")
     parts.append(f"duration_ms={duration_s * 1e3:.1f}")
     if reason is not None:
         parts.append(f"reason={json.dumps(reason)}")
@@ -299,7 +301,7 @@ def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) ->
 async def _serve(request: web.Request, svc: RouterService, req: Any, choices: list[Choice]) -> web.StreamResponse:
     """Run every choice; the access log gets the request's token counts and TTFT (time to any first token)."""
     access = request[ACCESS]
-    start = time.monotonic()
+    start = access["served"] = time.monotonic()
     deltas: dict[int, list[Delta]] = {c.index: [] for c in choices}
 
     async def timed() -> AsyncIterator[tuple[Choice, Delta]]:

@@ -294,14 +294,17 @@ class CompletionRequest(_CommonRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt_ok(cls, v: Any) -> Any:
-        items = v if isinstance(v, list) and v and not _all_token_ids(v) else [v]
+        if isinstance(v, list) and v and _all_token_ids(v):  # one prompt of token ids: checked in one pass
+            return v
+        items = v if isinstance(v, list) and v else [v]
         if not (all(isinstance(p, str) for p in items) or all(_is_token_list(p) for p in items)):
             raise ValueError(f"must be {PROMPT_FORMS} (token ids: ints in [0, {MAX_TOKEN_ID}], lists non-empty)")
         return v
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: its text, or its token ids."""
-        if isinstance(self.prompt, str) or _all_token_ids(self.prompt):
+        """One entry per prompt: its text, or its token ids (a validated list is all ids or all prompts, so its first
+        item says which)."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
 

@@ -100,7 +100,8 @@ def test_graph_keys_take_a_few_short_prefill_rows():
     assert key(seq("p", 5)) == (1, c0, 16)  # a prompt alone: one padding decode row
     assert key(seq("p", 257)) is None  # too long for a prefill bucket
     assert key(seq("d", 1, 9), seq("p", 5), seq("q", 20)) == (1, c0, 32)  # two prefill rows: 25 tokens together
-    assert key(seq("p", 65), seq("q", 65)) == (1, c0, 256)  # two session turns of 65 new tokens
+    assert key(seq("p", 65)) == (1, c0, 80)  # a session turn of 64 new tokens and its last generated one
+    assert key(seq("p", 65), seq("q", 65)) == (1, c0, 192)  # two such turns
     assert key(seq("p", 130), seq("q", 130)) is None  # 260 tokens together
     assert key(*(seq(f"p{i}", 2) for i in range(MAX_PREFILL_ROWS + 1))) is None  # too many prefill rows
     assert key(seq("p", 5, logprobs=True)) is None  # prompt logprobs need every position's hidden state

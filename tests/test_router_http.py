@@ -518,6 +518,8 @@ def test_one_access_log_line_per_request_without_the_prompt(router):
     ok = wait_for(lambda: [ln for ln in lines() if f"id={out.id} " in ln], what="the access-log line")
     assert len(ok) == 1 and "INFO" in ok[0] and "route=POST /v1/completions status=200" in ok[0]
     assert f"prompt_tokens={n_prompt} output_tokens=6" in ok[0] and "ttft_ms=" in ok[0] and "duration_ms=" in ok[0]
+    fields = dict(part.split("=", 1) for part in ok[0].split(" access ", 1)[1].split() if "=" in part)
+    assert 0 <= float(fields["prep_ms"]) <= float(fields["duration_ms"])  # reading the request, before the TTFT clock
     bad = wait_for(lambda: [ln for ln in lines() if "status=400" in ln and "max_tokens" in ln], what="the 400 line")
     assert "reason=" in bad[-1] and "INFO" in bad[-1]
     assert secret not in router.router_log.read_text()
