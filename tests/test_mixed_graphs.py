@@ -100,8 +100,8 @@ def test_graph_keys_take_a_few_short_prefill_rows():
     assert key(seq("p", 5)) == (1, c0, 16)  # a prompt alone: one padding decode row
     assert key(seq("p", 257)) is None  # too long for a prefill bucket
     assert key(seq("d", 1, 9), seq("p", 5), seq("q", 20)) == (1, c0, 32)  # two prefill rows: 25 tokens together
-    assert key(seq("p", 65)) == (1, c0, 80)  # a session turn of 64 new tokens and its last generated one
-    assert key(seq("p", 65), seq("q", 65)) == (1, c0, 192)  # two such turns
+    assert key(seq("p", 65)) == (1, c0, 128)  # a session turn of 64 new tokens and its last generated one
+    assert key(seq("p", 65), seq("q", 65)) == (1, c0, 256)  # two such turns
     assert key(seq("p", 130), seq("q", 130)) is None  # 260 tokens together
     assert key(*(seq(f"p{i}", 2) for i in range(MAX_PREFILL_ROWS + 1))) is None  # too many prefill rows
     assert key(seq("p", 5, logprobs=True)) is None  # prompt logprobs need every position's hidden state
@@ -194,3 +194,13 @@ def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(overlap
     assert [(p, b) for _d, p, b in alone] == [(1, 1), (1, 1), (1, 1), (2, 1)], runs
     assert not any(d and p for d, p, _b in runs), runs  # no step mixed the short prompts with decode rows
     assert got == _trace(_engine(False))
+
+
+def test_capture_all_takes_the_decode_buckets_and_one_mixed_graph():
+    """Warm-up captures every decode bucket and one mixed graph, whose capture compiles the kernels only mixed
+    steps launch (on a GPU), so a session turn's first step does not; the layouts still match eager steps."""
+    engine = _engine(True, overlap=True, prefill_first=16)
+    graphs = engine.runner.graphs
+    assert graphs.capture_all() == len(graphs.batch_buckets) * len(graphs.ctx_buckets) + 1
+    assert {k for k in graphs.graphs if k[2]} == {(1, graphs.ctx_buckets[0], 16)}
+    assert _trace(engine) == _trace(_engine(False))

@@ -31,10 +31,11 @@ from splitserve.core.model.attention import AttentionBackend, AttentionMetadata
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-PREFILL_BUCKETS = (16, 32, 64, 80, 96, 128, 192, 256)
-"""Token counts of the prefill rows a mixed graph carries (all its rows together). A session turn of 64 new tokens
-computes 65 (its last generated token too): 80 holds it, where 128 cost 0.26 ms more a step on an H200 with 12
-decode rows (eighth session) and pads a prompt-only step's matrix multiplications to 129 rows."""
+PREFILL_BUCKETS = (16, 32, 64, 128, 256)
+"""Token counts of the prefill rows a mixed graph carries (all its rows together). Finer buckets were measured and
+not kept (ninth session, H200): a 65-token session turn padded to 80 instead of 128 saved 0.25-0.33 ms a step, but
+each bucket adds graphs captured on first use, and in serving the captures that the warm-up had not met stalled turns
+(p90 of turns 2+ 104 ms against 23 ms)."""
 MAX_PREFILL_ROWS = 4
 """Prefill rows one mixed graph carries at most."""
 
@@ -219,12 +220,18 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> int:
-        """Capture every (batch, context) bucket now, largest batch first so the shared pool is sized once;
-        returns how many graphs exist. Serving then never pays a capture (or a kernel compile) mid-request."""
+        """Capture every (batch, context) bucket now, largest batch first so the shared pool is sized once, and one
+        mixed graph (one decode row, the shortest prefill bucket); returns how many graphs exist. Serving then never
+        pays a kernel compile mid-request: the mixed graph compiles what only mixed steps launch (the varlen kernel
+        with split keys and packed heads, its merge). Other mixed graphs are captured on first use (about 0.1 s
+        each); the first one used to compile those kernels too, a 1.7-2.5 s stall on a fresh H200 (ninth session)."""
         for c in self.ctx_buckets:
             for b in reversed(self.batch_buckets):
                 if (b, c, 0) not in self.graphs:
                     self.graphs[(b, c, 0)] = self._capture(b, c, 0)
+        mixed = (self.batch_buckets[0], self.ctx_buckets[0], self.prefill_buckets[0])
+        if mixed not in self.graphs:
+            self.graphs[mixed] = self._capture(*mixed)
         return len(self.graphs)
 
     @torch.inference_mode()
