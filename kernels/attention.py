@@ -115,9 +115,10 @@ def _attn_blocks(
     ``q`` is ``[M, D_PAD]``; ``q_pos`` ``[M]`` the query positions (used when ``MASK``: key <= q_pos and
     key < hi). Without ``MASK`` every key in ``[lo, hi)`` must be visible to every row.
 
-    A tile's K and V loads are issued together, their page ids loaded one tile ahead: a tile then waits for one
-    memory round trip, not three in a row (page ids, K, then V). Few programs with many tiles each (a session
-    turn's row behind a long context) are bound by those round trips, not by bandwidth.
+    A tile's K and V loads are issued together, their page ids loaded one tile ahead. On an H200 that was 1-5%
+    faster than page ids, K, then V in turn (a session turn's row, decode rows); loading the next tile's K and V a
+    whole tile ahead was slower (benchmarks/RESULTS.md, ninth session). A few programs with many tiles each (a
+    session turn's row behind a long context) are bound by each tile's arithmetic, about 1.7 us a 64 x 64 tile.
     """
     offs_b = tl.arange(0, BLOCK_N)
     page = tl.load(bt_row + (lo + offs_b) // PAGE, mask=lo + offs_b < hi, other=0).to(tl.int64)

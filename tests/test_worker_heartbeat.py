@@ -88,3 +88,26 @@ def test_a_steps_tokens_leave_in_one_frame_and_a_lone_token_as_itself():
     finally:
         core.close()
         router.close(0)
+
+
+def test_the_step_window_waits_to_its_end_and_wakes_on_a_message():
+    """``wait_for_work`` (the engine's step window) waits the whole window, also below a millisecond, where a ZeroMQ
+    poll rounds the timeout down (0.9 ms to no wait, 2.7 to 2); a message that is there ends it at once."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}"), LLMEngine(EngineConfig(num_pages=64)))
+    try:
+        for window in (0.0009, 0.0027):
+            start = time.monotonic()
+            assert core.wait_for_work(window) is False
+            assert time.monotonic() - start >= window  # never ends early (a lower bound: it cannot flake)
+        core.heartbeat(force=True)
+        assert router.poll(30_000)
+        identity = router.recv_multipart()[0]
+        router.send_multipart([identity, b"wake"])
+        assert core.wait_for_work(30.0) is True
+    finally:
+        core.close()
+        router.close(0)

@@ -33,9 +33,8 @@ logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256)
 """Token counts of the prefill rows a mixed graph carries (all its rows together). Finer buckets were measured and
-not kept (ninth session, H200): a 65-token session turn padded to 80 instead of 128 saved 0.25-0.33 ms a step, but
-each bucket adds graphs captured on first use, and in serving the captures that the warm-up had not met stalled turns
-(p90 of turns 2+ 104 ms against 23 ms)."""
+not kept (ninth session, H200): a 65-token session turn padded to 80 instead of 128 saved 0.25-0.33 ms a step, while
+each bucket adds graphs that serving captures on first use (about 0.1 s each)."""
 MAX_PREFILL_ROWS = 4
 """Prefill rows one mixed graph carries at most."""
 

@@ -332,10 +332,22 @@ class WorkerCore:
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a message or a KV frame, reading nothing; True when one came (the engine's
-        step 0': work that arrives while a decode step runs joins the next step, core/engine/pacing.py)."""
+        step 0': work that arrives while a decode step runs joins the next step, core/engine/pacing.py).
+
+        ZeroMQ polls in whole milliseconds (pyzmq truncates 2.7 to 2, and 0.9 to no wait at all), so the whole
+        milliseconds are one poll and the rest is polled without a timeout until the deadline: the window ends when
+        the engine asked, not up to a millisecond early (a turn that comes in that millisecond waits a whole extra
+        decode step)."""
+        deadline = time.monotonic() + timeout_s
         poller = self._poller()
         with self._router_lock:
-            return bool(poller.poll(timeout_s * 1e3))
+            whole_ms = int(timeout_s * 1e3)
+            if whole_ms > 0 and poller.poll(whole_ms):
+                return True
+            while time.monotonic() < deadline:
+                if poller.poll(0):
+                    return True
+            return False
 
     def read_messages(self, timeout_ms: int) -> None:
         poller = self._poller()
