@@ -3,6 +3,7 @@ step's tokens leave in one frame."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -14,13 +15,24 @@ from splitserve.core.engine.service import WorkerCore
 from splitserve.core.messages import Heartbeat, Register, RequestTiming, SamplingParams, TokenOut, TokenOuts, decode
 
 
-def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
+@contextlib.contextmanager
+def worker_and_router(engine: LLMEngine | None = None, **worker: object):
+    """A worker core on ``engine`` (a small default one) connected to a bare ROUTER socket standing in for the
+    router: yields (core, router socket); both are closed after."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
+    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}", **worker),
+                      engine or LLMEngine(EngineConfig(num_pages=64)))
+    try:
+        yield core, router
+    finally:
+        core.close()
+        router.close(0)
+
+
+def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
     engine = LLMEngine(EngineConfig(num_pages=64))
-    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}", heartbeat_s=0.1), engine)
     in_step, release = threading.Event(), threading.Event()
     real_step = engine.step
 
@@ -31,20 +43,20 @@ def test_heartbeats_keep_coming_while_a_step_blocks_the_loop():
 
     engine.step = long_step
     engine.add_request("r0", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
-    loop = threading.Thread(target=core.run, daemon=True)
-    loop.start()
-    try:
-        assert in_step.wait(30)
-        during = _receive(router, until=lambda got: sum(isinstance(m, Heartbeat) for m in got) >= 3, timeout_s=30)
-        assert not release.is_set()  # all of them arrived while the step was still blocked
-        beats = [m for m in during if isinstance(m, Heartbeat)]
-        assert len(beats) >= 3 and all(b.worker_id == core.worker_id and b.cache_events == () for b in beats)
-    finally:
-        release.set()
-        core.request_stop()
-        loop.join(30)
-        core.close()
-        router.close(0)
+    with worker_and_router(engine, heartbeat_s=0.1) as (core, router):
+        loop = threading.Thread(target=core.run, daemon=True)
+        loop.start()
+        try:
+            assert in_step.wait(30)
+            during = _receive(router, until=lambda got: sum(isinstance(m, Heartbeat) for m in got) >= 3,
+                              timeout_s=30)
+            assert not release.is_set()  # all of them arrived while the step was still blocked
+            beats = [m for m in during if isinstance(m, Heartbeat)]
+            assert len(beats) >= 3 and all(b.worker_id == core.worker_id and b.cache_events == () for b in beats)
+        finally:
+            release.set()
+            core.request_stop()
+            loop.join(30)
     assert not loop.is_alive()
 
 
@@ -63,12 +75,7 @@ def _receive(sock: zmq.Socket, until, timeout_s: float) -> list:
 def test_a_steps_tokens_leave_in_one_frame_and_a_lone_token_as_itself():
     """The decode loop hands a step's outputs to their owners; the ``TokenOut``s they send (a failure's too) reach the
     router as one ``TokenOuts`` frame, in order; a step with one output sends a plain ``TokenOut``."""
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}"), LLMEngine(EngineConfig(num_pages=64)))
-    try:
+    with worker_and_router() as (core, router):
         for rid in ("a", "b", "c"):
             core.own(rid, lambda out: core.send_token_out(TokenOut(request_id=out.request_id, token_ids=(7,))))
         core.own("d", lambda out: core.fail_request("d", "boom"))
@@ -85,20 +92,12 @@ def test_a_steps_tokens_leave_in_one_frame_and_a_lone_token_as_itself():
                                                                           ("c", None)]
         assert got[2].request_id == "a"
         assert _receive(router, until=lambda got: bool(got), timeout_s=0.5) == []  # no frame for an empty step
-    finally:
-        core.close()
-        router.close(0)
 
 
 def test_the_step_window_waits_to_its_end_and_wakes_on_a_message():
     """``wait_for_work`` (the engine's step window) waits the whole window, also below a millisecond, where a ZeroMQ
     poll rounds the timeout down (0.9 ms to no wait, 2.7 to 2); a message that is there ends it at once."""
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    core = WorkerCore(WorkerConfig(role="both", router_addr=f"tcp://127.0.0.1:{port}"), LLMEngine(EngineConfig(num_pages=64)))
-    try:
+    with worker_and_router() as (core, router):
         for window in (0.0009, 0.0027):
             start = time.monotonic()
             assert core.wait_for_work(window) is False
@@ -108,6 +107,3 @@ def test_the_step_window_waits_to_its_end_and_wakes_on_a_message():
         identity = router.recv_multipart()[0]
         router.send_multipart([identity, b"wake"])
         assert core.wait_for_work(30.0) is True
-    finally:
-        core.close()
-        router.close(0)
