@@ -13,8 +13,10 @@
    context (eager: what a held session's turn costs the decode worker), and that row alone; then, in the engine
    loop with overlapped decode steps, the wall time from a turn's arrival (at a random point of a decode step) to
    its first token, the turn's prefix cached: its step run synchronously once the step in flight has completed (the
-   baseline), queued behind the step in flight (``overlap_prefill``), and queued with the step window
-   (``step_window``: the loop waits for arrivals before launching the next decode step), in the same run.
+   baseline), queued behind the step in flight (``overlap_prefill``), queued with the step window
+   (``step_window``: the loop waits for arrivals before launching the next decode step), and that in a step of its
+   own ahead of the decode rows (``prefill_first_tokens``), in the same run, with the decode rows' longest gap between
+   two tokens around each turn (what the turn costs them).
    ``--host-profile``: instead, the host time to schedule and launch a turn's step against a decode step's, and a
    profile of the turn's. ``--buckets``: instead, a turn's graph step in each prefill bucket (what padding costs).
    ``--profile-graphs``: instead, the kernels of a decode step's and a turn's step's graph replays, by device time.
