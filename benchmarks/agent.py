@@ -112,6 +112,8 @@ class TurnStep(NamedTuple):
     """The worker waits for arrivals before it launches a decode step."""
     prefill_first_tokens: int = 0
     """Short prompts run in a step of their own, ahead of the decode rows (0: with them)."""
+    prompt_lane: bool = False
+    """Those steps run on a high-priority stream while the decode step in flight runs on (core/engine/lane.py)."""
 
 
 PREFILL_FIRST_TOKENS = 256
@@ -121,6 +123,7 @@ TURN_STEPS = {
     "queued": TurnStep(True, False),  # queued behind the step in flight
     "queued_window": TurnStep(True, True),  # queued, the worker waiting for arrivals before it launches a decode step
     "prefill_first": TurnStep(True, True, PREFILL_FIRST_TOKENS),  # as queued_window, in a step without decode rows
+    "prompt_lane": TurnStep(True, True, PREFILL_FIRST_TOKENS, True),  # as prefill_first, not queued behind the step
 }
 """The settings the GPU benchmarks compare (bench_engine_gpu in the engine loop, bench_agent_gpu in serving)."""
 TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")

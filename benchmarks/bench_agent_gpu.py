@@ -94,7 +94,8 @@ def turn_step_flags(step: TurnStep) -> tuple[str, ...]:
     """The decode worker's flags for one of :data:`~splitserve.benchmarks.agent.TURN_STEPS`."""
     return (f"--overlap-prefill={'on' if step.overlap_prefill else 'off'}",
             "--step-window" if step.step_window else "--no-step-window",
-            f"--prefill-first-tokens={step.prefill_first_tokens}")
+            f"--prefill-first-tokens={step.prefill_first_tokens}",
+            "--prompt-lane" if step.prompt_lane else "--no-prompt-lane")
 
 
 def run_turn_step(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:

@@ -323,8 +323,11 @@ def _start_turn_loop(engine: LLMEngine, batch: int, ctx: int, salt: int, step: T
     prefix (``ctx`` ids, pinned under :data:`HELD` and cached)."""
     engine.cfg = engine.cfg.model_copy(update={
         "async_scheduling": True, "overlap_prefill": "on" if step.overlap_prefill else "off",
-        "step_window": step.step_window, "prefill_first_tokens": step.prefill_first_tokens})
+        "step_window": step.step_window, "prefill_first_tokens": step.prefill_first_tokens,
+        "prompt_lane": step.prompt_lane})
     engine.scheduler.limits = limits_for_role(engine.cfg, "decode")
+    if step.prompt_lane and engine.runner.graphs is not None:  # no capture inside the timed turns
+        engine.runner.lane().graphs.capture_prompt_steps()
     vocab = engine.model_config.vocab_size
     prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
     engine.add_request(HELD, prompt + [5], SamplingParams(max_tokens=1, temperature=0.0), session_key=HELD)
@@ -518,9 +521,12 @@ def run_mixed(engine: LLMEngine, args: argparse.Namespace) -> None:
     print("| turn's step | q new tokens | decode step ms (median) | arrival -> first token ms, median | p90 | "
           "decode rows' longest token gap around it, median ms |")
     print("|---|---:|---:|---:|---:|---:|")
-    salt = 0
-    for q in (64, 1024):
-        for mode in [*TURN_STEPS] * 2:
+    salt, modes = 0, args.turn_modes.split(",")
+    unknown = sorted(set(modes) - set(TURN_STEPS))
+    if unknown:
+        raise SystemExit(f"--turn-modes: unknown {unknown}; choose from {sorted(TURN_STEPS)}")
+    for q in args.turn_tokens:
+        for mode in modes * 2:
             salt += 1
             print("\n".join(bench_turn_latency(engine, args.mixed_batch, args.mixed_context, q,
                                                 5 if args.quick else 30, mode, salt)))
@@ -543,6 +549,11 @@ def main() -> None:
                     help="with --mixed: only profile the graph replays of a decode step and of a step with a turn row")
     ap.add_argument("--buckets", action="store_true",
                     help="with --mixed: only a turn's graph step in each prefill bucket (what padding costs)")
+    ap.add_argument("--turn-modes", default=",".join(TURN_STEPS),
+                    help="--mixed: the turn steps timed in the engine loop, in order (keys of benchmarks/agent.py "
+                         "TURN_STEPS)")
+    ap.add_argument("--turn-tokens", type=int, nargs="+", default=[64, 1024],
+                    help="--mixed: the turns' new tokens, one loop each")
     ap.add_argument("--mixed-batch", type=int, default=32)
     ap.add_argument("--mixed-context", type=int, default=2560)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

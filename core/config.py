@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Mapping, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_MODEL = "builtin:tiny-random-llama"
 """Name of the built-in random-weight model (needs no download; its id says it is random)."""
@@ -80,8 +80,18 @@ class EngineConfig(FrozenConfig):
     rows, which skip that step (never two in a row): the prompt's first token waits for a prompt-only step instead
     of a step that also carries every running row (core/engine/scheduler.py, prompts first). Capped by
     ``chunk_size``. 0: prompts join the decode rows' step."""
+    prompt_lane: bool = False
+    """With ``prefill_first_tokens``: such a step of prompts alone runs on a high-priority CUDA stream with CUDA
+    graphs of its own while the decode step in flight runs on, instead of queued behind it (core/engine/lane.py);
+    the decode step then ends after it. Steps that share a page with the step in flight are queued as before."""
     extra_stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides the tokenizer's EOS (stories260K ends with id 1)."""
+
+    @model_validator(mode="after")
+    def _lane_needs_prompts_first(self) -> "EngineConfig":
+        if self.prompt_lane and not self.prefill_first_tokens:
+            raise ValueError("prompt_lane runs steps of prompts alone: set prefill_first_tokens > 0 too")
+        return self
 
 
 class TransferConfig(FrozenConfig):

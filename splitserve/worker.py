@@ -35,7 +35,7 @@ _ENGINE_FLAGS = MappingProxyType({
     "page_size": int, "num_pages": int, "max_num_seqs": int, "max_num_batched_tokens": int,
     "chunk_size": int, "prefill_token_budget": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
     "kv_cache_memory_fraction": float, "async_scheduling": _env_bool, "overlap_prefill": str,
-    "step_window": _env_bool, "prefill_first_tokens": int,
+    "step_window": _env_bool, "prefill_first_tokens": int, "prompt_lane": _env_bool,
 })
 _TRANSFER_FLAGS = MappingProxyType(
     {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str,
@@ -145,6 +145,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                                           "compute (a held session's next turn) run in a step of their own, ahead of "
                                           "the decode rows; 0: they join the decode step", EngineConfig,
                                           "prefill_first_tokens"))
+    p.add_argument("--prompt-lane", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --prefill-first-tokens: those steps run on a high-priority CUDA stream while the decode "
+                        "step in flight runs on, instead of queued behind it (default off)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
                    help="a token id that ends generation besides EOS; repeat for several (default: none)")
 

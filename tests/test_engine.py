@@ -234,12 +234,12 @@ def inject_forward_faults(engine: LLMEngine, monkeypatch) -> None:
     """The runner raises for any batch holding a ``forward-fault*`` request (the late one after 3 tokens)."""
     real = engine.runner.execute
 
-    def execute(batch):
+    def execute(batch, in_lane=False):
         for s in batch.seqs:
             made = len(engine.scheduler.requests[s.request_id].output_token_ids)
             if s.request_id == "forward-fault" or (s.request_id == "forward-fault-late" and made >= 3):
                 raise RuntimeError(f"injected fault for {s.request_id}")
-        return real(batch)
+        return real(batch, in_lane)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
 

@@ -34,9 +34,18 @@ def test_window_is_the_expected_end_less_the_hosts_share():
     clock.opened(0.004, arrived=True)
     clock.opened(0.002, arrived=False)
     clock.completed(1.05, 1.06, waited=False)
-    assert clock.report() == ("2 overlapped steps waited for, 1 found complete; device 15.00 ms, host 2.00 ms a "
-                              "step; 2 windows (mean 3.00 ms), work came in 1")
+    assert clock.report() == ("2 overlapped steps waited for, 1 found complete, 0 shared with a prompt lane's step; "
+                              "device 15.00 ms, host 2.00 ms a step; 2 windows (mean 3.00 ms), work came in 1")
     assert not any(clock.stats.values())  # counted afresh
+
+
+def test_a_step_shared_with_the_prompt_lane_gives_its_end_but_no_sample():
+    clock = StepClock(alpha=0.5)
+    clock.launched(0.998, 1.000)
+    clock.completed(1.000, 1.010, waited=True)
+    clock.completed(1.010, 1.040, waited=True, shared=True)  # 30 ms, of which the lane's step took most
+    assert clock.device_s == pytest.approx(0.010) and clock.last_end == 1.040
+    assert clock.stats["shared"] == 1 and clock.stats["waited"] == 2
 
 
 @pytest.fixture(scope="module")

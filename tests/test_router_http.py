@@ -6,6 +6,7 @@ token script, so the expected text is known exactly; real workers are covered by
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def test_token_id_prompt_and_worker_gets_params(router):
     gen = [e for e in router.events("w1") if e["type"] == "GenerateReq"][-1]
     assert gen["prompt_len"] == 3 and gen["max_tokens"] == 3 and gen["temperature"] == 0.5
     assert gen["stop_token_ids"] == [7] and gen["prefill_worker"] is None  # colocated worker prefills itself
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": [1, 40, 41], "max_tokens": 3}, 200),  # token ids: parsed on the event loop when the body is small
+    ({"prompt": "Hi there", "max_tokens": 3}, 200),  # text: tokenized on the tokenizer threads
+    ({"prompt": [[1, 40], [1, 41, 42]], "max_tokens": 2}, 200),
+    ({"prompt": [1, 40, VOCAB], "max_tokens": 3}, 400),  # an id outside the vocabulary, named
+    ({"prompt": [1, 40], "max_tokens": 3, "temperature": -1}, 400),  # a bad field, named
+])
+def test_small_and_large_completion_bodies_give_one_answer(router, body, status):
+    """A completions body up to ``INLINE_BODY_BYTES`` is parsed on the router's event loop, a larger one on its
+    tokenizer threads: the same request, padded with JSON whitespace past the limit, gets the same answer."""
+    from splitserve.router.app import INLINE_BODY_BYTES
+
+    raw = json.dumps({"model": MODEL, "temperature": 0, **body}).encode()
+    padded = raw[:-1] + b" " * INLINE_BODY_BYTES + b"}"
+    small, large = (router.request("POST", "/v1/completions", raw=r) for r in (raw, padded))
+    assert len(raw) <= INLINE_BODY_BYTES < len(padded)
+    for got in (small, large):  # response ids and timestamps differ between any two requests
+        if isinstance(got[1], dict):
+            got[1].pop("id", None)
+            got[1].pop("created", None)
+    assert small == large and small[0] == status
 
 
 def test_chat_role_first_and_stream_equals_non_stream(router):

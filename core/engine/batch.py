@@ -39,6 +39,12 @@ class SeqWork:
         return [self.page_table[p // page_size] * page_size + p % page_size
                 for p in range(self.start_pos, self.start_pos + len(self.token_ids))]
 
+    def written_pages(self, page_size: int) -> tuple[int, ...]:
+        """The pages this chunk writes K/V into (those of positions ``start_pos .. start_pos + num_tokens - 1``)."""
+        if not self.token_ids:
+            return ()
+        return self.page_table[self.start_pos // page_size : (self.start_pos + len(self.token_ids) - 1) // page_size + 1]
+
 
 @dataclass(frozen=True)
 class ScheduledBatch:
@@ -54,6 +60,18 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def shares_pages(self, other: "ScheduledBatch") -> bool:
+        """Whether a step of this batch and one of ``other`` could touch one page while either writes it (one reads
+        or writes a page the other writes): then the two may not run at once. Requests of both count as sharing."""
+        ps = self.page_size
+        if {s.request_id for s in self.seqs} & {s.request_id for s in other.seqs}:
+            return True
+        for mine, theirs in ((self, other), (other, self)):
+            written = {p for s in mine.seqs for p in s.written_pages(ps)}
+            if any(not written.isdisjoint(s.page_table) for s in theirs.seqs):
+                return True
+        return False
 
     def block_tables(self) -> list[list[int]]:
         """Every sequence's page table, padded with page 0 (never read) to the longest."""

@@ -79,6 +79,7 @@ class DecodeGraphs:
                  max_batch: int, max_model_len: int, page_size: int) -> None:
         dev = kv_cache.device
         self.model, self.kv_cache, self.backend, self.page_size = model, kv_cache, backend, page_size
+        self.max_model_len = max_model_len
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b <= max_batch) or (1,)
         self.prefill_buckets = PREFILL_BUCKETS
         """Token counts of mixed graphs' prefill rows (a benchmark may narrow them, within the largest)."""
@@ -100,6 +101,12 @@ class DecodeGraphs:
         """The page table each row of ``static.block_tables`` holds (None: unknown), so a step uploads only the rows
         that changed: a decode row gains a page every ``page_size`` tokens, and the whole table of 32 rows at 3,000
         tokens took about 0.3 ms of host time to build each step."""
+
+    def with_own_buffers(self, max_batch: int) -> "DecodeGraphs":
+        """Graphs of the same model and pool, with static inputs and a memory pool of their own (for at most
+        ``max_batch`` decode rows): they may replay while this object's graphs run on another stream (the prompt
+        lane, core/engine/lane.py)."""
+        return type(self)(self.model, self.kv_cache, self.backend, max_batch, self.max_model_len, self.page_size)
 
     def key(self, batch: ScheduledBatch) -> GraphKey | None:
         """Graph key: for a decode-only batch, or decode rows with at most :data:`MAX_PREFILL_ROWS` prefill rows of
@@ -231,6 +238,17 @@ class DecodeGraphs:
         mixed = (self.batch_buckets[0], self.ctx_buckets[0], self.prefill_buckets[0])
         if mixed not in self.graphs:
             self.graphs[mixed] = self._capture(*mixed)
+        return len(self.graphs)
+
+    @torch.inference_mode()
+    def capture_prompt_steps(self) -> int:
+        """Capture the graphs of steps of prompts alone (the smallest batch bucket, every context and prefill
+        bucket, largest first), as the prompt lane runs them; returns how many graphs exist."""
+        b = self.batch_buckets[0]
+        for c in reversed(self.ctx_buckets):
+            for q in reversed(self.prefill_buckets):
+                if (b, c, q) not in self.graphs:
+                    self.graphs[(b, c, q)] = self._capture(b, c, q)
         return len(self.graphs)
 
     @torch.inference_mode()

@@ -22,7 +22,9 @@ so host work (scheduling, grammar matchers, outputs, the worker's messages) runs
 that arrives while a step runs is queued right behind it (an agent session's turn on a decode worker). Given
 ``arrivals`` (a worker's sockets), step 1' first waits on them while the step in flight is expected to run on
 (0'., core/engine/pacing.py): work that comes then is taken in before N+1 is scheduled, so a new prompt runs in the
-very next step instead of the one after, and the step returns nothing yet. A step that
+very next step instead of the one after, and the step returns nothing yet. With ``prompt_lane``, a step of prompts alone
+(``prefill_first_tokens``) that shares no page with the step in flight runs synchronously on the prompt lane while
+that step stays in flight (core/engine/lane.py). A step that
 cannot overlap (sampling beyond argmax, logprobs, a layer hook, a prefill worker's prompts) first completes the step
 in flight and runs synchronously. A request that stops at step N still has a row in step N+1: its extra token is dropped and
 its pages are freed once N+1 has completed.
@@ -320,6 +322,8 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         graphs = self.runner.graphs.capture_all() if self.runner.graphs is not None else 0
+        if self.cfg.prompt_lane and self.runner.graphs is not None:
+            graphs += self.runner.lane().graphs.capture_prompt_steps()
         lens = [n for n in prompt_lens if self.kv.num_pages_for(n + 4) <= self.info.num_pages // 2
                 and n + 4 < self.info.max_model_len]
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -341,6 +345,8 @@ class LLMEngine:
             return []  # prev is still in flight: the caller takes the new work in and steps again
         scheduled_at = self._now()
         batch = self.scheduler.schedule()  # rows of prev's requests read prev's pending tokens
+        if self._lane_fits(batch, prev):
+            return self._run_in_lane(batch, prev, scheduled_at)
         launched = not batch.is_empty and self._overlappable(batch) and self._launch(batch, prev, scheduled_at)
         outputs = self._complete(prev)
         if launched:
@@ -365,6 +371,21 @@ class LLMEngine:
         arrived = arrivals(left)
         self.clock.opened(left, arrived)
         return arrived
+
+    def _lane_fits(self, batch: ScheduledBatch, prev: InFlight) -> bool:
+        """``batch`` may run on the prompt lane while ``prev`` is in flight (core/engine/lane.py, steps 1-2)."""
+        return (self.cfg.prompt_lane and self.scheduler.is_prompts_alone(batch)
+                and not batch.shares_pages(prev.batch))
+
+    def _run_in_lane(self, batch: ScheduledBatch, prev: InFlight, scheduled_at: float) -> list[StepOutput]:
+        """Run the prompts of ``batch`` on the prompt lane and hand out their tokens; ``prev`` stays in flight
+        (core/engine/lane.py, steps 3-4)."""
+        started = self._now()
+        out = self._execute(batch, in_lane=True)
+        prev.shared = True
+        self.runner.lane().steps += 1
+        self.last_step = StepTiming(scheduled_at, started, self._now(), self.runner.last_graphed, len(batch.seqs), False)
+        return self.postprocess(batch, out) + self._finish_out_of_memory()
 
     def _step_now(self) -> list[StepOutput]:
         """Nothing in flight: run one step synchronously, or launch it overlapped (its outputs come next step)."""
@@ -439,7 +460,7 @@ class LLMEngine:
         waited = not prev.completed()
         out = prev.results()
         ended = self._now()
-        self.clock.completed(prev.launched, ended, waited)
+        self.clock.completed(prev.launched, ended, waited, prev.shared)
         self.last_step = StepTiming(prev.scheduled, prev.launched, ended, prev.graphed, len(prev.batch.seqs), True)
         if self._in_flight is prev:  # nothing newer in flight
             self._in_flight = None
@@ -478,10 +499,11 @@ class LLMEngine:
             self.grammars.retain(self.scheduler.requests)
         return outputs
 
-    def _execute(self, batch: ScheduledBatch) -> RunnerOutput:
-        """Run ``batch``; when it raises, run its sequences one at a time so that only those that raise fail."""
+    def _execute(self, batch: ScheduledBatch, in_lane: bool = False) -> RunnerOutput:
+        """Run ``batch`` (``in_lane``: on the prompt lane); when it raises, run its sequences one at a time so that only
+        those that raise fail."""
         try:
-            return self.runner.execute(batch)
+            return self.runner.execute(batch, in_lane)
         except Exception as exc:  # isolation boundary: one request's fault must not end the others (or the worker)
             if len(batch.seqs) == 1:
                 return RunnerOutput(results=(self._failed_seq(batch.seqs[0], exc),))
@@ -490,7 +512,8 @@ class LLMEngine:
         results: list[SeqResult] = []
         for seq in batch.seqs:
             try:
-                results.extend(self.runner.execute(ScheduledBatch(seqs=(seq,), page_size=batch.page_size)).results)
+                one = ScheduledBatch(seqs=(seq,), page_size=batch.page_size)
+                results.extend(self.runner.execute(one, in_lane).results)
             except Exception as exc:  # this request's own fault: postprocess fails it and logs the error
                 results.append(self._failed_seq(seq, exc))
         return RunnerOutput(results=tuple(results))

@@ -35,7 +35,7 @@ device. Serving on an H200 (ninth session) caught 1.6x more session turns in win
 sooner at the router, with 0.2 ms asked and :data:`DEVICE_SHARE` 1.0 than with 0.5 ms and 0.9. The worker's wait then
 polled whole milliseconds only (ZeroMQ cut 2.7 ms to 2), so the windows of those runs ended about 0.5 ms earlier
 than asked on average; the wait now ends when asked, and this margin is what those runs had on average."""
-STATS = ("waited", "late", "windows", "window_s", "arrivals")
+STATS = ("waited", "late", "shared", "windows", "window_s", "arrivals")
 DEVICE_SHARE = 1.0
 """Of a step's average device time, the share the window may take (the average follows the batch as it changes)."""
 
@@ -67,11 +67,15 @@ class StepClock:
         """When a step launched at ``launched_at`` starts on the device (flow, step 1)."""
         return max(launched_at, self.last_end)
 
-    def completed(self, launched_at: float, end: float, waited: bool) -> None:
+    def completed(self, launched_at: float, end: float, waited: bool, shared: bool = False) -> None:
         """The step launched at ``launched_at`` was waited for and found complete at ``end``; ``waited``: it was not
-        complete when the wait began, so ``end`` is when the device finished it (flow, step 2)."""
+        complete when the wait began, so ``end`` is when the device finished it (flow, step 2); ``shared``: a prompt
+        lane's step ran during it (core/engine/lane.py), so its time is no sample of a step's."""
         self.stats["waited" if waited else "late"] += 1
-        if waited:
+        self.stats["shared"] += shared
+        if waited and shared:
+            self.last_end = end
+        elif waited:
             self.device_s = self._average(self.device_s, max(0.0, end - self.start_of(launched_at)))
             self.last_end = end
         else:
@@ -88,7 +92,8 @@ class StepClock:
         st, self.stats = self.stats, dict.fromkeys(STATS, 0.0)
         ms = lambda v: "-" if v is None else f"{v * 1e3:.2f} ms"  # noqa: E731
         mean = st["window_s"] / st["windows"] if st["windows"] else 0.0
-        return (f"{st['waited']:.0f} overlapped steps waited for, {st['late']:.0f} found complete; device "
+        return (f"{st['waited']:.0f} overlapped steps waited for, {st['late']:.0f} found complete, {st['shared']:.0f} "
+                f"shared with a prompt lane's step; device "
                 f"{ms(self.device_s)}, host {ms(self.host_s)} a step; {st['windows']:.0f} windows (mean "
                 f"{mean * 1e3:.2f} ms), work came in {st['arrivals']:.0f}")
 

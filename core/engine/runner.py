@@ -39,6 +39,7 @@ from splitserve.core.request import PENDING_TOKEN
 if TYPE_CHECKING:
     from splitserve.core.engine.cuda_graphs import DecodeGraphs
     from splitserve.core.engine.grammar import GrammarStates, StepBitmask
+    from splitserve.core.engine.lane import PromptLane
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class InFlight:
     """request id -> index of the row's pending token in the request's ``output_token_ids`` (set by the engine)."""
     retirees: list[str] = field(default_factory=list)
     """Page owner keys to free once this step has completed (set by the engine)."""
+    shared: bool = False
+    """A step ran on the prompt lane while this one was in flight (core/engine/lane.py): its device time is not its
+    own."""
 
     @classmethod
     def start(cls, batch: ScheduledBatch, logits: torch.Tensor, masked: bool, graphed: bool = False) -> "InFlight":
@@ -196,6 +200,15 @@ class ModelRunner:
         """Structured output on overlapped steps: the reused bitmask (created on first use)."""
         self.last_graphed = False
         """Whether the last :meth:`execute` replayed a CUDA graph."""
+        self._lane: "PromptLane | None" = None
+
+    def lane(self) -> "PromptLane":
+        """The prompt lane (core/engine/lane.py), made on first use: its stream, and graphs of its own."""
+        if self._lane is None:
+            from splitserve.core.engine.lane import PromptLane
+
+            self._lane = PromptLane(self.device, self.graphs.with_own_buffers(1) if self.graphs is not None else None)
+        return self._lane
 
     def needs_hook(self, batch: ScheduledBatch) -> bool:
         if self.layer_hook is None:
@@ -203,12 +216,21 @@ class ModelRunner:
         return self.hook_filter is None or self.hook_filter(batch)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+    def execute(self, batch: ScheduledBatch, in_lane: bool = False) -> RunnerOutput:
+        """Run ``batch`` and sample; ``in_lane``: on the prompt lane's stream and graphs (core/engine/lane.py), the
+        host waiting for that stream only."""
+        if not in_lane:
+            return self._execute(batch, self.graphs)
+        lane = self.lane()
+        with lane.context():
+            return self._execute(batch, lane.graphs)
+
+    def _execute(self, batch: ScheduledBatch, graphs: "DecodeGraphs | None") -> RunnerOutput:
         needs_hook = self.needs_hook(batch)
-        key = self.graphs.key(batch) if self.graphs is not None and not needs_hook else None
+        key = graphs.key(batch) if graphs is not None and not needs_hook else None
         self.last_graphed = key is not None
         if key is not None:
-            return self._postprocess(batch, self.graphs.run(batch, key))
+            return self._postprocess(batch, graphs.run(batch, key))
         input_ids, positions, meta = self._prepare(batch)
         if needs_hook:
             hook = self.layer_hook

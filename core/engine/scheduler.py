@@ -185,6 +185,10 @@ class Scheduler:
         self._alone = ScheduledBatch(seqs=tuple(work), page_size=self.kv.page_size)
         return self._alone
 
+    def is_prompts_alone(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` is the last step of prompts alone that :meth:`schedule` handed out."""
+        return batch is self._alone
+
     @staticmethod
     def _in_prompt(req: Request) -> bool:
         return req.num_computed_tokens < req.num_prompt_tokens and not req.num_pending
