@@ -31,7 +31,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from splitserve.core.cache.manager import KVCacheManager
 from splitserve.core.messages import SessionHint, SessionReport, SessionStats
@@ -311,14 +311,16 @@ class SessionKeeper:
             self.tiers.close()
 
 
-def build_keeper(kv: KVCacheManager, kv_cache, release: Callable[[str], None], cfg) -> SessionKeeper:
-    """The keeper of a decode worker from its ``WorkerConfig`` (``session_*`` fields), tiers included when set."""
+def build_keeper(kv: KVCacheManager, kv_cache, release: Callable[[str], None], cfg,
+                 order_steps: Callable[[Any], None] | None = None) -> SessionKeeper:
+    """The keeper of a decode worker from its ``WorkerConfig`` (``session_*`` fields), tiers included when set;
+    ``order_steps``: see :class:`~splitserve.decode.tiers.PageCopier`."""
     from splitserve.decode.tiers import PageCopier
 
     gib = 1 << 30
     tiers = None
     if cfg.session_host_gib > 0 or (cfg.session_disk_gib > 0 and cfg.session_disk_dir):
-        tiers = SessionTiers(PageCopier(kv_cache), int(cfg.session_host_gib * gib), cfg.session_disk_dir,
+        tiers = SessionTiers(PageCopier(kv_cache, order_steps), int(cfg.session_host_gib * gib), cfg.session_disk_dir,
                              int(cfg.session_disk_gib * gib))
     return SessionKeeper(kv, release, cfg.session_kv_fraction, tiers=tiers, policy=cfg.session_policy,
                          ttl_s=cfg.session_ttl_s)

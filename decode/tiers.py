@@ -103,10 +103,13 @@ class HostArena:
 class PageCopier:
     """Page copies between one KV pool and host tensors; asynchronous on CUDA (a side stream and events)."""
 
-    def __init__(self, kv_cache: torch.Tensor) -> None:
+    def __init__(self, kv_cache: torch.Tensor, order_steps: Callable[[Any], None] | None = None) -> None:
+        """``order_steps(event)``: makes every step launched afterwards start after ``event`` (the engine's
+        ``order_pool_write``, which covers the prompt lane's stream too); default: the current stream waits."""
         self.kv_cache = kv_cache
         self.cuda = kv_cache.is_cuda
         self.side = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.order_steps = order_steps
         self.arena: HostArena | None = None
         """Where host buffers come from first (set by :class:`SessionTiers`)."""
         self._in_flight: list[tuple[Any, torch.Tensor]] = []
@@ -154,7 +157,10 @@ class PageCopier:
             self.kv_cache.index_copy_(2, self._index(pages), dev)
             event = torch.cuda.Event()
             event.record(self.side)
-        current.wait_event(event)
+        if self.order_steps is None:
+            current.wait_event(event)
+        else:
+            self.order_steps(event)
         self._in_flight.append((event, data))
 
     def keep_until_done(self, event: Any, data: torch.Tensor) -> None:

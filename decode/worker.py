@@ -68,7 +68,8 @@ class DecodeService:
         self.pending: OrderedDict[str, GenerateReq] = OrderedDict()
         self.landed: dict[str, float] = {}
         """request id -> when its KV landed, until its first decode step (the ``join_s`` of its timing)."""
-        self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg)
+        self.sessions = build_keeper(core.engine.kv, core.engine.kv_cache, core.engine.release_session, core.cfg,
+                                     core.engine.order_pool_write)
         self.local: dict[str, tuple[float, float]] = {}
         """Requests prefilled here, until their first output (counts the prompt tokens computed, times
         ``local_prefill_s``): when their ``GenerateReq`` arrived (monotonic; a recompute: when it started), and when

@@ -162,3 +162,26 @@ def test_the_lane_on_a_gpu_runs_its_own_graphs_on_its_own_stream(s260k):
     got = run_staggered(engine, prompts, params)
     assert_same_up_to_ties(s260k, prompts, got, queued)
     assert lane.steps >= len(prompts) // 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_copies_into_the_pool_come_before_the_lanes_steps(s260k):
+    """A copy into the pool outside the steps (a session restored from a tier) is ordered before later steps on
+    every stream, the lane's included: a read queued on the lane sees what a slow copy on a side stream wrote."""
+    engine = make_engine(s260k, True, device="cuda", dtype="float32", page_size=8, prefill_first_tokens=24,
+                         prompt_lane=True)
+    lane = engine.runner.lane()
+    assert engine.runner.step_streams() == [torch.cuda.current_stream(), lane.stream]
+    buf, side = torch.zeros(1, device="cuda"), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # after the zeros
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds before the write lands
+        buf.fill_(1.0)
+        written = torch.cuda.Event()
+        written.record(side)
+    engine.order_pool_write(written)
+    with lane.context():
+        seen = buf.clone()
+    torch.cuda.synchronize()
+    assert seen.item() == 1.0

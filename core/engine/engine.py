@@ -306,6 +306,12 @@ class LLMEngine:
         """Requests to run, or a step in flight to complete (keep calling :meth:`step`)."""
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
+    def order_pool_write(self, event: "torch.cuda.Event") -> None:
+        """Steps launched from now on, on every stream steps run on, start after ``event`` (a copy into the pool
+        made outside the steps: a session's pages restored from a tier)."""
+        for stream in self.runner.step_streams():
+            stream.wait_event(event)
+
     def wait_in_flight(self) -> None:
         """Block until the step in flight (if any) has finished on the device; its tokens are still handed out by the
         next :meth:`step`. Pages published to the prefix cache when a step was launched are written by then: call it

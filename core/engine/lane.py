@@ -17,6 +17,9 @@ decode step on average, 2-3 ms for an 8B model on an H200) before its own step s
    the next step completes it as usual and reads the prompt's token from the host. N's device time now includes the
    lane's, so the step clock (core/engine/pacing.py) takes no sample from it.
 
+Copies into the pool made outside the steps (a session restored from a tier, decode/tiers.py) are ordered before
+the lane's steps as before the others' (``LLMEngine.order_pool_write``).
+
 On the CPU there is no stream: the lane is the same step run synchronously before the step in flight's tokens are
 read, so CPU tests check the host side (the order of tokens, pages, fallbacks) and CUDA tests the streams.
 """
@@ -44,6 +47,8 @@ class PromptLane:
 
     def __init__(self, device: torch.device, graphs: "DecodeGraphs | None") -> None:
         self.stream = torch.cuda.Stream(device, priority=HIGHEST_PRIORITY) if device.type == "cuda" else None
+        if self.stream is not None:  # copies into the pool ordered before the steps so far come before the lane's too
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self.graphs = graphs
         self.steps = 0
         logger.info("prompt lane ready on %s (%s)", device,

@@ -210,6 +210,13 @@ class ModelRunner:
             self._lane = PromptLane(self.device, self.graphs.with_own_buffers(1) if self.graphs is not None else None)
         return self._lane
 
+    def step_streams(self) -> list["torch.cuda.Stream"]:
+        """The CUDA streams steps run on: the current one, and the prompt lane's once it is made (none on the CPU)."""
+        if self.device.type != "cuda":
+            return []
+        streams = [torch.cuda.current_stream(self.device)]
+        return streams + [self._lane.stream] if self._lane is not None else streams
+
     def needs_hook(self, batch: ScheduledBatch) -> bool:
         if self.layer_hook is None:
             return False
