@@ -29,9 +29,11 @@ Two kernels:
 
 Split counts and query bounds are runtime arguments that Triton does not specialize on (only whether the keys are
 split at all is a compile-time constant, and the decode merge's padded split count; the prefill merge reads
-:data:`MERGE_CHUNK` splits at a time): a worker compiles each kernel a few
-times at warm-up, never again for a new batch size while it serves (one compile of the decode kernel mid-serving
-stalled every request of a step for 1-2 s on an H200).
+:data:`MERGE_CHUNK` splits at a time), nor are the page tables' row stride and the alignment of the per-sequence
+arrays, which a mixed step passes from its first prefill row on (an offset of as many rows as it has decode rows):
+a worker compiles each kernel a few times at warm-up (:func:`compile_variants` launches every variant once), never
+again for a new batch size while it serves (one compile of the decode kernel mid-serving stalled every request of a
+step for 1-2 s on an H200, and one of the prefill kernel 0.66 s in the tenth session).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def _check_paged_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "sbt"], do_not_specialize_on_alignment=["bt_ptr", "ctx_ptr"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     scale_log2, split_len, num_splits,
@@ -344,7 +346,8 @@ def paged_decode_attention(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_splits", "max_q"])
+@triton.jit(do_not_specialize=["num_splits", "max_q", "sbt"],
+            do_not_specialize_on_alignment=["cu_q_ptr", "ctx_ptr", "bt_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, ctx_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, scale_log2, split_len,
     num_splits, max_q,
@@ -403,7 +406,7 @@ def _prefill_kernel(
             tl.store(mid_lse_ptr + mid, lse, mask=offs_m < q_len)
 
 
-@triton.jit(do_not_specialize=["num_splits", "max_q"])
+@triton.jit(do_not_specialize=["num_splits", "max_q"], do_not_specialize_on_alignment=["cu_q_ptr"])
 def _prefill_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h, num_splits, max_q,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
@@ -506,7 +509,33 @@ def paged_prefill_attention(
     return out
 
 
+def compile_variants(k_pages: torch.Tensor, v_pages: torch.Tensor, num_heads: int) -> int:
+    """Launch each compile-time variant of the kernels above once, so that a serving worker never compiles one
+    mid-step; returns the number of launches. Throwaway queries attend to contexts of one token on page 0 of the real
+    pool (``k_pages`` / ``v_pages`` ``[P, S, Hkv, D]``; nothing is written to them).
+
+    Variants: decode unsplit, and split with each padded merge width (2 to 128 splits); prefill split or not, with
+    packed query heads or not. The split counts, query bounds, page-table strides and row offsets that vary per step
+    are not specialized on (module doc)."""
+    dev, dtype, head_dim = k_pages.device, k_pages.dtype, k_pages.shape[-1]
+    q = torch.zeros(2, num_heads, head_dim, dtype=dtype, device=dev)
+    tables = torch.zeros(2, 1, dtype=torch.int32, device=dev)
+    ones = torch.ones(2, dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=dev)
+    launches = 0
+    for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+        paged_decode_attention(q, k_pages, v_pages, tables, ones, 1.0, 512, num_splits=splits)
+        launches += 1
+    for pack in (True, False):
+        for splits in (1, 2):
+            paged_prefill_attention(q, k_pages, v_pages, cu, ones, tables, 1.0, 1, max_context_len=512,
+                                    num_splits=splits, pack_gqa=pack)
+            launches += 1
+    return launches
+
+
 __all__ = [
+    "compile_variants",
     "default_num_splits",
     "default_prefill_splits",
     "paged_decode_attention",

@@ -323,10 +323,15 @@ class LLMEngine:
     def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000)) -> str:
         """Compile every kernel variant and capture every CUDA graph before serving; returns a one-line report.
 
+        Every variant of the attention kernels is launched once first (``compile_variants``): a mixed step of a new
+        shape must compile nothing mid-serving.
+
         Runs real prefills (one prompt of each length that fits, then all of them batched) and a few decode
         steps, then forgets their prefix-cache entries, so the pool is as it was.
         """
         t0 = time.perf_counter()
+        if self.runner.device.type == "cuda" and self.runner.backend.name == "triton":
+            self.runner.backend.compile_variants(self.kv_cache[0], self.model_config.num_heads)
         graphs = self.runner.graphs.capture_all() if self.runner.graphs is not None else 0
         if self.cfg.prompt_lane and self.runner.graphs is not None:
             graphs += self.runner.lane().graphs.capture_prompt_steps()

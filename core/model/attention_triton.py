@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
 from splitserve.core.model.attention import AttentionMetadata
-from splitserve.kernels.attention import paged_decode_attention, paged_prefill_attention
+from splitserve.kernels.attention import compile_variants, paged_decode_attention, paged_prefill_attention
 from splitserve.kernels.cache import gather_tokens, reshape_and_cache
 
 # SDPA per sequence pays a gather and a few launches per sequence: measured faster than the Triton kernel only
@@ -44,6 +44,11 @@ class TritonAttentionBackend:
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> None:
         reshape_and_cache(k, v, kv_layer, meta.slot_mapping)
+
+    def compile_variants(self, kv_layer: torch.Tensor, num_heads: int) -> int:
+        """Compile every variant of the attention kernels now (warm-up), over one layer of the pool ``[2, P, S,
+        Hkv, D]`` (read, never written); returns the launches made."""
+        return compile_variants(kv_layer[0], kv_layer[1], num_heads)
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.decode_rows:
