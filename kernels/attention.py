@@ -46,6 +46,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256
+MAX_DECODE_SPLITS = 128
+"""Most key splits of a decode launch (:func:`default_num_splits`)."""
 MAX_PREFILL_SPLITS = 64
 """Most key splits of a prefill launch. The split count, the query bound and the split length are runtime
 arguments, so a serving worker compiles the prefill kernel twice (split or not) and its merge once, not once per
@@ -270,7 +272,7 @@ def _num_sms(device: torch.device) -> int:
 def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Splits so that ``batch * kv_heads * splits`` covers the multiprocessors about 4 times, each split >= 256
     tokens (tuned on H100/H200: benchmarks/KERNELS_NOTES.md)."""
-    return _splits_for(batch * num_kv_heads, max_context_len, device, 128)
+    return _splits_for(batch * num_kv_heads, max_context_len, device, MAX_DECODE_SPLITS)
 
 
 def _splits_for(programs: int, max_context_len: int, device: torch.device, most: int) -> int:
@@ -523,7 +525,7 @@ def compile_variants(k_pages: torch.Tensor, v_pages: torch.Tensor, num_heads: in
     ones = torch.ones(2, dtype=torch.int32, device=dev)
     cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=dev)
     launches = 0
-    for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+    for splits in [1] + [1 << k for k in range(1, MAX_DECODE_SPLITS.bit_length())]:  # each padded merge width
         paged_decode_attention(q, k_pages, v_pages, tables, ones, 1.0, 512, num_splits=splits)
         launches += 1
     for pack in (True, False):

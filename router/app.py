@@ -246,8 +246,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         req, prompts, ids = await svc.off_loop(_prepare_completion, svc, raw, limit)
     else:
         req, prompts = _parse_completion(svc, raw, limit)
-        ids = _token_id_prompts(prompts)
-        if ids is None:
+        if all(isinstance(p, list) for p in prompts):  # token ids: nothing to tokenize
+            ids = _encode_prompts(svc, prompts)
+        else:
             ids = await svc.off_loop(_encode_prompts, svc, prompts)
     req = _with_session_header(request, req)
 
@@ -288,14 +289,8 @@ def _parse_completion(svc: RouterService, raw: bytes,
     return req, req.prompts()
 
 
-def _token_id_prompts(prompts: list[str | list[int]]) -> list[list[int]] | None:
-    """Each prompt's token ids when every prompt is given as ids; None when one needs the tokenizer."""
-    if all(isinstance(p, list) for p in prompts):
-        return [list(p) for p in prompts]
-    return None
-
-
 def _encode_prompts(svc: RouterService, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Each prompt's token ids (a text prompt through the tokenizer)."""
     return [list(p) if isinstance(p, list) else _encode(svc.tokenizer, p) for p in prompts]
 
 

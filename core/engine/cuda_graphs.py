@@ -227,10 +227,11 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every (batch, context) bucket now, largest batch first so the shared pool is sized once, and one
-        mixed graph (one decode row, the shortest prefill bucket); returns how many graphs exist. Serving then never
-        pays a kernel compile mid-request: the mixed graph compiles what only mixed steps launch (the varlen kernel
-        with split keys and packed heads, its merge). Other mixed graphs are captured on first use (about 0.1 s
-        each); the first one used to compile those kernels too, a 1.7-2.5 s stall on a fresh H200 (ninth session)."""
+        mixed graph (one decode row, the shortest prefill bucket); returns how many graphs exist. Other mixed graphs
+        are captured on first use (about 0.1 s each). The mixed capture was first added to compile the kernels only
+        mixed steps launch (a 1.7-2.5 s stall at the first one on a fresh H200, ninth session); the engine's warm-up
+        now compiles every kernel variant before it (``kernels.attention.compile_variants``), so this one capture
+        only spares the first such step its capture."""
         for c in self.ctx_buckets:
             for b in reversed(self.batch_buckets):
                 if (b, c, 0) not in self.graphs:

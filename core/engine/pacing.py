@@ -73,10 +73,9 @@ class StepClock:
         lane's step ran during it (core/engine/lane.py), so its time is no sample of a step's."""
         self.stats["waited" if waited else "late"] += 1
         self.stats["shared"] += shared
-        if waited and shared:
-            self.last_end = end
-        elif waited:
-            self.device_s = self._average(self.device_s, max(0.0, end - self.start_of(launched_at)))
+        if waited:
+            if not shared:
+                self.device_s = self._average(self.device_s, max(0.0, end - self.start_of(launched_at)))
             self.last_end = end
         else:
             self.last_end = 0.0
