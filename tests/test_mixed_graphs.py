@@ -35,21 +35,34 @@ class EagerGraphs(DecodeGraphs):
         return _Replay(lambda: out.copy_(self._forward(b, c, q))), out
 
 
-def _engine(graphs: bool, overlap: bool = False, prefill_first: int = 0) -> LLMEngine:
-    cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend="triton",
+TRACE_CONTEXT = 64
+"""The graphs' one context bucket in the traces: their longest request is 33 tokens (the model's 512 would have
+every interpreted decode program walk 512 keys: about 3x the test's time)."""
+
+
+def _engine(graphs: bool, overlap: bool = False, prefill_first: int = 0, max_context: int | None = None,
+            backend: str = "triton") -> LLMEngine:
+    cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend=backend,
                        page_size=8, num_pages=256, async_scheduling=overlap, overlap_prefill="on",
                        prefill_first_tokens=prefill_first)
     engine = LLMEngine(cfg)
     if graphs:
         engine.runner.graphs = EagerGraphs(engine.runner.model, engine.kv_cache, engine.runner.backend, 8,
-                                           engine.info.max_model_len, 8)
+                                           max_context or engine.info.max_model_len, 8)
     return engine
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    """:func:`_trace`'s greedy ids from plain eager steps on the torch reference backend (test_eager_mixed_steps...
+    shows the Triton backend's eager steps give the same)."""
+    return _trace(_engine(False, backend="torch"))
 
 
 def _trace(engine: LLMEngine) -> dict[str, list[int]]:
     """Requests arriving while others decode: mixed steps with one prefill row (one behind a cached prefix), then
     with two (two turns arriving together)."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     story = [1, 403, 407, 261, 378, 1004 % 500, 290, 263, 480, 271, 407, 323, 360, 266, 410, 263, 417]
     reqs = [engine.add_request("a", story, params)]
     for step in range(14):
@@ -67,8 +80,8 @@ def _trace(engine: LLMEngine) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap):
-    with_graphs = _engine(True, overlap)
+def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, reference):
+    with_graphs = _engine(True, overlap, max_context=TRACE_CONTEXT)
     graphs, runs = with_graphs.runner.graphs, []
     real_run = graphs.run
     graphs.run = lambda batch, key, carry=None: runs.append(
@@ -78,7 +91,7 @@ def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap):
     assert {k for k, _ in runs} == {0, 1, 2}  # decode-only steps, steps with one and with two prefill rows
     assert any(q for _b, _c, q in keys) and any(not q for _b, _c, q in keys), keys  # replayed from both layouts
     assert any(k and carried for k, carried in runs) == overlap  # mixed steps read pending ids on the device
-    assert got == _trace(_engine(False))
+    assert got == reference
     assert with_graphs.kv.usage().used == 0
 
 
@@ -108,7 +121,7 @@ def test_graph_keys_take_a_few_short_prefill_rows():
     assert torch.equal(graphs.static.cu_seqlens_q, torch.arange(9, dtype=torch.int32))  # decode layout untouched
 
 
-def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torch_backend(monkeypatch):
+def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torch_backend(monkeypatch, reference):
     """Without graphs, a step of decode rows and prompt rows attends the leading one-token rows with the decode
     kernel and the rest with the varlen kernel; greedy ids equal the torch reference backend's."""
     import splitserve.core.model.attention_triton as at
@@ -118,9 +131,7 @@ def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torc
                         lambda q, kv, meta, scale: split_rows.append(meta.decode_rows) or real(q, kv, meta, scale))
     got = _trace(_engine(False))
     assert split_rows and min(split_rows) >= 1  # the mixed steps really split
-    cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend="torch",
-                       page_size=8, num_pages=256, async_scheduling=False)
-    assert _trace(LLMEngine(cfg)) == got
+    assert got == reference
 
 
 def test_leading_decode_rows():
@@ -178,11 +189,11 @@ def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkey
     assert step(*many[:3], ("m3", 36, (99, 98, 97, 96, 95)), *many[4:]) == [3]
 
 
-def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows():
+def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(reference):
     """With ``prefill_first_tokens`` the short prompts run in steps of their own (no decode row: one padding row,
     then the prefill rows), the decode rows skip those steps, and the ids are those of plain eager steps (overlapped
     steps here; tests/test_async_decode.py runs prompts first synchronously too)."""
-    with_graphs = _engine(True, True, prefill_first=16)
+    with_graphs = _engine(True, True, prefill_first=16, max_context=TRACE_CONTEXT)
     graphs, runs = with_graphs.runner.graphs, []
     real_run = graphs.run
     graphs.run = lambda batch, key, carry=None: runs.append(
@@ -193,13 +204,13 @@ def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows():
     # a's prompt (nothing else runs yet), then b, c, and d with e together, each with one padding decode row
     assert [(p, b) for _d, p, b in alone] == [(1, 1), (1, 1), (1, 1), (2, 1)], runs
     assert not any(d and p for d, p, _b in runs), runs  # no step mixed the short prompts with decode rows
-    assert got == _trace(_engine(False))
+    assert got == reference
 
 
 def test_capture_all_takes_the_decode_buckets_and_one_mixed_graph():
     """Warm-up captures every decode bucket and one mixed graph, whose capture compiles the kernels only mixed
     steps launch (on a GPU), so a session turn's first step does not (the layouts' replays are tested above)."""
-    engine = _engine(True, overlap=True, prefill_first=16)
+    engine = _engine(True, overlap=True, prefill_first=16, max_context=TRACE_CONTEXT)
     graphs = engine.runner.graphs
     assert graphs.capture_all() == len(graphs.batch_buckets) * len(graphs.ctx_buckets) + 1
     assert {k for k in graphs.graphs if k[2]} == {(1, graphs.ctx_buckets[0], 16)}
