@@ -5,7 +5,7 @@ term), its ratio to a device-to-device copy measured in the same run, and its sp
 K/V already gathered into contiguous tensors (the gather is not timed, which favours SDPA). Both are timed as
 CUDA-graph replays (as the decode engine runs them); the eager column adds Python launch overhead.
 
-    python benchmarks/bench_decode_attention.py [--tune] [--max-tokens N]
+    python benchmarks/bench_decode_attention.py [--tune | --tune-splits] [--max-tokens N]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from splitserve.kernels.attention import default_num_splits, paged_decode_attent
 from splitserve.kernels.testing import make_paged_batch
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-BATCHES = [1, 4, 16, 64, 256]
+BATCHES = [1, 4, 8, 16, 32, 64, 128, 256]
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 
@@ -65,6 +65,33 @@ def tune(points: list[tuple[int, int]]) -> None:
         torch.cuda.empty_cache()
 
 
+SPLIT_POINTS = [(1, 4096, 4096), (4, 8192, 8192), (12, 3072, 4096), (16, 2048, 2048), (16, 4096, 4096),
+                (32, 2048, 2048), (64, 1024, 1024)]
+"""(batch, context, launch bound) for ``--tune-splits``; a bound above the context is a CUDA graph's bucket (12
+decode rows at 3,072 keys replay the 4,096 graph)."""
+
+
+def tune_splits() -> None:
+    """Split counts at small and middle batches, default tiles, graph timing: the default's time and the fastest."""
+    copy = copy_bandwidth_gbs()
+    print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
+    print(f"{'batch':>5} {'ctx':>5} {'bound':>5} {'auto':>4} {'auto_us':>8} {'%copy':>6} {'best':>4} {'best_us':>8} "
+          f"{'%copy':>6} {'gain':>6}  all (splits: us)")
+    for batch, ctx, bound in SPLIT_POINTS:
+        b = _setup(batch, ctx)
+        kv_bytes = 2 * batch * ctx * HKV * D * 2
+        auto = default_num_splits(batch, HKV, bound, torch.device("cuda"))
+        times = {sp: graph_ms(_triton_fn(b, bound, num_splits=sp)) * 1e3
+                 for sp in sorted({auto, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64}) if sp * 64 <= bound}
+        best = min(times, key=times.get)
+        pct = {k: 100 * kv_bytes / (v * 1e3) / copy for k, v in times.items()}
+        print(f"{batch:5d} {ctx:5d} {bound:5d} {auto:4d} {times[auto]:8.1f} {pct[auto]:5.0f}% {best:4d} "
+              f"{times[best]:8.1f} {pct[best]:5.0f}% {times[auto] / times[best]:5.2f}x  "
+              + " ".join(f"{k}:{v:.1f}" for k, v in times.items()))
+        del b
+        torch.cuda.empty_cache()
+
+
 def table(max_tokens: int) -> None:
     copy = copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
@@ -90,8 +117,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tune", action="store_true", help="sweep kernel configs at a few points first")
     p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip batch*ctx above this (memory)")
+    p.add_argument("--tune-splits", action="store_true", help="only split counts at small and middle batches")
     args = p.parse_args()
     print(header("paged decode attention, Llama-3-8B heads, bf16, page 16"))
+    if args.tune_splits:
+        return tune_splits()
     if args.tune:
         tune([(64, 4096), (1, 32768), (4, 8192)])
     table(args.max_tokens)

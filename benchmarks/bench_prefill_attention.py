@@ -11,7 +11,7 @@ largest difference from the float32 reference.
 With ``--tune-turn``, only the turn row as a mixed CUDA graph launches it, over tiles, warps, stages and split
 counts (:func:`tune_turn`).
 
-    python benchmarks/bench_prefill_attention.py [--tune | --tune-turn]
+    python benchmarks/bench_prefill_attention.py [--tune | --tune-turn | --turn-splits]
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def _backend_fn(b):
 
 def turn_rows() -> None:
     """Module doc, second table: a session turn's row with its keys not split, split, and split with the query heads
-    of each KV head packed into one block (same run; the last is what the engine runs)."""
+    of each KV head packed into one block (same run; the last is what the engine runs), as CUDA-graph replays."""
+    from splitserve.benchmarks.kernels_common import graph_ms
     from splitserve.kernels.attention import ref_paged_attention
 
     print(f"\n{'ctx':>5} {'q_len':>5} {'one split ms':>12} {'split ms':>9} {'packed ms':>9} {'KV GB/s':>8} "
@@ -76,7 +77,7 @@ def turn_rows() -> None:
                _triton_fn(b, max_context_len=ctx))
         ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, D**-0.5)
         err = max((f() - ref).abs().max().item() for f in fns)
-        one, split, packed = (bench_ms(f) for f in fns)
+        one, split, packed = (graph_ms(f) for f in fns)
         kv_gb = 2 * ctx * HKV * D * 2 / 1e9
         print(f"{ctx:5d} {65:5d} {one:12.3f} {split:9.3f} {packed:9.3f} {kv_gb / packed * 1e3:8.0f} "
               f"{split / packed:14.2f}x {err:8.4f}")
@@ -140,11 +141,37 @@ def tune_turn(ctx: int, top: int = 8) -> None:
         print(f"  {label}: " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
 
 
+def turn_splits(ctx: int) -> None:
+    """The turn row as a mixed CUDA graph launches it (as :func:`tune_turn`), default tiles, over split counts,
+    then over the query heads one merge program combines: graph time and each kernel's device time."""
+    from splitserve.benchmarks.kernels_common import graph_ms, kernel_us
+
+    b = make_paged_batch([ctx, 1, 1, 1], [65, 0, 0, 0], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
+    print(f"\nturn row at context {ctx} in the mixed graph's launch (bound 4,096, 128-query bucket): splits, "
+          "graph us, kernel us")
+    for splits in (None, 2, 3, 4, 6, 8, 12, 16):
+        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, num_splits=splits)
+        times = kernel_us(fn)
+        print(f"  {str(splits or 'default'):>7} {graph_ms(fn) * 1e3:7.1f}  "
+              + ", ".join(f"{k[:24]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+    print("  the default split count, query heads a merge program combines: graph us, kernel us")
+    for heads in (1, 2, 4, 8, 16, 32):
+        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, merge_heads=heads)
+        times = kernel_us(fn)
+        print(f"  {heads:>7} {graph_ms(fn) * 1e3:7.1f}  "
+              + ", ".join(f"{k[:24]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tune", action="store_true")
     p.add_argument("--tune-turn", action="store_true", help="only the turn row's launch settings (tune_turn)")
+    p.add_argument("--turn-splits", action="store_true", help="only the turn row's split counts (turn_splits)")
     args = p.parse_args()
+    if args.turn_splits:
+        for ctx in (2112, 3136):
+            turn_splits(ctx)
+        return
     if args.tune_turn:
         for ctx in (2112, 3136):
             tune_turn(ctx)

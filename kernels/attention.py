@@ -16,13 +16,16 @@ Two kernels:
 * :func:`paged_decode_attention` (one query per sequence): flash-decoding. The grid is
   ``(batch, kv_heads, num_splits)``; each program loads one KV head's pages once for all the query heads
   of its group (``tl.dot`` over the group padded to 16 rows), keeps an online softmax over its share of
-  the context, and a second small kernel merges the splits by their log-sum-exp.
+  the context, and a second small kernel merges the splits by their log-sum-exp. The split count is fixed per
+  launch from its longest context (a CUDA graph's bucket) to fill whole waves of programs
+  (:func:`default_num_splits`); each sequence's own context is cut into that many shares.
 * :func:`paged_prefill_attention` (any query lengths, causal, cached prefix): flash attention over the
   pages, grid ``(q_blocks * num_splits, batch, num_heads)``; key blocks entirely below the causal diagonal run
   without masks. Few query blocks over a long cached context (an agent session's next turn: 65 new tokens behind
   3,000 held ones) would leave most multiprocessors idle while each program walks the whole context, so, given
   the context bound, the keys are split as in decode (:func:`default_prefill_splits`) and a second kernel merges
-  each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode). Launches of short rows
+  each row's splits by their log-sum-exp (:func:`_merge_splits`, shared with decode), :data:`MERGE_HEADS` query
+  heads a program. Launches of short rows
   (:data:`PACK_GQA_MAX_Q`) pack the query heads of each KV head into one block of (query, head) rows, grid
   ``(q_blocks * num_splits, batch, kv_heads)``: each KV tile is read once for its group, and the blocks carry less
   padding (a turn's 65 tokens took two blocks of 64 per head).
@@ -54,6 +57,10 @@ arguments, so a serving worker compiles the prefill kernel twice (split or not) 
 step shape."""
 MERGE_CHUNK = 16
 """Splits a prefill launch's merge reads at a time (its loop runs over the launch's split count, a runtime value)."""
+MERGE_HEADS = 8
+"""Query heads one program of a prefill launch's split merge combines. A session turn's row in a mixed graph's launch
+(a 128-query bucket, 4 row slots, 32 heads) merged in 12.0 us a layer one head a program, 4.6 us with 8 (2: 7.5, 4:
+5.4, 16: 6.2, 32: 82; H200, eleventh session)."""
 PACK_GQA_MAX_Q = 256
 """Prefill launches of at most this many queries a sequence pack each KV head's query heads into one block (a
 session turn's 65 new tokens behind thousands held: per layer, each KV tile is read once for its 4 query heads, and
@@ -151,6 +158,15 @@ def _attn_blocks(
     return m_i, l_i, acc
 
 
+@triton.jit
+def _split_len(ctx, num_splits, BLOCK_N: tl.constexpr):
+    """Keys a split of a sequence of ``ctx`` keys takes: its own context cut in ``num_splits``, in whole tiles. The
+    split count is fixed at launch from the launch's longest context (a CUDA graph's bucket); cutting each
+    sequence's own context keeps every split busy, where cutting the bound left a sequence shorter than it the first
+    splits only (a 2,112-key session turn in a 4,096 bucket: 5 of 9)."""
+    return tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 models must match the CPU path: no tf32 in the matrix units.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -175,7 +191,7 @@ def _check_paged_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
 @triton.jit(do_not_specialize=["num_splits", "sbt"], do_not_specialize_on_alignment=["bt_ptr", "ctx_ptr"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    scale_log2, split_len, num_splits,
+    scale_log2, num_splits,
     sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt, so_b, so_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -184,6 +200,7 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
+    split_len = _split_len(ctx, num_splits, BLOCK_N)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, ctx)
     offs_g = tl.arange(0, GROUP_PAD)
@@ -219,32 +236,35 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_row_ptr, num_splits, HEAD_DIM: tl.constexpr,
+def _merge_splits(mid_o_ptr, mid_lse_ptr, first, h_mask, out_ptr, out_offs, num_splits, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """Merge the ``num_splits`` partial rows ``first ..`` of ``mid_o`` [*, HEAD_DIM] (fp32, each normalised over its
-    split) by their log2-sum-exp in ``mid_lse`` into ``out_row_ptr``, ``CHUNK`` splits at a time (a running max and
-    sum, so the work follows ``num_splits`` rather than a padded bound); splits with no keys (-inf) weigh nothing."""
+    """Merge, for a block of heads at once, each head's ``num_splits`` partial rows ``first[h] ..`` of ``mid_o``
+    [*, HEAD_DIM] (fp32, each normalised over its split) by their log2-sum-exp in ``mid_lse`` into ``out_ptr +
+    out_offs[h]``; ``first``, ``h_mask`` and ``out_offs`` are ``[H]``. ``CHUNK`` splits at a time (a running max
+    and sum, so the work follows ``num_splits`` rather than a padded bound); splits with no keys (-inf) weigh
+    nothing."""
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
-    mx = tl.full([], float("-inf"), tl.float32)
-    denom = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([D_PAD], tl.float32)
+    mx = tl.full(first.shape, float("-inf"), tl.float32)
+    denom = tl.zeros(first.shape, tl.float32)
+    acc = tl.zeros([first.shape[0], D_PAD], tl.float32)
     for s0 in range(0, num_splits, CHUNK):
         offs_s = s0 + tl.arange(0, CHUNK)
-        s_mask = offs_s < num_splits
-        row = first + offs_s
-        lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
-        new = tl.maximum(mx, tl.max(lse, 0))
+        row = first[:, None] + offs_s[None, :]  # [H, CHUNK]
+        hs_mask = h_mask[:, None] & (offs_s < num_splits)[None, :]
+        lse = tl.load(mid_lse_ptr + row, mask=hs_mask, other=float("-inf"))
+        new = tl.maximum(mx, tl.max(lse, 1))
         use = tl.where(new == float("-inf"), 0.0, new)
-        w = tl.math.exp2(lse - use)
-        o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
-                    other=0.0)
+        w = tl.math.exp2(lse - use[:, None])
+        o = tl.load(mid_o_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=hs_mask[:, :, None] & d_mask[None, None, :], other=0.0)  # [H, CHUNK, D_PAD]
         rescale = tl.math.exp2(mx - use)
-        acc = acc * rescale + tl.sum(w[:, None] * o, 0)
-        denom = denom * rescale + tl.sum(w, 0)
+        acc = acc * rescale[:, None] + tl.sum(w[:, :, None] * o, 1)
+        denom = denom * rescale + tl.sum(w, 1)
         mx = new
-    res = acc / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_row_ptr + offs_d, res.to(out_row_ptr.dtype.element_ty), mask=d_mask)
+    res = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + out_offs[:, None] + offs_d[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -252,10 +272,13 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, so_b, so_h, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    # One head a program, as a block of one: blocks of up to 8 heads were up to 6% slower at batches of 1-8 (and
+    # up to 2% faster at 128-256) on an H200; even the block of one cost up to 0.65 us (1 x 4,096) against the
+    # scalar merge this replaced, median 0.7% over the decode table (eleventh session).
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * num_splits, out_ptr + b * so_b + h * so_h,
-                  num_splits, HEAD_DIM, D_PAD, CHUNK)
+    h = tl.program_id(1) + tl.zeros([1], tl.int32)
+    _merge_splits(mid_o_ptr, mid_lse_ptr, (b * NUM_HEADS + h) * num_splits, h < NUM_HEADS, out_ptr,
+                  b * so_b + h * so_h, num_splits, HEAD_DIM, D_PAD, CHUNK)
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,18 +292,33 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Splits so that ``batch * kv_heads * splits`` covers the multiprocessors about 4 times, each split >= 256
-    tokens (tuned on H100/H200: benchmarks/KERNELS_NOTES.md)."""
-    return _splits_for(batch * num_kv_heads, max_context_len, device, MAX_DECODE_SPLITS)
+DECODE_PROGRAMS_PER_SM = 4
+"""Decode programs a multiprocessor runs at once, as :func:`default_num_splits` counts waves."""
 
 
-def _splits_for(programs: int, max_context_len: int, device: torch.device, most: int) -> int:
-    """Key splits so that ``programs * splits`` covers the multiprocessors about 4 times, each split >= 256 keys,
-    at most ``most``."""
-    wanted = triton.cdiv(4 * _num_sms(device), max(programs, 1))
-    cap = max(1, max_context_len // _MIN_SPLIT_TOKENS)
-    return int(max(1, min(wanted, cap, most)))
+def default_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device,
+                       block_n: int = 64) -> int:
+    """Key splits of a decode launch of ``batch * kv_heads`` programs a split, each split >= 256 keys: the count
+    with the fewest rounds of key tiles, counted as (waves of :data:`DECODE_PROGRAMS_PER_SM` programs a
+    multiprocessor) x (tiles a split); a tie goes to fewer splits, and two at least where the context allows (the
+    unsplit kernel was 1.17x slower than two splits at 64 x 1,024 on an H200).
+
+    A count that spills a few programs into a second wave pays a whole extra round: on an H200 at 16 x 4,096, 5
+    splits (640 programs) took 95 us and 4 (512) 82 us; the earlier rule (cover the multiprocessors about 4 times,
+    rounding up) picked 5 (benchmarks/RESULTS.md, eleventh session)."""
+    cap = max(1, min(max_context_len // _MIN_SPLIT_TOKENS, MAX_DECODE_SPLITS))
+    return _wave_splits(batch * num_kv_heads, triton.cdiv(max(max_context_len, 1), block_n), cap,
+                        DECODE_PROGRAMS_PER_SM * _num_sms(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _wave_splits(programs: int, tiles: int, cap: int, slots: int) -> int:
+    """:func:`default_num_splits`' choice: ``s`` in [min(2, cap), cap] with the fewest ceil(programs * s / slots)
+    * ceil(tiles / s); the smallest such ``s``."""
+    return min(range(min(2, cap), cap + 1),
+               key=lambda s: (triton.cdiv(max(programs, 1) * s, slots) * triton.cdiv(tiles, s), s))
+
+
 
 
 def paged_decode_attention(
@@ -319,7 +357,6 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv, max_context_len, q.device)
-    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     d_pad = max(16, triton.next_power_of_2(head_dim))
     mid_o = mid_lse = out  # unused placeholders when there is a single split
     if num_splits > 1:
@@ -327,7 +364,7 @@ def paged_decode_attention(
         mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv, num_splits)](
         q, k_pages, v_pages, block_tables, context_lens, out, mid_o, mid_lse,
-        scale * LOG2E, split_len, num_splits,
+        scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
@@ -411,24 +448,41 @@ def _prefill_kernel(
 @triton.jit(do_not_specialize=["num_splits", "max_q"], do_not_specialize_on_alignment=["cu_q_ptr"])
 def _prefill_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, cu_q_ptr, out_ptr, so_t, so_h, num_splits, max_q,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr, HEADS: tl.constexpr,
 ):
     i = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     if i < tl.load(cu_q_ptr + b + 1) - q_start:
-        first = ((b * max_q + i).to(tl.int64) * NUM_HEADS + h) * num_splits
-        _merge_splits(mid_o_ptr, mid_lse_ptr, first, out_ptr + (q_start + i).to(tl.int64) * so_t + h * so_h,
-                      num_splits, HEAD_DIM, D_PAD, CHUNK)
+        heads = tl.program_id(2) * HEADS + tl.arange(0, HEADS)
+        first = ((b * max_q + i).to(tl.int64) * NUM_HEADS + heads) * num_splits
+        _merge_splits(mid_o_ptr, mid_lse_ptr, first, heads < NUM_HEADS, out_ptr,
+                      (q_start + i).to(tl.int64) * so_t + heads * so_h, num_splits, HEAD_DIM, D_PAD, CHUNK)
 
 
 def default_prefill_splits(q_blocks: int, batch: int, num_heads: int, max_context_len: int,
                            device: torch.device) -> int:
     """Key splits for a prefill launch of ``q_blocks * batch * num_heads`` programs: enough to cover the
-    multiprocessors about 4 times (as :func:`default_num_splits`), each split >= 256 keys; 1 (no split) when the
-    query blocks already cover them."""
-    return _splits_for(q_blocks * batch * num_heads, max_context_len, device, MAX_PREFILL_SPLITS)
+    multiprocessors about 4 times, each split >= 256 keys, at most :data:`MAX_PREFILL_SPLITS`; 1 (no split) when
+    the query blocks already cover them. (The decode rule, :func:`default_num_splits`, was measured on decode
+    launches only; a session turn's row at 2,112 and 3,136 keys in a 4,096 graph was no faster with other counts
+    by more than a few us a layer, eleventh session.)"""
+    wanted = triton.cdiv(4 * _num_sms(device), max(q_blocks * batch * num_heads, 1))
+    return int(max(1, min(wanted, max_context_len // _MIN_SPLIT_TOKENS, MAX_PREFILL_SPLITS)))
+
+
+def _prefill_split_count(num_splits: int | None, max_context_len: int | None, q_blocks: int, rows: int, heads: int,
+                         device: torch.device) -> int:
+    """:func:`paged_prefill_attention`'s split count: as given (checked), else 1 without the context bound, else
+    :func:`default_prefill_splits`."""
+    if num_splits is not None and num_splits > 1 and max_context_len is None:
+        raise ValueError("num_splits > 1 needs max_context_len (the splits divide it)")
+    if num_splits is None:
+        num_splits = 1 if max_context_len is None else default_prefill_splits(q_blocks, rows, heads, max_context_len,
+                                                                               device)
+    if not 1 <= num_splits <= MAX_PREFILL_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_PREFILL_SPLITS}], got {num_splits}")
+    return num_splits
 
 
 def paged_prefill_attention(
@@ -449,6 +503,7 @@ def paged_prefill_attention(
     num_splits: int | None = None,
     split_rows: int | None = None,
     pack_gqa: bool | None = None,
+    merge_heads: int = MERGE_HEADS,
 ) -> torch.Tensor:
     """Causal attention of packed varlen queries over paged KV that already holds them (cached prefixes ok).
 
@@ -466,6 +521,7 @@ def paged_prefill_attention(
             mixed CUDA graph's spare prefill rows).
         pack_gqa: a query block holds the query heads of one KV head for fewer queries (each KV tile is loaded once
             for the group); None: when ``max_q_len <= PACK_GQA_MAX_Q``.
+        merge_heads: query heads one program of the split merge combines (a power of two).
     Returns:
         ``[T, Hq, D]`` in ``q.dtype``.
     """
@@ -481,13 +537,8 @@ def paged_prefill_attention(
     group = num_heads // k_pages.shape[2]
     pack = group if (max_q_len <= PACK_GQA_MAX_Q if pack_gqa is None else pack_gqa) else 1
     q_blocks = triton.cdiv(max(max_q_len, 1) * pack, block_m)
-    if num_splits is not None and num_splits > 1 and max_context_len is None:
-        raise ValueError("num_splits > 1 needs max_context_len (the splits divide it)")
-    if num_splits is None:
-        num_splits = 1 if max_context_len is None else default_prefill_splits(
-            q_blocks, batch if split_rows is None else split_rows, num_heads // pack, max_context_len, q.device)
-    if not 1 <= num_splits <= MAX_PREFILL_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_PREFILL_SPLITS}], got {num_splits}")
+    num_splits = _prefill_split_count(num_splits, max_context_len, q_blocks, batch if split_rows is None else split_rows,
+                                      num_heads // pack, q.device)
     max_q = triton.cdiv(q_blocks * block_m, pack)
     split_len = triton.cdiv(triton.cdiv(max(max_context_len or 1, 1), num_splits), block_n) * block_n
     d_pad = max(16, triton.next_power_of_2(head_dim))
@@ -504,9 +555,9 @@ def paged_prefill_attention(
         SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _prefill_reduce_kernel[(max_q, batch, num_heads)](
+        _prefill_reduce_kernel[(max_q, batch, triton.cdiv(num_heads, merge_heads))](
             mid_o, mid_lse, cu_seqlens_q, out, out.stride(0), out.stride(1), num_splits, max_q,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=MERGE_CHUNK, num_warps=4,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, CHUNK=MERGE_CHUNK, HEADS=merge_heads, num_warps=4,
         )
     return out
 

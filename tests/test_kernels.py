@@ -22,7 +22,7 @@ from splitserve.core.model.attention import AttentionMetadata, TorchAttentionBac
 from splitserve.core.model.attention_triton import TritonAttentionBackend, _sdpa_prefill  # noqa: E402
 from splitserve.kernels import cache, elementwise  # noqa: E402
 from splitserve.kernels.attention import (  # noqa: E402
-    default_prefill_splits, paged_decode_attention, paged_prefill_attention, ref_paged_attention,
+    default_num_splits, default_prefill_splits, paged_decode_attention, paged_prefill_attention, ref_paged_attention,
 )
 from splitserve.kernels.testing import make_paged_batch, rel_err  # noqa: E402
 
@@ -61,6 +61,31 @@ def test_decode_attention_matches_reference(dtype, page, heads, kv_heads, splits
                            num_splits=splits, block_n=16, out=out)
     ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_splits_cut_each_sequence_s_own_context():
+    """A CUDA graph launches decode with its bucket's bound and split count; each sequence's own context is cut into
+    that many whole tiles (a sequence far shorter than the bound leaves the later splits empty, one of no keys at
+    all gives a zero row), and the merge still gives the reference."""
+    gen = torch.Generator().manual_seed(5)
+    b = make_paged_batch([3, 40, 130, 0, 17], [1, 1, 1, 0, 1], 4, 2, 16, 8, torch.float32, DEVICE, gen)
+    q = torch.randn(5, 4, 16, device=DEVICE, generator=None)
+    out = paged_decode_attention(q, b.k_pages, b.v_pages, b.block_tables, b.context_lens, 0.3, 512, num_splits=8,
+                                 block_n=16, out=_poison((5, 4, 16), torch.float32))
+    cu = torch.arange(6, dtype=torch.int32, device=DEVICE)
+    ref = ref_paged_attention(q, b.k_pages, b.v_pages, cu, b.context_lens, b.block_tables, 0.3)
+    assert rel_err(out, ref) < 1e-5 and torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_decode_split_count_fills_whole_waves():
+    """Off CUDA there are 4 "multiprocessors": waves of 16 programs. The count with the fewest (waves x tiles a
+    split) wins, the smaller on a tie, two at least where the context has room for them."""
+    cpu = torch.device("cpu")
+    assert default_num_splits(1, 2, 4096, cpu) == 8  # 16 programs, one wave of 8 tiles (16 splits: 2 x 4, a tie)
+    assert default_num_splits(5, 2, 4096, cpu) == 8  # 80 programs, five full waves; 2 splits (the old rule) 2 x 32
+    assert default_num_splits(4, 4, 1024, cpu) == 2  # 16 programs already fill a wave: two splits still beat one
+    assert default_num_splits(64, 8, 4096, cpu) == 2
+    assert default_num_splits(1, 2, 300, cpu) == 1  # no room for two splits of >= 256 keys
 
 
 def test_decode_attention_zero_context_row_is_zero():
@@ -117,6 +142,19 @@ def test_prefill_attention_split_keys_match_reference(dtype, page, ctx, qlens, s
     assert rel_err(out, ref) < TOL[dtype] and not out.isnan().any()
     if splits is None and DEVICE == "cpu":
         assert default_prefill_splits(1, 2, 4, max(ctx) + 7, torch.device(DEVICE)) == 2  # the split path ran
+
+
+@pytest.mark.parametrize("merge_heads", [1, 4, 8])
+def test_split_merge_combines_blocks_of_heads(merge_heads):
+    """The prefill split merge takes ``merge_heads`` query heads a program: 6 heads in blocks of 4 (the last block
+    half empty), of 8 (one block, 2 spare), or one by one all equal the reference."""
+    gen = torch.Generator().manual_seed(21)
+    b = make_paged_batch([90, 40], [9, 2], 6, 2, 16, 8, torch.float32, DEVICE, gen)
+    out = paged_prefill_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3, 9,
+                                  block_m=16, block_n=16, out=_poison(tuple(b.q.shape), torch.float32),
+                                  max_context_len=96, num_splits=3, merge_heads=merge_heads)
+    ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3)
+    assert rel_err(out, ref) < 1e-5 and not out.isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
