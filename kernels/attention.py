@@ -163,7 +163,8 @@ def _split_len(ctx, num_splits, BLOCK_N: tl.constexpr):
     """Keys a split of a sequence of ``ctx`` keys takes: its own context cut in ``num_splits``, in whole tiles. The
     split count is fixed at launch from the launch's longest context (a CUDA graph's bucket); cutting each
     sequence's own context keeps every split busy, where cutting the bound left a sequence shorter than it the first
-    splits only (a 2,112-key session turn in a 4,096 bucket: 5 of 9)."""
+    splits only (a decode row of 3,072 keys in a 4,096 graph of 6 splits: 4 full, a fifth of 256 keys, a sixth
+    empty)."""
     return tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
 
 
