@@ -321,7 +321,6 @@ def _wave_splits(programs: int, tiles: int, cap: int, slots: int) -> int:
 
 
 
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -357,7 +356,7 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv, max_context_len, q.device)
+        num_splits = default_num_splits(batch, num_kv, max_context_len, q.device, block_n)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     mid_o = mid_lse = out  # unused placeholders when there is a single split
     if num_splits > 1:
