@@ -159,18 +159,19 @@ def test_split_merge_combines_blocks_of_heads(merge_heads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_packed_query_heads_cover_every_head_and_row_boundary(dtype):
-    """Packed blocks of (query, head) rows: a group of 4 heads per KV head, rows of 1, 3, 5 and 65 queries (a block
-    of 16 rows ends mid-query) and an empty row (a mixed graph's spare prefill row), split and not split, equal the
-    reference and the unpacked kernel."""
+    """Packed blocks of (query, head) rows: a group of 4 heads per KV head, rows of 1, 3, 5 and 17 queries (blocks
+    of 16 packed rows end mid-row: 12, 20 and 68 packed rows) and an empty row (a mixed graph's spare prefill row),
+    split and not split (3 splits of 16-key tiles: one, two and three tiles of keys), equal the reference and the
+    unpacked kernel."""
     gen = torch.Generator().manual_seed(11)
-    b = make_paged_batch([70, 3, 0, 40, 90], [65, 3, 0, 5, 1], 8, 2, 16, 8, dtype, DEVICE, gen)
+    b = make_paged_batch([22, 3, 0, 40, 38], [17, 3, 0, 5, 1], 8, 2, 16, 8, dtype, DEVICE, gen)
     ref = ref_paged_attention(b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3)
     for splits in (1, 3):
         got = {}
         for pack in (True, False):
             got[pack] = paged_prefill_attention(
-                b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3, 65, block_m=16,
-                block_n=16, out=_poison(tuple(b.q.shape), dtype), max_context_len=97, num_splits=splits,
+                b.q, b.k_pages, b.v_pages, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.3, 17, block_m=16,
+                block_n=16, out=_poison(tuple(b.q.shape), dtype), max_context_len=41, num_splits=splits,
                 pack_gqa=pack)
             assert rel_err(got[pack], ref) < TOL[dtype] and not got[pack].isnan().any()
         assert rel_err(got[True], got[False]) < TOL[dtype]

@@ -11,8 +11,12 @@ actually have run.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import shared_model_path
 from splitserve.core.config import EngineConfig
@@ -35,14 +39,35 @@ class EagerGraphs(DecodeGraphs):
         return _Replay(lambda: out.copy_(self._forward(b, c, q))), out
 
 
+LAYERS = 2
+"""Layers of stories260K the traces run (its first ones). Every layer costs interpreted kernel launches (all 5 took
+2.5x the time), and the traces compare ids end to end; a slip in the layout need not change the ids of so shallow a
+model (prefill rows' positions shifted by one changed none with 2 layers, all three traces' with 3), so
+:func:`test_a_mixed_step_fills_the_static_buffers_exactly` checks the buffers themselves."""
+
 TRACE_CONTEXT = 64
 """The graphs' one context bucket in the traces: their longest request is 33 tokens (the model's 512 would have
 every interpreted decode program walk 512 keys: about 3x the test's time)."""
 
 
-def _engine(graphs: bool, overlap: bool = False, prefill_first: int = 0, max_context: int | None = None,
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """stories260K cut to its first :data:`LAYERS` layers (config, weights, and its tokenizer files)."""
+    src, dst = shared_model_path("stories260K"), tmp_path_factory.mktemp("stories260K-cut")
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "num_hidden_layers": LAYERS}))
+    keep = tuple(f"model.layers.{i}." for i in range(LAYERS))
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.") or k.startswith(keep)},
+              dst / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def _engine(model: Path, graphs: bool, overlap: bool = False, prefill_first: int = 0, max_context: int | None = None,
             backend: str = "triton") -> LLMEngine:
-    cfg = EngineConfig(model=str(shared_model_path("stories260K")), device="cpu", attention_backend=backend,
+    cfg = EngineConfig(model=str(model), device="cpu", attention_backend=backend,
                        page_size=8, num_pages=256, async_scheduling=overlap, overlap_prefill="on",
                        prefill_first_tokens=prefill_first)
     engine = LLMEngine(cfg)
@@ -53,10 +78,10 @@ def _engine(graphs: bool, overlap: bool = False, prefill_first: int = 0, max_con
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, list[int]]:
+def reference(model) -> dict[str, list[int]]:
     """:func:`_trace`'s greedy ids from plain eager steps on the torch reference backend (test_eager_mixed_steps...
     shows the Triton backend's eager steps give the same)."""
-    return _trace(_engine(False, backend="torch"))
+    return _trace(_engine(model, False, backend="torch"))
 
 
 def _trace(engine: LLMEngine) -> dict[str, list[int]]:
@@ -80,8 +105,8 @@ def _trace(engine: LLMEngine) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, reference):
-    with_graphs = _engine(True, overlap, max_context=TRACE_CONTEXT)
+def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, model, reference):
+    with_graphs = _engine(model, True, overlap, max_context=TRACE_CONTEXT)
     graphs, runs = with_graphs.runner.graphs, []
     real_run = graphs.run
     graphs.run = lambda batch, key, carry=None: runs.append(
@@ -95,10 +120,10 @@ def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, refer
     assert with_graphs.kv.usage().used == 0
 
 
-def test_graph_keys_take_a_few_short_prefill_rows():
+def test_graph_keys_take_a_few_short_prefill_rows(model):
     from splitserve.core.engine.batch import ScheduledBatch, SeqWork
 
-    graphs = _engine(True).runner.graphs
+    graphs = _engine(model, True).runner.graphs
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
 
     def seq(rid: str, n: int, start: int = 0, logprobs: bool = False) -> SeqWork:
@@ -121,7 +146,33 @@ def test_graph_keys_take_a_few_short_prefill_rows():
     assert torch.equal(graphs.static.cu_seqlens_q, torch.arange(9, dtype=torch.int32))  # decode layout untouched
 
 
-def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torch_backend(monkeypatch, reference):
+def test_a_mixed_step_fills_the_static_buffers_exactly(model):
+    """Two decode rows, then a turn behind a cached prefix (5 tokens from position 16) and a fresh 3-token prompt, in
+    a graph of 2 decode rows and 16 prefill tokens: every static buffer holds exactly the layout the kernels read
+    (the traces compare ids only, and a shallow model's ids did not change with the prefill positions shifted)."""
+    from splitserve.core.engine.batch import ScheduledBatch, SeqWork
+
+    graphs = _engine(model, True).runner.graphs
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    batch = ScheduledBatch(page_size=8, seqs=(
+        SeqWork("a", (41,), 9, (1, 2), True, greedy), SeqWork("b", (42,), 4, (3,), True, greedy),
+        SeqWork("p", (50, 51, 52, 53, 54), 16, (7, 8, 9), True, greedy),
+        SeqWork("q", (60, 61, 62), 0, (4,), True, greedy)))
+    key = graphs.key(batch)
+    assert key == (2, graphs.ctx_buckets[0], 16)
+    graphs._fill(batch, key[0], key[2])
+    st, n = graphs.static, 2 + 16
+    assert st.input_ids[:n].tolist() == [41, 42, 50, 51, 52, 53, 54, 60, 61, 62] + [0] * 8
+    assert st.positions[:n].tolist() == [9, 4, 16, 17, 18, 19, 20, 0, 1, 2] + [0] * 8
+    assert st.slot_mapping[:n].tolist() == [17, 28, 72, 73, 74, 75, 76, 32, 33, 34] + [-1] * 8
+    assert st.context_lens[: 2 + MAX_PREFILL_ROWS].tolist() == [10, 5, 21, 3, 0, 0]  # the spare prefill rows: empty
+    assert st.cu_mixed[: 3 + MAX_PREFILL_ROWS].tolist() == [0, 1, 2, 7, 10, 10, 10]
+    assert st.block_tables[2, :3].tolist() == [7, 8, 9] and st.block_tables[3, 0].item() == 4
+    assert graphs._mixed_order(batch, key[0]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torch_backend(monkeypatch, model,
+                                                                                          reference):
     """Without graphs, a step of decode rows and prompt rows attends the leading one-token rows with the decode
     kernel and the rest with the varlen kernel; greedy ids equal the torch reference backend's."""
     import splitserve.core.model.attention_triton as at
@@ -129,7 +180,7 @@ def test_eager_mixed_steps_give_decode_rows_the_decode_kernel_and_match_the_torc
     split_rows, real = [], at._split_attend
     monkeypatch.setattr(at, "_split_attend",
                         lambda q, kv, meta, scale: split_rows.append(meta.decode_rows) or real(q, kv, meta, scale))
-    got = _trace(_engine(False))
+    got = _trace(_engine(model, False))
     assert split_rows and min(split_rows) >= 1  # the mixed steps really split
     assert got == reference
 
@@ -142,13 +193,13 @@ def test_leading_decode_rows():
     assert leading_decode_rows([7, 1]) == 0 and leading_decode_rows([4]) == 0
 
 
-def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkeypatch):
+def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkeypatch, model):
     """Steps whose rows gain pages, shift up when a request leaves, or give a decode row's place to a prefill row:
     each row of the static block tables starts with its sequence's page table, and unchanged rows are not uploaded."""
     from splitserve.core.engine import cuda_graphs
     from splitserve.core.engine.batch import ScheduledBatch, SeqWork
 
-    graphs = _engine(True).runner.graphs
+    graphs = _engine(model, True).runner.graphs
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     uploads, real_put = [], graphs._put_table
 
@@ -189,11 +240,11 @@ def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkey
     assert step(*many[:3], ("m3", 36, (99, 98, 97, 96, 95)), *many[4:]) == [3]
 
 
-def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(reference):
+def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(model, reference):
     """With ``prefill_first_tokens`` the short prompts run in steps of their own (no decode row: one padding row,
     then the prefill rows), the decode rows skip those steps, and the ids are those of plain eager steps (overlapped
     steps here; tests/test_async_decode.py runs prompts first synchronously too)."""
-    with_graphs = _engine(True, True, prefill_first=16, max_context=TRACE_CONTEXT)
+    with_graphs = _engine(model, True, True, prefill_first=16, max_context=TRACE_CONTEXT)
     graphs, runs = with_graphs.runner.graphs, []
     real_run = graphs.run
     graphs.run = lambda batch, key, carry=None: runs.append(
@@ -207,10 +258,10 @@ def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(referen
     assert got == reference
 
 
-def test_capture_all_takes_the_decode_buckets_and_one_mixed_graph():
+def test_capture_all_takes_the_decode_buckets_and_one_mixed_graph(model):
     """Warm-up captures every decode bucket and one mixed graph, whose capture compiles the kernels only mixed
     steps launch (on a GPU), so a session turn's first step does not (the layouts' replays are tested above)."""
-    engine = _engine(True, overlap=True, prefill_first=16, max_context=TRACE_CONTEXT)
+    engine = _engine(model, True, overlap=True, prefill_first=16, max_context=TRACE_CONTEXT)
     graphs = engine.runner.graphs
     assert graphs.capture_all() == len(graphs.batch_buckets) * len(graphs.ctx_buckets) + 1
     assert {k for k in graphs.graphs if k[2]} == {(1, graphs.ctx_buckets[0], 16)}

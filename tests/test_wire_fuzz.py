@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -81,6 +82,13 @@ def strategy_for(t: mi.Type) -> st.SearchStrategy:
 
 
 def messages_of(types: list[type]) -> st.SearchStrategy:
+    return _messages_of(tuple(types))
+
+
+@functools.cache
+def _messages_of(types: tuple[type, ...]) -> st.SearchStrategy:
+    """Built once for each list of types: building the strategy of all control messages takes about 30 ms, a
+    fifth of a fuzz example's time."""
     return st.one_of([strategy_for(mi.type_info(cls)) for cls in types])
 
 
