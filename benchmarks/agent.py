@@ -114,6 +114,8 @@ class TurnStep(NamedTuple):
     """Short prompts run in a step of their own, ahead of the decode rows (0: with them)."""
     prompt_lane: bool = False
     """Those steps run on a high-priority stream while the decode step in flight runs on (core/engine/lane.py)."""
+    capture_mixed_graphs: bool = False
+    """Warm-up captures every mixed graph (a turn joining decode rows never waits for a capture while serving)."""
 
 
 PREFILL_FIRST_TOKENS = 256
@@ -124,6 +126,7 @@ TURN_STEPS = {
     "queued_window": TurnStep(True, True),  # queued, the worker waiting for arrivals before it launches a decode step
     "prefill_first": TurnStep(True, True, PREFILL_FIRST_TOKENS),  # as queued_window, in a step without decode rows
     "prompt_lane": TurnStep(True, True, PREFILL_FIRST_TOKENS, True),  # as prefill_first, not queued behind the step
+    "lane_all_graphs": TurnStep(True, True, PREFILL_FIRST_TOKENS, True, True),  # as prompt_lane, no capture serving
 }
 """The settings the GPU benchmarks compare (bench_engine_gpu in the engine loop, bench_agent_gpu in serving)."""
 TOKEN_FIELDS = ("token_ids", "shared_tokens", "own_tokens", "turn_tokens", "id_low", "vocab_size")

@@ -95,7 +95,8 @@ def turn_step_flags(step: TurnStep) -> tuple[str, ...]:
     return (f"--overlap-prefill={'on' if step.overlap_prefill else 'off'}",
             "--step-window" if step.step_window else "--no-step-window",
             f"--prefill-first-tokens={step.prefill_first_tokens}",
-            "--prompt-lane" if step.prompt_lane else "--no-prompt-lane")
+            "--prompt-lane" if step.prompt_lane else "--no-prompt-lane",
+            "--capture-mixed-graphs" if step.capture_mixed_graphs else "--no-capture-mixed-graphs")
 
 
 def run_turn_step(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:

@@ -324,10 +324,12 @@ def _start_turn_loop(engine: LLMEngine, batch: int, ctx: int, salt: int, step: T
     engine.cfg = engine.cfg.model_copy(update={
         "async_scheduling": True, "overlap_prefill": "on" if step.overlap_prefill else "off",
         "step_window": step.step_window, "prefill_first_tokens": step.prefill_first_tokens,
-        "prompt_lane": step.prompt_lane})
+        "prompt_lane": step.prompt_lane, "capture_mixed_graphs": step.capture_mixed_graphs})
     engine.scheduler.limits = limits_for_role(engine.cfg, "decode")
     if step.prompt_lane and engine.runner.graphs is not None:  # no capture inside the timed turns
         engine.runner.lane().graphs.capture_prompt_steps()
+    if step.capture_mixed_graphs and engine.runner.graphs is not None:
+        engine.runner.graphs.capture_all(mixed=True)
     vocab = engine.model_config.vocab_size
     prompt = [(j * 31 + 7) % (vocab - 3) + 3 for j in range(ctx)]
     engine.add_request(HELD, prompt + [5], SamplingParams(max_tokens=1, temperature=0.0), session_key=HELD)

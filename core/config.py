@@ -62,6 +62,10 @@ class EngineConfig(FrozenConfig):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """``auto``: triton on CUDA, torch reference on CPU."""
     cuda_graphs: bool = True
+    capture_mixed_graphs: bool = False
+    """Warm-up captures every mixed graph (decode rows with up to four short prefill rows: each batch, context and
+    prefill bucket, core/engine/cuda_graphs.py) instead of one, so no step of a session turn or short prompt joining
+    decode rows waits for a capture while serving (about 0.1 s each on an H200), at the cost of a longer warm-up."""
     async_scheduling: bool = True
     """Overlap host work with the device: launch a greedy decode step (plain or grammar-masked) before reading the previous step's
     tokens (core/engine/engine.py). Off: every step waits for its tokens before the next is scheduled."""

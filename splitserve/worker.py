@@ -36,6 +36,7 @@ _ENGINE_FLAGS = MappingProxyType({
     "chunk_size": int, "prefill_token_budget": int, "max_model_len": int, "attention_backend": str, "cpu_kv_cache_mb": int,
     "kv_cache_memory_fraction": float, "async_scheduling": _env_bool, "overlap_prefill": str,
     "step_window": _env_bool, "prefill_first_tokens": int, "prompt_lane": _env_bool,
+    "capture_mixed_graphs": _env_bool,
 })
 _TRANSFER_FLAGS = MappingProxyType(
     {"transfer": str, "transfer_host": str, "transfer_port": int, "lease_s": float, "failure_policy": str,
@@ -148,6 +149,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lane", action=argparse.BooleanOptionalAction, default=None,
                    help="with --prefill-first-tokens: those steps run on a high-priority CUDA stream while the decode "
                         "step in flight runs on, instead of queued behind it (default off)")
+    p.add_argument("--capture-mixed-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="warm-up captures every CUDA graph of decode rows with short prompt rows (session turns), "
+                        "not just one, so none is captured while serving (about 0.1 s each; default off)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
                    help="a token id that ends generation besides EOS; repeat for several (default: none)")
 

@@ -43,6 +43,23 @@ def test_env_overrides_and_flags_precedence():
     assert build_config(args, environ={"SPLITSERVE_UCX_PROGRESS": "polling"}).transfer.ucx_progress == "blocking"
 
 
+def test_capture_mixed_graphs_from_the_flag_or_the_environment():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def build(argv: list[str], env: dict[str, str]) -> bool:
+        args = parser.parse_args(argv)
+        args._command = "decode"
+        return build_config(args, environ=env).engine.capture_mixed_graphs
+
+    assert build([], {}) is False
+    assert build(["--capture-mixed-graphs"], {}) is True
+    assert build([], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "1"}) is True
+    assert build(["--no-capture-mixed-graphs"], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "1"}) is False
+    with pytest.raises(ValueError, match="maybe"):
+        build([], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "maybe"})
+
+
 def test_transfer_host_follows_the_worker_host():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

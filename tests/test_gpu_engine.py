@@ -90,6 +90,22 @@ def check_no_compile_while_serving(lane: bool) -> None:
                              f"pages left: {engine.kv.usage().used}")
 
 
+def test_warmup_with_every_mixed_graph_leaves_no_capture_to_serving():
+    """``capture_mixed_graphs``: warm-up captures every mixed graph, so the serving mix (mixed steps included)
+    replays graphs and captures none; every page is free afterwards."""
+    engine = LLMEngine(EngineConfig(model=str(shared_model_path("stories260K")), device="cuda", dtype="float32",
+                                    page_size=8, num_pages=512, max_num_seqs=16, capture_mixed_graphs=True))
+    engine.warmup()
+    graphs = engine.runner.graphs
+    captured, keys = set(graphs.graphs), []
+    real_run = graphs.run
+    graphs.run = lambda batch, key, carry=None: keys.append(key) or real_run(batch, key, carry)
+    _serving_mix(engine)
+    assert any(q for _b, _c, q in keys), keys  # mixed steps ran from graphs
+    assert set(graphs.graphs) == captured and set(keys) <= captured
+    assert engine.kv.usage().used == 0
+
+
 @pytest.mark.parametrize("lane", [False, True])
 def test_warmup_compiles_what_serving_steps_launch(lane):
     """After ``warmup()`` no Triton kernel compiles while serving: a compile mid-trace stalled a step for 0.66 s in

@@ -24,6 +24,10 @@ from splitserve.core.engine.cuda_graphs import MAX_PREFILL_ROWS, DecodeGraphs
 from splitserve.core.engine.engine import LLMEngine
 from splitserve.core.messages import SamplingParams
 
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the layouts on CPU tensors need the Triton interpreter, which conftest.py "
+    "turns on only without CUDA; tests/test_gpu_engine.py runs them on the GPU")
+
 
 class _Replay:
     def __init__(self, run) -> None:
@@ -265,3 +269,11 @@ def test_capture_all_takes_the_decode_buckets_and_one_mixed_graph(model):
     graphs = engine.runner.graphs
     assert graphs.capture_all() == len(graphs.batch_buckets) * len(graphs.ctx_buckets) + 1
     assert {k for k in graphs.graphs if k[2]} == {(1, graphs.ctx_buckets[0], 16)}
+
+
+def test_capture_all_mixed_takes_every_mixed_graph_too(model):
+    """``capture_mixed_graphs`` (warm-up): every batch, context and prefill bucket, so serving captures none."""
+    graphs = _engine(model, True, max_context=TRACE_CONTEXT).runner.graphs
+    graphs.prefill_buckets = (16, 32)  # each interpreted capture runs a forward
+    every = {(b, c, q) for b in graphs.batch_buckets for c in graphs.ctx_buckets for q in (0, 16, 32)}
+    assert graphs.capture_all(mixed=True) == len(every) and set(graphs.graphs) == every

@@ -225,21 +225,26 @@ class DecodeGraphs:
         return graph, out
 
     @torch.inference_mode()
-    def capture_all(self) -> int:
+    def capture_all(self, mixed: bool = False) -> int:
         """Capture every (batch, context) bucket now, largest batch first so the shared pool is sized once, and one
-        mixed graph (one decode row, the shortest prefill bucket); returns how many graphs exist. Other mixed graphs
-        are captured on first use (about 0.1 s each). The mixed capture was first added to compile the kernels only
-        mixed steps launch (a 1.7-2.5 s stall at the first one on a fresh H200, ninth session); the engine's warm-up
-        now compiles every kernel variant before it (``kernels.attention.compile_variants``), so this one capture
-        only spares the first such step its capture."""
+        mixed graph (one decode row, the shortest prefill bucket), or with ``mixed`` every mixed graph (each batch,
+        context and prefill bucket: no step of a turn joining decode rows waits for a capture while serving);
+        returns how many graphs exist. Mixed graphs not captured here are captured on first use (about 0.1 s each
+        on an H200). The one mixed capture was first added to compile the kernels only mixed steps launch (a
+        1.7-2.5 s stall at the first one on a fresh H200, ninth session); the engine's warm-up now compiles every
+        kernel variant before it (``kernels.attention.compile_variants``), so it only spares the first such step
+        its capture."""
+        prefill = self.prefill_buckets if mixed else ()
         for c in self.ctx_buckets:
             for b in reversed(self.batch_buckets):
-                if (b, c, 0) not in self.graphs:
-                    self.graphs[(b, c, 0)] = self._capture(b, c, 0)
-        mixed = (self.batch_buckets[0], self.ctx_buckets[0], self.prefill_buckets[0])
-        if mixed not in self.graphs:
-            self.graphs[mixed] = self._capture(*mixed)
+                for q in (*reversed(prefill), 0):
+                    self._capture_once((b, c, q))
+        self._capture_once((self.batch_buckets[0], self.ctx_buckets[0], self.prefill_buckets[0]))
         return len(self.graphs)
+
+    def _capture_once(self, key: GraphKey) -> None:
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
 
     @torch.inference_mode()
     def capture_prompt_steps(self) -> int:
@@ -248,8 +253,7 @@ class DecodeGraphs:
         b = self.batch_buckets[0]
         for c in reversed(self.ctx_buckets):
             for q in reversed(self.prefill_buckets):
-                if (b, c, q) not in self.graphs:
-                    self.graphs[(b, c, q)] = self._capture(b, c, q)
+                self._capture_once((b, c, q))
         return len(self.graphs)
 
     @torch.inference_mode()
@@ -261,8 +265,7 @@ class DecodeGraphs:
         ``carry``: (positions among the batch's tokens, their ids int64 ``[k]`` on the device): input ids that are
         still on the device (the previous step's sampled tokens) and replace those tokens' host values.
         """
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+        self._capture_once(key)
         graph, out = self.graphs[key]
         self._fill(batch, key[0], key[2])
         order = self._mixed_order(batch, key[0]) if key[2] else None

@@ -332,7 +332,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         if self.runner.device.type == "cuda" and self.runner.backend.name == "triton":
             self.runner.backend.compile_variants(self.kv_cache[0], self.model_config.num_heads)
-        graphs = self.runner.graphs.capture_all() if self.runner.graphs is not None else 0
+        graphs = self.runner.graphs.capture_all(self.cfg.capture_mixed_graphs) if self.runner.graphs is not None else 0
         if self.cfg.prompt_lane and self.runner.graphs is not None:
             graphs += self.runner.lane().graphs.capture_prompt_steps()
         lens = [n for n in prompt_lens if self.kv.num_pages_for(n + 4) <= self.info.num_pages // 2
