@@ -149,17 +149,17 @@ def turn_splits(ctx: int) -> None:
     b = make_paged_batch([ctx, 1, 1, 1], [65, 0, 0, 0], HQ, HKV, D, PAGE, torch.bfloat16, "cuda")
     print(f"\nturn row at context {ctx} in the mixed graph's launch (bound 4,096, 128-query bucket): splits, "
           "graph us, kernel us")
+
+    def line(label: object, **kw) -> str:
+        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, **kw)
+        times = sorted(kernel_us(fn).items(), key=lambda kv: -kv[1])
+        return f"  {str(label):>7} {graph_ms(fn) * 1e3:7.1f}  " + ", ".join(f"{k[:24]} {v:.1f}" for k, v in times)
+
     for splits in (None, 2, 3, 4, 6, 8, 12, 16):
-        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, num_splits=splits)
-        times = kernel_us(fn)
-        print(f"  {str(splits or 'default'):>7} {graph_ms(fn) * 1e3:7.1f}  "
-              + ", ".join(f"{k[:24]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+        print(line(splits or "default", num_splits=splits))
     print("  the default split count, query heads a merge program combines: graph us, kernel us")
     for heads in (1, 2, 4, 8, 16, 32):
-        fn = _triton_fn(b, max_q=128, max_context_len=4096, split_rows=1, merge_heads=heads)
-        times = kernel_us(fn)
-        print(f"  {heads:>7} {graph_ms(fn) * 1e3:7.1f}  "
-              + ", ".join(f"{k[:24]} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+        print(line(heads, merge_heads=heads))
 
 
 def main() -> None:

@@ -320,7 +320,6 @@ def _wave_splits(programs: int, tiles: int, cap: int, slots: int) -> int:
                key=lambda s: (triton.cdiv(max(programs, 1) * s, slots) * triton.cdiv(tiles, s), s))
 
 
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from conftest import shared_model_path
 from splitserve.core.config import EngineConfig
 from splitserve.core.engine.engine import LLMEngine
-from test_mixed_graphs import _trace
+from test_mixed_graphs import _trace, prefill_rows, record_runs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -26,10 +26,7 @@ def test_mixed_graphs_on_the_gpu_give_the_cpu_ids(overlap):
     gpu = _engine("cuda", overlap)
     graphs = gpu.runner.graphs
     assert graphs is not None
-    runs = []
-    real_run = graphs.run
-    graphs.run = lambda batch, key, carry=None: runs.append(
-        (sum(s.num_tokens != 1 for s in batch.seqs), carry is not None)) or real_run(batch, key, carry)
+    runs = record_runs(graphs, lambda batch, _key, carried: (prefill_rows(batch), carried))
     got = _trace(gpu)
     assert {k for k, _ in runs} == {0, 1, 2}  # decode-only steps, steps with one and with two prefill rows
     assert any(q for _b, _c, q in graphs.graphs) and any(not q for _b, _c, q in graphs.graphs)  # real captures
@@ -97,9 +94,8 @@ def test_warmup_with_every_mixed_graph_leaves_no_capture_to_serving():
                                     page_size=8, num_pages=512, max_num_seqs=16, capture_mixed_graphs=True))
     engine.warmup()
     graphs = engine.runner.graphs
-    captured, keys = set(graphs.graphs), []
-    real_run = graphs.run
-    graphs.run = lambda batch, key, carry=None: keys.append(key) or real_run(batch, key, carry)
+    captured = set(graphs.graphs)
+    keys = record_runs(graphs, lambda _batch, key, _carried: key)
     _serving_mix(engine)
     assert any(q for _b, _c, q in keys), keys  # mixed steps ran from graphs
     assert set(graphs.graphs) == captured and set(keys) <= captured

@@ -69,7 +69,7 @@ def test_decode_splits_cut_each_sequence_s_own_context():
     all gives a zero row), and the merge still gives the reference."""
     gen = torch.Generator().manual_seed(5)
     b = make_paged_batch([3, 40, 130, 0, 17], [1, 1, 1, 0, 1], 4, 2, 16, 8, torch.float32, DEVICE, gen)
-    q = torch.randn(5, 4, 16, device=DEVICE, generator=None)
+    q = torch.randn(5, 4, 16, generator=gen).to(DEVICE)
     out = paged_decode_attention(q, b.k_pages, b.v_pages, b.block_tables, b.context_lens, 0.3, 512, num_splits=8,
                                  block_n=16, out=_poison((5, 4, 16), torch.float32))
     cu = torch.arange(6, dtype=torch.int32, device=DEVICE)

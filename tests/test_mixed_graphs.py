@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import shared_model_path
 from splitserve.core.config import EngineConfig
-from splitserve.core.engine.cuda_graphs import MAX_PREFILL_ROWS, DecodeGraphs
+from splitserve.core.engine.batch import ScheduledBatch, SeqWork
+from splitserve.core.engine.cuda_graphs import MAX_PREFILL_ROWS, DecodeGraphs, GraphKey
 from splitserve.core.engine.engine import LLMEngine
 from splitserve.core.messages import SamplingParams
 
@@ -88,6 +90,18 @@ def reference(model) -> dict[str, list[int]]:
     return _trace(_engine(model, False, backend="torch"))
 
 
+def record_runs(graphs: DecodeGraphs, what: Callable[[ScheduledBatch, GraphKey, bool], Any]) -> list:
+    """Wrap ``graphs.run``: each graph step first appends ``what(batch, key, carried)`` to the list returned."""
+    runs, real_run = [], graphs.run
+    graphs.run = lambda batch, key, carry=None: runs.append(what(batch, key, carry is not None)) or real_run(
+        batch, key, carry)
+    return runs
+
+
+def prefill_rows(batch: ScheduledBatch) -> int:
+    return sum(s.num_tokens != 1 for s in batch.seqs)
+
+
 def _trace(engine: LLMEngine) -> dict[str, list[int]]:
     """Requests arriving while others decode: mixed steps with one prefill row (one behind a cached prefix), then
     with two (two turns arriving together)."""
@@ -111,10 +125,8 @@ def _trace(engine: LLMEngine) -> dict[str, list[int]]:
 @pytest.mark.parametrize("overlap", [False, True])
 def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, model, reference):
     with_graphs = _engine(model, True, overlap, max_context=TRACE_CONTEXT)
-    graphs, runs = with_graphs.runner.graphs, []
-    real_run = graphs.run
-    graphs.run = lambda batch, key, carry=None: runs.append(
-        (sum(s.num_tokens != 1 for s in batch.seqs), carry is not None)) or real_run(batch, key, carry)
+    graphs = with_graphs.runner.graphs
+    runs = record_runs(graphs, lambda batch, _key, carried: (prefill_rows(batch), carried))
     got = _trace(with_graphs)
     keys = set(graphs.graphs)
     assert {k for k, _ in runs} == {0, 1, 2}  # decode-only steps, steps with one and with two prefill rows
@@ -125,8 +137,6 @@ def test_mixed_steps_replayed_from_graph_layout_match_eager_steps(overlap, model
 
 
 def test_graph_keys_take_a_few_short_prefill_rows(model):
-    from splitserve.core.engine.batch import ScheduledBatch, SeqWork
-
     graphs = _engine(model, True).runner.graphs
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -154,8 +164,6 @@ def test_a_mixed_step_fills_the_static_buffers_exactly(model):
     """Two decode rows, then a turn behind a cached prefix (5 tokens from position 16) and a fresh 3-token prompt, in
     a graph of 2 decode rows and 16 prefill tokens: every static buffer holds exactly the layout the kernels read
     (the traces compare ids only, and a shallow model's ids did not change with the prefill positions shifted)."""
-    from splitserve.core.engine.batch import ScheduledBatch, SeqWork
-
     graphs = _engine(model, True).runner.graphs
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     batch = ScheduledBatch(page_size=8, seqs=(
@@ -201,8 +209,6 @@ def test_static_page_tables_follow_every_step_uploading_only_what_changed(monkey
     """Steps whose rows gain pages, shift up when a request leaves, or give a decode row's place to a prefill row:
     each row of the static block tables starts with its sequence's page table, and unchanged rows are not uploaded."""
     from splitserve.core.engine import cuda_graphs
-    from splitserve.core.engine.batch import ScheduledBatch, SeqWork
-
     graphs = _engine(model, True).runner.graphs
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     uploads, real_put = [], graphs._put_table
@@ -249,11 +255,8 @@ def test_prompts_first_steps_replay_the_mixed_layout_without_decode_rows(model, 
     then the prefill rows), the decode rows skip those steps, and the ids are those of plain eager steps (overlapped
     steps here; tests/test_async_decode.py runs prompts first synchronously too)."""
     with_graphs = _engine(model, True, True, prefill_first=16, max_context=TRACE_CONTEXT)
-    graphs, runs = with_graphs.runner.graphs, []
-    real_run = graphs.run
-    graphs.run = lambda batch, key, carry=None: runs.append(
-        (sum(s.num_tokens == 1 for s in batch.seqs), sum(s.num_tokens != 1 for s in batch.seqs), key[0])
-    ) or real_run(batch, key, carry)
+    runs = record_runs(with_graphs.runner.graphs, lambda batch, key, _carried: (
+        len(batch.seqs) - prefill_rows(batch), prefill_rows(batch), key[0]))
     got = _trace(with_graphs)
     alone = [r for r in runs if r[1] and not r[0]]
     # a's prompt (nothing else runs yet), then b, c, and d with e together, each with one padding decode row

