@@ -3,10 +3,11 @@
 1. Build an engine the way a worker does (``--shape`` with dummy weights, the KV pool sized by
    ``--kv-cache-memory-fraction``, ``--max-num-seqs``; prompts first and the prompt lane, as the agent benchmarks
    run a decode worker), and read the device's free memory.
-2. ``LLMEngine.warmup()`` as a worker runs it by default: every kernel variant, every decode graph, one mixed graph,
-   the lane's graphs, a few prefills. Time it, count the graphs, read the free memory again.
-3. Then ``DecodeGraphs.capture_all(mixed=True)``: the mixed graphs ``--capture-mixed-graphs`` adds at warm-up.
-   Time, graphs and free memory again.
+2. ``LLMEngine.warmup(mixed_graphs=False)`` as a prefill or colocated worker runs it by default: every kernel
+   variant, every decode graph, one mixed graph, the lane's graphs, a few prefills. Time it, count the graphs, read
+   the free memory again.
+3. Then ``DecodeGraphs.capture_all(mixed=True)``: the mixed graphs a decode worker's warm-up adds by default
+   (``--capture-mixed-graphs``). Time, graphs and free memory again.
 4. Print one table: each stage's seconds, graphs, and the device memory it took (the baseline is the engine as
    built, in the same run).
 
@@ -50,8 +51,8 @@ def main() -> None:
     engine = LLMEngine(cfg)
     rows = [("engine built", 0.0, 0, free_gib())]
     t0 = time.perf_counter()
-    engine.warmup()
-    rows.append(("warmup() (default)", time.perf_counter() - t0, graph_count(engine), free_gib()))
+    engine.warmup(mixed_graphs=False)
+    rows.append(("warmup(mixed_graphs=False)", time.perf_counter() - t0, graph_count(engine), free_gib()))
     t0 = time.perf_counter()
     engine.runner.graphs.capture_all(mixed=True)
     rows.append(("+ every mixed graph", time.perf_counter() - t0, graph_count(engine), free_gib()))

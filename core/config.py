@@ -62,10 +62,12 @@ class EngineConfig(FrozenConfig):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """``auto``: triton on CUDA, torch reference on CPU."""
     cuda_graphs: bool = True
-    capture_mixed_graphs: bool = False
+    capture_mixed_graphs: bool | None = None
     """Warm-up captures every mixed graph (decode rows with up to four short prefill rows: each batch, context and
     prefill bucket, core/engine/cuda_graphs.py) instead of one, so no step of a session turn or short prompt joining
-    decode rows waits for a capture while serving (about 0.1 s each on an H200), at the cost of a longer warm-up."""
+    decode rows waits for a capture while serving (about 0.1 s each on an H200), at the cost of a longer warm-up
+    (17-20 s and 0.7 GiB for an 8B model on an H200). ``None`` (auto): a worker started in the decode role does
+    (:meth:`WorkerConfig.captures_mixed_graphs`), prefill and colocated workers and a bare engine do not."""
     async_scheduling: bool = True
     """Overlap host work with the device: launch a greedy decode step (plain or grammar-masked) before reading the previous step's
     tokens (core/engine/engine.py). Off: every step waits for its tokens before the next is scheduled."""
@@ -158,6 +160,14 @@ class WorkerConfig(FrozenConfig):
     whose output it cannot deliver (tens of seconds of token outputs at full load; a few MB)."""
     engine: EngineConfig = EngineConfig()
     transfer: TransferConfig = TransferConfig()
+
+    @property
+    def captures_mixed_graphs(self) -> bool:
+        """Whether warm-up captures every mixed graph: ``engine.capture_mixed_graphs``, or where that is ``None``
+        (auto), whether this worker starts in the decode role (its session turns and short prompts join decode rows;
+        a prefill worker switched to decode later captures each such graph on first use)."""
+        chosen = self.engine.capture_mixed_graphs
+        return self.role == "decode" if chosen is None else chosen
 
 
 class RouterConfig(FrozenConfig):

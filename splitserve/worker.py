@@ -151,7 +151,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "step in flight runs on, instead of queued behind it (default off)")
     p.add_argument("--capture-mixed-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="warm-up captures every CUDA graph of decode rows with short prompt rows (session turns), "
-                        "not just one, so none is captured while serving (about 0.1 s each; default off)")
+                        "not just one, so none is captured while serving (about 0.1 s each; default: a worker "
+                        "started in the decode role does, others do not)")
     p.add_argument("--extra-stop-token-id", type=int, action="append", default=None,
                    help="a token id that ends generation besides EOS; repeat for several (default: none)")
 
@@ -245,7 +246,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     copy_engine = make_copy_engine(backend, device, host=cfg.transfer.host)
     engine = LLMEngine(cfg.engine, allocate=copy_engine.allocate if copy_engine is not None else None)
     if cfg.engine.device == "cuda":  # before registering: no compile or graph capture inside a request
-        logger.info("worker warm-up: %s", engine.warmup())
+        logger.info("worker warm-up: %s", engine.warmup(mixed_graphs=cfg.captures_mixed_graphs))
     info = engine.info
     mc = engine.model_config
     layout = KVLayout(

@@ -52,12 +52,19 @@ def test_capture_mixed_graphs_from_the_flag_or_the_environment():
         args._command = "decode"
         return build_config(args, environ=env).engine.capture_mixed_graphs
 
-    assert build([], {}) is False
+    assert build([], {}) is None  # auto: by the worker's role (below)
     assert build(["--capture-mixed-graphs"], {}) is True
     assert build([], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "1"}) is True
     assert build(["--no-capture-mixed-graphs"], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "1"}) is False
     with pytest.raises(ValueError, match="maybe"):
         build([], {"SPLITSERVE_CAPTURE_MIXED_GRAPHS": "maybe"})
+
+
+@pytest.mark.parametrize("chosen", [None, True, False])
+@pytest.mark.parametrize("role", ["prefill", "decode", "both"])
+def test_a_worker_captures_every_mixed_graph_when_asked_or_started_as_decode(role, chosen):
+    cfg = WorkerConfig(role=role, engine=EngineConfig(capture_mixed_graphs=chosen))
+    assert cfg.captures_mixed_graphs is (role == "decode" if chosen is None else chosen)
 
 
 def test_transfer_host_follows_the_worker_host():

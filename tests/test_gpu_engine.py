@@ -87,12 +87,15 @@ def check_no_compile_while_serving(lane: bool) -> None:
                              f"pages left: {engine.kv.usage().used}")
 
 
-def test_warmup_with_every_mixed_graph_leaves_no_capture_to_serving():
-    """``capture_mixed_graphs``: warm-up captures every mixed graph, so the serving mix (mixed steps included)
-    replays graphs and captures none; every page is free afterwards."""
+@pytest.mark.parametrize("asked_by", ["config", "argument"])
+def test_warmup_with_every_mixed_graph_leaves_no_capture_to_serving(asked_by):
+    """``capture_mixed_graphs`` (or ``warmup(mixed_graphs=True)``, as a decode worker calls it by default): warm-up
+    captures every mixed graph, so the serving mix (mixed steps included) replays graphs and captures none; every
+    page is free afterwards."""
     engine = LLMEngine(EngineConfig(model=str(shared_model_path("stories260K")), device="cuda", dtype="float32",
-                                    page_size=8, num_pages=512, max_num_seqs=16, capture_mixed_graphs=True))
-    engine.warmup()
+                                    page_size=8, num_pages=512, max_num_seqs=16,
+                                    capture_mixed_graphs=True if asked_by == "config" else None))
+    engine.warmup(mixed_graphs=None if asked_by == "config" else True)
     graphs = engine.runner.graphs
     captured = set(graphs.graphs)
     keys = record_runs(graphs, lambda _batch, key, _carried: key)

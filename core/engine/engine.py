@@ -320,8 +320,10 @@ class LLMEngine:
         if flight is not None and flight.done is not None:
             flight.done.synchronize()
 
-    def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000)) -> str:
+    def warmup(self, prompt_lens: Sequence[int] = (16, 1024, 3000), mixed_graphs: bool | None = None) -> str:
         """Compile every kernel variant and capture every CUDA graph before serving; returns a one-line report.
+        ``mixed_graphs``: capture every mixed graph too (None: ``capture_mixed_graphs``, where None means no; a
+        worker decides by its role, :meth:`WorkerConfig.captures_mixed_graphs`).
 
         Every variant of the attention kernels is launched once first (``compile_variants``): a mixed step of a new
         shape must compile nothing mid-serving.
@@ -332,7 +334,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         if self.runner.device.type == "cuda" and self.runner.backend.name == "triton":
             self.runner.backend.compile_variants(self.kv_cache[0], self.model_config.num_heads)
-        graphs = self.runner.graphs.capture_all(self.cfg.capture_mixed_graphs) if self.runner.graphs is not None else 0
+        mixed = bool(self.cfg.capture_mixed_graphs) if mixed_graphs is None else mixed_graphs
+        graphs = self.runner.graphs.capture_all(mixed) if self.runner.graphs is not None else 0
         if self.cfg.prompt_lane and self.runner.graphs is not None:
             graphs += self.runner.lane().graphs.capture_prompt_steps()
         lens = [n for n in prompt_lens if self.kv.num_pages_for(n + 4) <= self.info.num_pages // 2
