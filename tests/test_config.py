@@ -11,6 +11,15 @@ from splitserve.core.config import EngineConfig, RouterConfig, TransferConfig, W
 from splitserve.worker import add_arguments, build_config
 
 
+def decode_config(argv: list[str], environ: dict[str, str]) -> WorkerConfig:
+    """``splitserve decode ARGV`` with ``environ`` as its environment: the config the worker would run."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args._command = "decode"
+    return build_config(args, environ=environ)
+
+
 def test_unknown_keys_are_rejected_and_configs_are_frozen():
     with pytest.raises(pydantic.ValidationError, match="page_sise"):
         EngineConfig.from_mapping({"page_sise": 32})
@@ -25,32 +34,23 @@ def test_unknown_keys_are_rejected_and_configs_are_frozen():
 
 def test_env_overrides_and_flags_precedence():
     assert env_overrides(environ={"SPLITSERVE_PAGE_SIZE": "32", "OTHER": "x"}) == {"page_size": "32"}
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--page-size", "8", "--transfer", "zmq", "--lease-s", "3"])
-    args._command = "decode"
     env = {"SPLITSERVE_PAGE_SIZE": "32", "SPLITSERVE_MAX_NUM_SEQS": "7", "SPLITSERVE_FAILURE_POLICY": "fail"}
-    cfg = build_config(args, environ=env)
+    argv = ["--page-size", "8", "--transfer", "zmq", "--lease-s", "3"]
+    cfg = decode_config(argv, env)
     assert cfg.role == "decode"
     assert cfg.engine.page_size == 8  # the flag beats the variable
     assert cfg.engine.max_num_seqs == 7  # the variable beats the default
     assert cfg.transfer.lease_s == 3.0 and cfg.transfer.failure_policy == "fail"
     assert cfg.transfer.ucx_progress == "auto"
-    cfg = build_config(args, environ={"SPLITSERVE_UCX_PROGRESS": "polling"})
+    cfg = decode_config(argv, {"SPLITSERVE_UCX_PROGRESS": "polling"})
     assert cfg.transfer.ucx_progress == "polling"
-    args = parser.parse_args(["--ucx-progress", "blocking"])
-    args._command = "decode"
-    assert build_config(args, environ={"SPLITSERVE_UCX_PROGRESS": "polling"}).transfer.ucx_progress == "blocking"
+    assert decode_config(["--ucx-progress", "blocking"],
+                         {"SPLITSERVE_UCX_PROGRESS": "polling"}).transfer.ucx_progress == "blocking"
 
 
 def test_capture_mixed_graphs_from_the_flag_or_the_environment():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-
-    def build(argv: list[str], env: dict[str, str]) -> bool:
-        args = parser.parse_args(argv)
-        args._command = "decode"
-        return build_config(args, environ=env).engine.capture_mixed_graphs
+    def build(argv: list[str], env: dict[str, str]) -> bool | None:
+        return decode_config(argv, env).engine.capture_mixed_graphs
 
     assert build([], {}) is None  # auto: by the worker's role (below)
     assert build(["--capture-mixed-graphs"], {}) is True
@@ -68,14 +68,8 @@ def test_a_worker_captures_every_mixed_graph_when_asked_or_started_as_decode(rol
 
 
 def test_transfer_host_follows_the_worker_host():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--host", "decode-1"])
-    args._command = "decode"
-    assert build_config(args, environ={}).transfer.host == "decode-1"
-    args = parser.parse_args(["--host", "decode-1", "--transfer-host", "10.0.0.5"])
-    args._command = "decode"
-    assert build_config(args, environ={}).transfer.host == "10.0.0.5"
+    assert decode_config(["--host", "decode-1"], {}).transfer.host == "decode-1"
+    assert decode_config(["--host", "decode-1", "--transfer-host", "10.0.0.5"], {}).transfer.host == "10.0.0.5"
 
 
 def test_served_model_names_split_at_commas_and_refuse_empty_names():
